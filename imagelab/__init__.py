@@ -1,0 +1,26 @@
+"""Shared library of the image apps: data, models, training, reports, export, inference, UI.
+
+Everything an exported learner refers to (label functions, image types, custom models) lives here,
+never in a script's `__main__`, so a `.pkl` loads from any script, server or Space.
+"""
+import sys
+import warnings
+
+# fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, no network, ...): shown as one line, no traceback."""
+
+
+def run_cli(main, argv=None):
+    """Run a command-line entry point; a `UserError` or Ctrl-C ends it with one line on stderr."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was exported", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,28 @@
+"""Learner construction: any timm architecture, pretrained from the Hub or from scratch."""
+import timm
+from fastai.vision.all import Normalize, accuracy, error_rate, imagenet_stats, vision_learner
+
+from . import UserError
+from .hub import hub_file
+
+
+def pretrained_weights(arch):
+    """Path of the timm checkpoint for `arch`, via the Hub cache, or a clear error offline."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(f"timm has no pretrained weights on the Hub for {arch!r}; pass --no-pretrained")
+    hint = "; pass --no-pretrained to train from scratch"
+    try:
+        return hub_file(cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors", what="pretrained weights")
+    except UserError as e:
+        raise UserError(f"{e}{hint}") from None
+
+
+def classifier_learner(dls, arch, pretrained=True):
+    if not timm.is_model(arch):
+        raise UserError(f"unknown timm architecture {arch!r} (see timm.list_models())")
+    extra = {"pretrained_cfg_overlay": {"file": pretrained_weights(arch)}} if pretrained else {}
+    if not pretrained:
+        # fastai only adds a Normalize for pretrained models; a scratch model trains better on normalised input too
+        dls.add_tfms([Normalize.from_stats(*imagenet_stats)], "after_batch")
+    return vision_learner(dls, arch, pretrained=pretrained, metrics=[error_rate, accuracy], **extra)

@@ -1,0 +1,90 @@
+"""What a training run shows: loss curve, confusion matrix, top losses and metrics.json."""
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs on servers and in CI without a display
+import matplotlib.pyplot as plt
+import numpy as np
+from fastai.callback.core import Callback
+from fastai.interpret import ClassificationInterpretation
+
+
+class LossHistory(Callback):
+    """Losses across every fit of a run (fastai's Recorder restarts at each fit, e.g. both halves of fine_tune)."""
+    order = 60  # after the Recorder has smoothed the loss
+
+    def __init__(self):
+        self.train, self.valid, self.step = [], [], 0
+
+    def after_batch(self):
+        if self.training:
+            self.step += 1
+            self.train.append((self.step, float(self.recorder.smooth_loss.value)))
+
+    def after_epoch(self):
+        self.valid.append((self.step, float(self.recorder.values[-1][1])))
+
+
+def save_fig(fig, path):
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_loss_curve(history, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history.train:
+        ax.plot(*zip(*history.train), label="train (smoothed)")
+    if history.valid:
+        ax.plot(*zip(*history.valid), "o-", label="valid")
+    ax.set(xlabel="step", ylabel="loss", title="Training loss")
+    ax.legend()
+    save_fig(fig, path)
+
+
+def confusion(targets, predicted, n):
+    cm = np.zeros((n, n), dtype=int)
+    np.add.at(cm, (targets, predicted), 1)
+    return cm
+
+
+def plot_confusion(cm, vocab, path):
+    n = len(vocab)
+    side = max(4, 0.35 * n + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted", ylabel="Actual", title="Confusion matrix")
+    ax.set_xticklabels(vocab, rotation=90)
+    ax.set_yticklabels(vocab)
+    for i, j in np.ndindex(cm.shape):
+        ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=8 if n > 10 else 11,
+                color="white" if cm[i, j] > cm.max() / 2 else "black")
+    save_fig(fig, path)
+
+
+def per_class(cm, vocab):
+    out = {}
+    for i, name in enumerate(vocab):
+        tp, predicted, actual = cm[i, i], cm[:, i].sum(), cm[i].sum()
+        out[name] = {"precision": float(tp / predicted) if predicted else None,
+                     "recall": float(tp / actual) if actual else None, "support": int(actual)}
+    return out
+
+
+def classifier_report(learn, history, report_dir, top_k=9):
+    """Write the plots into `report_dir` and return the held-out metrics."""
+    dl = learn.dls.valid.new(shuffle=False, drop_last=False)
+    probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
+    vocab = list(learn.dls.vocab)
+    cm = confusion(targets.numpy(), probs.argmax(1).numpy(), len(vocab))
+    plot_confusion(cm, vocab, report_dir / "confusion_matrix.png")
+    plot_loss_curve(history, report_dir / "loss_curve.png")
+    ClassificationInterpretation(learn, dl, losses).plot_top_losses(min(top_k, len(losses)), figsize=(9, 9))
+    save_fig(plt.gcf(), report_dir / "top_losses.png")
+    accuracy = float(np.trace(cm) / cm.sum())
+    return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
+            "per_class": per_class(cm, vocab), "confusion_matrix": cm.tolist(), "vocab": vocab}
+
+
+def write_json(obj, path):
+    path.write_text(json.dumps(obj, indent=2) + "\n")

@@ -1,0 +1,76 @@
+"""Gradio pieces shared by every app: argument parsing, the classifier panel, launching."""
+import argparse
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from . import UserError
+from .export import examples_dir
+from .inference import Classifier
+
+MAX_UPLOAD = "10mb"
+
+from gradio.events import Dependency
+
+class ImageUpload(gr.Image):
+    """`gr.Image` that passes the uploaded file's path on undecoded.
+
+    Gradio would open every upload with PIL first and answer a bad one with a bare "Error"; the app
+    decodes it itself (`inference.read_image`) and says what is wrong.
+    """
+    is_template = True  # rendered by the frontend as a plain Image
+
+    def preprocess(self, payload):
+        if payload is not None and payload.path is not None:
+            return payload.path
+        return super().preprocess(payload)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def app_parser(description, default_model=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if default_model is not None:
+        p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
+                       help="exported learner (.pkl); also the MODEL_PATH environment variable")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on (0.0.0.0 to share on your network)")
+    return p
+
+
+def missing_model(model_path, train_command):
+    gr.Markdown(f"**No model at `{model_path}` yet.** Train one first:\n\n```\n{train_command}\n```\n\n"
+                "then restart this app.")
+
+
+def classifier_panel(model_path, train_command, api_name="predict"):
+    """Upload-an-image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing."""
+    if not Path(model_path).is_file():
+        return missing_model(model_path, train_command)
+    clf = Classifier(model_path)
+
+    def classify(image):
+        if image is None:
+            return None
+        try:
+            return clf.predict(image, k=3)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
+    with gr.Row():
+        image = ImageUpload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image")
+        label = gr.Label(num_top_classes=3, label="Prediction")
+    image.change(classify, image, label, api_name=api_name)
+    examples = sorted(map(str, examples_dir(model_path).glob("*.jpg")))
+    if examples:
+        gr.Examples(examples, inputs=image)
+    gr.Markdown(f"Classes: {', '.join(clf.vocab)}")
+
+
+def launch(demo, args):
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up .venv, train the pet classifier (arguments go to training/train_pets.py), then serve it.
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -r requirements.txt
+.venv/bin/python training/train_pets.py "$@"
+exec .venv/bin/python apps/pets/app.py

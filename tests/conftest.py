@@ -1,0 +1,96 @@
+"""Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def write_image(path, color, size=(48, 40), seed=0, fmt=None):
+    """A noisy image around `color`: two colours make classes a tiny model can tell apart."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_folder_dataset(root, n=12, classes=(("cats", (220, 60, 60)), ("dogs", (60, 60, 220)))):
+    for label, color in classes:
+        for i in range(n):
+            write_image(root / label / f"{label}_{i}.jpg", color, seed=i)
+    return root
+
+
+def run(args, timeout=300, **kwargs):
+    """A project command as a subprocess, like a user would run it; output captured as text."""
+    return subprocess.run([PY, *map(str, args)], cwd=kwargs.pop("cwd", ROOT), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def train_tiny(data, out, *extra, timeout=300):
+    res = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
+               "--epochs", "1", "--size", "32", "--bs", "8", "--workers", "0", "--out", out, *extra],
+              timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A resnet18 trained for one epoch on 32-px generated images, exported with its report."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    data = make_folder_dataset(tmp / "data")
+    out = tmp / "models" / "pets.pkl"
+    train_tiny(data, out)
+    return out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(args, env=None, timeout=120):
+    """Start an app as a real server on 127.0.0.1 and yield its URL once it answers; stop it after."""
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{port}.log", "w+")
+    proc = subprocess.Popen([PY, *map(str, args), "--port", str(port)], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"app exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"app did not answer on {url} within {timeout}s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -1,0 +1,45 @@
+"""The apps as real servers on 127.0.0.1, called the way README shows: gradio_client."""
+import json
+import urllib.request
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from conftest import served, write_image
+
+
+@pytest.fixture(scope="module")
+def pets_url(tiny_model):
+    with served(["apps/pets/app.py", "--model", tiny_model]) as url:
+        yield url
+
+
+def test_pets_app_predicts(pets_url, tmp_path):
+    client = Client(pets_url, verbose=False)
+    for name, color in [("red.jpg", (220, 60, 60)), ("blue.png", (60, 60, 220))]:
+        out = client.predict(handle_file(str(write_image(tmp_path / name, color))), api_name="/predict")
+        confidences = {c["label"]: c["confidence"] for c in out["confidences"]}
+        assert set(confidences) == {"cats", "dogs"} and out["label"] in confidences
+        assert sum(confidences.values()) == pytest.approx(1, abs=1e-4)
+
+
+def test_pets_app_rejects_a_non_image_with_a_clear_message(pets_url, tmp_path):
+    client = Client(pets_url, verbose=False)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict(handle_file(str(bad)), api_name="/predict")
+    good = write_image(tmp_path / "ok.jpg", (220, 60, 60))
+    assert client.predict(handle_file(str(good)), api_name="/predict")["label"]  # still serving
+
+
+def test_root_app_tabs(tiny_model, tmp_path):
+    with served(["app.py"], env={"PETS_MODEL": str(tiny_model)}) as url:
+        out = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.jpg", (60, 60, 220)))),
+                                                 api_name="/pets_predict")
+        assert out["label"] in ("cats", "dogs")
+    with served(["app.py"], env={"PETS_MODEL": str(tmp_path / "missing.pkl")}) as url:
+        with urllib.request.urlopen(url + "config", timeout=10) as r:
+            config = json.dumps(json.load(r))
+        assert "No model at" in config and "training/train_pets.py" in config

@@ -1,0 +1,88 @@
+"""Label functions, the Oxford file-name parser, label-scheme detection and the image checks."""
+import io
+
+import pytest
+from PIL import Image
+
+from conftest import make_folder_dataset, write_image
+from imagelab import UserError
+from imagelab.data import (breed, check_image, classifier_dls, detect_labels, find_images, is_cat,
+                           label_function, open_rgb, split_counts)
+
+OXFORD = ["Abyssinian_12.jpg", "Egyptian_Mau_100.jpg", "american_bulldog_3.jpg", "great_pyrenees_7.jpg"]
+
+
+@pytest.fixture
+def oxford_dir(tmp_path):
+    for i, name in enumerate(OXFORD * 3):
+        stem, ext = name.rsplit(".", 1)
+        write_image(tmp_path / f"{stem[:stem.rindex('_')]}_{i}.{ext}", (40 * i % 255, 90, 150))
+    return tmp_path
+
+
+def test_oxford_labels(tmp_path):
+    paths = [write_image(tmp_path / n, (0, 0, 0)) for n in OXFORD]
+    assert [is_cat(p) for p in paths] == ["cat", "cat", "dog", "dog"]
+    assert [breed(p) for p in paths] == ["Abyssinian", "Egyptian_Mau", "american_bulldog", "great_pyrenees"]
+    with pytest.raises(ValueError, match="not an Oxford"):
+        breed(tmp_path / "holiday.jpg")
+
+
+def test_detect_labels(tmp_path, oxford_dir):
+    folders = make_folder_dataset(tmp_path / "folders", n=2)
+    files, _ = find_images(folders)
+    assert detect_labels(folders, files) == "folder"
+    assert label_function("folder")(files[0]) == files[0].parent.name
+    files, _ = find_images(oxford_dir)
+    assert detect_labels(oxford_dir, files) == "filename"
+    assert label_function("filename", "is_cat") is is_cat
+    assert label_function("filename", "breed") is breed
+    loose = tmp_path / "loose"
+    write_image(loose / "holiday.jpg", (0, 0, 0))
+    write_image(loose / "beach.jpg", (0, 0, 0))
+    with pytest.raises(UserError, match="cannot tell the labels"):
+        detect_labels(loose, find_images(loose)[0])
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path):
+    good = write_image(tmp_path / "a" / "ok.jpg", (10, 200, 10), size=(300, 200))
+    odd = write_image(tmp_path / "a" / "00000005.jpg?width=3200&height=1680&fit=crop", (10, 200, 10), fmt="JPEG")
+    (tmp_path / "a" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "a" / "text.jpg").write_text("this is not a picture")
+    (tmp_path / "a" / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (tmp_path / "a" / ".hidden.jpg").write_bytes(good.read_bytes())
+    files, bad = find_images(tmp_path)
+    assert sorted(f.name for f in files) == sorted([good.name, odd.name])
+    assert sorted(f.name for f, _ in bad) == ["empty.jpg", "text.jpg", "truncated.jpg"]
+    assert all(reason for _, reason in bad)
+    assert check_image(good) is None
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "x.jpg").write_text("nope")
+    with pytest.raises(UserError, match="no readable images"):
+        find_images(only_bad)
+
+
+def test_open_rgb_handles_alpha_palette_and_exif():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert open_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
+    assert open_rgb(Image.new("P", (4, 4))).mode == "RGB"
+    assert open_rgb(Image.new("I;16", (4, 4), 300)).mode == "RGB"
+    wide = Image.new("RGB", (30, 10), "blue")
+    exif = wide.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buf = io.BytesIO()
+    wide.save(buf, "JPEG", exif=exif)
+    assert open_rgb(io.BytesIO(buf.getvalue())).size == (10, 30)
+
+
+def test_dataloaders_from_oxford_names(oxford_dir):
+    files, _ = find_images(oxford_dir)
+    dls = classifier_dls(files, is_cat, size=32, bs=4, valid_pct=0.25, workers=0)
+    assert list(dls.vocab) == ["cat", "dog"]
+    x, y = dls.one_batch()
+    assert tuple(x.shape[1:]) == (3, 32, 32)
+    counts = split_counts(dls, is_cat)
+    assert sum(counts["train"].values()) + sum(counts["valid"].values()) == len(files) == 12
+    assert counts["valid"] == {"cat": sum(is_cat(f) == "cat" for f in dls.valid_ds.items),
+                               "dog": sum(is_cat(f) == "dog" for f in dls.valid_ds.items)}

@@ -1,0 +1,122 @@
+"""The training script end to end: CLI, report files, export, loading elsewhere, interruption, offline."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import PY, ROOT, make_folder_dataset, run, write_image
+from imagelab.export import staged_export
+
+REPORT_FILES = ["confusion_matrix.png", "top_losses.png", "loss_curve.png", "metrics.json"]
+
+
+def test_report_beside_the_model(tiny_model):
+    report = tiny_model.with_name("pets.report")
+    for name in REPORT_FILES:
+        assert (report / name).stat().st_size > 0, name
+    for png in report.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+    m = json.loads((report / "metrics.json").read_text())
+    assert m["vocab"] == ["cats", "dogs"] and m["arch"] == "resnet18" and m["pretrained"] is False
+    assert (m["size"], m["epochs"], m["seed"]) == (32, 1, 42)
+    n_valid = sum(m["counts"]["valid"].values())
+    assert n_valid + sum(m["counts"]["train"].values()) == 24
+    assert sum(map(sum, m["confusion_matrix"])) == n_valid
+    assert m["accuracy"] == pytest.approx(1 - m["error_rate"])
+    assert m["accuracy"] == pytest.approx(sum(m["confusion_matrix"][i][i] for i in range(2)) / n_valid)
+    assert set(m["per_class"]) == {"cats", "dogs"} and m["train_seconds"] > 0 and m["images_per_second"] > 0
+    examples = sorted(p.name for p in (report / "examples").iterdir())
+    assert examples and all(n.endswith(".jpg") for n in examples)
+    assert not [p for p in tiny_model.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_model_loads_in_a_fresh_process_elsewhere(tiny_model, tmp_path):
+    img = write_image(tmp_path / "red.png", (220, 60, 60))
+    code = ("import sys; from fastai.learner import load_learner; from imagelab.data import RGBImage\n"
+            "learn = load_learner(sys.argv[1])\n"
+            "with learn.no_bar(): label, _, probs = learn.predict(RGBImage.create(sys.argv[2]))\n"
+            "print(list(learn.dls.vocab), label, round(float(probs.sum()), 4))")
+    res = subprocess.run([PY, "-c", code, str(tiny_model), str(img)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    vocab, label, total = res.stdout.strip().rsplit(" ", 2)
+    assert vocab == "['cats', 'dogs']" and label in ("cats", "dogs") and total == "1.0"
+
+
+def test_export_is_all_or_nothing(tmp_path):
+    model = tmp_path / "m.pkl"
+    model.write_bytes(b"good old model")
+    with pytest.raises(RuntimeError):
+        with staged_export(model) as (tmp_model, tmp_report):
+            tmp_model.write_bytes(b"half")
+            (tmp_report / "metrics.json").write_text("{}")
+            raise RuntimeError("crash while exporting")
+    assert model.read_bytes() == b"good old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pkl"]
+    with staged_export(model) as (tmp_model, tmp_report):
+        tmp_model.write_bytes(b"new")
+        (tmp_report / "metrics.json").write_text("{}")
+    assert model.read_bytes() == b"new" and (tmp_path / "m.report" / "metrics.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pkl", "m.report"]
+
+
+def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=40)
+    out = tmp_path / "pets.pkl"
+    out.write_bytes(b"previous model")
+    proc = subprocess.Popen([PY, "training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
+                             "--epochs", "50", "--size", "32", "--bs", "4", "--workers", "0", "--out", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "epoch" not in seen and time.monotonic() < deadline:  # the table header: training has begun
+        seen += proc.stdout.read(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+    assert out.read_bytes() == b"previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "pets.pkl"]
+
+
+def test_offline_default_run_fails_fast_with_one_line(tmp_path):
+    env = {**os.environ, "FASTAI_HOME": str(tmp_path / "fastai")}  # a cold dataset cache
+    start = time.monotonic()
+    res = run(["training/train_pets.py"], env=env, timeout=120)
+    assert time.monotonic() - start < 60
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "could not download Oxford-IIIT Pet" in lines[0] and "--data" in lines[0]
+
+
+def test_pretrained_offline_fails_fast_with_a_hint(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=3)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # a cold Hub cache
+    start = time.monotonic()
+    res = run(["training/train_pets.py", "--data", data, "--arch", "resnet18", "--out", tmp_path / "m.pkl"],
+              env=env, timeout=120)
+    assert time.monotonic() - start < 60
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "pretrained weights" in res.stderr and "--no-pretrained" in res.stderr
+    assert not (tmp_path / "m.pkl").exists()
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    res = run(["training/train_pets.py", "--data", tmp_path / "missing"])
+    assert res.returncode == 2 and res.stderr.strip() == f"error: no such folder: {tmp_path / 'missing'}"
+    res = run(["training/train_pets.py", "--data", tmp_path, "--arch", "no_such_net", "--no-pretrained"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_help_lists_the_knobs():
+    res = run(["training/train_pets.py", "--help"])
+    assert res.returncode == 0
+    for flag in ["--data", "--labels", "--task", "--arch", "--no-pretrained", "--epochs", "--size", "--bs",
+                 "--lr", "--valid-pct", "--seed", "--min-scale", "--out"]:
+        assert flag in res.stdout, flag
