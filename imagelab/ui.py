@@ -66,5 +66,13 @@ def classifier_panel(model_path, train_command, api_name="predict"):
     gr.Markdown(f"Classes: {', '.join(clf.vocab)}")
 
 
+def classifier_demo(title, description, model_path, train_command):
+    """A standalone classifier app: what `apps/<name>/app.py` serves, endpoint `predict`."""
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"# {title}\n{description}")
+        classifier_panel(model_path, train_command)
+    return demo
+
+
 def launch(demo, args):
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
