@@ -5,27 +5,14 @@ from pathlib import Path
 
 from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, PILImage, RandomResizedCrop,
                                RandomSplitter, URLs, aug_transforms, untar_data)
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
+from .images import check_image, open_rgb
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
-LABEL_SCHEMES = ("folder", "filename")
-
-
-def open_rgb(src):
-    """Any image (path, bytes, file or PIL) as upright 8-bit RGB: the one decoder used by training and serving."""
-    im = src if isinstance(src, Image.Image) else Image.open(src)
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        im = Image.new("RGB", rgba.size, "white")
-        im.paste(rgba, mask=rgba.getchannel("A"))
-    return im.convert("RGB")
 
 
 class RGBImage(PILImage):
@@ -54,16 +41,6 @@ def breed(path):
 def parent_label(path):
     return Path(path).parent.name
 
-
-def check_image(path):
-    """None if `path` decodes fully as an image, else the reason it does not."""
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: a full read of every byte, much faster
-            im.load()
-        return None
-    except Exception as e:  # PIL raises many types for bad files; each one is a reason to skip
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
 def find_images(root, workers=8):

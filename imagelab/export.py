@@ -1,10 +1,14 @@
-"""Putting a trained model on disk so that an interrupted run never leaves a half-written one."""
+"""Putting a trained model on disk: all or nothing, with a weights-only copy that loads without pickle."""
+import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .data import open_rgb
+from .images import open_rgb
+
+CONFIG_FORMAT = "imagelab-classifier/1"
 
 
 def report_dir(model_path):
@@ -17,30 +21,76 @@ def examples_dir(model_path):
     return report_dir(model_path) / "examples"
 
 
+def artifact_paths(model_path):
+    """The weights-only artifacts beside a learner: `pets.pkl` -> `pets.safetensors`, `pets.config.json`, `pets.onnx`.
+
+    Loading them runs no pickle: safetensors and ONNX are plain data, the config is JSON.
+    """
+    model_path = Path(model_path)
+    return {"weights": model_path.with_suffix(".safetensors"), "onnx": model_path.with_suffix(".onnx"),
+            "config": model_path.with_name(model_path.stem + ".config.json")}
+
+
 @contextmanager
 def staged_export(model_path):
-    """Yield a temporary model path and report folder; move both into place only if the block completes.
+    """Yield a temporary model path and report folder; move everything into place only if the block completes.
 
-    The temporaries sit beside the destination (same filesystem), so each move is an atomic rename:
-    a crash or Ctrl-C before the end leaves the previous model and report exactly as they were.
+    The block writes into a hidden folder beside the destination (same filesystem, so every move is an
+    atomic rename): a crash or Ctrl-C before the end leaves the previous model and report as they were.
+    Whatever else the block writes beside the temporary model (its weights-only artifacts) moves too.
     """
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_model = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
-    tmp_report = model_path.with_name(f".{report_dir(model_path).name}.{os.getpid()}.tmp")
-    old_report = model_path.with_name(f".{report_dir(model_path).name}.{os.getpid()}.old")
-    shutil.rmtree(tmp_report, ignore_errors=True)
-    tmp_report.mkdir()
+    stage = model_path.with_name(f".{model_path.stem}.{os.getpid()}.export")
+    shutil.rmtree(stage, ignore_errors=True)
+    tmp_model, tmp_report = stage / model_path.name, stage / report_dir(model_path).name
+    tmp_report.mkdir(parents=True)
     try:
         yield tmp_model, tmp_report
-        os.replace(tmp_model, model_path)
+        old_report = stage / "previous-report"
         if report_dir(model_path).exists():
             os.replace(report_dir(model_path), old_report)
-        os.replace(tmp_report, report_dir(model_path))
+        # the learner last: whoever sees the new .pkl also sees the artifacts and the report made with it
+        for f in sorted(stage.iterdir(), key=lambda f: f == tmp_model):
+            if f != old_report:
+                os.replace(f, model_path.parent / f.name)
     finally:
-        tmp_model.unlink(missing_ok=True)
-        shutil.rmtree(tmp_report, ignore_errors=True)
-        shutil.rmtree(old_report, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def learner_config(learn):
+    """Everything needed to run the model without fastai: classes and the learner's exact validation preprocessing.
+
+    fastai's `RandomResizedCrop` validates by squashing the whole image to size + `val_xtra` and taking the
+    centre `size` crop; then pixels go to [0, 1] and are normalised.
+    """
+    from fastai.vision.all import Normalize, RandomResizedCrop
+    crop = next(t for t in learn.dls.after_item.fs if isinstance(t, RandomResizedCrop))
+    norm = next(t for t in learn.dls.after_batch.fs if isinstance(t, Normalize))
+    w, h = crop.size
+    xtra = math.ceil(max(w, h) * crop.val_xtra / 8) * 8
+    arch = learn.model[0].model.pretrained_cfg["architecture"]  # fastai's TimmBody wraps the timm model
+    return {"format": CONFIG_FORMAT, "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
+            "resize": [w + xtra, h + xtra], "crop": [w, h],
+            "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
+
+
+def to_onnx(model, config, f):
+    """The model as an ONNX graph (any batch size) into a path or file object."""
+    import torch
+    w, h = config["crop"]
+    torch.onnx.export(model.eval(), (torch.zeros(1, 3, h, w),), f, dynamo=True, external_data=False,
+                      input_names=["image"], output_names=["logits"], verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+
+
+def export_weights_only(learn, model_path):
+    """Write the safetensors weights, the JSON config and the ONNX graph beside `model_path`."""
+    from safetensors.torch import save_file
+    paths, config = artifact_paths(model_path), learner_config(learn)
+    save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, paths["weights"])
+    paths["config"].write_text(json.dumps(config, indent=2) + "\n")
+    to_onnx(learn.model, config, paths["onnx"])
 
 
 def save_examples(files, get_y, dest, per_class=2, max_side=512):

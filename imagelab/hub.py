@@ -1,10 +1,14 @@
 """Hugging Face Hub access that fails fast and clearly when the network is not there."""
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
-from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from . import UserError
+
+HF_PREFIX = "hf://"
 
 
 def hub_reachable(timeout=3.0):
@@ -22,7 +26,43 @@ def hub_file(repo_id, filename, revision=None, what="file"):
     cached = try_to_load_from_cache(repo_id, filename, revision=revision)
     if isinstance(cached, str):
         return cached
+    where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
     if constants.HF_HUB_OFFLINE or not hub_reachable():
-        raise UserError(f"cannot download the {what} {repo_id}/{filename} from the Hugging Face Hub "
+        raise UserError(f"cannot download the {what} {where} from the Hugging Face Hub "
                         "(offline, and not in the local Hub cache)")
-    return hf_hub_download(repo_id, filename, revision=revision)
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        raise UserError(f"cannot download the {what} {where}: {str(e).splitlines()[0]}") from None
+
+
+def resolve_model(spec):
+    """A local path for a model: a path as given, or `hf://USER/REPO/FILE[@REVISION]` fetched once into the Hub cache.
+
+    For a Hub model the weights-only artifacts beside FILE (`<stem>.onnx` + `<stem>.config.json`) are
+    fetched instead of FILE when the repo has them: they load without running any pickle.
+    """
+    spec = str(spec)
+    if not spec.startswith(HF_PREFIX):
+        return Path(spec)
+    body, _, revision = spec[len(HF_PREFIX):].partition("@")
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise UserError(f"expected hf://USER/REPO/FILE[@REVISION], got {spec}")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    stem = filename.rsplit(".", 1)[0]
+    try:
+        hub_file(repo_id, f"{stem}.config.json", revision or None, what="model config")
+        return Path(hub_file(repo_id, f"{stem}.onnx", revision or None, what="model"))
+    except UserError:
+        return Path(hub_file(repo_id, filename, revision or None, what="model"))
+
+
+def require_hub_login():
+    """Before publishing anything: a token and a reachable Hub, or one line that says which is missing."""
+    token = get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` first")
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
+        raise UserError("cannot reach the Hugging Face Hub (offline?); nothing was uploaded")
+    return token

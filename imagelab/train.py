@@ -11,7 +11,7 @@ from fastai.vision.all import set_seed
 
 from . import UserError
 from .data import classifier_dls, detect_labels, find_images, label_function, split_counts
-from .export import save_examples, staged_export
+from .export import export_weights_only, save_examples, staged_export
 from .models import classifier_learner
 from .reports import LossHistory, classifier_report, write_json
 
@@ -99,6 +99,7 @@ def train_classifier(args, root, task=None):
         write_json(metrics, tmp_report / "metrics.json")
         save_examples(dls.valid_ds.items, get_y, tmp_report / "examples")
         learn.export(tmp_model.resolve())
+        export_weights_only(learn, tmp_model)
     print(f"accuracy {metrics['accuracy']:.4f} on {len(dls.valid_ds)} held-out images; "
           f"wrote {args.out} and its report")
     return metrics

@@ -7,9 +7,14 @@ import gradio as gr
 
 from . import UserError
 from .export import examples_dir
-from .inference import Classifier
+from .hub import resolve_model
+from .inference import Predictor
 
-MAX_UPLOAD = "10mb"
+# A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying.
+MAX_UPLOAD = "25mb"
+# Two requests run at once on a 2-core CPU Space (ONNX Runtime uses the cores within each); the rest wait
+# in a bounded queue instead of piling up in memory.
+CONCURRENCY, QUEUE_SIZE = 2, 256
 
 
 class ImageUpload(gr.Image):
@@ -30,11 +35,19 @@ def app_parser(description, default_model=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if default_model is not None:
         p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
-                       help="exported learner (.pkl); also the MODEL_PATH environment variable")
+                       help="exported model (.pkl, .onnx, .safetensors or hf://USER/REPO/FILE[@REVISION]); "
+                       "also the MODEL_PATH environment variable")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on (0.0.0.0 to share on your network)")
     return p
+
+
+def default_model(app_file, name):
+    """A Space bundle keeps its model beside app.py (`models/<name>.onnx`); the repository in `models/<name>.pkl`."""
+    here = Path(app_file).resolve().parent
+    bundled = here / "models" / f"{name}.onnx"
+    return bundled if bundled.exists() else here.parents[1] / "models" / f"{name}.pkl"
 
 
 def missing_model(model_path, train_command):
@@ -44,9 +57,10 @@ def missing_model(model_path, train_command):
 
 def classifier_panel(model_path, train_command, api_name="predict"):
     """Upload-an-image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing."""
-    if not Path(model_path).is_file():
+    model_path = resolve_model(model_path)
+    if not model_path.is_file():
         return missing_model(model_path, train_command)
-    clf = Classifier(model_path)
+    clf = Predictor(model_path)
 
     def classify(image):
         if image is None:
@@ -54,7 +68,7 @@ def classifier_panel(model_path, train_command, api_name="predict"):
         try:
             return clf.predict(image, k=3)
         except UserError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(str(e), print_exception=False) from None
 
     with gr.Row():
         image = ImageUpload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image")
@@ -75,4 +89,5 @@ def classifier_demo(title, description, model_path, train_command):
 
 
 def launch(demo, args):
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)

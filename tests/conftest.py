@@ -63,14 +63,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+class AppURL(str):
+    """The URL of a served app; `.proc` is its server process."""
+
+
 @contextmanager
-def served(args, env=None, timeout=120):
-    """Start an app as a real server on 127.0.0.1 and yield its URL once it answers; stop it after."""
+def served(args, env=None, timeout=120, cwd=ROOT):
+    """Start an app as a real server on 127.0.0.1 and yield its URL (an `AppURL`) once it answers; stop it after.
+
+    `env` adds to this process's environment; a value of None removes that variable.
+    """
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{port}.log", "w+")
-    proc = subprocess.Popen([PY, *map(str, args), "--port", str(port)], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}/"
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    proc = subprocess.Popen([PY, *map(str, args), "--port", str(port)], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    url = AppURL(f"http://127.0.0.1:{port}/")
+    url.proc = proc
     try:
         deadline = time.monotonic() + timeout
         while True:

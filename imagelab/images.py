@@ -1,0 +1,55 @@
+"""Decoding image files, the same way for training and serving, and refusing the ones that cannot be used.
+
+No fastai or torch here: a served app decodes uploads without importing the training stack.
+"""
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import UserError
+
+# Refuse images whose header claims more pixels than this before decoding them: a 40000x40000 PNG
+# of a few KB would otherwise take gigabytes of memory.
+MAX_PIXELS = 40_000_000
+
+
+def open_rgb(src):
+    """Any image (path, file or PIL) as upright 8-bit RGB: the one decoder used by training and serving."""
+    im = src if isinstance(src, Image.Image) else Image.open(src)
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)  # animations: the first frame
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale: convert("RGB") would clip everything above 255 to white
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(a / 257 if a.max() > 255 else a, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.new("RGB", rgba.size, "white")
+        im.paste(rgba, mask=rgba.getchannel("A"))
+    return im.convert("RGB")
+
+
+def check_image(path):
+    """None if `path` decodes fully as an image, else the reason it does not."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: a full read of every byte, much faster
+            im.load()
+        return None
+    except Exception as e:  # PIL raises many types for bad files; each one is a reason to skip
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def read_image(src):
+    """An uploaded file as RGB, or a `UserError` that says in one line why it is not usable."""
+    try:
+        im = src if isinstance(src, Image.Image) else Image.open(src)
+        if im.width * im.height > MAX_PIXELS:
+            raise UserError(f"image too large: {im.width}x{im.height} pixels (limit {MAX_PIXELS:,})")
+        return open_rgb(im)
+    except UserError:
+        raise
+    except Image.DecompressionBombError:
+        raise UserError(f"image too large (more than {MAX_PIXELS:,} pixels)") from None
+    except Exception as e:  # PIL signals unreadable files with many exception types
+        raise UserError(f"not a readable image ({type(e).__name__})") from None

@@ -1,0 +1,82 @@
+"""The predictor: same answers as fastai's learn.predict, weights-only loading, odd images, the batch CLI."""
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import PY, run, write_image
+from imagelab import UserError
+from imagelab.images import read_image
+from uploads import invalid_uploads, valid_uploads
+
+
+def test_predictor_matches_learn_predict(tiny_model, tmp_path):
+    from fastai.learner import load_learner
+    from imagelab.data import RGBImage
+    from imagelab.inference import Predictor
+    learn = load_learner(tiny_model, cpu=True)
+    images = list(valid_uploads(tmp_path / "odd").values())
+    images += [write_image(tmp_path / f"{i}.jpg", (30 * i, 200 - 20 * i, 90), size=(70 + 9 * i, 50)) for i in range(8)]
+    for source in (tiny_model, tiny_model.with_suffix(".onnx")):
+        predictor = Predictor(source)
+        assert predictor.vocab == list(learn.dls.vocab)
+        for f in images:
+            with learn.no_bar():
+                expected = learn.predict(RGBImage.create(read_image(f)))[2].numpy()
+            got = predictor.probabilities([f])[0]
+            assert got.argmax() == expected.argmax(), f
+            assert np.abs(got - expected).max() < 1e-4, f
+
+
+def test_weights_only_artifacts_load_without_pickle(tiny_model, tmp_path):
+    """Only the safetensors + JSON config, in a process where unpickling anything raises."""
+    for suffix in (".safetensors", ".config.json"):
+        name = tiny_model.stem + suffix
+        shutil.copy(tiny_model.with_name(name), tmp_path / name)
+    img = write_image(tmp_path / "x.jpg", (220, 60, 60))
+    code = ("import pickle, sys, torch\n"
+            "def refuse(*a, **k): raise RuntimeError('unpickling was attempted')\n"
+            "class Refuse(pickle.Unpickler):\n    load = refuse\n"
+            "pickle.load = pickle.loads = torch.load = refuse\n"
+            "pickle.Unpickler = Refuse\n"
+            "from imagelab.inference import Predictor\n"
+            "p = Predictor(sys.argv[1]); print(p.vocab, sorted(p.predict(sys.argv[2], k=2)))")
+    res = run(["-c", code, tmp_path / f"{tiny_model.stem}.safetensors", img], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "['cats', 'dogs'] ['cats', 'dogs']"
+    assert not (tmp_path / tiny_model.name).exists()
+
+
+def test_read_image_refuses_bad_files_quickly(tmp_path):
+    for name, (path, message) in invalid_uploads(tmp_path).items():
+        with pytest.raises(UserError, match=message):
+            read_image(path)
+    for name, path in valid_uploads(tmp_path / "ok").items():
+        im = read_image(path)
+        assert im.mode == "RGB", name
+    assert read_image(tmp_path / "ok" / "exif_rotated.jpg").size == (48, 64)
+    assert read_image(tmp_path / "ok" / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
+    assert read_image(tmp_path / "ok" / "animated.gif").getpixel((0, 0)) == (255, 0, 0)
+    assert max(read_image(tmp_path / "ok" / "grey16.png").getextrema()[0]) > 200  # not clipped to white
+    assert min(read_image(tmp_path / "ok" / "grey16.png").getextrema()[0]) < 50
+
+
+def test_batch_cli_reports_bad_files_per_row(tiny_model, tmp_path):
+    folder = tmp_path / "photos"
+    write_image(folder / "a.jpg", (220, 60, 60))
+    write_image(folder / "nested" / "b.png", (60, 60, 220))
+    (folder / "broken.jpg").write_text("nope")
+    out = tmp_path / "out.csv"
+    res = run(["-m", "imagelab.predict", tiny_model, folder, "--top-k", "2", "--csv", out])
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["path"].split("/photos/")[1]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"a.jpg", "nested/b.png", "broken.jpg"}
+    assert rows["broken.jpg"]["error"].startswith("not a readable image") and not rows["broken.jpg"]["label1"]
+    for name in ("a.jpg", "nested/b.png"):
+        r = rows[name]
+        assert {r["label1"], r["label2"]} == {"cats", "dogs"} and not r["error"]
+        assert float(r["prob1"]) + float(r["prob2"]) == pytest.approx(1, abs=2e-4)
+    assert "2 classified, 1 unreadable" in res.stderr
+    res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "missing"])
+    assert res.returncode == 2 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
