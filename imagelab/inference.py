@@ -70,6 +70,8 @@ class Predictor:
         self.session = ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
                                             providers=["CPUExecutionProvider"])
         self.vocab = self.config["vocab"]
+        w, h = self.config["crop"]
+        self.session.run(None, {"image": np.zeros((1, 3, h, w), np.float32)})  # warm up now, not on a request
 
     def _onnx(self, model):
         from .export import to_onnx

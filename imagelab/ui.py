@@ -21,7 +21,7 @@ class ImageUpload(gr.Image):
     """`gr.Image` that passes the uploaded file's path on undecoded.
 
     Gradio would open every upload with PIL first and answer a bad one with a bare "Error"; the app
-    decodes it itself (`inference.read_image`) and says what is wrong.
+    decodes it itself (`images.read_image`) and says what is wrong.
     """
     is_template = True  # rendered by the frontend as a plain Image
 
