@@ -16,7 +16,7 @@ from .models import classifier_learner
 from .reports import LossHistory, classifier_report, write_json
 
 # Chosen for accuracy per CPU second; README.md ("Choosing the default architecture") has the numbers.
-DEFAULT_ARCH = "resnet18"
+DEFAULT_ARCH = "convnext_nano"
 # fastai's documented defaults: fine_tune's base_lr, and a one-cycle peak that suits from-scratch convnets.
 FINE_TUNE_LR, SCRATCH_LR = 2e-3, 3e-3
 
