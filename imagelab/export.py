@@ -76,12 +76,15 @@ def learner_config(learn):
 
 
 def to_onnx(model, config, f):
-    """The model as an ONNX graph (any batch size) into a path or file object."""
+    """The model as an ONNX graph for one image at a time, into a path or file object.
+
+    A fixed batch of one: some timm models (ConvNeXt) do not export with a dynamic batch, and the
+    apps classify one upload per request anyway.
+    """
     import torch
     w, h = config["crop"]
     torch.onnx.export(model.eval(), (torch.zeros(1, 3, h, w),), f, dynamo=True, external_data=False,
-                      input_names=["image"], output_names=["logits"], verbose=False,
-                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+                      input_names=["image"], output_names=["logits"], verbose=False)
 
 
 def export_weights_only(learn, model_path):

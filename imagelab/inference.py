@@ -81,8 +81,8 @@ class Predictor:
 
     def probabilities(self, images):
         """Class probabilities, one row per image (paths or PIL images)."""
-        x = np.concatenate([preprocess(read_image(im), self.config) for im in images])
-        return softmax(self.session.run(None, {"image": x})[0])
+        return np.concatenate([softmax(self.session.run(None, {"image": preprocess(read_image(im), self.config)})[0])
+                               for im in images])
 
     def predict(self, image, k=3):
         """Top-`k` labels with probabilities for a path or PIL image, most likely first."""
