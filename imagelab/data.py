@@ -13,6 +13,9 @@ from . import UserError
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
 LABEL_SCHEMES = ("folder", "filename")
+# What the dataset tools write at the top of a dataset folder (imagelab.download, imagelab.cleaning):
+# never training images, so find_images leaves them out; class folders cannot take these names.
+BOOKKEEPING = ("quarantine", "removed", "download-summary.json", "cleaning-log.jsonl")
 
 
 def open_rgb(src):
@@ -67,7 +70,8 @@ def check_image(path):
 
 
 def find_images(root, workers=8):
-    """Every decodable image under `root` (recursive, hidden files ignored) and the files skipped with why.
+    """Every decodable image under `root` and the files skipped with why (recursive; hidden files and the
+    tools' BOOKKEEPING, such as quarantined or removed images, are left out).
 
     Scraped folders name files `x.jpg?width=3200&fit=crop` and hold stray non-images, so files are
     judged by decoding them, not by their extension.
@@ -75,8 +79,7 @@ def find_images(root, workers=8):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no such folder: {root}")
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not ignored(p.relative_to(root).parts))
     if not files:
         raise UserError(f"no files in {root}")
     with ThreadPoolExecutor(workers) as pool:
@@ -87,6 +90,18 @@ def find_images(root, workers=8):
     if not good:
         raise UserError(f"no readable images in {root} ({len(bad)} files skipped)")
     return good, bad
+
+
+def ignored(parts):
+    return parts[0] in BOOKKEEPING or any(part.startswith(".") for part in parts)
+
+
+def check_class_name(name):
+    """A class name is a folder name: one plain path component, not hidden, not one of the tools' own."""
+    if (not isinstance(name, str) or not name.strip() or name.startswith(".") or name in BOOKKEEPING
+            or any(c in name for c in "/\\\0")):
+        raise UserError(f"not a usable class name: {name!r}")
+    return name
 
 
 def detect_labels(root, files):
