@@ -29,7 +29,7 @@ def choices(label, classes):
 
 def action(record, choice):
     kind, _, to = choice.partition(":")
-    return {"path": record["path"], "action": kind, "to": to or None}
+    return {"file": record["file"], "action": kind, "to": to or None}
 
 
 def cleaner_panel(model_path, data_dir, api_prefix=""):
@@ -44,7 +44,7 @@ def cleaner_panel(model_path, data_dir, api_prefix=""):
         return guarded(cleaner.rank, label, split, limit or None)
 
     def apply(actions: list[dict]) -> list[dict]:
-        """Carry out [{path: '<class>/<file>', action: 'keep'|'remove'|'relabel', to: '<class>'}]; returns the
+        """Carry out [{file: '<class>/<file>', action: 'keep'|'remove'|'relabel', to: '<class>'}]; returns the
         moves made [{from, to}]. One invalid entry refuses the whole request: nothing moves."""
         return guarded(cleaner.apply, actions)
 
@@ -89,10 +89,10 @@ def cleaner_panel(model_path, data_dir, api_prefix=""):
         with gr.Row():
             for rec in recs:
                 with gr.Column(min_width=170, scale=0):
-                    gr.Image(cleaner.thumbnail(rec["path"]), height=170, interactive=False, buttons=[],
+                    gr.Image(cleaner.thumbnail(rec["file"]), height=170, interactive=False, buttons=[],
                              label=f"{rec['predicted']} {rec['probability']:.2f} · loss {rec['loss']:.2f}")
                     decisions.append(gr.Dropdown(choices(rec["label"], cleaner.classes), value="keep",
-                                                 show_label=False, info=Path(rec["path"]).name[:28]))
+                                                 show_label=False, info=Path(rec["file"]).name[:28]))
         apply_button = gr.Button("Apply", variant="primary")
 
         def apply_and_refresh(label, split, limit, *chosen):

@@ -28,17 +28,17 @@ def plain_name(name):
     return name
 
 
-def safe_path(root, rel, classes):
-    """`root/<class>/<file>` (or `root/removed/<class>/<file>`) for the relative path `rel`, checked to be
-    inside `root`, through no symlink, with `<class>` one of `classes`; a UserError otherwise."""
+def safe_path(root, rel, classes, removed=False):
+    """`root/<class>/<file>` (or, if `removed`, also `root/removed/<class>/<file>`) for the relative path
+    `rel`, checked to be inside `root`, through no symlink, with `<class>` one of `classes`; else a UserError."""
     if not isinstance(rel, str):
         raise UserError(f"not a path: {rel!r}")
     parts = rel.split("/")
-    if parts[0] == REMOVED:
-        parts = parts[1:]
+    folder = root
+    if removed and parts[0] == REMOVED:
+        parts, folder = parts[1:], root / REMOVED
     if len(parts) != 2 or parts[0] not in classes:
         raise UserError(f"not <class>/<file> of this dataset: {rel!r}")
-    folder = root / REMOVED if rel.startswith(REMOVED + "/") else root
     path = folder / check_class_name(parts[0]) / plain_name(parts[1])
     for p in (folder, path.parent, path):
         if p.is_symlink():
@@ -98,7 +98,7 @@ class Cleaner:
         dl = learn.dls.test_dl([self.root / r for r in rels], with_labels=True)
         with learn.no_bar():
             probs, _, losses = learn.get_preds(dl=dl, with_loss=True)
-        records = [{"path": r, "label": label, "predicted": self.classes[int(p.argmax())],
+        records = [{"file": r, "label": label, "predicted": self.classes[int(p.argmax())],
                     "probability": round(float(p.max()), 4), "loss": round(float(loss), 4)}
                    for r, p, loss in zip(rels, probs, losses)]
         records.sort(key=lambda rec: -rec["loss"])
@@ -113,25 +113,23 @@ class Cleaner:
         return im
 
     def apply(self, actions):
-        """Carry out [{"path": "<class>/<file>", "action": "keep" | "remove" | "relabel", "to": "<class>"}].
+        """Carry out [{"file": "<class>/<file>", "action": "keep" | "remove" | "relabel", "to": "<class>"}].
 
         Every entry is checked before anything moves: one bad entry refuses the whole request.
         Returns the moves made ({"from", "to"} relative paths), also appended to the log as one batch.
         """
         if not isinstance(actions, list):
-            raise UserError("actions must be a list of {path, action, to}")
+            raise UserError("actions must be a list of {file, action, to}")
         plan, seen = [], set()
         for a in actions:
             if not isinstance(a, dict) or a.get("action") not in ACTIONS:
-                raise UserError(f"each action needs a path and an action ({', '.join(ACTIONS)}): {a!r}")
-            src = safe_path(self.root, a.get("path"), self.classes)
-            if src.parent.parent != self.root:
-                raise UserError(f"not <class>/<file> of this dataset: {a['path']!r}")
+                raise UserError(f"each action needs a file and an action ({', '.join(ACTIONS)}): {a!r}")
+            src = safe_path(self.root, a.get("file"), self.classes)
             if not src.is_file():
-                raise UserError(f"no such file: {a['path']!r}")
-            if a["path"] in seen:
-                raise UserError(f"listed twice: {a['path']!r}")
-            seen.add(a["path"])
+                raise UserError(f"no such file: {a['file']!r}")
+            if a["file"] in seen:
+                raise UserError(f"listed twice: {a['file']!r}")
+            seen.add(a["file"])
             if a["action"] == "relabel" and a.get("to") not in self.classes:
                 raise UserError(f"relabel needs 'to', a class of this model: {a.get('to')!r}")
             if a["action"] == "remove":
@@ -150,7 +148,7 @@ class Cleaner:
         last = todo[-1]
         plan = []
         for m in reversed(last["moves"]):
-            src = safe_path(self.root, m["to"], self.classes)
+            src = safe_path(self.root, m["to"], self.classes, removed=True)
             dst = safe_path(self.root, m["from"], self.classes)
             if not src.is_file() or dst.exists():
                 raise UserError(f"cannot undo batch {last['batch']}: {m['to']} has moved or {m['from']} exists")

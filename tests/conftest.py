@@ -126,6 +126,10 @@ def tiny_bears(tmp_path_factory):
     """(model, data): a resnet18 trained one epoch on a messy generated bears folder through train_bears.py."""
     tmp = tmp_path_factory.mktemp("bears")
     data = make_messy_bears(tmp / "data")
+    # What the dataset tools leave beside the classes: never training images.
+    write_image(data / "quarantine" / "grizzly" / "q.jpg", (0, 255, 0))
+    write_image(data / "removed" / "black" / "r.jpg", (0, 255, 0))
+    (data / "download-summary.json").write_text("{}")
     out = tmp / "models" / "bears.pkl"
     res = run(["training/train_bears.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", "1",
                "--size", "32", "--bs", "8", "--workers", "0", "--out", out], timeout=300)
