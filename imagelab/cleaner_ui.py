@@ -91,7 +91,7 @@ def cleaner_panel(model_path, data_dir, api_prefix=""):
                 with gr.Column(min_width=170, scale=0):
                     gr.Image(cleaner.thumbnail(rec["file"]), height=170, interactive=False, buttons=[],
                              label=f"{rec['predicted']} {rec['probability']:.2f} · loss {rec['loss']:.2f}")
-                    decisions.append(gr.Dropdown(choices(rec["label"], cleaner.classes), value="keep",
+                    decisions.append(gr.Dropdown(choices(rec["label"], cleaner.classes), value="keep", interactive=True,
                                                  show_label=False, info=Path(rec["file"]).name[:28]))
         apply_button = gr.Button("Apply", variant="primary")
 
