@@ -4,6 +4,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from imagelab import UserError
 from imagelab.cleaner_ui import cleaner_panel
 from imagelab.ui import app_parser, classifier_panel, launch
 
@@ -20,7 +21,10 @@ with gr.Blocks(title="Image apps") as demo:
         classifier_panel(BEARS_MODEL, "python training/train_bears.py", api_name="bears_predict")
     with gr.Tab("Cleaner"):
         if CLEANER_MODEL and CLEANER_DATA:
-            cleaner_panel(CLEANER_MODEL, CLEANER_DATA, api_prefix="cleaner_")
+            try:
+                cleaner_panel(CLEANER_MODEL, CLEANER_DATA, api_prefix="cleaner_")
+            except UserError as e:  # e.g. CLEANER_DATA is not a folder: said in the tab, the other tabs still serve
+                gr.Markdown(f"**Cleaner: {e}**")
         else:
             gr.Markdown("Clean a dataset folder with a model trained on it: start this app with "
                         "`CLEANER_MODEL=models/bears.pkl CLEANER_DATA=data/bears python app.py`, "
