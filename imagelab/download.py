@@ -43,7 +43,11 @@ def search_proxy():
 def search_reachable(timeout=3.0):
     """One TCP connect to the search host (or its proxy): seconds instead of the client's timeouts offline."""
     proxy = search_proxy()
-    host, port = (urlparse(proxy).hostname, urlparse(proxy).port or 1080) if proxy else (SEARCH_HOST, 443)
+    if proxy:
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = url.hostname, url.port or 1080
+    else:
+        host, port = SEARCH_HOST, 443
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -52,11 +56,11 @@ def search_reachable(timeout=3.0):
 
 
 def search_images(query, n, backend="auto", timeout=10):
-    """Up to `n` distinct http(s) image URLs for `query`, page after page of results."""
+    """Up to `n` distinct image URLs for `query`, page after page of results."""
     from ddgs import DDGS  # imported here: it loads every search engine module
     from ddgs.exceptions import DDGSException
 
-    urls = []
+    urls = {}  # a dict: ordered, and fast to look up
     ddgs = DDGS(timeout=timeout)
     for page in range(1, n // 35 + 3):  # Bing pages hold 35 results, DuckDuckGo's 100
         try:
@@ -65,13 +69,11 @@ def search_images(query, n, backend="auto", timeout=10):
             if urls:  # later pages run dry: keep what the first ones gave
                 break
             raise UserError(f"image search for {query!r} failed: {e}") from None
-        new = [u for u in dict.fromkeys(h.get("image") for h in hits) if u and u not in urls]
-        if not new:
+        before = len(urls)
+        urls.update((h["image"], None) for h in hits if h.get("image") and h["image"] not in urls)
+        if len(urls) == before or len(urls) >= n:
             break
-        urls += new
-        if len(urls) >= n:
-            break
-    return urls[:n]
+    return list(urls)[:n]
 
 
 def fetch(url, dest, timeout):
@@ -165,7 +167,7 @@ def url_suffix(url):
 
 
 def make_dataset(classes, dest, per_class=150, query="{}", workers=16, timeout=10, backend="auto"):
-    """Search `query.format(class)` for each class, download into `dest/<class>/`; returns the summary."""
+    """Search `query` with `{}` replaced by each class, download into `dest/<class>/`; returns the summary."""
     classes = [check_class_name(c) for c in dict.fromkeys(classes)]
     if not classes:
         raise UserError("no classes to download")
@@ -178,7 +180,8 @@ def make_dataset(classes, dest, per_class=150, query="{}", workers=16, timeout=1
         raise UserError(f"cannot reach the image search ({SEARCH_HOST}{' via proxy ' + proxy if proxy else ''}): "
                         "offline? Train on a local folder instead: --data DIR")
     # Search everything before writing anything: a failed search leaves no half-made dataset behind.
-    found = {c: search_images(query.format(c), per_class, backend=backend) for c in tqdm(classes, desc="searching")}
+    found = {c: search_images(query.replace("{}", c), per_class, backend=backend)
+             for c in tqdm(classes, desc="searching")}
     dest = Path(dest)
     try:
         for c in classes:

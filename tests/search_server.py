@@ -53,7 +53,7 @@ class Web:
         hits = [self.image_url(p) for p in self.results.get(q, [])]
         self.searches.append((host, path, q))
         if host == "duckduckgo.com" and path == "/":  # the page a DuckDuckGo search token (vqd) comes from
-            return 200, "text/html", f'<html><script>vqd="4-1234567890";</script></html>'.encode()
+            return 200, "text/html", b'<html><script>vqd="4-1234567890";</script></html>'
         if host == "duckduckgo.com" and path == "/i.js":
             if query.get("vqd") != ["4-1234567890"]:
                 return 403, "text/plain", b"bad vqd"

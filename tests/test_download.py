@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import PY, ROOT, run
+from conftest import run
 from imagelab import UserError
 from imagelab.data import check_image
 from imagelab.download import make_dataset, search_images
@@ -90,7 +90,8 @@ def test_download_verifies_dedupes_and_quarantines(web, tmp_path):
     by_hash = {}
     for key, (_, body) in web.images.items():
         by_hash.setdefault(hashlib.sha256(body).hexdigest()[:16], key)
-    saved = {c: sorted(by_hash[p.name.split(".")[0]] for p in (dest / c).iterdir()) for c in ("grizzly", "black", "teddy")}
+    saved = {c: sorted(by_hash[p.name.split(".")[0]] for p in (dest / c).iterdir())
+             for c in ("grizzly", "black", "teddy")}
     assert saved == {"grizzly": ["g/1.jpg", "g/2.jpg"],
                      "black": ["b/1.jpg?width=3200&height=1680&fit=crop", "b/alpha.png", "b/palette.png",
                                "b/photo.webp"],
