@@ -24,7 +24,8 @@ class Server(ThreadingHTTPServer):
 
 
 class Web:
-    """`images[path] = (content_type, bytes)` served at http://127.0.0.1:port/path; `results[query] = [paths]`."""
+    """`images[path] = (content_type, bytes)` served at http://127.0.0.1:port/path, `delay[path]` seconds of
+    stall half-way; `results[query] = [paths or URLs]` answered by the search hosts."""
 
     def __init__(self, tmp_path):
         self.images, self.results, self.delay = {}, {}, {}
@@ -114,7 +115,14 @@ class Web:
                 if key not in web.images:
                     self.reply(404, "text/plain", b"not found")
                     return
+                ctype, body = web.images[key]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:len(body) // 2])  # a slow server stalls half-way through the image
+                self.wfile.flush()
                 time.sleep(web.delay.get(key, 0))
-                self.reply(200, *web.images[key])
+                self.wfile.write(body[len(body) // 2:])
 
         return Handler

@@ -8,12 +8,14 @@ import hashlib
 import io
 import json
 import os
+import signal
+import subprocess
 import time
 
 import pytest
 from PIL import Image
 
-from conftest import run
+from conftest import PY, ROOT, run
 from imagelab import UserError
 from imagelab.data import check_image
 from imagelab.download import make_dataset, search_images
@@ -172,3 +174,24 @@ def test_offline_download_fails_fast_with_one_line(tmp_path):
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert "cannot reach the image search" in lines[0] and "--data" in lines[0]
     assert not (tmp_path / "bears").exists()
+
+
+def test_ctrl_c_while_downloading_leaves_no_partial_file(web, tmp_path):
+    for i in range(4):
+        web.images[f"g/{i}.jpg"] = ("image/jpeg", image_bytes((100 + i, 80, 40)))
+        web.delay[f"g/{i}.jpg"] = 3  # still downloading when Ctrl-C comes
+    web.results["grizzly bear"] = [f"g/{i}.jpg" for i in range(4)]
+    dest = tmp_path / "bears"
+    proc = subprocess.Popen([PY, "training/train_bears.py", "--download-only", "--classes", "grizzly",
+                             "--dest", dest], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    deadline, seen = time.monotonic() + 120, ""
+    while "downloading" not in seen and time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stderr.read(1)
+    while not list(dest.glob("grizzly/.part-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(dest.glob("grizzly/.part-*")), "no download was under way"  # half-written files exist now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert [p for p in dest.rglob("*") if p.is_file()] == []  # and are gone: nothing half-written is left
