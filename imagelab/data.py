@@ -9,6 +9,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
+from .folders import ignored
 from .images import check_image, open_rgb
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
@@ -42,9 +43,9 @@ def parent_label(path):
     return Path(path).parent.name
 
 
-
 def find_images(root, workers=8):
-    """Every decodable image under `root` (recursive, hidden files ignored) and the files skipped with why.
+    """Every decodable image under `root` and the files skipped with why (recursive; hidden files and the
+    tools' BOOKKEEPING, such as quarantined or removed images, are left out).
 
     Scraped folders name files `x.jpg?width=3200&fit=crop` and hold stray non-images, so files are
     judged by decoding them, not by their extension.
@@ -52,8 +53,7 @@ def find_images(root, workers=8):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no such folder: {root}")
-    files = sorted(p for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not ignored(p.relative_to(root).parts))
     if not files:
         raise UserError(f"no files in {root}")
     with ThreadPoolExecutor(workers) as pool:

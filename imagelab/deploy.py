@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 SPACES = {
     "pets": {"title": "Pet classifier", "emoji": "🐱", "files": ("onnx", "config"),
              "about": "Upload a photo of a cat or a dog: a fastai + timm classifier names it."},
+    "bears": {"title": "Bear classifier", "emoji": "🐻", "files": ("onnx", "config"),
+              "about": "Upload a photo of a bear: grizzly, black or teddy? A fastai + timm classifier says."},
 }
 LICENSE = "apache-2.0"
 

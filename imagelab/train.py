@@ -97,6 +97,9 @@ def train_classifier(args, root, task=None):
             versions={"fastai": fastai.__version__, "timm": timm.__version__, "torch": torch.__version__,
                       "python": platform.python_version()})
         write_json(metrics, tmp_report / "metrics.json")
+        # Which file was held out, relative to the data folder: the cleaner shows a class's train or valid images.
+        write_json({name: [f.relative_to(root).as_posix() for f in ds.items]
+                    for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}, tmp_report / "split.json")
         save_examples(dls.valid_ds.items, get_y, tmp_report / "examples")
         learn.export(tmp_model.resolve())
         export_weights_only(learn, tmp_model)

@@ -103,3 +103,44 @@ def served(args, env=None, timeout=120, cwd=ROOT):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+BEARS = (("black", (40, 40, 40)), ("grizzly", (150, 100, 50)), ("teddy", (230, 200, 120)))
+
+
+def make_messy_bears(root, n=8):
+    """A folder like a real scrape: JPEG, PNG with alpha, palette PNG, WEBP, names with `?` and `&`,
+    and in every class one truncated JPEG, one empty file and one text file named .jpg."""
+    for label, color in BEARS:
+        for i in range(n):
+            kind = i % 4
+            name = [f"{i:08d}.jpg", f"{i:08d}.png", f"{i:08d}.jpeg?width=3200&height=1680&fit=crop",
+                    f"{i:08d}.webp"][kind]
+            path = write_image(root / label / name, color, seed=i, fmt="JPEG" if kind == 2 else None)
+            if kind == 1 and i % 8 == 1:  # RGBA with a transparent corner
+                im = Image.open(path).convert("RGBA")
+                im.paste((0, 0, 0, 0), (0, 0, 12, 12))
+                im.save(path)
+            elif kind == 1:  # a palette image whose index 0 is transparent
+                Image.open(path).convert("P").save(path, transparency=0)
+        good = (root / label / "00000000.jpg").read_bytes()
+        (root / label / "truncated.jpg").write_bytes(good[: len(good) // 2])
+        (root / label / "empty.jpg").write_bytes(b"")
+        (root / label / "notes.jpg").write_text("<html>not an image</html>")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bears(tmp_path_factory):
+    """(model, data): a resnet18 trained one epoch on a messy generated bears folder through train_bears.py."""
+    tmp = tmp_path_factory.mktemp("bears")
+    data = make_messy_bears(tmp / "data")
+    # What the dataset tools leave beside the classes: never training images.
+    write_image(data / "quarantine" / "grizzly" / "q.jpg", (0, 255, 0))
+    write_image(data / "removed" / "black" / "r.jpg", (0, 255, 0))
+    (data / "download-summary.json").write_text("{}")
+    out = tmp / "models" / "bears.pkl"
+    res = run(["training/train_bears.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", "1",
+               "--size", "32", "--bs", "8", "--workers", "0", "--out", out], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, data, res

@@ -1,0 +1,103 @@
+"""The data cleaner's Gradio page: a class's images by loss, a keep / relabel / remove choice under each.
+
+The same operations are API endpoints (`list`, `apply`, `undo`, with a prefix in the root app), so a
+script can clean through `gradio_client` what a person cleans in the browser.
+"""
+from pathlib import Path
+
+import gradio as gr
+
+from . import UserError
+from .cleaning import LOG, Cleaner
+from .ui import missing_model
+
+TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
+
+
+def guarded(fn, *args):
+    """Run a cleaning step; a refused request becomes a one-line message in the page, not a crash."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        raise gr.Error(str(e)) from None
+
+
+def choices(label, classes):
+    return [("keep", "keep"), ("remove", "remove")] + [(f"relabel as {c}", f"relabel:{c}")
+                                                       for c in classes if c != label]
+
+
+def action(record, choice):
+    kind, _, to = choice.partition(":")
+    return {"file": record["file"], "action": kind, "to": to or None}
+
+
+def cleaner_panel(model_path, data_dir, api_prefix=""):
+    """The cleaner rendered into the enclosing Blocks; instructions if the model is missing."""
+    if not Path(model_path).is_file():
+        return missing_model(model_path, TRAIN)
+    cleaner = Cleaner(model_path, data_dir)
+
+    def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
+        """A class's images in a split (valid, train or all), highest loss first:
+        [{path, label, predicted, probability, loss}]; limit 0 means all of them."""
+        return guarded(cleaner.rank, label, split, limit or None)
+
+    def apply(actions: list[dict]) -> list[dict]:
+        """Carry out [{file: '<class>/<file>', action: 'keep'|'remove'|'relabel', to: '<class>'}]; returns the
+        moves made [{from, to}]. One invalid entry refuses the whole request: nothing moves."""
+        return guarded(cleaner.apply, actions)
+
+    def undo() -> list[dict]:
+        """Move the files of the last applied batch back; returns those moves."""
+        return guarded(cleaner.undo)
+
+    gr.api(list_images, api_name=f"{api_prefix}list")
+    gr.api(apply, api_name=f"{api_prefix}apply")
+    gr.api(undo, api_name=f"{api_prefix}undo")
+
+    gr.Markdown(f"Cleaning `{cleaner.root}` with `{model_path}`. Applying moves files to another class "
+                f"folder or to `removed/`; nothing is deleted, every move is logged in `{LOG}` and can be undone.")
+    with gr.Row():
+        label = gr.Dropdown(cleaner.classes, value=cleaner.classes[0], label="Class")
+        split = gr.Radio(cleaner.splits, value=cleaner.splits[0], label="Split")
+        limit = gr.Slider(4, 100, value=24, step=4, label="Images (highest loss first)")
+    with gr.Row():
+        show = gr.Button("Show", variant="primary")
+        undo_button = gr.Button("Undo last apply")
+    status = gr.Markdown()
+    records = gr.State([])
+
+    def refresh(label, split, limit, message=""):
+        recs = guarded(cleaner.rank, label, split, int(limit))
+        total = len(cleaner.files(label, split))
+        return f"{message}{len(recs)} of {total} images of **{label}** ({split}), highest loss first.", recs
+
+    show.click(refresh, [label, split, limit], [status, records], api_visibility="private")
+
+    def undo_and_refresh(label, split, limit):
+        moves = guarded(cleaner.undo)
+        return refresh(label, split, limit, f"Undid {len(moves)} moves. ")
+
+    undo_button.click(undo_and_refresh, [label, split, limit], [status, records], api_visibility="private")
+
+    @gr.render(inputs=records)
+    def grid(recs):
+        if not recs:
+            return
+        decisions = []
+        with gr.Row():
+            for rec in recs:
+                with gr.Column(min_width=170, scale=0):
+                    gr.Image(cleaner.thumbnail(rec["file"]), height=170, interactive=False, buttons=[],
+                             label=f"{rec['predicted']} {rec['probability']:.2f} · loss {rec['loss']:.2f}")
+                    decisions.append(gr.Dropdown(choices(rec["label"], cleaner.classes), value="keep", interactive=True,
+                                                 show_label=False, info=Path(rec["file"]).name[:28]))
+        apply_button = gr.Button("Apply", variant="primary")
+
+        def apply_and_refresh(label, split, limit, *chosen):
+            moves = guarded(cleaner.apply, [action(r, c) for r, c in zip(recs, chosen) if c != "keep"])
+            return refresh(label, split, limit, f"Moved {len(moves)} files. ")
+
+        apply_button.click(apply_and_refresh, [label, split, limit, *decisions], [status, records],
+                           api_visibility="private")

@@ -1,0 +1,187 @@
+"""Cleaning a labelled image folder with a trained model: rank a class's images by loss, then move the ones
+the user marks to another class folder or to `removed/`, logging every move so that it can be undone.
+
+Nothing is ever deleted, and no request can read or move a file outside the dataset root: every path is
+`<class>/<file>` (or `removed/<class>/<file>` in the log), each part a plain name, no symlinks, and the
+resolved result must still sit in the folder it names.
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from . import UserError
+from .folders import check_class_name
+from .images import check_image, open_rgb
+from .export import report_dir
+
+LOG, REMOVED = "cleaning-log.jsonl", "removed"
+ACTIONS = ("keep", "relabel", "remove")
+
+
+def plain_name(name):
+    """A file name that is one path component and nothing else."""
+    if not isinstance(name, str) or name in ("", ".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise UserError(f"not a file name: {name!r}")
+    return name
+
+
+def safe_path(root, rel, classes, removed=False):
+    """`root/<class>/<file>` (or, if `removed`, also `root/removed/<class>/<file>`) for the relative path
+    `rel`, checked to be inside `root`, through no symlink, with `<class>` one of `classes`; else a UserError."""
+    if not isinstance(rel, str):
+        raise UserError(f"not a path: {rel!r}")
+    parts = rel.split("/")
+    folder = root
+    if removed and parts[0] == REMOVED:
+        parts, folder = parts[1:], root / REMOVED
+    if len(parts) != 2 or parts[0] not in classes:
+        raise UserError(f"not <class>/<file> of this dataset: {rel!r}")
+    path = folder / check_class_name(parts[0]) / plain_name(parts[1])
+    for p in (folder, path.parent, path):
+        if p.is_symlink():
+            raise UserError(f"refusing a symbolic link: {rel!r}")
+    if path.resolve().parent != (folder / parts[0]).resolve() or not path.resolve().is_relative_to(root):
+        raise UserError(f"outside the dataset: {rel!r}")
+    return path
+
+
+def free_name(folder, name):
+    """`name` in `folder`, or `stem_1.ext`, `stem_2.ext`... if taken: a move never overwrites a file."""
+    path, stem, suffix = folder / name, Path(name).stem, name[len(Path(name).stem):]
+    i = 0
+    while path.exists() or path.is_symlink():
+        i += 1
+        path = folder / f"{stem}_{i}{suffix}"
+    return path
+
+
+class Cleaner:
+    """A dataset folder (one sub-folder per class) and a model trained on it."""
+
+    def __init__(self, model_path, root):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise UserError(f"no such folder: {root}")
+        from fastai.learner import load_learner  # the ranking needs fastai's losses; the page alone does not
+        self.learn = load_learner(model_path, cpu=True)  # a pickle: the cleaner is its owner's tool on its own model
+        self.classes = [check_class_name(str(c)) for c in self.learn.dls.vocab]
+        split = report_dir(model_path) / "split.json"  # written by the trainer: which files were held out
+        self.split = json.loads(split.read_text()) if split.is_file() else {}
+        self.splits = ["valid", "train", "all"] if self.split else ["all"]
+        self.log = self.root / LOG
+
+    def files(self, label, split="all"):
+        """Relative paths of the readable images of class `label` in `split` (a plain file each, no links)."""
+        if label not in self.classes:
+            raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
+        if split not in self.splits:
+            raise UserError(f"split must be one of {', '.join(self.splits)}, not {split!r}")
+        folder = self.root / label
+        if folder.is_symlink() or not folder.is_dir():
+            return []
+        names = sorted(e.name for e in os.scandir(folder)
+                       if e.is_file(follow_symlinks=False) and not e.name.startswith("."))
+        rels = [f"{label}/{n}" for n in names]
+        if split != "all":
+            chosen = set(self.split[split])
+            rels = [r for r in rels if r in chosen]
+        return [r for r in rels if check_image(self.root / r) is None]
+
+    def rank(self, label, split="all", limit=None):
+        """The images of `label` in `split`, highest loss first, each with the model's prediction."""
+        rels = self.files(label, split)
+        if not rels:
+            return []
+        learn = self.learn
+        dl = learn.dls.test_dl([self.root / r for r in rels], with_labels=True)
+        with learn.no_bar():
+            probs, _, losses = learn.get_preds(dl=dl, with_loss=True)
+        records = [{"file": r, "label": label, "predicted": self.classes[int(p.argmax())],
+                    "probability": round(float(p.max()), 4), "loss": round(float(loss), 4)}
+                   for r, p, loss in zip(rels, probs, losses)]
+        records.sort(key=lambda rec: -rec["loss"])
+        return records[:limit] if limit else records
+
+    def thumbnail(self, rel, size=256):
+        path = safe_path(self.root, rel, self.classes)
+        if not path.is_file():
+            raise UserError(f"no such file: {rel!r}")
+        im = open_rgb(path)
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        return im
+
+    def apply(self, actions):
+        """Carry out [{"file": "<class>/<file>", "action": "keep" | "remove" | "relabel", "to": "<class>"}].
+
+        Every entry is checked before anything moves: one bad entry refuses the whole request.
+        Returns the moves made ({"from", "to"} relative paths), also appended to the log as one batch.
+        """
+        if not isinstance(actions, list):
+            raise UserError("actions must be a list of {file, action, to}")
+        plan, seen = [], set()
+        for a in actions:
+            if not isinstance(a, dict) or a.get("action") not in ACTIONS:
+                raise UserError(f"each action needs a file and an action ({', '.join(ACTIONS)}): {a!r}")
+            src = safe_path(self.root, a.get("file"), self.classes)
+            if not src.is_file():
+                raise UserError(f"no such file: {a['file']!r}")
+            if a["file"] in seen:
+                raise UserError(f"listed twice: {a['file']!r}")
+            seen.add(a["file"])
+            if a["action"] == "relabel" and a.get("to") not in self.classes:
+                raise UserError(f"relabel needs 'to', a class of this model: {a.get('to')!r}")
+            if a["action"] == "remove":
+                plan.append((src, self.root / REMOVED / src.parent.name, None))
+            elif a["action"] == "relabel" and a["to"] != src.parent.name:
+                plan.append((src, self.root / a["to"], None))
+        return self._move(plan, "clean")
+
+    def undo(self):
+        """Move the files of the last batch not yet undone back where they were."""
+        batches = self.history()
+        undone = {b["undoes"] for b in batches if b["kind"] == "undo"}
+        todo = [b for b in batches if b["kind"] == "clean" and b["batch"] not in undone]
+        if not todo:
+            raise UserError("nothing to undo")
+        last = todo[-1]
+        plan = []
+        for m in reversed(last["moves"]):
+            src = safe_path(self.root, m["to"], self.classes, removed=True)
+            dst = safe_path(self.root, m["from"], self.classes)
+            if not src.is_file() or dst.exists():
+                raise UserError(f"cannot undo batch {last['batch']}: {m['to']} has moved or {m['from']} exists")
+            plan.append((src, dst.parent, dst.name))
+        return self._move(plan, "undo", undoes=last["batch"])
+
+    def history(self):
+        if not self.log.is_file():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def _move(self, plan, kind, **extra):
+        """Move each (file, folder, name) (name None: the file's own, or a free variant), never overwriting;
+        log the moves as one batch."""
+        moves = []
+        batch = 1 + max((b["batch"] for b in self.history()), default=0)
+        try:
+            for src, folder, name in plan:
+                folder.mkdir(parents=True, exist_ok=True)
+                dst = free_name(folder, src.name) if name is None else folder / name
+                if dst.exists():
+                    raise FileExistsError(17, "will not overwrite", str(dst))
+                os.rename(src, dst)
+                moves.append({"from": self.rel(src), "to": self.rel(dst)})
+        except OSError as e:
+            raise UserError(f"moved {len(moves)} of {len(plan)} files, then: {e.strerror}: {e.filename}") from None
+        finally:
+            if moves:  # the log says exactly what moved, even when a move failed half-way
+                with open(self.log, "a") as f:
+                    f.write(json.dumps({"batch": batch, "kind": kind, **extra,
+                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "moves": moves}) + "\n")
+        return moves
+
+    def rel(self, path):
+        return path.relative_to(self.root).as_posix()

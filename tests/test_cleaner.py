@@ -1,0 +1,173 @@
+"""The cleaner: loss ranking, moves that are exactly the ones asked for, undo, the log, and path tricks refused."""
+import hashlib
+import json
+import math
+import shutil
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from conftest import BEARS, served, write_image
+from imagelab import UserError
+from imagelab.cleaning import Cleaner
+
+CLASSES = [label for label, _ in BEARS]
+BAD = ("empty.jpg", "notes.jpg", "truncated.jpg")
+
+
+@pytest.fixture
+def dataset(tiny_bears, tmp_path):
+    """A copy of the trained-on folder (the cleaner moves files), a file outside it and a link to that file."""
+    model, data, _ = tiny_bears
+    root = shutil.copytree(data, tmp_path / "data")
+    secret = write_image(tmp_path / "secret.jpg", (1, 2, 3))
+    (root / "grizzly" / "link.jpg").symlink_to(secret)
+    return model, root, secret
+
+
+def snapshot(root):
+    """Every file under `root` with a hash of its content: what moved, and that nothing changed."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != "cleaning-log.jsonl"}
+
+
+def test_images_are_ranked_by_loss_per_class_and_split(dataset):
+    model, root, _ = dataset
+    cleaner = Cleaner(model, root)
+    assert cleaner.classes == CLASSES and cleaner.splits == ["valid", "train", "all"]
+    split = json.loads(model.with_name("bears.report").joinpath("split.json").read_text())
+    for label in CLASSES:
+        everything = cleaner.rank(label, "all")
+        files = sorted(f"{label}/{p.name}" for p in (root / label).iterdir() if p.name not in BAD + ("link.jpg",))
+        assert sorted(r["file"] for r in everything) == files  # no unreadable file, no link
+        assert [r["loss"] for r in everything] == sorted((r["loss"] for r in everything), reverse=True)
+        for r in everything:
+            assert r["label"] == label and r["predicted"] in CLASSES and 1 / 3 <= r["probability"] <= 1
+            if r["predicted"] == label:  # cross-entropy of the true class is -log of its probability
+                assert r["loss"] == pytest.approx(-math.log(r["probability"]), abs=2e-3)
+        for name in ("valid", "train"):
+            assert sorted(r["file"] for r in cleaner.rank(label, name)) == sorted(
+                f for f in split[name] if f.startswith(label + "/"))
+        assert cleaner.rank(label, "all", limit=3) == everything[:3]
+    with pytest.raises(UserError, match="not a class of this model"):
+        cleaner.rank("../grizzly")
+    with pytest.raises(UserError, match="split must be"):
+        cleaner.rank("teddy", "test")
+
+
+def test_apply_moves_exactly_the_chosen_files_and_undo_puts_them_back(dataset):
+    model, root, _ = dataset
+    cleaner = Cleaner(model, root)
+    before = snapshot(root)
+    moves = cleaner.apply([
+        {"file": "grizzly/00000000.jpg", "action": "relabel", "to": "black"},  # black/00000000.jpg exists
+        {"file": "grizzly/00000003.webp", "action": "remove"},
+        {"file": "teddy/00000002.jpeg?width=3200&height=1680&fit=crop", "action": "relabel", "to": "grizzly"},
+        {"file": "black/00000001.png", "action": "keep"},
+        {"file": "black/00000004.jpg", "action": "relabel", "to": "black"},  # its own class: nothing to do
+    ])
+    assert moves == [{"from": "grizzly/00000000.jpg", "to": "black/00000000_1.jpg"},
+                     {"from": "grizzly/00000003.webp", "to": "removed/grizzly/00000003.webp"},
+                     {"from": "teddy/00000002.jpeg?width=3200&height=1680&fit=crop",  # taken too
+                      "to": "grizzly/00000002_1.jpeg?width=3200&height=1680&fit=crop"}]
+    after = snapshot(root)
+    expected = dict(before)
+    for m in moves:
+        expected[m["to"]] = expected.pop(m["from"])
+    assert after == expected  # those three files moved, contents intact; nothing else changed
+    log = [json.loads(line) for line in (root / "cleaning-log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["batch"] == 1 and log[0]["kind"] == "clean" and log[0]["moves"] == moves
+    # The removed file is out of the next training run and out of the cleaner's lists.
+    assert "grizzly/00000003.webp" not in [r["file"] for r in cleaner.rank("grizzly")]
+
+    undone = cleaner.undo()
+    assert undone == [{"from": m["to"], "to": m["from"]} for m in reversed(moves)]
+    assert snapshot(root) == before
+    log = [json.loads(line) for line in (root / "cleaning-log.jsonl").read_text().splitlines()]
+    assert [(b["batch"], b["kind"], b.get("undoes")) for b in log] == [(1, "clean", None), (2, "undo", 1)]
+    with pytest.raises(UserError, match="nothing to undo"):
+        cleaner.undo()
+
+
+TRICKS = [
+    "../secret.jpg", "/etc/passwd", "grizzly/../../secret.jpg", "grizzly/../black/00000000.jpg",
+    "grizzly/..", "grizzly/.", "grizzly/link.jpg", "grizzly/%2e%2e%2fsecret.jpg", "grizzly/..%2f..%2fsecret.jpg",
+    "grizzly\\..\\..\\secret.jpg", "grizzly/00000000.jpg\x00.png", "removed/black/r.jpg", "quarantine/grizzly/q.jpg",
+    "grizzly//00000000.jpg", "./grizzly/00000000.jpg", "grizzly/00000000.jpg/", "grizzly/no-such.jpg",
+    "grizzly", "", None, 42, ["grizzly", "00000000.jpg"],
+]
+
+
+@pytest.mark.parametrize("trick", TRICKS, ids=repr)
+def test_path_tricks_are_refused(dataset, trick):
+    model, root, secret = dataset
+    cleaner = Cleaner(model, root)
+    before, secret_bytes = snapshot(root), secret.read_bytes()
+    for request in ([{"file": trick, "action": "remove"}],
+                    [{"file": "black/00000004.jpg", "action": "remove"}, {"file": trick, "action": "remove"}]):
+        with pytest.raises(UserError):
+            cleaner.apply(request)
+    with pytest.raises(UserError):
+        cleaner.thumbnail(trick)
+    assert snapshot(root) == before and secret.read_bytes() == secret_bytes
+    assert not (root / "cleaning-log.jsonl").exists()
+
+
+def test_targets_links_and_a_forged_log_are_refused(dataset, tmp_path):
+    model, root, secret = dataset
+    cleaner = Cleaner(model, root)
+    before = snapshot(root)
+    for to in ["../outside", "/tmp", "removed", "quarantine", "grizzly/..", "panda", "", None]:
+        with pytest.raises(UserError):
+            cleaner.apply([{"file": "black/00000004.jpg", "action": "relabel", "to": to}])
+    for bad in [{"file": "black/00000004.jpg", "action": "delete"}, {"file": "black/00000004.jpg"}, "black/x.jpg",
+                [{"file": "black/00000004.jpg", "action": "remove"}] * 2]:
+        with pytest.raises(UserError):
+            cleaner.apply(bad if isinstance(bad, list) else [bad])
+    # A class folder that is a link to somewhere else is neither listed nor moved from.
+    outside = tmp_path / "elsewhere"
+    (root / "teddy").rename(outside)
+    (root / "teddy").symlink_to(outside)
+    assert cleaner.files("teddy") == []
+    with pytest.raises(UserError, match="symbolic link"):
+        cleaner.apply([{"file": "teddy/00000000.jpg", "action": "remove"}])
+    # A log edited to point outside the dataset does not make undo move anything there.
+    (root / "cleaning-log.jsonl").write_text(json.dumps(
+        {"batch": 1, "kind": "clean", "moves": [{"from": "../stolen.jpg", "to": "black/00000004.jpg"}]}) + "\n")
+    with pytest.raises(UserError):
+        cleaner.undo()
+    assert snapshot(root) == {k: v for k, v in before.items() if not k.startswith("teddy/")}
+    assert not (tmp_path / "stolen.jpg").exists() and secret.exists()
+
+
+def test_cleaner_app_over_http(dataset):
+    model, root, secret = dataset
+    with served(["apps/cleaner/app.py", "--model", model, "--data", root]) as url:
+        client = Client(url, verbose=False)
+        listed = client.predict("grizzly", "all", 4, api_name="/list")
+        assert len(listed) == 4 and listed == sorted(listed, key=lambda r: -r["loss"])
+        before = snapshot(root)
+        relabel, remove = listed[0]["file"], listed[1]["file"]
+        moves = client.predict([{"file": relabel, "action": "relabel", "to": "teddy"},
+                                {"file": remove, "action": "remove"},
+                                {"file": listed[2]["file"], "action": "keep"}], api_name="/apply")
+        assert moves[1:] == [{"from": remove, "to": f"removed/{remove}"}] and moves[0]["from"] == relabel
+        assert moves[0]["to"].startswith("teddy/") and moves[0]["to"] not in before  # a free name in teddy/
+        after = snapshot(root)
+        assert set(before) - set(after) == {relabel, remove} and set(after) - set(before) == {m["to"] for m in moves}
+        assert after[moves[0]["to"]] == before[relabel] and after[moves[1]["to"]] == before[remove]
+        log = [json.loads(line) for line in (root / "cleaning-log.jsonl").read_text().splitlines()]
+        assert log[-1]["moves"] == moves
+
+        for trick in ["../secret.jpg", str(secret), "grizzly/link.jpg", "grizzly/../../secret.jpg"]:
+            with pytest.raises(AppError, match="outside|not <class>/<file>|symbolic link|not a file name"):
+                client.predict([{"file": trick, "action": "remove"}], api_name="/apply")
+        with pytest.raises(AppError, match="not a class of this model"):
+            client.predict("../..", "all", 0, api_name="/list")
+        assert snapshot(root) == after and secret.exists()
+
+        assert client.predict(api_name="/undo") == [{"from": m["to"], "to": m["from"]} for m in reversed(moves)]
+        assert snapshot(root) == before
+        with pytest.raises(AppError, match="nothing to undo"):
+            client.predict(api_name="/undo")

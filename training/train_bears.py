@@ -1,0 +1,38 @@
+"""Bear classifier: grizzly, black or teddy, from a web image search or any folder with one sub-folder per class.
+
+    python training/train_bears.py                       # search + download into data/bears (once), then train
+    python training/train_bears.py --download --per-class 200                # fetch more, then train
+    python training/train_bears.py --download-only --classes cat dog --query "{} photo" --dest data/pets2
+    python training/train_bears.py --data ../shared/data/bears --no-pretrained   # offline
+"""
+from pathlib import Path
+
+from imagelab import UserError, run_cli
+from imagelab.download import make_dataset
+from imagelab.train import classifier_parser, train_classifier
+
+
+def main(argv=None):
+    parser = classifier_parser(__doc__.splitlines()[0], out="models/bears.pkl")
+    g = parser.add_argument_group("download (a web image search per class; --data skips it)")
+    g.add_argument("--download", action="store_true", help="search and download into --dest, then train on it "
+                   "(the default when --dest does not exist yet)")
+    g.add_argument("--download-only", action="store_true", help="search and download into --dest, do not train")
+    g.add_argument("--classes", nargs="+", default=["grizzly", "black", "teddy"], help="one folder per class")
+    g.add_argument("--per-class", type=int, default=150, help="search results to download per class")
+    g.add_argument("--query", default="{} bear", help="search query; {} is replaced by the class name")
+    g.add_argument("--dest", default="data/bears", help="dataset folder the images are downloaded into")
+    g.add_argument("--download-workers", type=int, default=16, help="parallel downloads")
+    g.add_argument("--timeout", type=float, default=10, help="seconds allowed for one image")
+    args = parser.parse_args(argv)
+
+    if args.data and (args.download or args.download_only):
+        raise UserError("--data trains on a folder you have; --download fills --dest: use one of them")
+    if args.download or args.download_only or not (args.data or Path(args.dest).is_dir()):
+        make_dataset(args.classes, args.dest, args.per_class, args.query, args.download_workers, args.timeout)
+    if not args.download_only:
+        train_classifier(args, args.data or args.dest)
+
+
+if __name__ == "__main__":
+    run_cli(main)
