@@ -1,5 +1,5 @@
 """The root app in a real browser (Debian's Chromium driven by Playwright), tab by tab, as a person uses it."""
-from pathlib import Path
+import shutil
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
@@ -14,36 +14,72 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @pytest.fixture(scope="module")
-def page(tiny_model):
+def site(tiny_model, tiny_bears, tmp_path_factory):
+    """The root app with every tab's model, and a browser page on it; the cleaner works on a copy."""
+    bears_model, bears_data, _ = tiny_bears
+    data = shutil.copytree(bears_data, tmp_path_factory.mktemp("clean") / "bears")
+    env = {"PETS_MODEL": str(tiny_model), "BEARS_MODEL": str(bears_model), "CLEANER_MODEL": str(bears_model),
+           "CLEANER_DATA": str(data)}
     ARTIFACTS.mkdir(exist_ok=True)
-    with served(["app.py"], env={"PETS_MODEL": str(tiny_model)}) as url, sync_playwright() as p:
+    with served(["app.py"], env=env) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
-        yield page
+        yield page, data
         browser.close()
 
 
-def upload(page, tab, path):
+def open_tab(page, tab):
     page.get_by_role("tab", name=tab).click()
-    panel = page.get_by_role("tabpanel")
-    panel.locator("input[type=file]").first.set_input_files(str(path))
-    return panel
+    return page.get_by_role("tabpanel")
 
 
-def test_pets_tab_classifies_an_upload(page, tmp_path):
-    panel = upload(page, "Pets", write_image(tmp_path / "red.jpg", (220, 60, 60), size=(200, 160)))
-    result = panel.get_by_test_id("label")  # gr.Label's output heading
-    expect(result.filter(has_text="cats").or_(result.filter(has_text="dogs")).first).to_be_visible(timeout=30_000)
-    expect(panel.get_by_text("%").first).to_be_visible()
-    page.screenshot(path=ARTIFACTS / "pets-tab.png", full_page=True)
+def screenshot(page, name):
+    page.wait_for_timeout(500)  # let transitions (toasts, images) settle
+    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
 
 
-def test_invalid_upload_shows_the_error(page, tmp_path):
+@pytest.mark.parametrize("tab, color, classes", [("Pets", (220, 60, 60), ("cats", "dogs")),
+                                                 ("Bears", (150, 100, 50), ("black", "grizzly", "teddy"))])
+def test_classifier_tab_labels_an_upload(site, tmp_path, tab, color, classes):
+    page, _ = site
+    panel = open_tab(page, tab)
+    panel.locator("input[type=file]").first.set_input_files(str(write_image(tmp_path / "x.jpg", color, size=(200, 160))))
+    heading = panel.get_by_test_id("label")
+    expect(heading.filter(has_text="%").first).to_be_visible(timeout=30_000)  # the confidences are shown
+    shown = heading.first.inner_text()
+    assert any(c in shown for c in classes), shown
+    screenshot(page, f"{tab.lower()}-tab")
+
+
+def test_invalid_upload_shows_the_error(site, tmp_path):
+    page, _ = site
+    panel = open_tab(page, "Pets")
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not a picture")
-    upload(page, "Pets", bad)
+    panel.locator("input[type=file]").first.set_input_files(str(bad))
     toast = page.get_by_test_id("toast-text").filter(has_text="not a readable image")
     expect(toast.first).to_be_visible(timeout=30_000)
-    page.wait_for_timeout(500)  # let the toast finish sliding in before the screenshot
-    page.screenshot(path=ARTIFACTS / "pets-invalid-upload.png")
+    screenshot(page, "pets-invalid-upload")
+
+
+def test_cleaner_tab_removes_and_undoes_a_file(site):
+    page, data = site
+    panel = open_tab(page, "Cleaner")
+    panel.get_by_label("all", exact=True).check()  # every image of the class, not only the held-out ones
+    panel.get_by_role("button", name="Show").click()
+    expect(panel.get_by_text("images of").first).to_be_visible(timeout=60_000)
+    first = panel.get_by_role("combobox").nth(1)  # nth(0) is the class picker; then one per image, worst first
+    expect(first).to_be_visible()
+    names = lambda folder: {p.name for p in folder.iterdir()}  # noqa: E731
+    before, removed_before = names(data / "black"), names(data / "removed" / "black")
+    first.click()
+    page.get_by_role("option", name="remove", exact=True).click()
+    screenshot(page, "cleaner-tab")
+    panel.get_by_role("button", name="Apply", exact=True).click()
+    expect(panel.get_by_text("Moved 1 files").first).to_be_visible(timeout=60_000)
+    moved = before - names(data / "black")
+    assert len(moved) == 1 and names(data / "removed" / "black") - removed_before == moved
+    panel.get_by_role("button", name="Undo last apply").click()
+    expect(panel.get_by_text("Undid 1 moves").first).to_be_visible(timeout=60_000)
+    assert names(data / "black") == before and names(data / "removed" / "black") == removed_before
