@@ -6,11 +6,12 @@ import gradio as gr
 
 from imagelab import UserError
 from imagelab.cleaner_ui import cleaner_panel
-from imagelab.ui import app_parser, classifier_panel, launch
+from imagelab.ui import app_parser, autoencoder_panel, classifier_panel, launch
 
 ROOT = Path(__file__).resolve().parent
 PETS_MODEL = os.environ.get("PETS_MODEL", ROOT / "models" / "pets.pkl")
 BEARS_MODEL = os.environ.get("BEARS_MODEL", ROOT / "models" / "bears.pkl")
+AUTOENCODER_MODEL = os.environ.get("AUTOENCODER_MODEL", ROOT / "models" / "autoencoder.pkl")
 CLEANER_MODEL, CLEANER_DATA = os.environ.get("CLEANER_MODEL"), os.environ.get("CLEANER_DATA")
 
 with gr.Blocks(title="Image apps") as demo:
@@ -19,6 +20,8 @@ with gr.Blocks(title="Image apps") as demo:
         classifier_panel(PETS_MODEL, "python training/train_pets.py", api_name="pets_predict")
     with gr.Tab("Bears"):
         classifier_panel(BEARS_MODEL, "python training/train_bears.py", api_name="bears_predict")
+    with gr.Tab("Autoencoder"):
+        autoencoder_panel(AUTOENCODER_MODEL, "python training/train_autoencoder.py", api_prefix="autoencoder_")
     with gr.Tab("Cleaner"):
         if CLEANER_MODEL and CLEANER_DATA:
             try:

@@ -1,19 +1,15 @@
 """The generic image-classifier trainer behind every training script; each script is a preset of it."""
 import argparse
-import platform
 import time
 from datetime import datetime, timezone
 
-import fastai
-import timm
-import torch
 from fastai.vision.all import set_seed
 
 from . import UserError
 from .data import classifier_dls, detect_labels, find_images, label_function, split_counts
 from .export import export_weights_only, save_examples, staged_export
 from .models import classifier_learner
-from .reports import LossHistory, classifier_report, write_json
+from .reports import LossHistory, classifier_report, versions, write_json
 
 # Chosen for accuracy per CPU second; README.md ("Choosing the default architecture") has the numbers.
 DEFAULT_ARCH = "convnext_nano"
@@ -94,8 +90,7 @@ def train_classifier(args, root, task=None):
             train_seconds=round(seconds, 2), images_per_second=round(len(dls.train_ds) * epochs_run / seconds, 2),
             counts={**counts, "skipped": len(skipped)}, skipped_files=[str(f) for f, _ in skipped],
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            versions={"fastai": fastai.__version__, "timm": timm.__version__, "torch": torch.__version__,
-                      "python": platform.python_version()})
+            versions=versions())
         write_json(metrics, tmp_report / "metrics.json")
         # Which file was held out, relative to the data folder: the cleaner shows a class's train or valid images.
         write_json({name: [f.relative_to(root).as_posix() for f in ds.items]

@@ -1,4 +1,4 @@
-"""Gradio pieces shared by every app: argument parsing, the classifier panel, launching."""
+"""Gradio pieces shared by every app: argument parsing, the classifier and autoencoder panels, launching."""
 import argparse
 import os
 from pathlib import Path
@@ -86,6 +86,63 @@ def classifier_demo(title, description, model_path, train_command):
         gr.Markdown(f"# {title}\n{description}")
         classifier_panel(model_path, train_command)
     return demo
+
+
+def autoencoder_panel(model_path, train_command, api_prefix=""):
+    """Upload → reconstruction with its PSNR; two uploads → the images between their codes.
+
+    Endpoints `<api_prefix>reconstruct` (the reconstruction) and `<api_prefix>interpolate` (a strip).
+    """
+    if not Path(model_path).is_file():
+        return missing_model(model_path, train_command)
+    from .autoencoder import Autoencoder  # torch: only apps that serve an autoencoder load it
+    ae = Autoencoder(model_path)
+
+    def user_errors(fn):
+        def run(*images_and_args):
+            try:
+                return fn(*images_and_args)
+            except UserError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+        return run
+
+    @user_errors
+    def reconstruct(image):
+        return None if image is None else ae.reconstruct(image)[1]
+
+    @user_errors
+    def compare(image):
+        if image is None:
+            return None, ""
+        original, _, db = ae.reconstruct(image)
+        return original, f"**PSNR {db:.2f} dB** (input and reconstruction at {ae.size}x{ae.size})"
+
+    @user_errors
+    def interpolate(a, b, steps):
+        return None if a is None or b is None else ae.interpolate(a, b, int(steps))
+
+    shown = dict(type="pil", format="png", height=256, interactive=False)  # PNG: the exact pixels, no webp loss
+    upload = dict(type="filepath", image_mode=None, sources=["upload", "clipboard"])
+    examples = sorted(map(str, examples_dir(model_path).glob("*.jpg")))
+    gr.Markdown(f"A code of {ae.model.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
+    with gr.Row():
+        image = ImageUpload(label="Image", **upload)
+        original = gr.Image(label="Original (as the model sees it)", **shown)
+        rebuilt = gr.Image(label="Reconstruction", **shown)
+    psnr = gr.Markdown()
+    image.change(reconstruct, image, rebuilt, api_name=f"{api_prefix}reconstruct").success(
+        compare, image, [original, psnr], api_visibility="private")
+    if examples:
+        gr.Examples(examples, inputs=image)
+
+    gr.Markdown("### Between two images\nDecode codes evenly spaced from the first image's code to the second's.")
+    with gr.Row():
+        a, b = ImageUpload(label="From", **upload), ImageUpload(label="To", **upload)
+        steps = gr.Slider(3, 12, value=8, step=1, label="Steps")
+    strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
+    gr.on([a.change, b.change, steps.release], interpolate, [a, b, steps], strip, api_name=f"{api_prefix}interpolate")
+    if len(examples) >= 2:
+        gr.Examples([examples[:2], examples[-2:]], inputs=[a, b])
 
 
 def launch(demo, args):

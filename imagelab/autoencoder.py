@@ -1,0 +1,228 @@
+"""Convolutional autoencoder: the model, its data, the sparsity penalty, and its report against PCA.
+
+The model lives here, not in a script, so an exported `.pkl` loads from any script, server or Space.
+"""
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.hook import hook_output
+from fastai.layers import ConvLayer, Flatten
+from fastai.learner import Learner, load_learner
+from fastai.losses import L1LossFlat, MSELossFlat
+from fastai.metrics import mse
+from fastai.vision.all import DataBlock, ImageBlock, RandomSplitter, Resize, aug_transforms
+from PIL import Image
+from torch import nn
+
+from . import UserError
+from .data import RGBImage
+from .images import read_image
+from .reports import plot_loss_curve, save_fig
+
+LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
+MAX_WIDTH = 512  # channels stop doubling here, so deep models stay a sensible size
+
+
+def channels(depth, width):
+    """Channels after each encoder block: `width`, doubling with depth (the decoder mirrors them)."""
+    return [min(width * 2 ** i, MAX_WIDTH) for i in range(depth)]
+
+
+class ConvAutoencoder(nn.Module):
+    """Undercomplete autoencoder: `depth` stride-2 conv blocks, a linear code of `code_size` numbers,
+    `depth` upsample + conv blocks back to `size` x `size` RGB in [0, 1].
+
+    `sparse` puts a ReLU on the code so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
+    """
+
+    def __init__(self, size=64, code_size=64, depth=4, width=32, sparse=False):
+        super().__init__()
+        if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1:
+            raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
+                            "--code-size, --depth and --width must be at least 1")
+        self.size, self.code_size, self.depth, self.width, self.sparse = size, code_size, depth, width, sparse
+        ch = channels(depth, width)
+        side = size // 2 ** depth
+        self.grid = (ch[-1], side, side)  # the encoder's output, and the decoder's input, before the code
+        # Each encoder block halves the side with a stride-2 conv; each decoder block doubles it, then convolves.
+        self.encoder = nn.Sequential(*[ConvLayer(ci, co, stride=2)
+                                       for ci, co in zip([3] + ch, ch)], Flatten())
+        self.to_code = nn.Sequential(nn.Linear(math.prod(self.grid), code_size), *([nn.ReLU()] if sparse else []))
+        self.from_code = nn.Sequential(nn.Linear(code_size, math.prod(self.grid)), nn.ReLU())
+        up = ch[::-1] + ch[:1]  # e.g. 256 128 64 32 32: mirrors the encoder, ending at `width` channels
+        self.decoder = nn.Sequential(*[nn.Sequential(nn.Upsample(scale_factor=2), ConvLayer(ci, co))
+                                       for ci, co in zip(up, up[1:])],
+                                     nn.Conv2d(ch[0], 3, 3, padding=1), nn.Sigmoid())
+
+    def encode(self, x):
+        return self.to_code(self.encoder(x))
+
+    def decode(self, code):
+        return self.decoder(self.from_code(code).view(-1, *self.grid))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+class CodeSparsity(Callback):
+    """The sparse autoencoder: adds `lam * mean |code|` to the loss being minimised.
+
+    Only the gradient sees the penalty (`loss_grad`); the logged losses stay pure reconstruction,
+    so sparse and plain runs compare on the same scale.
+    """
+
+    def __init__(self, lam):
+        self.lam = lam
+
+    def before_fit(self):
+        self.hook = hook_output(self.learn.model.to_code, detach=False)
+
+    def after_loss(self):
+        if self.training:
+            self.learn.loss_grad = self.learn.loss_grad + self.lam * self.hook.stored.abs().mean()
+
+    def after_fit(self):
+        self.hook.remove()
+
+
+def autoencoder_dls(files, size=64, bs=32, valid_pct=0.2, seed=42, workers=None):
+    """DataLoaders whose target is the input: the same random crop and augmentation on both.
+
+    fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
+    Validation (and inference, and PCA) sees the centre square of each image, unaugmented.
+    """
+    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)),
+                      splitter=RandomSplitter(valid_pct, seed=seed),
+                      item_tfms=Resize(size), batch_tfms=aug_transforms())
+    kwargs = {} if workers is None else {"num_workers": workers}
+    dls = block.dataloaders(list(files), bs=bs, seed=seed, **kwargs)
+    if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
+        raise UserError(f"need images for training and validation: {len(files)} images with --valid-pct {valid_pct}")
+    return dls
+
+
+def autoencoder_learner(dls, model, loss="mse"):
+    return Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse])
+
+
+def preprocessed(dls, items, bs=64):
+    """`items` resized and centre-cropped exactly as the model sees held-out images: a float tensor in [0, 1]."""
+    dl = dls.test_dl(items, bs=bs, num_workers=0)
+    return torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in dl])
+
+
+@torch.no_grad()
+def reconstruct(model, x, bs=64):
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i:i + bs].to(device)).cpu() for i in range(0, len(x), bs)])
+
+
+def fit_pca(x, k):
+    """Mean and top-`k` principal axes of the rows of `x`: the best linear code of size `k` (k < len(x)).
+
+    Exact, in float64, from the eigenvectors of the smaller of the Gram and covariance matrices:
+    with fewer images than pixels that is seconds where a full SVD takes minutes on a CPU.
+    """
+    x = x.double()
+    mean = x.mean(0)
+    xc = x - mean
+    if len(xc) <= xc.shape[1]:
+        values, u = torch.linalg.eigh(xc @ xc.T)  # ascending
+        axes = (xc.T @ u[:, -k:] / values[-k:].sqrt()).T
+    else:
+        axes = torch.linalg.eigh(xc.T @ xc)[1][:, -k:].T
+    return mean.float(), axes.flip(0).float()
+
+
+def pca_reconstruct(x, mean, axes):
+    # Clamped to the valid pixel range like the autoencoder's sigmoid output: this can only lower PCA's error.
+    return (((x - mean) @ axes.T) @ axes + mean).clamp(0, 1)
+
+
+def psnr(mse_value):
+    """Peak signal-to-noise ratio in dB for pixels on a [0, 1] scale."""
+    return 10 * math.log10(1 / mse_value) if mse_value > 0 else float("inf")
+
+
+def to_pil(x):
+    """A (3, H, W) tensor in [0, 1] as an 8-bit RGB image."""
+    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def plot_reconstructions(rows, path, n=8):
+    """A grid: held-out originals on top, each method's reconstruction below, per-image PSNR in the titles."""
+    n = min(n, len(rows["original"]))
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r:
+                ax.set_title(f"{psnr(float(((images[c] - rows['original'][c]) ** 2).mean())):.1f} dB", fontsize=8)
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    fig.suptitle("Held-out images and their reconstructions (PSNR)", fontsize=10)
+    save_fig(fig, path)
+
+
+def autoencoder_report(learn, history, report_dir):
+    """Score the autoencoder and PCA with as many components on the same held-out images; write the plots.
+
+    PCA is fitted on the training images as the model sees them at validation (resized, centre crop,
+    no augmentation); both are scored on exactly the same held-out tensors.
+    """
+    dls, model = learn.dls, learn.model
+    train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
+    k = min(model.code_size, len(train_x) - 1)  # centred, n images span at most n - 1 dimensions
+    mean, axes = fit_pca(train_x.flatten(1), k)
+    pca_x = pca_reconstruct(valid_x.flatten(1), mean, axes).view_as(valid_x)
+    with torch.no_grad():
+        ae_x = reconstruct(model, valid_x)
+        codes = torch.cat([model.encode(valid_x[i:i + 64]) for i in range(0, len(valid_x), 64)])
+    ae_mse, pca_mse = float(((ae_x - valid_x) ** 2).mean()), float(((pca_x - valid_x) ** 2).mean())
+
+    plot_reconstructions({"original": valid_x, "autoencoder": ae_x, f"PCA ({k})": pca_x},
+                         report_dir / "reconstructions.png")
+    plot_loss_curve(history, report_dir / "loss_curve.png")
+    return {"ae_mse": ae_mse, "ae_psnr": psnr(ae_mse), "pca_mse": pca_mse, "pca_psnr": psnr(pca_mse),
+            "mse_ratio_ae_to_pca": ae_mse / pca_mse, "psnr_gain_db": psnr(ae_mse) - psnr(pca_mse),
+            "beats_pca": ae_mse < pca_mse, "pca_components": k,
+            "code_mean_abs": float(codes.abs().mean()), "code_zero_fraction": float((codes == 0).float().mean()),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "counts": {"train": len(train_x), "valid": len(valid_x)}}
+
+
+class Autoencoder:
+    """An exported autoencoder learner (`.pkl`): reconstructions, and the images between two codes."""
+
+    def __init__(self, path):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"no model at {path}")
+        self.learn = load_learner(path, cpu=True)
+        self.model = self.learn.model.eval()
+        self.size = self.model.size
+
+    def prepare(self, image):
+        """A path or PIL image as the model sees it: the centre square at the model's size, in [0, 1]."""
+        return preprocessed(self.learn.dls, [RGBImage.create(read_image(image))])
+
+    @torch.no_grad()
+    def reconstruct(self, image):
+        """(original, reconstruction, PSNR in dB), both images at the model's size."""
+        x = self.prepare(image)
+        y = self.model(x)
+        return to_pil(x[0]), to_pil(y[0]), psnr(float(((y - x) ** 2).mean()))
+
+    @torch.no_grad()
+    def interpolate(self, a, b, steps=8):
+        """One image: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, left to right."""
+        code_a, code_b = self.model.encode(torch.cat([self.prepare(a), self.prepare(b)]))
+        t = torch.linspace(0, 1, steps)[:, None]
+        frames = self.model.decode((1 - t) * code_a + t * code_b)
+        return to_pil(torch.cat(list(frames), dim=2))

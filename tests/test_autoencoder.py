@@ -1,0 +1,146 @@
+"""The autoencoder end to end: training, the PCA comparison, export, reloading elsewhere, the apps."""
+import json
+import os
+import subprocess
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from fastai.learner import load_learner
+from fastai.vision.all import set_seed
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from conftest import PY, make_folder_dataset, run, served, write_image
+from imagelab.autoencoder import (CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, preprocessed,
+                                  psnr)
+from imagelab.data import find_images
+from imagelab.ui import autoencoder_panel
+
+TINY = ["--size", "16", "--depth", "2", "--width", "8", "--code-size", "8", "--bs", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def ae_model(tmp_path_factory):
+    """A tiny autoencoder trained for two epochs through the real CLI, on generated images plus one corrupt file."""
+    tmp = tmp_path_factory.mktemp("ae")
+    data = make_folder_dataset(tmp / "data")
+    (data / "cats" / "broken.jpg").write_text("not an image")
+    out = tmp / "models" / "ae.pkl"
+    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "2", "--lr", "1e-2", *TINY, "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "broken.jpg" in res.stdout and "PCA" in res.stdout
+    return out
+
+
+def tiny_learner(files, sparse=False):
+    set_seed(0, reproducible=True)
+    dls = autoencoder_dls(files, size=16, bs=4, workers=0)
+    return autoencoder_learner(dls, ConvAutoencoder(16, 8, depth=2, width=8, sparse=sparse))
+
+
+def test_training_lowers_the_loss_and_sparsity_shrinks_the_code(tmp_path):
+    files, _ = find_images(make_folder_dataset(tmp_path, n=8))
+    learn = tiny_learner(files)
+    with learn.no_bar(), learn.no_logging():
+        before = learn.validate()[0]
+        learn.fit_one_cycle(6, 1e-2)
+        after = learn.validate()[0]
+    assert after < 0.8 * before, (before, after)
+
+    def mean_code(lam):
+        learn = tiny_learner(files, sparse=True)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(3, 1e-2, cbs=[CodeSparsity(lam)])
+        x = preprocessed(learn.dls, learn.dls.valid_ds.items)
+        with torch.no_grad():
+            return float(learn.model.eval().encode(x).abs().mean())
+    assert mean_code(1.0) < 0.5 * mean_code(0.0)
+
+
+def test_report_and_pca_on_the_same_images(ae_model):
+    report = ae_model.with_name("ae.report")
+    for name in ["reconstructions.png", "loss_curve.png", "metrics.json"]:
+        assert (report / name).stat().st_size > 0, name
+    for png in report.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+    assert sorted(p.name for p in (report / "examples").iterdir())
+    m = json.loads((report / "metrics.json").read_text())
+    assert (m["code_size"], m["depth"], m["width"], m["size"], m["epochs"], m["loss"]) == (8, 2, 8, 16, 2, "mse")
+    assert m["counts"] == {"train": 20, "valid": 4, "skipped": 1} and m["skipped_files"][0].endswith("broken.jpg")
+    assert m["pca_components"] == 8 and m["train_seconds"] > 0
+    assert m["ae_psnr"] == pytest.approx(psnr(m["ae_mse"])) and m["pca_psnr"] == pytest.approx(psnr(m["pca_mse"]))
+    assert m["mse_ratio_ae_to_pca"] == pytest.approx(m["ae_mse"] / m["pca_mse"])
+    assert m["beats_pca"] == (m["ae_mse"] < m["pca_mse"])
+
+    # Rebuild the same split independently and score both methods again: numpy's SVD for PCA, the exported model.
+    files, _ = find_images(m["data"])
+    dls = autoencoder_dls(files, size=16, bs=8, workers=0)
+    train, valid = (preprocessed(dls, ds.items).flatten(1).double().numpy() for ds in (dls.train_ds, dls.valid_ds))
+    mean = train.mean(0)
+    axes = np.linalg.svd(train - mean, full_matrices=False)[2][:8]
+    pca = np.clip((valid - mean) @ axes.T @ axes + mean, 0, 1)
+    assert ((pca - valid) ** 2).mean() == pytest.approx(m["pca_mse"], rel=1e-3)
+    model = load_learner(ae_model, cpu=True).model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(valid).float().view(-1, 3, 16, 16)).flatten(1).double().numpy()
+    assert ((out - valid) ** 2).mean() == pytest.approx(m["ae_mse"], rel=1e-3)
+
+
+def test_model_loads_in_a_fresh_process_elsewhere(ae_model, tmp_path):
+    img = write_image(tmp_path / "red.png", (220, 60, 60), size=(60, 30))
+    code = ("import sys; from imagelab.autoencoder import Autoencoder\n"
+            "ae = Autoencoder(sys.argv[1]); original, rebuilt, db = ae.reconstruct(sys.argv[2])\n"
+            "print(ae.model.code_size, original.size, rebuilt.size, db > 0, ae.interpolate(sys.argv[2], sys.argv[2], 5).size)")
+    res = subprocess.run([PY, "-c", code, str(ae_model), str(img)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "8 (16, 16) (16, 16) True (80, 16)"
+
+
+def test_app_reconstructs_over_http(ae_model, tmp_path):
+    photo, other = write_image(tmp_path / "a.jpg", (220, 60, 60)), write_image(tmp_path / "b.png", (60, 60, 220))
+    with served(["apps/autoencoder/app.py", "--model", ae_model]) as url:
+        client = Client(url, verbose=False)
+        with Image.open(client.predict(handle_file(str(photo)), api_name="/reconstruct")) as im:
+            assert (im.format, im.size, im.mode) == ("PNG", (16, 16), "RGB")
+        with Image.open(client.predict(handle_file(str(photo)), handle_file(str(other)), 4,
+                                       api_name="/interpolate")) as im:
+            assert im.size == (64, 16)
+        bad = tmp_path / "notes.jpg"
+        bad.write_text("not a picture")
+        with pytest.raises(AppError, match="not a readable image"):
+            client.predict(handle_file(str(bad)), api_name="/reconstruct")
+        assert client.predict(handle_file(str(other)), api_name="/reconstruct")  # still serving
+
+
+def test_root_app_has_an_autoencoder_tab(ae_model, tmp_path):
+    with served(["app.py"], env={"AUTOENCODER_MODEL": str(ae_model), "PETS_MODEL": str(tmp_path / "none.pkl")}) as url:
+        out = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.jpg", (60, 60, 220)))),
+                                                 api_name="/autoencoder_reconstruct")
+        with Image.open(out) as im:
+            assert im.size == (16, 16)
+    with gr.Blocks() as demo:  # the tab without a model explains how to train one
+        autoencoder_panel(tmp_path / "missing.pkl", "python training/train_autoencoder.py")
+    assert "No model at" in json.dumps(demo.config) and "training/train_autoencoder.py" in json.dumps(demo.config)
+
+
+def test_bad_arguments_and_offline_default_are_one_line_errors(tmp_path):
+    res = run(["training/train_autoencoder.py", "--data", tmp_path, "--size", "30", "--depth", "2"])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "divisible by" in res.stderr
+    env = {**os.environ, "FASTAI_HOME": str(tmp_path / "fastai")}  # a cold dataset cache
+    res = run(["training/train_autoencoder.py", "--out", tmp_path / "m.pkl"], env=env, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "could not download Oxford-IIIT Pet" in res.stderr and "--data" in res.stderr
+    assert not (tmp_path / "m.pkl").exists()
+
+
+def test_help_lists_the_knobs():
+    res = run(["training/train_autoencoder.py", "--help"])
+    assert res.returncode == 0
+    for flag in ["--data", "--code-size", "--depth", "--width", "--loss", "--sparsity", "--size", "--epochs", "--bs",
+                 "--lr", "--seed", "--out"]:
+        assert flag in res.stdout, flag
