@@ -11,8 +11,10 @@ its default `sync_bn=True` converts BatchNorm to `SyncBatchNorm`, which only run
 Accelerate's `cpu` flag from the device, and the patch sends the broadcast through the device the
 process group's backend uses. Both are fixes that fastai itself could take.
 """
+import os
+
 import torch
-from fastai.distributed import DistributedDL
+from fastai.distributed import DistributedDL, teardown_distrib
 from fastai.torch_core import num_distrib
 from fastcore.basics import patch
 
@@ -30,6 +32,17 @@ def distributed(learn):
     """fastai's `distrib_ctx`, usable on CPU processes too; a no-op when the script was not launched distributed."""
     cuda = learn.dls.device is not None and torch.device(learn.dls.device).type == "cuda"
     return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda)
+
+
+def leave_distributed():
+    """End distributed training: what follows (report, export) is the main process's alone.
+
+    fastai decides from `WORLD_SIZE` whether to gather predictions across processes, so it is set to 1
+    here; otherwise the main process's report would wait for processes that have finished.
+    """
+    teardown_distrib()
+    if num_distrib() > 1:
+        os.environ["WORLD_SIZE"] = "1"
 
 
 def world_size():

@@ -16,7 +16,7 @@ from . import UserError
 from .checkpoint import RESUME_KEYS, Checkpoint, checkpoint_path, load_checkpoint, restore
 from .data import (Presized, classifier_dls, default_cache, detect_labels, find_images, folder_split, label_function,
                    presize, split_counts)
-from .distributed import distributed, world_size
+from .distributed import distributed, leave_distributed, world_size
 from .export import save_examples, staged_export
 from .models import classifier_learner
 from .reports import LossHistory, classifier_report, write_json
@@ -144,6 +144,8 @@ def train_classifier(args, root, task=None, cbs=()):
         raise UserError("need --epochs >= 1, --size >= 8 and 0 < --valid-pct < 1")
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(args.out)
+    if args.resume and not ckpt.exists():
+        raise UserError(f"nothing to resume: no checkpoint at {ckpt}")
     if not args.resume and ckpt.exists() and main_process:
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
     set_seed(args.seed, reproducible=True)
@@ -199,7 +201,9 @@ def train_classifier(args, root, task=None, cbs=()):
             print(f"the last finished epoch is saved in {ckpt}: rerun with --resume to continue", file=sys.stderr)
         raise
     seconds_here = time.perf_counter() - start
-    images = (history.step - first_step) * args.bs * world_size()  # every training batch is full (drop_last)
+    processes = world_size()
+    images = (history.step - first_step) * args.bs * processes  # every training batch is full (drop_last)
+    leave_distributed()
     if not main_process:
         return None
 
@@ -211,8 +215,9 @@ def train_classifier(args, root, task=None, cbs=()):
             split="train/ and valid/ folders" if splitter else f"random {args.valid_pct:.0%}",
             arch=args.arch, pretrained=args.pretrained, size=args.size, min_scale=args.min_scale,
             epochs=args.epochs, bs=args.bs, lr=lr, wd=args.wd, label_smoothing=args.label_smoothing,
-            seed=args.seed, valid_pct=args.valid_pct, presize=args.presize, processes=world_size(),
+            seed=args.seed, valid_pct=args.valid_pct, presize=args.presize, processes=processes,
             resumed_after_epoch=state["epoch"] if state else None,
+            valid_loss_per_epoch=[round(v, 5) for _, v in history.valid],
             train_seconds=round(seconds + seconds_here, 2),
             images_trained=images, images_per_second=round(images / seconds_here, 2) if images else None,
             counts={**counts, "skipped": len(skipped)}, skipped_files=[str(f) for f, _ in skipped],
