@@ -149,8 +149,8 @@ def course_recipe(split, args, cbs):
 
 def trainer_args(args, workdir, name, *extra):
     parser = classifier_parser("benchmark", out=str(workdir / f"{name}.pkl"))
-    common = ["--arch", args.arch, "--bs", str(args.bs), "--lr", str(args.lr), "--min-scale", str(args.min_scale),
-              "--seed", str(args.seed), "--no-pretrained", *(["--cache", args.cache] if args.cache else [])]
+    common = ["--arch", args.arch, "--seed", str(args.seed), "--no-pretrained",
+              *(["--cache", args.cache] if args.cache else [])]
     return parser.parse_args(common + list(extra))
 
 
@@ -163,7 +163,8 @@ def main(argv=None):
         print(f"{n_train} training and {n_valid} held-out images in {split}")
         defaults.callbacks = [cb for cb in defaults.callbacks if cb is not ProgressCallback]  # two runs, one terminal
 
-        ours_args = trainer_args(args, workdir, "ours", "--size", str(args.size), "--epochs", str(args.epochs))
+        ours_args = trainer_args(args, workdir, "ours", "--size", str(args.size), "--epochs", str(args.epochs),
+                                 "--bs", str(args.bs), "--lr", str(args.lr), "--min-scale", str(args.min_scale))
         start = time.perf_counter()
         presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
         cache_seconds = time.perf_counter() - start
@@ -190,13 +191,14 @@ def main(argv=None):
             start = time.perf_counter()
             presize(find_images(split)[0], preset["size"], args.cache)
             out["preset_cache_build_seconds"] = round(time.perf_counter() - start, 1)
-            # --epochs is only a cap here: the time budget ends the run
+            # the preset's own size, batch size and loss; --epochs is only a cap: the time budget ends the run
             preset_args = trainer_args(args, workdir, "preset", "--preset", "scratch", "--epochs", "1000",
                                        "--time-budget", str(turns.held["recipe"]))
             start = time.perf_counter()
             m = train_classifier(preset_args, split)
             out.update(preset_accuracy=round(m["accuracy"], 4), preset_seconds=round(m["train_seconds"], 1),
                        preset_epochs=round(m["images_trained"] / n_train, 1), preset_size=preset["size"],
+                       preset_bs=preset["bs"],
                        preset_images_per_s=m["images_per_second"])
             out["load_average"].append(round(os.getloadavg()[0], 2))
     print(json.dumps(out))

@@ -28,7 +28,7 @@ FINE_TUNE_LR, SCRATCH_LR = 2e-3, 3e-3
 # Defaults for a kind of run; options given on the command line still win. README.md ("Speed") has the numbers.
 PRESETS = {
     # small offline datasets, no pretrained weights: small inputs and many epochs beat few epochs at full size
-    "scratch": {"pretrained": False, "size": 64, "epochs": 20, "label_smoothing": 0.1},
+    "scratch": {"pretrained": False, "size": 64, "bs": 64, "epochs": 20, "label_smoothing": 0.1},
 }
 
 

@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -11,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+# Presized copies of the generated images go to a throwaway cache, not the user's ~/.cache/imagelab.
+os.environ.setdefault("IMAGELAB_CACHE", tempfile.mkdtemp(prefix="imagelab-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
