@@ -61,6 +61,25 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+def hub_cache_with_weights(home, arch="resnet18"):
+    """A Hugging Face cache (HF_HOME) holding `arch`'s timm checkpoint file, with random weights.
+
+    The pretrained code path (Hub cache lookup, timm loading, fine_tune) then runs for real offline;
+    only the numbers in the file are not ImageNet's.
+    """
+    import timm
+    from safetensors.torch import save_file
+    cfg = timm.models.get_pretrained_cfg(arch)
+    repo = Path(home) / "hub" / f"models--{cfg.hf_hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    model = timm.create_model(arch, pretrained=False)
+    save_file(model.state_dict(), snapshot / (cfg.hf_hub_filename or "model.safetensors"))
+    return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastai.learner import load_learner
 
-from conftest import PY, ROOT, make_folder_dataset, run
+from conftest import PY, ROOT, hub_cache_with_weights, make_folder_dataset, run
 
 EPOCHS = 4
 
@@ -25,11 +25,11 @@ def saved_epoch(ckpt):
         return 0
 
 
-def interrupt_after_an_epoch(args, ckpt, sig, timeout=180):
+def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None):
     """Start a real run and send `sig` once it has checkpointed an epoch of its own (but is not done)."""
     before = saved_epoch(ckpt)
     proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     deadline = time.monotonic() + timeout
     while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -82,6 +82,25 @@ def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tm
             assert torch.allclose(t, wb[name], rtol=1e-3, atol=1e-4), name
     # the loss curve covers the whole run: one validation point per epoch
     assert len(b["valid_loss_per_epoch"]) == len(a["valid_loss_per_epoch"]) == EPOCHS
+
+
+def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path):
+    """fine_tune is two fits; a run killed after the frozen epoch resumes straight into the second one."""
+    env = hub_cache_with_weights(tmp_path / "hf")
+    pretrained = [a for a in command(data, "X") if a != "--no-pretrained"]
+    args = lambda out, *extra: [str(out) if a == "X" else a for a in pretrained] + ["--epochs", "1", *extra]  # noqa: E731
+    whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
+    res = run(args(whole), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env)
+    assert code == -signal.SIGKILL and killed_at == 1  # the frozen epoch, of 1 + 1
+    res = run(args(out, "--resume"), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming after epoch 1 of 2" in res.stdout
+    a = json.loads((tmp_path / "whole.report" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
+    assert a["pretrained"] and b["accuracy"] == a["accuracy"]
+    assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
 
 
 def test_resume_refuses_other_settings_and_missing_checkpoints(data, tmp_path):
