@@ -1,10 +1,13 @@
 """Where images come from and how they are labelled: datasets, file checks, label functions, loaders."""
+import hashlib
+import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, PILImage, RandomResizedCrop,
-                               RandomSplitter, URLs, aug_transforms, untar_data)
+from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, ImageBlock, PILImage, RandomResizedCrop,
+                               RandomSplitter, Transform, URLs, aug_transforms, untar_data)
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -24,6 +27,79 @@ class RGBImage(PILImage):
         if isinstance(fn, (str, Path, Image.Image)):
             return cls(open_rgb(fn))
         return super().create(fn, **kwargs)
+
+
+# Presized copies keep this many times the training size on their short side: RandomResizedCrop's
+# crops (a third of the image or more) then come from about as many pixels as they end up with.
+PRESIZE = 1.5
+PRESIZE_VERSION = 1  # part of every cache key: bump it when the way copies are made changes
+
+
+def default_cache():
+    """Where presized copies live: $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
+    if os.environ.get("IMAGELAB_CACHE"):
+        return Path(os.environ["IMAGELAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
+
+
+def presized_path(src, side, cache):
+    """The cache file for `src` at `side` pixels; the key changes when the file does (path, mtime, size)."""
+    st = Path(src).stat()
+    key = f"{PRESIZE_VERSION}|{Path(src).resolve()}|{st.st_mtime_ns}|{st.st_size}|{side}"
+    digest = hashlib.sha1(key.encode()).hexdigest()
+    return Path(cache) / f"{side}px" / digest[:2] / f"{digest}.jpg"
+
+
+def presize_one(src, dest, side):
+    """Decode `src` once (upright RGB, as `open_rgb`), shrink its short side to `side`, save it as a JPEG."""
+    with Image.open(src) as im:
+        im.draft("RGB", (side, side))  # JPEG: decode at 1/2..1/8 scale while both sides stay >= side
+        im = open_rgb(im)
+    scale = side / min(im.size)
+    if scale < 1:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.LANCZOS, reducing_gap=3.0)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    im.save(tmp, "JPEG", quality=95, subsampling=0)  # 4:4:4 chroma: colour edges stay sharp
+    os.replace(tmp, dest)  # atomic: a concurrent or interrupted run never sees half a file
+
+
+def presize(files, size, cache=None, workers=4):
+    """{file: presized copy} for every file, making the missing copies (decoded in parallel threads).
+
+    Decoding a photo costs more than a training step's share of the model on a CPU; the copies are
+    decoded in a fraction of that, and are made once per dataset and size, then reused.
+    """
+    side = round(size * PRESIZE)
+    cache = Path(cache or default_cache())
+    dests = {f: presized_path(f, side, cache) for f in files}
+    todo = [f for f, d in dests.items() if not d.exists()]
+
+    def make(f):
+        try:
+            presize_one(f, dests[f], side)
+        except Exception:  # unreadable after all: train on the original, whose decoder says why
+            dests.pop(f)
+
+    if todo:
+        with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
+            list(tqdm(pool.map(make, todo), total=len(todo), desc=f"presizing to {side}px", unit="img", leave=False))
+    return dests
+
+
+class Presized(Transform):
+    """A file's presized copy when one is known, else the file: the `get_x` of the training data.
+
+    `copies` is emptied before export, so an exported learner reads the files it is given.
+    """
+
+    def __init__(self, copies=None):
+        super().__init__()
+        self.copies = dict(copies or {})
+
+    def encodes(self, path: Path):
+        return self.copies.get(path, path)
 
 
 def is_cat(path):
@@ -94,10 +170,23 @@ def pets_images():
                         "local folder instead: --data DIR (e.g. --data ../shared/data/catsdogs)") from None
 
 
-def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2, seed=42, workers=None):
-    """fastai DataLoaders: `RandomResizedCrop` per item (a centre crop for validation), fastai's batch augmentation."""
-    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), CategoryBlock), get_y=get_y,
-                      splitter=RandomSplitter(valid_pct, seed=seed),
+def folder_split(root, files):
+    """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None."""
+    root = Path(root)
+    tops = {f.relative_to(root).parts[0] for f in files}
+    if tops == {"train", "valid"}:
+        return FuncSplitter(lambda f: Path(f).relative_to(root).parts[0] == "valid")
+    return None
+
+
+def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2, seed=42, workers=None,
+                   splitter=None, get_x=None):
+    """fastai DataLoaders: `RandomResizedCrop` per item (a centre crop for validation), fastai's batch augmentation.
+
+    `splitter` defaults to a seeded random `valid_pct` split; `get_x` maps a file to what is decoded (`Presized`).
+    """
+    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), CategoryBlock), get_x=get_x, get_y=get_y,
+                      splitter=splitter or RandomSplitter(valid_pct, seed=seed),
                       item_tfms=RandomResizedCrop(size, min_scale=min_scale), batch_tfms=aug_transforms())
     kwargs = {} if workers is None else {"num_workers": workers}
     dls = block.dataloaders(list(files), bs=bs, seed=seed, **kwargs)

@@ -21,13 +21,18 @@ class LossHistory(Callback):
     def __init__(self):
         self.train, self.valid, self.step = [], [], 0
 
+    def before_epoch(self):
+        self.trained = False
+
     def after_batch(self):
         if self.training:
             self.step += 1
+            self.trained = True
             self.train.append((self.step, float(self.recorder.smooth_loss.value)))
 
     def after_epoch(self):
-        self.valid.append((self.step, float(self.recorder.values[-1][1])))
+        if self.trained:  # epochs skipped by a resumed run log nothing
+            self.valid.append((self.step, float(self.recorder.values[-1][1])))
 
 
 def save_fig(fig, path):

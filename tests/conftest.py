@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -11,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+# Presized copies of the generated images go to a throwaway cache, not the user's ~/.cache/imagelab.
+os.environ.setdefault("IMAGELAB_CACHE", tempfile.mkdtemp(prefix="imagelab-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -55,6 +59,25 @@ def tiny_model(tmp_path_factory):
     out = tmp / "models" / "pets.pkl"
     train_tiny(data, out)
     return out
+
+
+def hub_cache_with_weights(home, arch="resnet18"):
+    """A Hugging Face cache (HF_HOME) holding `arch`'s timm checkpoint file, with random weights.
+
+    The pretrained code path (Hub cache lookup, timm loading, fine_tune) then runs for real offline;
+    only the numbers in the file are not ImageNet's.
+    """
+    import timm
+    from safetensors.torch import save_file
+    cfg = timm.models.get_pretrained_cfg(arch)
+    repo = Path(home) / "hub" / f"models--{cfg.hf_hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    model = timm.create_model(arch, pretrained=False)
+    save_file(model.state_dict(), snapshot / (cfg.hf_hub_filename or "model.safetensors"))
+    return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 
 def free_port():

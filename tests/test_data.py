@@ -6,8 +6,8 @@ from PIL import Image
 
 from conftest import make_folder_dataset, write_image
 from imagelab import UserError
-from imagelab.data import (breed, check_image, classifier_dls, detect_labels, find_images, is_cat,
-                           label_function, open_rgb, split_counts)
+from imagelab.data import (Presized, breed, check_image, classifier_dls, detect_labels, find_images, folder_split,
+                           is_cat, label_function, open_rgb, parent_label, presize, split_counts)
 
 OXFORD = ["Abyssinian_12.jpg", "Egyptian_Mau_100.jpg", "american_bulldog_3.jpg", "great_pyrenees_7.jpg"]
 
@@ -86,3 +86,39 @@ def test_dataloaders_from_oxford_names(oxford_dir):
     assert sum(counts["train"].values()) + sum(counts["valid"].values()) == len(files) == 12
     assert counts["valid"] == {"cat": sum(is_cat(f) == "cat" for f in dls.valid_ds.items),
                                "dog": sum(is_cat(f) == "dog" for f in dls.valid_ds.items)}
+
+
+def test_presized_copies_are_small_upright_and_follow_their_file(tmp_path):
+    photo = write_image(tmp_path / "data" / "a" / "photo.jpg", (200, 30, 30), size=(400, 300))
+    tall = tmp_path / "data" / "a" / "rotated.jpg"
+    exif = Image.new("RGB", (30, 10)).getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": the copy must be upright
+    Image.new("RGB", (300, 200), "blue").save(tall, exif=exif)
+    cache = tmp_path / "cache"
+    copies = presize([photo, tall], size=32, cache=cache)
+    with Image.open(copies[photo]) as im:
+        assert im.mode == "RGB" and im.size == (64, 48)  # short side 1.5 x 32
+    with Image.open(copies[tall]) as im:
+        assert im.size == (48, 72)
+    made = copies[photo].stat().st_mtime_ns
+    assert presize([photo], size=32, cache=cache)[photo].stat().st_mtime_ns == made  # reused, not remade
+    write_image(photo, (30, 200, 30), size=(400, 300), seed=1)  # the file changes: so does its copy
+    assert presize([photo], size=32, cache=cache)[photo] != copies[photo]
+    assert presize([photo], size=64, cache=cache)[photo].parent.parent.name == "96px"
+    get_x = Presized(copies)
+    assert get_x(photo) == copies[photo] and Presized()(photo) == photo
+    im = Image.new("RGB", (5, 5))
+    assert get_x(im) is im  # uploads (PIL images) pass through untouched
+
+
+def test_train_and_valid_folders_keep_their_split(tmp_path):
+    for split, n in (("train", 6), ("valid", 2)):
+        for label, color in (("cats", (220, 60, 60)), ("dogs", (60, 60, 220))):
+            for i in range(n):
+                write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
+    files, _ = find_images(tmp_path)
+    assert detect_labels(tmp_path, files) == "folder"
+    dls = classifier_dls(files, parent_label, size=32, bs=4, workers=0, splitter=folder_split(tmp_path, files))
+    assert all(f.relative_to(tmp_path).parts[0] == "valid" for f in dls.valid_ds.items) and len(dls.valid_ds) == 4
+    assert len(dls.train_ds) == 12 and list(dls.vocab) == ["cats", "dogs"]
+    assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import PY, ROOT, make_folder_dataset, run, write_image
 from imagelab.export import staged_export
+from imagelab.inference import Classifier
 
 REPORT_FILES = ["confusion_matrix.png", "top_losses.png", "loss_curve.png", "metrics.json"]
 
@@ -48,6 +49,18 @@ def test_model_loads_in_a_fresh_process_elsewhere(tiny_model, tmp_path):
     assert vocab == "['cats', 'dogs']" and label in ("cats", "dogs") and total == "1.0"
 
 
+def test_model_trained_on_presized_copies_predicts_raw_large_photos(tiny_model, tmp_path):
+    """Training reads small cached copies; the exported model must still take any upload as it is."""
+    m = json.loads((tiny_model.with_name("pets.report") / "metrics.json").read_text())
+    assert m["presize"] is True
+    clf = Classifier(tiny_model)
+    for name, color, size in [("red.jpg", (220, 60, 60), (1600, 1200)), ("blue.png", (60, 60, 220), (900, 1400))]:
+        probs = clf.predict(write_image(tmp_path / name, color, size=size), k=2)
+        assert set(probs) == {"cats", "dogs"} and sum(probs.values()) == pytest.approx(1, abs=1e-4)
+    steps = clf.learn.dls.valid_ds.tls[0].tfms.fs  # the exported pipeline keeps no link to the training cache
+    assert all(not getattr(t, "copies", None) for t in steps)
+
+
 def test_export_is_all_or_nothing(tmp_path):
     model = tmp_path / "m.pkl"
     model.write_bytes(b"good old model")
@@ -81,7 +94,8 @@ def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "interrupted" in err
     assert out.read_bytes() == b"previous model"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "pets.pkl"]
+    # nothing half-written; a checkpoint if an epoch had finished (tests/test_resume.py)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "pets.ckpt") == ["data", "pets.pkl"]
 
 
 def test_offline_default_run_fails_fast_with_one_line(tmp_path):
@@ -118,5 +132,6 @@ def test_help_lists_the_knobs():
     res = run(["training/train_pets.py", "--help"])
     assert res.returncode == 0
     for flag in ["--data", "--labels", "--task", "--arch", "--no-pretrained", "--epochs", "--size", "--bs",
-                 "--lr", "--valid-pct", "--seed", "--min-scale", "--out"]:
+                 "--lr", "--valid-pct", "--seed", "--min-scale", "--out", "--resume", "--preset", "--presize",
+                 "--time-budget", "--wd", "--label-smoothing"]:
         assert flag in res.stdout, flag

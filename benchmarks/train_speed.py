@@ -1,0 +1,209 @@
+"""Training speed and accuracy: the fastai course recipe against this project's trainer, on the same data.
+
+    python benchmarks/train_speed.py --data ../shared/data/catsdogs            # a few minutes on 2 cores
+    python benchmarks/train_speed.py --data DIR --size 224 --epochs 3 --arch resnet34
+
+Both runs get the same decodable images, the same train/valid split, architecture, input size,
+batch size, epochs, learning rate and seed. They train at the same time in two threads that take
+turns batch by batch, so a busy machine slows both alike, and each is timed only while it holds
+its turn. The course recipe is `ImageDataLoaders.from_folder` + `RandomResizedCrop(size,
+min_scale=0.3)` + `aug_transforms()` + `vision_learner` + `fit_one_cycle`; ours is
+`imagelab.train.train_classifier`. Its held-out accuracy is measured by the exported pipeline on
+the original files, as the app sees them. Then the `scratch` preset trains for as long as the
+recipe took. The last line printed is one JSON object.
+"""
+import argparse
+import json
+import random
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fastai.callback.progress import ProgressCallback
+from fastai.vision.all import (Callback, ImageDataLoaders, RandomResizedCrop, accuracy, aug_transforms, defaults,
+                               set_seed, vision_learner)
+from PIL import Image
+
+from imagelab import UserError, run_cli
+from imagelab.data import detect_labels, find_images, parent_label, presize
+from imagelab.train import PRESETS, classifier_parser, train_classifier
+
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", metavar="DIR", required=True, help="image folder, one sub-folder per class")
+    p.add_argument("--arch", default="resnet18", help="timm architecture for both runs")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--bs", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="one-cycle peak learning rate for both runs")
+    p.add_argument("--min-scale", type=float, default=0.3, help="RandomResizedCrop's smallest crop area, both runs")
+    p.add_argument("--valid-pct", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the scratch preset for as long as the recipe took")
+    p.add_argument("--cache", metavar="DIR", help="presized-image cache (default: the trainer's)")
+    p.add_argument("--workdir", metavar="DIR", help="where the split and the models go (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def split_folder(data, dest, valid_pct, seed):
+    """The decodable images of `data` as links in `dest/{train,valid}/<class>/`, a seeded random split.
+
+    The links carry the extension of their real format, so fastai's `get_image_files` (which goes by
+    extension) and our trainer (which goes by content) see exactly the same images.
+    """
+    files, _ = find_images(data)
+    if detect_labels(data, files) != "folder":
+        raise UserError(f"{data}: the benchmark needs one sub-folder per class")
+    order = list(range(len(files)))
+    random.Random(seed).shuffle(order)
+    n_valid = round(len(files) * valid_pct)
+    for rank, i in enumerate(order):
+        with Image.open(files[i]) as im:
+            ext = EXTENSIONS.get(im.format, ".jpg")
+        link = dest / ("valid" if rank < n_valid else "train") / parent_label(files[i]) / f"{i:06d}{ext}"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(files[i].resolve())
+    return len(files) - n_valid, n_valid
+
+
+class Turns:
+    """Runs in threads that take turns batch by batch; each run's clock only runs while it holds the turn."""
+
+    def __init__(self, names):
+        self.cond, self.names, self.active = threading.Condition(), list(names), set(names)
+        self.turn, self.held = self.names[0], dict.fromkeys(names, 0.0)
+
+    def take(self, name):
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == name)
+        self.since = time.perf_counter()
+
+    def give(self, name, done=False):
+        self.held[name] += time.perf_counter() - self.since
+        with self.cond:
+            if done:
+                self.active.discard(name)
+            waiting = [n for n in self.names if n in self.active and n != name]
+            i = self.names.index(name)
+            later = [n for n in self.names[i + 1:] + self.names[:i] if n in waiting]
+            self.turn = later[0] if later else name
+            self.cond.notify_all()
+
+    def callback(self, name):
+        turns = self
+
+        class TakeTurns(Callback):
+            order = 100  # after every other callback of the batch has run
+
+            def before_fit(self):
+                turns.take(name)
+
+            def after_batch(self):
+                turns.give(name)
+                turns.take(name)
+
+            def after_fit(self):
+                turns.give(name, done=True)
+        return TakeTurns()
+
+    def run(self, jobs):
+        """Run {name: function} in threads; a failed run gives up its turns so the other can finish."""
+        results, errors = {}, {}
+
+        def work(name, fn):
+            try:
+                results[name] = fn()
+            except BaseException as e:  # reported after both threads end
+                errors[name] = e
+                with self.cond:
+                    self.active.discard(name)
+                    if self.turn == name:
+                        self.turn = next(iter(self.active), name)
+                    self.cond.notify_all()
+        threads = [threading.Thread(target=work, args=(n, fn)) for n, fn in jobs.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next(iter(errors.values()))
+        return results
+
+
+def course_recipe(split, args, cbs):
+    """The fastai course's recipe, as in the book and the course notebooks (from scratch: no weights offline)."""
+    dls = ImageDataLoaders.from_folder(split, train="train", valid="valid", seed=args.seed, bs=args.bs,
+                                       item_tfms=RandomResizedCrop(args.size, min_scale=args.min_scale),
+                                       batch_tfms=aug_transforms())
+    learn = vision_learner(dls, args.arch, pretrained=False, metrics=accuracy)
+    learn.fit_one_cycle(args.epochs, args.lr, cbs=cbs)
+    return {"accuracy": float(learn.validate()[1]), "train_images": len(dls.train_ds)}
+
+
+def trainer_args(args, workdir, name, *extra):
+    parser = classifier_parser("benchmark", out=str(workdir / f"{name}.pkl"))
+    common = ["--arch", args.arch, "--seed", str(args.seed), "--no-pretrained",
+              *(["--cache", args.cache] if args.cache else [])]
+    return parser.parse_args(common + list(extra))
+
+
+def main(argv=None):
+    args = parse(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        split = workdir / "split"
+        n_train, n_valid = split_folder(Path(args.data), split, args.valid_pct, args.seed)
+        print(f"{n_train} training and {n_valid} held-out images in {split}")
+        defaults.callbacks = [cb for cb in defaults.callbacks if cb is not ProgressCallback]  # two runs, one terminal
+
+        ours_args = trainer_args(args, workdir, "ours", "--size", str(args.size), "--epochs", str(args.epochs),
+                                 "--bs", str(args.bs), "--lr", str(args.lr), "--min-scale", str(args.min_scale))
+        start = time.perf_counter()
+        presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
+        cache_seconds = time.perf_counter() - start
+
+        turns = Turns(["recipe", "ours"])
+        load_before = os.getloadavg()[0]
+        set_seed(args.seed, reproducible=True)
+        res = turns.run({
+            "recipe": lambda: course_recipe(split, args, [turns.callback("recipe")]),
+            "ours": lambda: train_classifier(ours_args, split, cbs=[turns.callback("ours")])})
+        images = res["recipe"]["train_images"] * args.epochs
+        recipe_ips, ours_ips = images / turns.held["recipe"], images / turns.held["ours"]
+        out = {"data": str(args.data), "train_images": n_train, "valid_images": n_valid, "arch": args.arch,
+               "size": args.size, "epochs": args.epochs, "bs": args.bs, "lr": args.lr,
+               "recipe_images_per_s": round(recipe_ips, 2), "ours_images_per_s": round(ours_ips, 2),
+               "speedup": round(ours_ips / recipe_ips, 2),
+               "recipe_accuracy": round(res["recipe"]["accuracy"], 4), "ours_accuracy": round(res["ours"]["accuracy"], 4),
+               "recipe_seconds": round(turns.held["recipe"], 1), "ours_seconds": round(turns.held["ours"], 1),
+               "ours_cache_build_seconds": round(cache_seconds, 1),
+               "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+        if args.preset:
+            preset = PRESETS["scratch"]
+            start = time.perf_counter()
+            presize(find_images(split)[0], preset["size"], args.cache)
+            out["preset_cache_build_seconds"] = round(time.perf_counter() - start, 1)
+            # the preset's own size, batch size and loss; --epochs is only a cap: the time budget ends the run
+            preset_args = trainer_args(args, workdir, "preset", "--preset", "scratch", "--epochs", "1000",
+                                       "--time-budget", str(turns.held["recipe"]))
+            start = time.perf_counter()
+            m = train_classifier(preset_args, split)
+            out.update(preset_accuracy=round(m["accuracy"], 4), preset_seconds=round(m["train_seconds"], 1),
+                       preset_epochs=round(m["images_trained"] / n_train, 1), preset_size=preset["size"],
+                       preset_bs=preset["bs"],
+                       preset_images_per_s=m["images_per_second"])
+            out["load_average"].append(round(os.getloadavg()[0], 2))
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,99 @@
+"""Resumable training: the state after every finished epoch, written atomically beside the model.
+
+A run killed at any point (Ctrl-C, SIGTERM, SIGKILL, a power cut) leaves the checkpoint of its last
+finished epoch; `--resume` loads it and goes on with the same weights, optimizer moments, schedule
+position and random-number streams, so it ends where the uninterrupted run would have.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.torch_core import get_model, rank_distrib
+
+from . import UserError
+
+# Settings that must match (besides the data folder and task) for a checkpoint to be resumed: anything that changes the data or the schedule.
+RESUME_KEYS = ("labels", "arch", "pretrained", "epochs", "size", "min_scale", "bs", "seed",
+               "valid_pct", "wd", "label_smoothing", "time_budget")
+
+
+def checkpoint_path(model_path):
+    """`models/pets.pkl` -> `models/pets.ckpt` (ignored by git like the model)."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + ".ckpt")
+
+
+def train_loader(learn):
+    """The training DataLoader, also when fastai's distributed training wraps it in a `DistributedDL`."""
+    return getattr(learn.dls.train, "dl", learn.dls.train)
+
+
+def rng_states(learn):
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "loader": train_loader(learn).rng.getstate()}  # the loader's own shuffling stream
+
+
+def set_rng_states(learn, states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    train_loader(learn).rng.setstate(states["loader"])
+
+
+def load_checkpoint(path, settings):
+    """The saved state, or a `UserError` if there is none or it was made with other settings."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"nothing to resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint is replaced atomically, so this is a foreign or damaged file
+        raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}); delete it to start afresh") from None
+    changed = [f"{k} {state['settings'].get(k)!r} (now {v!r})" for k, v in settings.items()
+               if state["settings"].get(k) != v]
+    if changed:
+        raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "
+                        "rerun with the same options, or without --resume to start afresh")
+    return state
+
+
+def restore(learn, state):
+    """Weights and optimizer state (the optimizer is created as the next fit would create it)."""
+    get_model(learn.model).load_state_dict(state["model"])
+    if learn.opt is None:
+        learn.create_opt()
+    learn.opt.load_state_dict(state["opt"])
+
+
+class Checkpoint(Callback):
+    """Save everything a resumed run needs after each finished epoch; restore the random streams when resuming.
+
+    `offset` is the number of epochs of earlier fits of the same run (fine_tune's frozen epoch), so
+    `epoch` in the file counts the epochs of the whole run.
+    """
+    order = 65  # after the Recorder and LossHistory have logged the epoch
+
+    def __init__(self, path, settings, extra, offset=0, start_epoch=0, resume_rng=None):
+        self.path, self.settings, self.extra = Path(path), settings, extra
+        self.offset, self.start_epoch, self.resume_rng = offset, start_epoch, resume_rng
+
+    def before_epoch(self):
+        # Skipped epochs (fastai's start_epoch) use no randomness, so the streams are set just before
+        # the first epoch that trains, exactly as they were when the checkpoint was written.
+        if self.epoch == self.start_epoch and self.resume_rng is not None:
+            set_rng_states(self.learn, self.resume_rng)
+            self.resume_rng = None
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch or rank_distrib():
+            return  # an epoch skipped to resume, or not the main process
+        state = {"epoch": self.offset + self.epoch + 1, "settings": self.settings,
+                 "model": get_model(self.model).state_dict(), "opt": self.opt.state_dict(),
+                 "rng": rng_states(self.learn), **self.extra()}
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # atomic: a kill during the write leaves the previous checkpoint

@@ -1,0 +1,34 @@
+"""The unchanged training script under `accelerate launch`: two CPU processes (gloo), one report, one model."""
+import json
+import subprocess
+
+from conftest import PY, ROOT, make_folder_dataset, write_image
+
+# accelerate's --cpu launches one process unless MPI is set up; --multi_gpu starts torchrun's processes,
+# which use the CPU and gloo when there is no GPU (imagelab.distributed).
+LAUNCH = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_two_cpu_processes_train_and_only_the_main_one_writes(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=10)
+    out = tmp_path / "models" / "pets.pkl"
+    res = subprocess.run([*LAUNCH, "training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
+                          "--epochs", "2", "--size", "32", "--bs", "4", "--out", out],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1, res.stdout[-2000:]  # one process reports and exports
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pets.pkl", "pets.report"]  # no checkpoint, no temporaries
+    m = json.loads((out.with_name("pets.report") / "metrics.json").read_text())
+    assert m["processes"] == 2
+    assert sum(m["counts"]["valid"].values()) == sum(map(sum, m["confusion_matrix"])) == 4  # every held-out image once
+    assert len(m["valid_loss_per_epoch"]) == 2
+
+    img = write_image(tmp_path / "big.jpg", (220, 60, 60), size=(1200, 900))
+    code = ("import sys; from imagelab.inference import Classifier\n"
+            "print(Classifier(sys.argv[1]).predict(sys.argv[2], k=2))")
+    res = subprocess.run([PY, "-c", code, str(out), str(img)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    probs = eval(res.stdout.strip())  # noqa: S307 -- a dict printed by the line above
+    assert set(probs) == {"cats", "dogs"} and abs(sum(probs.values()) - 1) < 1e-4

@@ -1,0 +1,115 @@
+"""Interrupted training: a checkpoint after every epoch, --resume to the same result, the model replaced only at the end."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from fastai.learner import load_learner
+
+from conftest import PY, ROOT, hub_cache_with_weights, make_folder_dataset, run
+
+EPOCHS = 4
+
+
+def command(data, out, *extra):
+    return ["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", EPOCHS,
+            "--size", "32", "--bs", "4", "--workers", "0", "--seed", "3", "--out", out, *extra]
+
+
+def saved_epoch(ckpt):
+    try:
+        return torch.load(ckpt, weights_only=False)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None):
+    """Start a real run and send `sig` once it has checkpointed an epoch of its own (but is not done)."""
+    before = saved_epoch(ckpt)
+    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.monotonic() + timeout
+    while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err, saved_epoch(ckpt)
+
+
+def weights(model):
+    return load_learner(model).model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("resume") / "data", n=16)
+
+
+def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tmp_path):
+    whole = tmp_path / "whole" / "pets.pkl"
+    res = run(command(data, whole))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    out = tmp_path / "resumed" / "pets.pkl"
+    ckpt = out.with_name("pets.ckpt")
+    out.parent.mkdir()
+    out.write_bytes(b"previous model")
+
+    code, _, killed_at = interrupt_after_an_epoch(command(data, out), ckpt, signal.SIGKILL)
+    assert code == -signal.SIGKILL and 1 <= killed_at < EPOCHS
+    assert out.read_bytes() == b"previous model"  # nothing exported yet
+    code, err, stopped_at = interrupt_after_an_epoch(command(data, out, "--resume"), ckpt, signal.SIGINT)
+    assert code == 130, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err and killed_at < stopped_at < EPOCHS
+    assert out.read_bytes() == b"previous model"
+
+    res = run(command(data, out, "--resume"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming after epoch {stopped_at} of {EPOCHS}" in res.stdout
+    assert not ckpt.exists(), "a finished run leaves no checkpoint"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pets.pkl", "pets.report"]
+
+    a = json.loads(whole.with_name("pets.report").joinpath("metrics.json").read_text())
+    b = json.loads(out.with_name("pets.report").joinpath("metrics.json").read_text())
+    assert b["resumed_after_epoch"] == stopped_at
+    assert b["accuracy"] == a["accuracy"]
+    assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=1e-3)
+    wa, wb = weights(whole), weights(out)
+    for name, t in wa.items():
+        if t.is_floating_point():
+            assert torch.allclose(t, wb[name], rtol=1e-3, atol=1e-4), name
+    # the loss curve covers the whole run: one validation point per epoch
+    assert len(b["valid_loss_per_epoch"]) == len(a["valid_loss_per_epoch"]) == EPOCHS
+
+
+def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path):
+    """fine_tune is two fits; a run killed after the frozen epoch resumes straight into the second one."""
+    env = hub_cache_with_weights(tmp_path / "hf")
+    pretrained = [a for a in command(data, "X") if a != "--no-pretrained"]
+    args = lambda out, *extra: [str(out) if a == "X" else a for a in pretrained] + ["--epochs", "1", *extra]  # noqa: E731
+    whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
+    res = run(args(whole), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env)
+    assert code == -signal.SIGKILL and killed_at == 1  # the frozen epoch, of 1 + 1
+    res = run(args(out, "--resume"), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming after epoch 1 of 2" in res.stdout
+    a = json.loads((tmp_path / "whole.report" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
+    assert a["pretrained"] and b["accuracy"] == a["accuracy"]
+    assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(data, tmp_path):
+    out = tmp_path / "pets.pkl"
+    res = run(command(data, out, "--resume"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: nothing to resume: no checkpoint at {out.with_name('pets.ckpt')}"
+    code, _, _ = interrupt_after_an_epoch(command(data, out), out.with_name("pets.ckpt"), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    res = run(command(data, out, "--resume", "--size", "48"))
+    assert res.returncode == 2 and "other settings" in res.stderr and "size 32 (now 48)" in res.stderr
+    res = run(command(data, out, "--arch", "no_such_net"))  # a fresh run is told about the checkpoint
+    assert "holds an interrupted run" in res.stdout and res.returncode == 2
