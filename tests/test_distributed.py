@@ -18,17 +18,18 @@ def test_two_cpu_processes_train_and_only_the_main_one_writes(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1, res.stdout[-2000:]  # one process reports and exports
-    assert sorted(p.name for p in out.parent.iterdir()) == ["pets.pkl", "pets.report"]  # no checkpoint, no temporaries
+    assert sorted(p.name for p in out.parent.iterdir()) == [  # no checkpoint, no temporaries
+        "pets.config.json", "pets.onnx", "pets.pkl", "pets.report", "pets.safetensors"]
     m = json.loads((out.with_name("pets.report") / "metrics.json").read_text())
     assert m["processes"] == 2
     assert sum(m["counts"]["valid"].values()) == sum(map(sum, m["confusion_matrix"])) == 4  # every held-out image once
     assert len(m["valid_loss_per_epoch"]) == 2
 
     img = write_image(tmp_path / "big.jpg", (220, 60, 60), size=(1200, 900))
-    code = ("import sys; from imagelab.inference import Classifier\n"
-            "print(Classifier(sys.argv[1]).predict(sys.argv[2], k=2))")
+    code = ("import json, sys; from imagelab.inference import Predictor\n"
+            "print(json.dumps(Predictor(sys.argv[1]).predict(sys.argv[2], k=2)))")
     res = subprocess.run([PY, "-c", code, str(out), str(img)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    probs = eval(res.stdout.strip())  # noqa: S307 -- a dict printed by the line above
+    probs = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(probs) == {"cats", "dogs"} and abs(sum(probs.values()) - 1) < 1e-4

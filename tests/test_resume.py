@@ -69,7 +69,8 @@ def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tm
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming after epoch {stopped_at} of {EPOCHS}" in res.stdout
     assert not ckpt.exists(), "a finished run leaves no checkpoint"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["pets.pkl", "pets.report"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "pets.config.json", "pets.onnx", "pets.pkl", "pets.report", "pets.safetensors"]
 
     a = json.loads(whole.with_name("pets.report").joinpath("metrics.json").read_text())
     b = json.loads(out.with_name("pets.report").joinpath("metrics.json").read_text())

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import PY, ROOT, make_folder_dataset, run, write_image
 from imagelab.export import staged_export
-from imagelab.inference import Classifier
+from imagelab.inference import Predictor
 
 REPORT_FILES = ["confusion_matrix.png", "top_losses.png", "loss_curve.png", "metrics.json"]
 
@@ -53,11 +53,14 @@ def test_model_trained_on_presized_copies_predicts_raw_large_photos(tiny_model, 
     """Training reads small cached copies; the exported model must still take any upload as it is."""
     m = json.loads((tiny_model.with_name("pets.report") / "metrics.json").read_text())
     assert m["presize"] is True
-    clf = Classifier(tiny_model)
-    for name, color, size in [("red.jpg", (220, 60, 60), (1600, 1200)), ("blue.png", (60, 60, 220), (900, 1400))]:
-        probs = clf.predict(write_image(tmp_path / name, color, size=size), k=2)
-        assert set(probs) == {"cats", "dogs"} and sum(probs.values()) == pytest.approx(1, abs=1e-4)
-    steps = clf.learn.dls.valid_ds.tls[0].tfms.fs  # the exported pipeline keeps no link to the training cache
+    from fastai.learner import load_learner
+    for source in (tiny_model, tiny_model.with_suffix(".onnx")):
+        predictor = Predictor(source)
+        for name, color, size in [("red.jpg", (220, 60, 60), (1600, 1200)), ("blue.png", (60, 60, 220), (900, 1400))]:
+            probs = predictor.predict(write_image(tmp_path / name, color, size=size), k=2)
+            assert set(probs) == {"cats", "dogs"} and sum(probs.values()) == pytest.approx(1, abs=1e-4)
+    learn = load_learner(tiny_model, cpu=True)
+    steps = learn.dls.valid_ds.tls[0].tfms.fs  # the exported pipeline keeps no link to the training cache
     assert all(not getattr(t, "copies", None) for t in steps)
 
 
