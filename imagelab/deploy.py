@@ -16,13 +16,18 @@ from .export import artifact_paths, report_dir
 from .hub import require_hub_login
 
 REPO = Path(__file__).resolve().parents[1]
-# What each app's Space shows on the Hub, and the model files it runs (the weights-only ones: no pickle).
+# What each app's Space shows on the Hub, the model files it runs (for classifiers the weights-only ones:
+# no pickle) and its main API endpoint.
 SPACES = {
-    "pets": {"title": "Pet classifier", "emoji": "🐱", "files": ("onnx", "config"),
+    "pets": {"title": "Pet classifier", "emoji": "🐱", "files": ("onnx", "config"), "api": "/predict",
              "about": "Upload a photo of a cat or a dog: a fastai + timm classifier names it."},
-    "bears": {"title": "Bear classifier", "emoji": "🐻", "files": ("onnx", "config"),
+    "bears": {"title": "Bear classifier", "emoji": "🐻", "files": ("onnx", "config"), "api": "/predict",
               "about": "Upload a photo of a bear: grizzly, black or teddy? A fastai + timm classifier says."},
+    "autoencoder": {"title": "Image autoencoder", "emoji": "🖼️", "files": ("pkl",), "api": "/reconstruct",
+                    "about": "Upload a photo: a convolutional autoencoder squeezes it into a short code and "
+                             "rebuilds it."},
 }
+CLASSIFIERS = ("pets", "bears")
 LICENSE = "apache-2.0"
 
 
@@ -39,11 +44,12 @@ def space_readme(name, metrics):
         "---", f"title: {spec['title']}", f"emoji: {spec['emoji']}", "colorFrom: indigo", "colorTo: blue",
         "sdk: gradio", f"sdk_version: {gradio.__version__}", 'python_version: "3.11"', "app_file: app.py",
         f"license: {LICENSE}", "pinned: false", "---"])
-    score = f"{metrics['accuracy']:.1%} held-out accuracy" if "accuracy" in metrics else ""
+    score = (f"{metrics['accuracy']:.1%} held-out accuracy" if "accuracy" in metrics
+             else f"{metrics['ae_psnr']:.1f} dB held-out PSNR" if "ae_psnr" in metrics else "")
     return (f"{front}\n\n# {spec['title']}\n\n{spec['about']}\n\n"
             f"Model: `{metrics.get('arch', '?')}` {score}; the report is in `models/{name}.report/`.\n\n"
             "Call it from Python:\n\n```python\nfrom gradio_client import Client, handle_file\n"
-            f"print(Client(\"USER/SPACE\").predict(handle_file(\"photo.jpg\"), api_name=\"/predict\"))\n```\n")
+            f"print(Client(\"USER/SPACE\").predict(handle_file(\"photo.jpg\"), api_name=\"{spec['api']}\"))\n```\n")
 
 
 def copy_model(name, model, dest, kinds):
@@ -194,6 +200,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.push or args.push_model:
         require_hub_login()  # before building anything: offline or logged out is one line, not a half upload
+    if args.push_model and args.app not in CLASSIFIERS:
+        raise UserError("--push-model writes a classifier's model card; push the autoencoder's Space with --push")
     model = Path(args.model or REPO / "models" / f"{args.app}.pkl")
     if not model.is_file():
         raise UserError(f"no model at {model}: train it first (training/train_{args.app}.py)")

@@ -43,10 +43,10 @@ def app_parser(description, default_model=None):
     return p
 
 
-def default_model(app_file, name):
-    """A Space bundle keeps its model beside app.py (`models/<name>.onnx`); the repository in `models/<name>.pkl`."""
+def default_model(app_file, name, suffix=".onnx"):
+    """A Space bundle keeps its model beside app.py (`models/<name><suffix>`); the repository in `models/<name>.pkl`."""
     here = Path(app_file).resolve().parent
-    bundled = here / "models" / f"{name}.onnx"
+    bundled = here / "models" / f"{name}{suffix}"
     return bundled if bundled.exists() else here.parents[1] / "models" / f"{name}.pkl"
 
 

@@ -80,6 +80,22 @@ def hub_cache_with_weights(home, arch="resnet18"):
     return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 
+AE_TINY = ["--size", "16", "--depth", "2", "--width", "8", "--code-size", "8", "--bs", "8", "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory):
+    """A tiny autoencoder trained for two epochs through the real CLI, on generated images plus one corrupt file."""
+    tmp = tmp_path_factory.mktemp("ae")
+    data = make_folder_dataset(tmp / "data")
+    (data / "cats" / "broken.jpg").write_text("not an image")
+    out = tmp / "models" / "ae.pkl"
+    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "2", "--lr", "1e-2", *AE_TINY, "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "broken.jpg" in res.stdout and "PCA" in res.stdout
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

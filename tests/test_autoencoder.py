@@ -19,20 +19,9 @@ from imagelab.autoencoder import (CodeSparsity, ConvAutoencoder, autoencoder_dls
 from imagelab.data import find_images
 from imagelab.ui import autoencoder_panel
 
-TINY = ["--size", "16", "--depth", "2", "--width", "8", "--code-size", "8", "--bs", "8", "--workers", "0"]
-
-
 @pytest.fixture(scope="module")
-def ae_model(tmp_path_factory):
-    """A tiny autoencoder trained for two epochs through the real CLI, on generated images plus one corrupt file."""
-    tmp = tmp_path_factory.mktemp("ae")
-    data = make_folder_dataset(tmp / "data")
-    (data / "cats" / "broken.jpg").write_text("not an image")
-    out = tmp / "models" / "ae.pkl"
-    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "2", "--lr", "1e-2", *TINY, "--out", out])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "broken.jpg" in res.stdout and "PCA" in res.stdout
-    return out
+def ae_model(tiny_autoencoder):
+    return tiny_autoencoder
 
 
 def tiny_learner(files, sparse=False):

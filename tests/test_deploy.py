@@ -8,6 +8,7 @@ import gradio
 import pytest
 import yaml
 from gradio_client import Client, handle_file
+from PIL import Image
 
 from conftest import run, served, write_image
 from imagelab.deploy import model_card
@@ -113,3 +114,17 @@ def test_hub_models_load_from_a_warm_cache_offline(tiny_model, tmp_path):
     res = run(["-m", "imagelab.predict", "hf://someone/pets/pets.pkl", img], env=cold)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "not in the local Hub cache" in res.stderr
+
+
+def test_autoencoder_space_runs_alone(tiny_autoencoder, tmp_path):
+    out = tmp_path / "build" / "autoencoder-space"
+    res = run(["-m", "imagelab.deploy", "autoencoder", "--model", tiny_autoencoder, "--out", out])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / "models" / "autoencoder.pkl").is_file() and (out / "apps").exists() is False
+    meta = front_matter((out / "README.md").read_text())
+    assert meta["sdk_version"] == gradio.__version__ and "/reconstruct" in (out / "README.md").read_text()
+    alone = shutil.copytree(out, tmp_path / "alone")
+    with served([alone / "app.py"], cwd=alone, env={"PYTHONPATH": None, "MODEL_PATH": None}) as url:
+        rebuilt = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.png", (200, 90, 40)))),
+                                                     api_name="/reconstruct")
+        assert Image.open(rebuilt).size == (16, 16)  # the tiny model's size
