@@ -14,12 +14,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @pytest.fixture(scope="module")
-def site(tiny_model, tiny_bears, tmp_path_factory):
+def site(tiny_model, tiny_bears, tiny_autoencoder, tmp_path_factory):
     """The root app with every tab's model, and a browser page on it; the cleaner works on a copy."""
     bears_model, bears_data, _ = tiny_bears
     data = shutil.copytree(bears_data, tmp_path_factory.mktemp("clean") / "bears")
     env = {"PETS_MODEL": str(tiny_model), "BEARS_MODEL": str(bears_model), "CLEANER_MODEL": str(bears_model),
-           "CLEANER_DATA": str(data)}
+           "CLEANER_DATA": str(data), "AUTOENCODER_MODEL": str(tiny_autoencoder)}
     ARTIFACTS.mkdir(exist_ok=True)
     with served(["app.py"], env=env) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -50,6 +50,15 @@ def test_classifier_tab_labels_an_upload(site, tmp_path, tab, color, classes):
     shown = heading.first.inner_text()
     assert any(c in shown for c in classes), shown
     screenshot(page, f"{tab.lower()}-tab")
+
+
+def test_autoencoder_tab_shows_a_reconstruction(site, tmp_path):
+    page, _ = site
+    panel = open_tab(page, "Autoencoder")
+    panel.locator("input[type=file]").first.set_input_files(str(write_image(tmp_path / "x.png", (200, 90, 40))))
+    expect(panel.get_by_text("PSNR").first).to_be_visible(timeout=60_000)  # shown once the reconstruction is
+    assert panel.locator("img").count() >= 3  # the upload, the original as the model sees it, the reconstruction
+    screenshot(page, "autoencoder-tab")
 
 
 def test_invalid_upload_shows_the_error(site, tmp_path):
