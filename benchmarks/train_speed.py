@@ -6,7 +6,7 @@
 Both runs get the same decodable images, the same train/valid split, architecture, input size,
 batch size, epochs, learning rate and seed. They train at the same time in two threads that take
 turns batch by batch, so a busy machine slows both alike, and each is timed only while it holds
-its turn. The course recipe is `ImageDataLoaders.from_folder` + `RandomResizedCrop(size,
+its turn (the recipe's loader processes are paused outside its turns). The course recipe is `ImageDataLoaders.from_folder` + `RandomResizedCrop(size,
 min_scale=0.3)` + `aug_transforms()` + `vision_learner` + `fit_one_cycle`; ours is
 `imagelab.train.train_classifier`. Its held-out accuracy is measured by the exported pipeline on
 the original files, as the app sees them. Then the `scratch` preset trains for as long as the
