@@ -166,11 +166,11 @@ def train_classifier(args, root, task=None, cbs=()):
     dls = classifier_dls(files, get_y, size=args.size, min_scale=args.min_scale, bs=args.bs,
                          valid_pct=args.valid_pct, seed=args.seed, workers=workers, splitter=splitter,
                          get_x=presized)
-    if len(dls.train_ds) < args.bs:  # fastai drops incomplete training batches: nothing would be trained
-        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {args.bs}")
     counts = split_counts(dls, get_y)
     print(f"{len(files)} images ({len(skipped)} skipped), classes: {', '.join(map(str, dls.vocab))}")
     learn = classifier_learner(dls, args.arch, args.pretrained, wd=args.wd, label_smoothing=args.label_smoothing)
+    if len(dls.train_ds) < args.bs:  # fastai drops incomplete training batches: nothing would be trained
+        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {args.bs}")
     settings = {"data": str(root), "task": task, **{k: getattr(args, k) for k in RESUME_KEYS if hasattr(args, k)}}
 
     state = load_checkpoint(ckpt, settings) if args.resume else None
