@@ -6,7 +6,7 @@
 Both runs get the same decodable images, the same train/valid split, architecture, input size,
 batch size, epochs, learning rate and seed. They train at the same time in two threads that take
 turns batch by batch, so a busy machine slows both alike, and each is timed only while it holds
-its turn. The course recipe is `ImageDataLoaders.from_folder` + `RandomResizedCrop(size,
+its turn (the recipe's loader processes are paused outside its turns). The course recipe is `ImageDataLoaders.from_folder` + `RandomResizedCrop(size,
 min_scale=0.3)` + `aug_transforms()` + `vision_learner` + `fit_one_cycle`; ours is
 `imagelab.train.train_classifier`. Its held-out accuracy is measured by the exported pipeline on
 the original files, as the app sees them. Then the `scratch` preset trains for as long as the
@@ -14,19 +14,21 @@ recipe took. The last line printed is one JSON object.
 """
 import argparse
 import json
-import random
 import os
+import random
+import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from imagelab import UserError, run_cli  # first: it sets OpenMP's wait policy before PyTorch loads (both runs)
+
+import psutil
 from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import (Callback, ImageDataLoaders, RandomResizedCrop, accuracy, aug_transforms, defaults,
                                set_seed, vision_learner)
 from PIL import Image
-
-from imagelab import UserError, run_cli
 from imagelab.data import detect_labels, find_images, parent_label, presize
 from imagelab.train import PRESETS, classifier_parser, train_classifier
 
@@ -96,8 +98,22 @@ class Turns:
             self.turn = later[0] if later else name
             self.cond.notify_all()
 
-    def callback(self, name):
+    def callback(self, name, workers=False):
+        """The callback that makes a run take turns; `workers`: this run's loader processes pause between turns.
+
+        The recipe's loader processes would otherwise go on decoding while the other run holds the turn,
+        taking its cores and saving the recipe time: each run gets the machine only during its turns.
+        """
         turns = self
+
+        def signal_workers(sig):
+            me = psutil.Process()
+            for child in me.children() if workers else []:  # our trainer starts no processes
+                try:
+                    if child.cmdline() == me.cmdline():  # forked loader processes, not multiprocessing's helpers
+                        child.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
 
         class TakeTurns(Callback):
             order = 100  # after every other callback of the batch has run
@@ -106,8 +122,10 @@ class Turns:
                 turns.take(name)
 
             def after_batch(self):
+                signal_workers(signal.SIGSTOP)
                 turns.give(name)
                 turns.take(name)
+                signal_workers(signal.SIGCONT)
 
             def after_fit(self):
                 turns.give(name, done=True)
@@ -144,7 +162,8 @@ def course_recipe(split, args, cbs):
                                        batch_tfms=aug_transforms())
     learn = vision_learner(dls, args.arch, pretrained=False, metrics=accuracy)
     learn.fit_one_cycle(args.epochs, args.lr, cbs=cbs)
-    return {"accuracy": float(learn.validate()[1]), "train_images": len(dls.train_ds)}
+    # in this process, no more forking once the turns are over (the other thread may be busy)
+    return {"accuracy": float(learn.validate(dl=dls.valid.new(num_workers=0))[1]), "train_images": len(dls.train_ds)}
 
 
 def trainer_args(args, workdir, name, *extra):
@@ -169,11 +188,13 @@ def main(argv=None):
         presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
         cache_seconds = time.perf_counter() - start
 
-        turns = Turns(["recipe", "ours"])
+        # Ours takes the first turn: the recipe forks its loader processes only while our thread waits,
+        # never while it imports or holds a lock that a forked child would inherit locked.
+        turns = Turns(["ours", "recipe"])
         load_before = os.getloadavg()[0]
         set_seed(args.seed, reproducible=True)
         res = turns.run({
-            "recipe": lambda: course_recipe(split, args, [turns.callback("recipe")]),
+            "recipe": lambda: course_recipe(split, args, [turns.callback("recipe", workers=True)]),
             "ours": lambda: train_classifier(ours_args, split, cbs=[turns.callback("ours")])})
         images = res["recipe"]["train_images"] * args.epochs
         recipe_ips, ours_ips = images / turns.held["recipe"], images / turns.held["ours"]
@@ -193,12 +214,13 @@ def main(argv=None):
             out["preset_cache_build_seconds"] = round(time.perf_counter() - start, 1)
             # the preset's own size, batch size and loss; --epochs is only a cap: the time budget ends the run
             preset_args = trainer_args(args, workdir, "preset", "--preset", "scratch", "--epochs", "1000",
-                                       "--time-budget", str(turns.held["recipe"]))
+                                       "--time-budget", str(turns.held["recipe"]),
+                                       "--bs", str(min(preset["bs"], n_train)))  # tiny data: smaller batches
             start = time.perf_counter()
             m = train_classifier(preset_args, split)
             out.update(preset_accuracy=round(m["accuracy"], 4), preset_seconds=round(m["train_seconds"], 1),
                        preset_epochs=round(m["images_trained"] / n_train, 1), preset_size=preset["size"],
-                       preset_bs=preset["bs"],
+                       preset_bs=preset_args.bs,
                        preset_images_per_s=m["images_per_second"])
             out["load_average"].append(round(os.getloadavg()[0], 2))
     print(json.dumps(out))

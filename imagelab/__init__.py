@@ -3,8 +3,15 @@
 Everything an exported learner refers to (label functions, image types, custom models) lives here,
 never in a script's `__main__`, so a `.pkl` loads from any script, server or Space.
 """
+import os
 import sys
 import warnings
+
+# Idle OpenMP threads sleep instead of spinning. On a CPU shared with other programs (or with data
+# loading), spinning threads take the cores the busy ones need, and every one of the model's many small
+# operations waits for its slowest thread; on the 2-core machine of README "Speed" a training step took
+# several times longer. Set here because OpenMP reads it once, when PyTorch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)

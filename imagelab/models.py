@@ -26,11 +26,11 @@ def pretrained_weights(arch):
 def adamw(params, **hypers):
     """fastai's Adam (decoupled weight decay, its eps and second-moment decay) computed by PyTorch's AdamW.
 
-    PyTorch's `foreach` AdamW updates every parameter in a few multi-tensor kernels; fastai's Adam runs
-    several small kernels per parameter, which on a CPU costs more than the arithmetic (README: Speed).
+    PyTorch's fused AdamW updates every parameter in one pass over memory; fastai's Adam runs several
+    small kernels per parameter, which on a CPU costs more than the arithmetic (README: Speed).
     fastai's one-cycle schedule still drives the learning rate and momentum.
     """
-    return OptimWrapper(params, opt=partial(torch.optim.AdamW, foreach=True, betas=(0.9, 0.99), eps=1e-5), **hypers)
+    return OptimWrapper(params, opt=partial(torch.optim.AdamW, fused=True, betas=(0.9, 0.99), eps=1e-5), **hypers)
 
 
 def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0):

@@ -43,8 +43,9 @@ class ClassifierParser(argparse.ArgumentParser):
 def classifier_parser(description, out, epochs=3, size=224):
     """The knobs every classifier script shares, grouped like a table; scripts add their own data options."""
     p = ClassifierParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), help="defaults for a kind of run: 'scratch' = " +
-                   ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["scratch"].items()))
+    p.add_argument("--preset", choices=list(PRESETS), help="defaults for a kind of run, which the options given "
+                   "override; scratch (small offline datasets): --no-pretrained --size 64 --bs 64 --epochs 20 "
+                   "--label-smoothing 0.1")
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="DIR", help="local image folder (one sub-folder per class, or "
                       "Oxford-style file names); skips the download")
@@ -108,6 +109,10 @@ class TimeBudget(Callback):
         if self.training and time.perf_counter() - self.start >= self.seconds:
             raise CancelFitException  # the report then evaluates the model as it is
 
+    def after_epoch(self):
+        if time.perf_counter() - self.start >= self.seconds:
+            raise CancelFitException
+
 
 def fits(args, lr):
     """The one-cycle fits of a run as (epochs, fit): one from scratch; fine-tuning has two.
@@ -160,6 +165,8 @@ def train_classifier(args, root, task=None, cbs=()):
     counts = split_counts(dls, get_y)
     print(f"{len(files)} images ({len(skipped)} skipped), classes: {', '.join(map(str, dls.vocab))}")
     learn = classifier_learner(dls, args.arch, args.pretrained, wd=args.wd, label_smoothing=args.label_smoothing)
+    if len(dls.train_ds) < args.bs:  # fastai drops incomplete training batches: nothing would be trained
+        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {args.bs}")
     settings = {"data": str(root), "task": task, **{k: getattr(args, k) for k in RESUME_KEYS if hasattr(args, k)}}
 
     state = load_checkpoint(ckpt, settings) if args.resume else None
