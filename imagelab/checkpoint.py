@@ -16,7 +16,7 @@ from fastai.torch_core import get_model, rank_distrib
 from . import UserError
 
 # Settings that must match (besides the data folder and task) for a checkpoint to be resumed: anything that changes the data or the schedule.
-RESUME_KEYS = ("labels", "arch", "pretrained", "epochs", "size", "min_scale", "bs", "seed",
+RESUME_KEYS = ("labels", "arch", "pretrained", "epochs", "size", "start_size", "min_scale", "bs", "seed",
                "valid_pct", "wd", "label_smoothing", "time_budget")
 
 

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.torch_core import rank_distrib
-from fastai.vision.all import set_seed
+from fastai.vision.all import RandomResizedCrop, set_seed
 
 from . import UserError
 from .checkpoint import RESUME_KEYS, Checkpoint, checkpoint_path, load_checkpoint, restore
@@ -60,6 +60,9 @@ def classifier_parser(description, out, epochs=3, size=224):
     train.add_argument("--epochs", type=int, default=epochs)
     train.add_argument("--size", type=int, default=size, help="square input size in pixels")
     train.add_argument("--min-scale", type=float, default=0.35, help="RandomResizedCrop's smallest crop area")
+    train.add_argument("--start-size", type=int, default=None, metavar="PX",
+                       help="progressive resizing: the first half of each fit of 2+ epochs trains on crops growing "
+                       "from PX to --size (default: half of --size; --start-size equal to --size turns it off)")
     train.add_argument("--bs", type=int, default=32, help="batch size")
     train.add_argument("--lr", default=None, help=f"learning rate, or 'find' for fastai's lr_find "
                        f"(default: {FINE_TUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
@@ -114,6 +117,38 @@ class TimeBudget(Callback):
             raise CancelFitException
 
 
+class ProgressiveResize(Callback):
+    """fastai's progressive resizing, epoch by epoch: small crops first, the full `size` for the second half
+    of every fit of two epochs or more.
+
+    On a CPU the model's forward and backward passes are nearly all of a step and scale with the pixels:
+    an epoch at half the size costs a quarter. The second half of every fit, validation, the report and
+    the export all use the full size, so the model is tuned to and judged at the size it serves.
+    """
+    order = TimeBudget.order + 1  # reads the clock-driven pct_train of a time-budgeted fit
+
+    def __init__(self, crop, size, start):
+        self.crop, self.size, self.start = crop, size, start
+
+    def size_now(self):
+        done = max(self.epoch / self.n_epoch, self.pct_train)  # pct_train: the clock under --time-budget
+        if done >= 0.5 or self.n_epoch < 2:  # a one-epoch fit (fine_tune's frozen one) trains at full size
+            return self.size
+        return max(8, round((self.start + (self.size - self.start) * done / 0.5) / 8) * 8)
+
+    def resize(self, size):
+        self.crop.size = (size, size)
+
+    def before_train(self):
+        self.resize(self.size_now())
+
+    def before_validate(self):
+        self.resize(self.size)
+
+    def after_fit(self):
+        self.resize(self.size)
+
+
 def fits(args, lr):
     """The one-cycle fits of a run as (epochs, fit): one from scratch; fine-tuning has two.
 
@@ -143,6 +178,8 @@ def train_classifier(args, root, task=None, cbs=()):
     """
     if args.epochs < 1 or args.size < 8 or not 0 < args.valid_pct < 1:
         raise UserError("need --epochs >= 1, --size >= 8 and 0 < --valid-pct < 1")
+    if args.start_size is not None and not 8 <= args.start_size <= args.size:
+        raise UserError(f"need 8 <= --start-size <= --size ({args.size})")
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(args.out)
     if args.resume and not ckpt.exists():
@@ -162,6 +199,9 @@ def train_classifier(args, root, task=None, cbs=()):
     dls = classifier_dls(files, get_y, size=args.size, min_scale=args.min_scale, bs=args.bs,
                          valid_pct=args.valid_pct, seed=args.seed, workers=workers, splitter=splitter,
                          get_x=presized)
+    start_size = args.size // 2 if args.start_size is None else args.start_size
+    crop = next(t for t in dls.train.after_item.fs if isinstance(t, RandomResizedCrop))
+    resize = ProgressiveResize(crop, args.size, start_size)
     counts = split_counts(dls, get_y)
     print(f"{len(files)} images ({len(skipped)} skipped), classes: {', '.join(map(str, dls.vocab))}")
     learn = classifier_learner(dls, args.arch, args.pretrained, wd=args.wd, label_smoothing=args.label_smoothing)
@@ -195,7 +235,7 @@ def train_classifier(args, root, task=None, cbs=()):
                     budget = [TimeBudget(args.time_budget, seconds + time.perf_counter() - start)] \
                         if args.time_budget and fit is schedule[-1][1] else []  # the budget drives the last fit
                     fit(learn, start_epoch=first,
-                        cbs=[history, Checkpoint(ckpt, settings, extra, offset, first, rng), *budget, *cbs])
+                        cbs=[history, Checkpoint(ckpt, settings, extra, offset, first, rng), resize, *budget, *cbs])
                     rng = None  # restored once, before the first epoch this process trains
                     done = offset + n
                 offset += n
@@ -216,7 +256,7 @@ def train_classifier(args, root, task=None, cbs=()):
         metrics.update(
             task=task if labels == "filename" else "folder names", data=str(root), labels=labels,
             split="train/ and valid/ folders" if splitter else f"random {args.valid_pct:.0%}",
-            arch=args.arch, pretrained=args.pretrained, size=args.size, min_scale=args.min_scale,
+            arch=args.arch, pretrained=args.pretrained, size=args.size, start_size=start_size, min_scale=args.min_scale,
             epochs=args.epochs, bs=args.bs, lr=lr, wd=args.wd, label_smoothing=args.label_smoothing,
             seed=args.seed, valid_pct=args.valid_pct, presize=args.presize, processes=processes,
             resumed_after_epoch=state["epoch"] if state else None,

@@ -136,5 +136,30 @@ def test_help_lists_the_knobs():
     assert res.returncode == 0
     for flag in ["--data", "--labels", "--task", "--arch", "--no-pretrained", "--epochs", "--size", "--bs",
                  "--lr", "--valid-pct", "--seed", "--min-scale", "--out", "--resume", "--preset", "--presize",
-                 "--time-budget", "--wd", "--label-smoothing"]:
+                 "--time-budget", "--wd", "--label-smoothing", "--start-size"]:
         assert flag in res.stdout, flag
+
+
+def test_progressive_resizing_trains_small_first_and_exports_the_full_size(tmp_path):
+    from fastai.callback.core import Callback
+    from fastai.learner import load_learner
+    from fastai.vision.all import RandomResizedCrop
+    from imagelab.train import classifier_parser, train_classifier
+
+    class Sizes(Callback):
+        def before_fit(self):
+            self.seen = []
+
+        def after_pred(self):
+            self.seen.append((self.learn.epoch, self.training, self.x.shape[-1]))
+    sizes = Sizes()
+    data = make_folder_dataset(tmp_path / "data", n=16)
+    args = classifier_parser("test", out=str(tmp_path / "m.pkl")).parse_args(
+        ["--no-pretrained", "--arch", "resnet18", "--epochs", "4", "--size", "32", "--start-size", "16", "--bs", "8"])
+    m = train_classifier(args, data, cbs=[sizes])
+    train = {e: {s for e2, t, s in sizes.seen if t and e2 == e} for e in range(4)}
+    assert train == {0: {16}, 1: {24}, 2: {32}, 3: {32}}  # grows over the first half, full size after
+    assert {s for _, t, s in sizes.seen if not t} == {32}  # validation always at the full size
+    assert m["start_size"] == 16 and m["size"] == 32
+    crop = next(t for t in load_learner(tmp_path / "m.pkl").dls.after_item.fs if isinstance(t, RandomResizedCrop))
+    assert tuple(crop.size) == (32, 32)

@@ -1,4 +1,4 @@
-"""The speed benchmark end to end on tiny generated data: both recipes run and the JSON has every number.
+"""The speed benchmark end to end on tiny generated data: every run finishes and the JSON has every number.
 
 No speedup is asserted here: the suite's machine is shared and noisy; README.md has a real run's numbers.
 """
@@ -7,7 +7,9 @@ import json
 from conftest import make_folder_dataset, run
 
 KEYS = {"recipe_images_per_s", "ours_images_per_s", "speedup", "recipe_accuracy", "ours_accuracy",
-        "recipe_seconds", "ours_seconds", "preset_accuracy", "preset_seconds", "preset_epochs"}
+        "recipe_seconds", "ours_seconds", "preset_accuracy", "preset_seconds", "preset_epochs",
+        "fixed_size_images_per_s", "fixed_size_speedup", "fixed_size_accuracy", "fixed_size_seconds",
+        "accuracy_standard_error", "ours_start_size"}
 
 
 def test_benchmark_prints_one_json_object_last(tmp_path):
@@ -18,11 +20,13 @@ def test_benchmark_prints_one_json_object_last(tmp_path):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert KEYS <= set(out), KEYS - set(out)
     assert out["train_images"] + out["valid_images"] == 20 and out["valid_images"] == 4
-    for key in ("recipe_images_per_s", "ours_images_per_s", "recipe_seconds", "ours_seconds", "preset_seconds"):
+    for key in ("recipe_images_per_s", "ours_images_per_s", "fixed_size_images_per_s", "recipe_seconds",
+                "ours_seconds", "fixed_size_seconds", "preset_seconds"):
         assert out[key] > 0, key
-    for key in ("recipe_accuracy", "ours_accuracy", "preset_accuracy"):
+    for key in ("recipe_accuracy", "ours_accuracy", "fixed_size_accuracy", "preset_accuracy"):
         assert 0 <= out[key] <= 1, key
     assert out["speedup"] == round(out["ours_images_per_s"] / out["recipe_images_per_s"], 2) or \
         abs(out["speedup"] - out["ours_images_per_s"] / out["recipe_images_per_s"]) < 0.02
+    assert out["ours_start_size"] == 16  # the trainer's default: half of --size
     # the recipe and ours saw the same split: the links in work/split, train/ and valid/
     assert len(list((tmp_path / "work" / "split" / "valid").rglob("*.jpg"))) == 4
