@@ -94,13 +94,19 @@ def _table(rows, header):
 
 
 def model_card(name, metrics):
-    """A Hub model card from the run's metrics.json: data, classes, settings, held-out metrics, use, loading."""
+    """A Hub model card from the run's metrics.json: data, settings, held-out metrics, use, loading."""
+    return (classifier_card if name in CLASSIFIERS else autoencoder_card)(name, metrics)
+
+
+def _settings(metrics, keys):
+    return _table([(k, metrics[k]) for k in keys if k in metrics], ["setting", "value"])
+
+
+def classifier_card(name, metrics):
     vocab, counts = metrics["vocab"], metrics["counts"]
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
     per_class = [(c, counts["train"].get(c, 0), counts["valid"].get(c, 0), pct(metrics["per_class"][c]["precision"]),
                   pct(metrics["per_class"][c]["recall"])) for c in vocab]
-    settings = [(k, metrics[k]) for k in ("arch", "pretrained", "size", "min_scale", "epochs", "bs", "lr", "seed",
-                                          "valid_pct") if k in metrics]
     versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
     return f"""---
 library_name: fastai
@@ -124,7 +130,8 @@ Trained on `{metrics['data']}` (labels from {metrics['labels']} names; task: {me
 
 ## Model and training
 
-{_table(settings, ["setting", "value"])}
+{_settings(metrics, ("arch", "pretrained", "size", "start_size", "min_scale", "epochs", "bs", "lr", "seed",
+                     "valid_pct"))}
 
 Trained in {metrics['train_seconds']} s ({metrics['images_per_second']} images/s) with {versions}.
 
@@ -165,6 +172,72 @@ learn = load_learner(hf_hub_download("USER/REPO", "{name}.pkl"))
 """
 
 
+def autoencoder_card(name, metrics):
+    versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
+    k, counts = metrics["pca_components"], metrics["counts"]
+    scores = _table([("autoencoder", f"{metrics['ae_mse']:.5f}", f"{metrics['ae_psnr']:.2f}"),
+                     (f"PCA, {k} components", f"{metrics['pca_mse']:.5f}", f"{metrics['pca_psnr']:.2f}")],
+                    ["held-out images", "MSE", "PSNR (dB)"])
+    return f"""---
+library_name: fastai
+license: {LICENSE}
+pipeline_tag: image-to-image
+tags: [fastai, autoencoder, image-to-image]
+metrics: [mse, psnr]
+---
+
+# {SPACES[name]['title']}
+
+{SPACES[name]['about']}
+
+## Data
+
+Trained on `{metrics['data']}` ({counts['train']} images; labels ignored), {counts['valid']} held out at random
+with seed {metrics['seed']}. {counts['skipped']} unreadable files were skipped.
+
+## Model and training
+
+A convolutional autoencoder: stride-2 convolution blocks down to a code of {metrics['code_size']} numbers,
+then upsampling and convolution blocks back to {metrics['size']} x {metrics['size']} RGB.
+
+{_settings(metrics, ("code_size", "depth", "width", "loss", "sparsity", "size", "epochs", "bs", "lr", "seed",
+                     "valid_pct", "parameters"))}
+
+Trained in {metrics['train_seconds']} s ({metrics['images_per_second']} images/s) with {versions}.
+
+## Held-out metrics
+
+Reconstruction error on the held-out images (pixels in [0, 1]), against PCA with as many components
+as the code, fitted on the training images and scored on the same held-out images:
+
+{scores}
+
+MSE ratio autoencoder / PCA: **{metrics['mse_ratio_ae_to_pca']:.3f}** (below 1: the autoencoder is better).
+
+![Reconstructions]({name}.report/reconstructions.png)
+
+![Loss curve]({name}.report/loss_curve.png)
+
+## Intended use and limitations
+
+For demos and teaching: compressing photos like the training images into {metrics['code_size']} numbers
+and rebuilding them at {metrics['size']} pixels, and blending two images through their codes. The
+reconstructions are blurry by design (a short code, a pixel loss); it is not an image codec, and
+images unlike the training data rebuild worse.
+
+## How to load
+
+The fastai learner is a pickle: load only repos you trust.
+
+```python
+from huggingface_hub import hf_hub_download
+from imagelab.autoencoder import Autoencoder      # this project's library: the model class lives there
+ae = Autoencoder(hf_hub_download("USER/REPO", "{name}.pkl"))
+original, rebuilt, psnr = ae.reconstruct("photo.jpg")
+```
+"""
+
+
 def build_model_repo(name, model, out):
     """A folder for a Hub model repo: the learner, its weights-only artifacts, the report and the card."""
     model, out = Path(model), Path(out)
@@ -172,7 +245,7 @@ def build_model_repo(name, model, out):
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    copy_model(name, model, out, ("pkl", "weights", "config", "onnx"))
+    copy_model(name, model, out, ("pkl", "weights", "config", "onnx") if name in CLASSIFIERS else ("pkl",))
     shutil.copy2(REPO / ".gitattributes", out / ".gitattributes")
     (out / "README.md").write_text(model_card(name, metrics))
     return out
@@ -200,8 +273,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.push or args.push_model:
         require_hub_login()  # before building anything: offline or logged out is one line, not a half upload
-    if args.push_model and args.app not in CLASSIFIERS:
-        raise UserError("--push-model writes a classifier's model card; push the autoencoder's Space with --push")
     model = Path(args.model or REPO / "models" / f"{args.app}.pkl")
     if not model.is_file():
         raise UserError(f"no model at {model}: train it first (training/train_{args.app}.py)")

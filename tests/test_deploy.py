@@ -11,7 +11,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from conftest import run, served, write_image
-from imagelab.deploy import model_card
+from imagelab.deploy import build_model_repo, model_card
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,23 @@ def test_model_card_renders_every_field(tiny_model):
     assert f"{metrics['accuracy']:.2%}" in card and str(metrics["train_seconds"]) in card
     assert metrics["data"] in card and "pets.report/confusion_matrix.png" in card
     assert "Intended use and limitations" in card and "load_learner" in card and "Predictor(" in card
+
+
+def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):
+    metrics = json.loads((tiny_autoencoder.with_name("ae.report") / "metrics.json").read_text())
+    repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo")
+    card = (repo / "README.md").read_text()
+    assert front_matter(card)["pipeline_tag"] == "image-to-image"
+    for key in ("code_size", "depth", "width", "loss", "size", "epochs", "bs", "lr", "seed"):
+        assert f"| {key} | {metrics[key]} |" in card, key
+    assert f"| autoencoder | {metrics['ae_mse']:.5f} | {metrics['ae_psnr']:.2f} |" in card
+    assert f"| PCA, {metrics['pca_components']} components | {metrics['pca_mse']:.5f} |" in card
+    assert f"{metrics['mse_ratio_ae_to_pca']:.3f}" in card and "autoencoder.report/reconstructions.png" in card
+    assert (repo / "autoencoder.pkl").is_file() and (repo / "autoencoder.report" / "reconstructions.png").is_file()
+    code = ("import sys; from imagelab.autoencoder import Autoencoder\n"
+            "print(Autoencoder(sys.argv[1]).reconstruct(sys.argv[2])[1].size)")
+    res = run(["-c", code, repo / "autoencoder.pkl", write_image(tmp_path / "x.png", (200, 90, 40))])
+    assert res.returncode == 0 and res.stdout.strip() == "(16, 16)", res.stderr[-2000:]
 
 
 def test_push_without_login_or_network_fails_first_with_one_line(tiny_model, tmp_path):
