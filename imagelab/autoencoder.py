@@ -61,7 +61,7 @@ class ConvAutoencoder(nn.Module):
     `sparse` puts a ReLU on the code so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
     """
 
-    def __init__(self, size=64, code_size=64, depth=3, width=32, sparse=False, blocks=1):
+    def __init__(self, size=64, code_size=64, depth=2, width=32, sparse=False, blocks=1):
         super().__init__()
         if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
             raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
@@ -76,9 +76,9 @@ class ConvAutoencoder(nn.Module):
                                        for ci, co in zip([3] + ch, ch)], nn.Flatten())
         self.to_code = nn.Sequential(nn.Linear(math.prod(self.grid), code_size), *([nn.ReLU()] if sparse else []))
         self.from_code = nn.Linear(code_size, math.prod(self.grid))
-        up = ch[::-1] + ch[:1]  # e.g. 128 64 32 32: mirrors the encoder, ending at `width` channels
-        self.decoder = nn.Sequential(*[nn.Sequential(*[ResBlock(ci) for _ in range(blocks)], nn.Upsample(scale_factor=2),
-                                                     nn.Conv2d(ci, co, 3, padding=1))
+        up = ch[::-1] + ch[:1]  # e.g. 64 32 32: mirrors the encoder, ending at `width` channels
+        self.decoder = nn.Sequential(*[nn.Sequential(*[ResBlock(ci) for _ in range(blocks)],
+                                                     nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
                                        for ci, co in zip(up, up[1:])],
                                      nn.Conv2d(ch[0], 3, 3, padding=1))
 
@@ -86,7 +86,7 @@ class ConvAutoencoder(nn.Module):
         return self.to_code(self.encoder(x - 0.5))  # pixels centred on 0, like the decoder's output below
 
     def decode(self, code):
-        # Linear around mid-grey, clamped to valid pixels: a sigmoid would flatten the gradient near black and white.
+        # Linear around mid-grey, clamped to valid pixels like PCA's reconstructions (the report scores it as is).
         return (self.decoder(self.from_code(code).view(-1, *self.grid)) + 0.5).clamp(0, 1)
 
     def forward(self, x):
@@ -114,7 +114,7 @@ class CodeSparsity(Callback):
         self.hook.remove()
 
 
-def autoencoder_dls(files, size=64, bs=8, valid_pct=0.2, seed=42, workers=None, get_x=None):
+def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, get_x=None):
     """DataLoaders whose target is the input: the same random crop and flip on both.
 
     fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
