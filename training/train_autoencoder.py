@@ -29,7 +29,7 @@ def parser():
     model.add_argument("--code-size", type=int, default=64, help="numbers in the code (the bottleneck); "
                        "PCA gets as many components")
     model.add_argument("--depth", type=int, default=2, help="stride-2 blocks in the encoder (upsampling blocks in the "
-                       "decoder); shallower models learn faster, deeper ones reach further with long training")
+                       "decoder); in three epochs 2 levels train better than 3 or 4")
     model.add_argument("--width", type=int, default=32, help="channels of the first block, doubling each block")
     model.add_argument("--blocks", type=int, default=1, help="residual blocks at each level of the encoder and decoder")
     model.add_argument("--loss", choices=sorted(LOSSES), default="mse", help="reconstruction loss")
@@ -42,13 +42,13 @@ def parser():
     # needs steps more than it needs big batches (notes in README "Autoencoder").
     train.add_argument("--bs", type=int, default=4, help="batch size")
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the one-cycle schedule")
-    train.add_argument("--wd", type=float, default=None, help="weight decay (default: fastai's)")
+    train.add_argument("--wd", type=float, default=None, help="decoupled weight decay (None: fastai's 0.01)")
     train.add_argument("--workers", type=int, default=None,
-                       help="data-loading processes (default: none with --presize, else fastai's: one per core)")
+                       help="data-loading processes (None: none with --presize, else fastai's: one per core)")
     train.add_argument("--presize", action=argparse.BooleanOptionalAction, default=True,
                        help="decode each image once into a small cached copy and train on the copies")
     train.add_argument("--cache", metavar="DIR",
-                       help=f"folder of presized copies (default: $IMAGELAB_CACHE or {default_cache()})")
+                       help=f"folder of presized copies (None: $IMAGELAB_CACHE or {default_cache()})")
     output = p.add_argument_group("output")
     output.add_argument("--out", default="models/autoencoder.pkl",
                         help="exported learner; its report goes in <out stem>.report/")
