@@ -7,19 +7,20 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.hook import hook_output
-from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner, load_learner
 from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
-from fastai.vision.all import DataBlock, ImageBlock, RandomSplitter, Resize, aug_transforms
+from fastai.vision.all import DataBlock, FlipItem, ImageBlock, RandomSplitter, Resize
 from PIL import Image
 from torch import nn
 
 from . import UserError
 from .data import RGBImage
 from .images import read_image
+from .models import adamw
 from .reports import plot_loss_curve, save_fig
 
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
@@ -31,37 +32,62 @@ def channels(depth, width):
     return [min(width * 2 ** i, MAX_WIDTH) for i in range(depth)]
 
 
+class ResBlock(nn.Module):
+    """x + conv(act(norm(conv(act(norm(x)))))): a pre-activation residual block, its last conv zeroed at init.
+
+    Zeroed, every block starts as the identity, so at init the model is a chain of plain (linear)
+    convolutions around the code: the broad, linear part of the job (what PCA finds) trains at once, and
+    the blocks add the nonlinear part. Three epochs of a plain conv stack (ReLU after every layer) reach
+    twice PCA's error (notes in README "Autoencoder").
+    """
+
+    def __init__(self, ch):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                  nn.BatchNorm2d(ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
 class ConvAutoencoder(nn.Module):
     """Undercomplete autoencoder: `depth` stride-2 conv blocks, a linear code of `code_size` numbers,
     `depth` upsample + conv blocks back to `size` x `size` RGB in [0, 1].
 
+    Each encoder block is a stride-2 conv then `blocks` residual blocks; each decoder block mirrors it
+    (residual blocks, then nearest upsampling and a conv). Nothing crosses the code but its `code_size` numbers.
     `sparse` puts a ReLU on the code so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
     """
 
-    def __init__(self, size=64, code_size=64, depth=4, width=32, sparse=False):
+    def __init__(self, size=64, code_size=64, depth=2, width=32, sparse=False, blocks=1):
         super().__init__()
-        if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1:
+        if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
             raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
-                            "--code-size, --depth and --width must be at least 1")
+                            "--code-size, --depth and --width must be at least 1, --blocks at least 0")
         self.size, self.code_size, self.depth, self.width, self.sparse = size, code_size, depth, width, sparse
+        self.blocks = blocks
         ch = channels(depth, width)
         side = size // 2 ** depth
         self.grid = (ch[-1], side, side)  # the encoder's output, and the decoder's input, before the code
-        # Each encoder block halves the side with a stride-2 conv; each decoder block doubles it, then convolves.
-        self.encoder = nn.Sequential(*[ConvLayer(ci, co, stride=2)
-                                       for ci, co in zip([3] + ch, ch)], Flatten())
+        self.encoder = nn.Sequential(*[nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1),
+                                                     *[ResBlock(co) for _ in range(blocks)])
+                                       for ci, co in zip([3] + ch, ch)], nn.Flatten())
         self.to_code = nn.Sequential(nn.Linear(math.prod(self.grid), code_size), *([nn.ReLU()] if sparse else []))
-        self.from_code = nn.Sequential(nn.Linear(code_size, math.prod(self.grid)), nn.ReLU())
-        up = ch[::-1] + ch[:1]  # e.g. 256 128 64 32 32: mirrors the encoder, ending at `width` channels
-        self.decoder = nn.Sequential(*[nn.Sequential(nn.Upsample(scale_factor=2), ConvLayer(ci, co))
+        self.from_code = nn.Linear(code_size, math.prod(self.grid))
+        up = ch[::-1] + ch[:1]  # e.g. 64 32 32: mirrors the encoder, ending at `width` channels
+        self.decoder = nn.Sequential(*[nn.Sequential(*[ResBlock(ci) for _ in range(blocks)],
+                                                     nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
                                        for ci, co in zip(up, up[1:])],
-                                     nn.Conv2d(ch[0], 3, 3, padding=1), nn.Sigmoid())
+                                     nn.Conv2d(ch[0], 3, 3, padding=1))
 
     def encode(self, x):
-        return self.to_code(self.encoder(x))
+        return self.to_code(self.encoder(x - 0.5))  # pixels centred on 0, like the decoder's output below
 
     def decode(self, code):
-        return self.decoder(self.from_code(code).view(-1, *self.grid))
+        # Linear around mid-grey, clamped to valid pixels like PCA's reconstructions (the report scores it as is).
+        return (self.decoder(self.from_code(code).view(-1, *self.grid)) + 0.5).clamp(0, 1)
 
     def forward(self, x):
         return self.decode(self.encode(x))
@@ -88,15 +114,18 @@ class CodeSparsity(Callback):
         self.hook.remove()
 
 
-def autoencoder_dls(files, size=64, bs=32, valid_pct=0.2, seed=42, workers=None):
-    """DataLoaders whose target is the input: the same random crop and augmentation on both.
+def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, get_x=None):
+    """DataLoaders whose target is the input: the same random crop and flip on both.
 
     fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
+    Training sees a random square along each image's long side, flipped half the time: what is scored
+    (below) plus mirror images. Warps and lighting changes are left out: they make the task harder than
+    what is scored, and three epochs have no steps to spare (notes in README "Autoencoder").
     Validation (and inference, and PCA) sees the centre square of each image, unaugmented.
+    `get_x` maps a file to what is decoded (`Presized`); the target is decoded the same way.
     """
-    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)),
-                      splitter=RandomSplitter(valid_pct, seed=seed),
-                      item_tfms=Resize(size), batch_tfms=aug_transforms())
+    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)), get_x=get_x, get_y=get_x,
+                      splitter=RandomSplitter(valid_pct, seed=seed), item_tfms=[Resize(size), FlipItem(0.5)])
     kwargs = {} if workers is None else {"num_workers": workers}
     dls = block.dataloaders(list(files), bs=bs, seed=seed, **kwargs)
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
@@ -104,8 +133,11 @@ def autoencoder_dls(files, size=64, bs=32, valid_pct=0.2, seed=42, workers=None)
     return dls
 
 
-def autoencoder_learner(dls, model, loss="mse"):
-    return Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse])
+def autoencoder_learner(dls, model, loss="mse", wd=None):
+    learn = Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse], opt_func=adamw, wd=wd)
+    if torch.device(dls.device or "cpu").type == "cpu":
+        learn.add_cb(ChannelsLast())  # oneDNN's convolutions run faster on channels-last tensors on a CPU
+    return learn
 
 
 def preprocessed(dls, items, bs=64):

@@ -59,6 +59,7 @@ def test_report_and_pca_on_the_same_images(ae_model):
     assert sorted(p.name for p in (report / "examples").iterdir())
     m = json.loads((report / "metrics.json").read_text())
     assert (m["code_size"], m["depth"], m["width"], m["size"], m["epochs"], m["loss"]) == (8, 2, 8, 16, 2, "mse")
+    assert m["blocks"] == 1 and m["presize"] is True
     assert m["counts"] == {"train": 20, "valid": 4, "skipped": 1} and m["skipped_files"][0].endswith("broken.jpg")
     assert m["pca_components"] == 8 and m["train_seconds"] > 0
     assert m["ae_psnr"] == pytest.approx(psnr(m["ae_mse"])) and m["pca_psnr"] == pytest.approx(psnr(m["pca_mse"]))
@@ -130,6 +131,6 @@ def test_bad_arguments_and_offline_default_are_one_line_errors(tmp_path):
 def test_help_lists_the_knobs():
     res = run(["training/train_autoencoder.py", "--help"])
     assert res.returncode == 0
-    for flag in ["--data", "--code-size", "--depth", "--width", "--loss", "--sparsity", "--size", "--epochs", "--bs",
-                 "--lr", "--seed", "--out"]:
+    for flag in ["--data", "--code-size", "--depth", "--width", "--blocks", "--loss", "--sparsity", "--size", "--epochs",
+                 "--bs", "--lr", "--wd", "--presize", "--seed", "--out"]:
         assert flag in res.stdout, flag
