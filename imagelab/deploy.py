@@ -200,7 +200,7 @@ with seed {metrics['seed']}. {counts['skipped']} unreadable files were skipped.
 A convolutional autoencoder: stride-2 convolution blocks down to a code of {metrics['code_size']} numbers,
 then upsampling and convolution blocks back to {metrics['size']} x {metrics['size']} RGB.
 
-{_settings(metrics, ("code_size", "depth", "width", "loss", "sparsity", "size", "epochs", "bs", "lr", "seed",
+{_settings(metrics, ("code_size", "depth", "width", "blocks", "loss", "sparsity", "size", "epochs", "bs", "lr", "seed",
                      "valid_pct", "parameters"))}
 
 Trained in {metrics['train_seconds']} s ({metrics['images_per_second']} images/s) with {versions}.
