@@ -1,5 +1,6 @@
 """Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,12 @@ def make_folder_dataset(root, n=12, classes=(("cats", (220, 60, 60)), ("dogs", (
         for i in range(n):
             write_image(root / label / f"{label}_{i}.jpg", color, seed=i)
     return root
+
+
+def interruptible():
+    """`preexec_fn` of a child the test stops with SIGINT: a job started in the background by a shell (nohup,
+    `&`) inherits SIGINT ignored, and then Python never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(args, timeout=300, **kwargs):

@@ -15,7 +15,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import PY, ROOT, run
+from conftest import PY, ROOT, interruptible, run
 from imagelab import UserError
 from imagelab.data import check_image
 from imagelab.download import make_dataset, search_images
@@ -184,7 +184,7 @@ def test_ctrl_c_while_downloading_leaves_no_partial_file(web, tmp_path):
     dest = tmp_path / "bears"
     proc = subprocess.Popen([PY, "training/train_bears.py", "--download-only", "--classes", "grizzly",
                              "--dest", dest], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ))
+                            env=dict(os.environ), preexec_fn=interruptible)
     deadline, seen = time.monotonic() + 120, ""
     while "downloading" not in seen and time.monotonic() < deadline and proc.poll() is None:
         seen += proc.stderr.read(1)

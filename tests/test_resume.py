@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastai.learner import load_learner
 
-from conftest import PY, ROOT, hub_cache_with_weights, make_folder_dataset, run
+from conftest import PY, ROOT, hub_cache_with_weights, interruptible, make_folder_dataset, run
 
 EPOCHS = 4
 
@@ -29,7 +29,7 @@ def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None):
     """Start a real run and send `sig` once it has checkpointed an epoch of its own (but is not done)."""
     before = saved_epoch(ckpt)
     proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=interruptible)
     deadline = time.monotonic() + timeout
     while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

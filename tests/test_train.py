@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import PY, ROOT, make_folder_dataset, run, write_image
+from conftest import PY, ROOT, interruptible, make_folder_dataset, run, write_image
 from imagelab.export import staged_export
 from imagelab.inference import Predictor
 
@@ -87,7 +87,8 @@ def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
     out.write_bytes(b"previous model")
     proc = subprocess.Popen([PY, "training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
                              "--epochs", "50", "--size", "32", "--bs", "4", "--workers", "0", "--out", out],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     seen = ""
     while "epoch" not in seen and time.monotonic() < deadline:  # the table header: training has begun
