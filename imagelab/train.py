@@ -121,8 +121,8 @@ class ProgressiveResize(Callback):
     """fastai's progressive resizing, epoch by epoch: small crops first, the full `size` for the second half
     of every fit of two epochs or more.
 
-    On a CPU the model's forward and backward passes are nearly all of a step and scale with the pixels:
-    an epoch at half the size costs a quarter. The second half of every fit, validation, the report and
+    On a CPU the model's forward and backward passes are nearly all of a step and grow with the pixels:
+    an epoch at half the size cost about a third here (README: Speed). The second half of every fit, validation, the report and
     the export all use the full size, so the model is tuned to and judged at the size it serves.
     """
     order = TimeBudget.order + 1  # reads the clock-driven pct_train of a time-budgeted fit
@@ -134,7 +134,8 @@ class ProgressiveResize(Callback):
         done = max(self.epoch / self.n_epoch, self.pct_train)  # pct_train: the clock under --time-budget
         if done >= 0.5 or self.n_epoch < 2:  # a one-epoch fit (fine_tune's frozen one) trains at full size
             return self.size
-        return max(8, round((self.start + (self.size - self.start) * done / 0.5) / 8) * 8)
+        grown = self.start + (self.size - self.start) * done / 0.5
+        return min(self.size, max(self.start, round(grown / 8) * 8))  # multiples of 8 suit the convolutions
 
     def resize(self, size):
         self.crop.size = (size, size)

@@ -130,6 +130,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == f"error: no such folder: {tmp_path / 'missing'}"
     res = run(["training/train_pets.py", "--data", tmp_path, "--arch", "no_such_net", "--no-pretrained"])
     assert res.returncode == 2 and "Traceback" not in res.stderr
+    res = run(["training/train_pets.py", "--data", tmp_path, "--size", "64", "--start-size", "96"])
+    assert res.returncode == 2 and res.stderr.strip() == "error: need 8 <= --start-size <= --size (64)"
 
 
 def test_help_lists_the_knobs():
