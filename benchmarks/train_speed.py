@@ -138,7 +138,7 @@ class Turns:
         return TakeTurns()
 
     def run(self, jobs):
-        """Run {name: function} in threads; a failed run gives up its turns so the other can finish."""
+        """Run {name: function} in threads; a failed run gives up its turns so the others can finish."""
         results, errors = {}, {}
 
         def work(name, fn):
