@@ -154,6 +154,13 @@ def served(args, env=None, timeout=120, cwd=ROOT):
 BEARS = (("black", (40, 40, 40)), ("grizzly", (150, 100, 50)), ("teddy", (230, 200, 120)))
 
 
+@pytest.fixture(scope="session")
+def pets_app(tiny_model):
+    """The pets app serving the tiny model on 127.0.0.1, shared by the tests that call it (`.proc`: its process)."""
+    with served(["apps/pets/app.py", "--model", tiny_model]) as url:
+        yield url
+
+
 def make_messy_bears(root, n=8):
     """A folder like a real scrape: JPEG, PNG with alpha, palette PNG, WEBP, names with `?` and `&`,
     and in every class one truncated JPEG, one empty file and one text file named .jpg."""

@@ -9,14 +9,8 @@ from gradio_client.exceptions import AppError
 from conftest import served, write_image
 
 
-@pytest.fixture(scope="module")
-def pets_url(tiny_model):
-    with served(["apps/pets/app.py", "--model", tiny_model]) as url:
-        yield url
-
-
-def test_pets_app_predicts(pets_url, tmp_path):
-    client = Client(pets_url, verbose=False)
+def test_pets_app_predicts(pets_app, tmp_path):
+    client = Client(pets_app, verbose=False)
     for name, color in [("red.jpg", (220, 60, 60)), ("blue.png", (60, 60, 220))]:
         out = client.predict(handle_file(str(write_image(tmp_path / name, color))), api_name="/predict")
         confidences = {c["label"]: c["confidence"] for c in out["confidences"]}
@@ -24,8 +18,8 @@ def test_pets_app_predicts(pets_url, tmp_path):
         assert sum(confidences.values()) == pytest.approx(1, abs=1e-4)
 
 
-def test_pets_app_rejects_a_non_image_with_a_clear_message(pets_url, tmp_path):
-    client = Client(pets_url, verbose=False)
+def test_pets_app_rejects_a_non_image_with_a_clear_message(pets_app, tmp_path):
+    client = Client(pets_app, verbose=False)
     bad = tmp_path / "notes.jpg"
     bad.write_text("not a picture")
     with pytest.raises(AppError, match="not a readable image"):

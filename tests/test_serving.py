@@ -6,7 +6,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from conftest import run, served, write_image
+from conftest import run, write_image
 from uploads import invalid_uploads, valid_uploads
 
 
@@ -17,37 +17,31 @@ def peak_rss_mb(proc):
     raise AssertionError("no VmHWM")
 
 
-@pytest.fixture(scope="module")
-def app(tiny_model):
-    with served(["apps/pets/app.py", "--model", tiny_model]) as url:
-        yield url
-
-
-def test_odd_but_valid_images_are_classified(app, tmp_path):
-    client = Client(app, verbose=False)
+def test_odd_but_valid_images_are_classified(pets_app, tmp_path):
+    client = Client(pets_app, verbose=False)
     for name, path in valid_uploads(tmp_path).items():
         out = client.predict(handle_file(str(path)), api_name="/predict")
         assert out["label"] in ("cats", "dogs"), name
         assert sum(c["confidence"] for c in out["confidences"]) == pytest.approx(1, abs=1e-4), name
 
 
-def test_invalid_uploads_get_a_clear_error_fast_and_the_server_survives(app, tmp_path):
-    client = Client(app, verbose=False)
-    before = peak_rss_mb(app.proc)
+def test_invalid_uploads_get_a_clear_error_fast_and_the_server_survives(pets_app, tmp_path):
+    client = Client(pets_app, verbose=False)
+    before = peak_rss_mb(pets_app.proc)
     for name, (path, message) in invalid_uploads(tmp_path).items():
         start = time.monotonic()
         with pytest.raises(AppError, match=message):
             client.predict(handle_file(str(path)), api_name="/predict")
         assert time.monotonic() - start < 3, name
-    assert peak_rss_mb(app.proc) - before < 200  # the 40000x40000 "bomb" was never decoded
-    assert app.proc.poll() is None
+    assert peak_rss_mb(pets_app.proc) - before < 200  # the 40000x40000 "bomb" was never decoded
+    assert pets_app.proc.poll() is None
     out = client.predict(handle_file(str(write_image(tmp_path / "ok.jpg", (220, 60, 60)))), api_name="/predict")
     assert out["label"] in ("cats", "dogs")
 
 
-def test_32_clients_10_requests_each_no_failures(app, tmp_path):
+def test_32_clients_10_requests_each_no_failures(pets_app, tmp_path):
     image = write_image(tmp_path / "load.jpg", (60, 60, 220), size=(320, 240))
-    res = run(["benchmarks/load.py", "--url", app, "--image", image, "--clients", "32", "--requests", "10"],
+    res = run(["benchmarks/load.py", "--url", pets_app, "--image", image, "--clients", "32", "--requests", "10"],
               timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
