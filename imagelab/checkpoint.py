@@ -20,12 +20,6 @@ RESUME_KEYS = ("labels", "arch", "pretrained", "epochs", "size", "start_size", "
                "valid_pct", "wd", "label_smoothing", "time_budget")
 
 
-def checkpoint_path(model_path):
-    """`models/pets.pkl` -> `models/pets.ckpt` (ignored by git like the model)."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.stem + ".ckpt")
-
-
 def train_loader(learn):
     """The training DataLoader, also when fastai's distributed training wraps it in a `DistributedDL`."""
     return getattr(learn.dls.train, "dl", learn.dls.train)

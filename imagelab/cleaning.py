@@ -13,19 +13,11 @@ from pathlib import Path
 from PIL import Image
 
 from . import UserError
-from .folders import check_class_name
 from .images import check_image, open_rgb
-from .export import report_dir
+from .paths import check_class_name, hidden, plain_name, report_dir
 
 LOG, REMOVED = "cleaning-log.jsonl", "removed"
 ACTIONS = ("keep", "relabel", "remove")
-
-
-def plain_name(name):
-    """A file name that is one path component and nothing else."""
-    if not isinstance(name, str) or name in ("", ".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise UserError(f"not a file name: {name!r}")
-    return name
 
 
 def safe_path(root, rel, classes, removed=False):
@@ -83,7 +75,7 @@ class Cleaner:
         if folder.is_symlink() or not folder.is_dir():
             return []
         names = sorted(e.name for e in os.scandir(folder)
-                       if e.is_file(follow_symlinks=False) and not e.name.startswith("."))
+                       if e.is_file(follow_symlinks=False) and not hidden(e.name))
         rels = [f"{label}/{n}" for n in names]
         if split != "all":
             chosen = set(self.split[split])

@@ -12,8 +12,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
-from .folders import ignored
 from .images import check_image, open_rgb
+from .paths import dataset_files
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -129,7 +129,7 @@ def find_images(root, workers=8):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no such folder: {root}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not ignored(p.relative_to(root).parts))
+    files = dataset_files(root)
     if not files:
         raise UserError(f"no files in {root}")
     with ThreadPoolExecutor(workers) as pool:

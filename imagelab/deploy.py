@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio
 
 from . import UserError, run_cli
-from .export import artifact_paths, report_dir
+from .paths import artifact_paths, report_dir
 from .hub import require_hub_login
 
 REPO = Path(__file__).resolve().parents[1]

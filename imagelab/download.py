@@ -24,9 +24,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
-from .folders import check_class_name
 from .images import check_image
-from .reports import write_json
+from .metadata import write_json
+from .paths import check_class_name, hidden, visible_files
 
 SEARCH_HOST = "duckduckgo.com"  # ddgs's image search asks duckduckgo.com (and www.bing.com)
 SUMMARY, REASONS = "download-summary.json", "reasons.tsv"
@@ -104,8 +104,7 @@ class Downloader:
         self.dest, self.timeout = Path(dest), timeout
         # Hashes of what is already there (removed and quarantined files too): a second run adds new
         # images, not copies of old ones, and does not bring back what was thrown out.
-        self.seen = {sha256(p) for p in self.dest.rglob("*") if p.is_file() and p.parent != self.dest
-                     and p.name != REASONS and not any(s.startswith(".") for s in p.relative_to(self.dest).parts)}
+        self.seen = {sha256(p) for p in visible_files(self.dest) if p.parent != self.dest and p.name != REASONS}
 
     def download(self, url, label):
         """Download and check one URL into a hidden part file: (part, sha256, why it is not an image or None),
@@ -199,7 +198,7 @@ def summarise(dest, query, found, outcomes, seconds):
     counts = Counter((label, outcome) for outcome, _, label, _ in outcomes)
     kinds = ("saved", "duplicate", "quarantined", "failed")
     per_class = {c: {"found": len(found[c]), **{k: counts[c, k] for k in kinds},
-                     "images": sum(1 for p in (dest / c).iterdir() if not p.name.startswith("."))}
+                     "images": sum(1 for p in (dest / c).iterdir() if not hidden(p.name))}
                  for c in found}
     quarantined = [(url, label, info) for outcome, url, label, info in outcomes if outcome == "quarantined"]
     if quarantined:

@@ -7,28 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .images import open_rgb
+from .paths import artifact_paths, report_dir
 
 CONFIG_FORMAT = "imagelab-classifier/1"
-
-
-def report_dir(model_path):
-    """The folder beside a model with its plots, metrics and example images: `pets.pkl` -> `pets.report/`."""
-    model_path = Path(model_path)
-    return model_path.with_name(model_path.stem + ".report")
-
-
-def examples_dir(model_path):
-    return report_dir(model_path) / "examples"
-
-
-def artifact_paths(model_path):
-    """The weights-only artifacts beside a learner: `pets.pkl` -> `pets.safetensors`, `pets.config.json`, `pets.onnx`.
-
-    Loading them runs no pickle: safetensors and ONNX are plain data, the config is JSON.
-    """
-    model_path = Path(model_path)
-    return {"weights": model_path.with_suffix(".safetensors"), "onnx": model_path.with_suffix(".onnx"),
-            "config": model_path.with_name(model_path.stem + ".config.json")}
 
 
 @contextmanager

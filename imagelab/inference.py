@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from . import UserError
-from .export import artifact_paths
+from .paths import artifact_paths
 from .hub import resolve_model
 from .images import read_image
 

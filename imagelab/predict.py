@@ -11,14 +11,14 @@ from tqdm.auto import tqdm
 
 from . import UserError, run_cli
 from .inference import Predictor
+from .paths import visible_files
 
 
 def expand(paths):
     """Files as given, folders walked recursively (hidden files skipped), in a stable order."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file()
-                              and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            yield from visible_files(p)
         elif p.exists():
             yield p
         else:

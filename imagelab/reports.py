@@ -1,15 +1,9 @@
 """What a training run shows: loss curve, confusion matrix, top losses and metrics.json."""
-import json
-import platform
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs on servers and in CI without a display
-import fastai
 import matplotlib.pyplot as plt
 import numpy as np
-import timm
-import torch
 from fastai.callback.core import Callback
 from fastai.interpret import ClassificationInterpretation
 
@@ -94,12 +88,3 @@ def classifier_report(learn, history, report_dir, top_k=9):
     return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
             "per_class": per_class(cm, vocab), "confusion_matrix": cm.tolist(), "vocab": vocab}
 
-
-def write_json(obj, path):
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def versions():
-    """The library versions a model was trained with, for its metrics.json."""
-    return {"fastai": fastai.__version__, "timm": timm.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}

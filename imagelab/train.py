@@ -9,13 +9,15 @@ from fastai.torch_core import rank_distrib
 from fastai.vision.all import RandomResizedCrop, set_seed
 
 from . import UserError
-from .checkpoint import RESUME_KEYS, Checkpoint, checkpoint_path, load_checkpoint, restore
+from .checkpoint import RESUME_KEYS, Checkpoint, load_checkpoint, restore
 from .data import (Presized, classifier_dls, default_cache, detect_labels, find_images, folder_split, label_function,
                    presize, split_counts)
 from .distributed import distributed, leave_distributed, world_size
 from .export import export_weights_only, save_examples, staged_export
 from .models import classifier_learner
-from .reports import LossHistory, classifier_report, versions, write_json
+from .metadata import versions, write_json
+from .paths import checkpoint_path
+from .reports import LossHistory, classifier_report
 
 # Chosen for accuracy per CPU second; README.md ("Choosing the default architecture") has the numbers.
 DEFAULT_ARCH = "convnext_nano"
@@ -255,6 +257,7 @@ def train_classifier(args, root, task=None, cbs=()):
     with staged_export(args.out) as (tmp_model, tmp_report):
         metrics = classifier_report(learn, history, tmp_report)
         metrics.update(
+            kind="classifier",
             task=task if labels == "filename" else "folder names", data=str(root), labels=labels,
             split="train/ and valid/ folders" if splitter else f"random {args.valid_pct:.0%}",
             arch=args.arch, pretrained=args.pretrained, size=args.size, start_size=start_size, min_scale=args.min_scale,

@@ -6,7 +6,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import UserError
-from .export import examples_dir
+from .paths import examples_dir
 from .hub import resolve_model
 from .inference import Predictor
 

@@ -13,7 +13,8 @@ from imagelab.autoencoder import (LOSSES, CodeSparsity, ConvAutoencoder, autoenc
                                   autoencoder_report)
 from imagelab.data import Presized, default_cache, find_images, pets_images, presize
 from imagelab.export import save_examples, staged_export
-from imagelab.reports import LossHistory, versions, write_json
+from imagelab.metadata import versions, write_json
+from imagelab.reports import LossHistory
 from fastai.vision.all import set_seed
 
 
@@ -81,7 +82,7 @@ def main(argv=None):
     presized.copies.clear()  # the report (and PCA) and the exported model read the original files, as the app will
     with staged_export(args.out) as (tmp_model, tmp_report):
         m = autoencoder_report(learn, history, tmp_report)
-        m.update(data=str(root), code_size=args.code_size, depth=args.depth, width=args.width, blocks=args.blocks,
+        m.update(kind="autoencoder", data=str(root), code_size=args.code_size, depth=args.depth, width=args.width, blocks=args.blocks,
                  loss=args.loss, wd=args.wd, presize=args.presize,
                  sparsity=args.sparsity, size=args.size, epochs=args.epochs, bs=args.bs, lr=args.lr, seed=args.seed,
                  valid_pct=args.valid_pct, train_seconds=round(seconds, 2),

@@ -1,0 +1,90 @@
+"""Where things live: the files beside a model, and which names in a dataset folder are images.
+
+Standard library only: the downloader, the cleaner and the apps use these rules without the training stack.
+"""
+import os
+import threading
+from pathlib import Path
+
+from . import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What the dataset tools write at the top of a dataset folder (imagelab.download, imagelab.cleaning):
+# never training images, so dataset_files leaves them out; class folders cannot take these names.
+BOOKKEEPING = ("quarantine", "removed", "download-summary.json", "cleaning-log.jsonl")
+
+
+def default_model(name):
+    """`models/<name>.pkl` in this repository: where `training/train_<name>.py` exports by default."""
+    return REPO / "models" / f"{name}.pkl"
+
+
+def report_dir(model):
+    """The folder beside a model with its plots, metrics and example images: `pets.pkl` -> `pets.report/`."""
+    model = Path(model)
+    return model.with_name(model.stem + ".report")
+
+
+def examples_dir(model):
+    return report_dir(model) / "examples"
+
+
+def metrics_path(model):
+    return report_dir(model) / "metrics.json"
+
+
+def artifact_paths(model):
+    """The weights-only artifacts beside a learner: `pets.pkl` -> `pets.safetensors`, `pets.config.json`, `pets.onnx`.
+
+    Loading them runs no pickle: safetensors and ONNX are plain data, the config is JSON.
+    """
+    model = Path(model)
+    return {"weights": model.with_suffix(".safetensors"), "onnx": model.with_suffix(".onnx"),
+            "config": model.with_name(model.stem + ".config.json")}
+
+
+def checkpoint_path(model):
+    """`models/pets.pkl` -> `models/pets.ckpt` (ignored by git like the model)."""
+    model = Path(model)
+    return model.with_name(model.stem + ".ckpt")
+
+
+def staging_path(path):
+    """A hidden sibling of `path`, unique to this process and thread: written first, then renamed onto `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def hidden(name):
+    return name.startswith(".")
+
+
+def visible_files(folder):
+    """Every file under `folder` (recursive), none hidden or inside a hidden folder, in a stable order."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(hidden(part) for part in p.relative_to(folder).parts))
+
+
+def dataset_files(root):
+    """The candidate images of a dataset folder: its visible files, less the dataset tools' bookkeeping."""
+    root = Path(root)
+    return [p for p in visible_files(root) if p.relative_to(root).parts[0] not in BOOKKEEPING]
+
+
+def plain_name(name):
+    """A file name that is one path component and nothing else, not hidden."""
+    if not isinstance(name, str) or name in ("", ".", "..") or hidden(name) or any(c in name for c in "/\\\0"):
+        raise UserError(f"not a file name: {name!r}")
+    return name
+
+
+def check_class_name(name):
+    """A class name is a folder name: one plain path component, not hidden, not one of the tools' own."""
+    if not isinstance(name, str) or not name.strip() or name in BOOKKEEPING:
+        raise UserError(f"not a usable class name: {name!r}")
+    try:
+        return plain_name(name)
+    except UserError:
+        raise UserError(f"not a usable class name: {name!r}") from None
