@@ -50,6 +50,24 @@ def run(args, timeout=300, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+def fails_with_one_line(res, *fragments):
+    """A command that stopped on a user error: exit status 2 and one line on stderr that names every fragment."""
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def in_fresh_process(code, *args, cwd, env=None, timeout=180):
+    """Run Python `code` in a new interpreter started in `cwd` (not this repository); returns its last stdout line."""
+    res = subprocess.run([PY, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1]
+
+
 def train_tiny(data, out, *extra, timeout=300):
     res = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
                "--epochs", "1", "--size", "32", "--bs", "8", "--workers", "0", "--out", out, *extra],
