@@ -6,7 +6,7 @@
 Every run gets the same decodable images, the same train/valid split, architecture, input size,
 batch size, epochs, learning rate and seed. The course recipe is `ImageDataLoaders.from_folder` +
 `RandomResizedCrop(size, min_scale=0.3)` + `aug_transforms()` + `vision_learner` + `fit_one_cycle`;
-ours is `imagelab.train.train_classifier` with its defaults (progressive resizing included), and
+ours is `imagelab.train.train` of the classifier with its defaults (progressive resizing included), and
 `fixed` is the same trainer at the full size throughout (`--start-size` = `--size`), to show what
 progressive resizing adds. The three train at the same time in threads that take turns batch by
 batch, so a busy machine slows them alike, and each is timed only while it holds its turn (the
@@ -25,15 +25,18 @@ import threading
 import time
 from pathlib import Path
 
-from imagelab import UserError, run_cli  # first: it sets OpenMP's wait policy before PyTorch loads (both runs)
+from imagelab import UserError, run_cli, setup
 
-import psutil
+setup()  # before PyTorch loads: OpenMP reads its wait policy once (both runs)
+import psutil  # noqa: E402
 from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import (Callback, ImageDataLoaders, RandomResizedCrop, accuracy, aug_transforms, defaults,
                                set_seed, vision_learner)
 from PIL import Image
+from imagelab.classifier import Classifier
+from imagelab.config import ClassifierConfig
 from imagelab.data import detect_labels, find_images, parent_label, presize
-from imagelab.train import PRESETS, classifier_parser, train_classifier
+from imagelab.train import train
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
@@ -177,11 +180,10 @@ def standard_error(accuracy, n):
     return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
-def trainer_args(args, workdir, name, *extra):
-    parser = classifier_parser("benchmark", out=str(workdir / f"{name}.pkl"))
-    common = ["--arch", args.arch, "--seed", str(args.seed), "--no-pretrained",
-              *(["--cache", args.cache] if args.cache else [])]
-    return parser.parse_args(common + list(extra))
+def trainer_config(args, workdir, name, **settings):
+    return ClassifierConfig(**{"data": str(workdir / "split"), "arch": args.arch, "seed": args.seed,
+                               "pretrained": False, "cache": args.cache, "out": str(workdir / f"{name}.pkl"),
+                               **settings})
 
 
 def main(argv=None):
@@ -193,11 +195,10 @@ def main(argv=None):
         print(f"{n_train} training and {n_valid} held-out images in {split}")
         defaults.callbacks = [cb for cb in defaults.callbacks if cb is not ProgressCallback]  # two runs, one terminal
 
-        common = ["--size", str(args.size), "--epochs", str(args.epochs), "--bs", str(args.bs), "--lr", str(args.lr),
-                  "--min-scale", str(args.min_scale)]
-        ours_args = trainer_args(args, workdir, "ours", *common)
+        common = {"size": args.size, "epochs": args.epochs, "bs": args.bs, "lr": args.lr, "min_scale": args.min_scale}
+        ours = trainer_config(args, workdir, "ours", **common)
         # The trainer without progressive resizing: what the rest of the trainer gains at one size throughout.
-        fixed_args = trainer_args(args, workdir, "fixed", *common, "--start-size", str(args.size))
+        fixed = trainer_config(args, workdir, "fixed", **common, start_size=args.size)
         start = time.perf_counter()
         presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
         cache_seconds = time.perf_counter() - start
@@ -209,8 +210,8 @@ def main(argv=None):
         set_seed(args.seed, reproducible=True)
         res = turns.run({
             "recipe": lambda: course_recipe(split, args, [turns.callback("recipe", workers=True)]),
-            "ours": lambda: train_classifier(ours_args, split, cbs=[turns.callback("ours")]),
-            "fixed": lambda: train_classifier(fixed_args, split, cbs=[turns.callback("fixed")])})
+            "ours": lambda: train(Classifier(), ours, cbs=[turns.callback("ours")]),
+            "fixed": lambda: train(Classifier(), fixed, cbs=[turns.callback("fixed")])})
         images = res["recipe"]["train_images"] * args.epochs
         ips = {name: images / turns.held[name] for name in turns.names}
         out = {"data": str(args.data), "train_images": n_train, "valid_images": n_valid, "arch": args.arch,
@@ -230,19 +231,18 @@ def main(argv=None):
                "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
         if args.preset:
-            preset = PRESETS["scratch"]
+            preset = ClassifierConfig.PRESETS["scratch"]
             start = time.perf_counter()
             presize(find_images(split)[0], preset["size"], args.cache)
             out["preset_cache_build_seconds"] = round(time.perf_counter() - start, 1)
             # the preset's own size, batch size and loss; --epochs is only a cap: the time budget ends the run
-            preset_args = trainer_args(args, workdir, "preset", "--preset", "scratch", "--epochs", "1000",
-                                       "--time-budget", str(turns.held["recipe"]),
-                                       "--bs", str(min(preset["bs"], n_train)))  # tiny data: smaller batches
-            start = time.perf_counter()
-            m = train_classifier(preset_args, split)
+            preset_cfg = trainer_config(args, workdir, "preset", **{
+                **preset, "epochs": 1000, "time_budget": turns.held["recipe"],
+                "bs": min(preset["bs"], n_train)})  # tiny data: smaller batches
+            m = train(Classifier(), preset_cfg)
             out.update(preset_accuracy=round(m["accuracy"], 4), preset_seconds=round(m["train_seconds"], 1),
                        preset_epochs=round(m["images_trained"] / n_train, 1), preset_size=preset["size"],
-                       preset_bs=preset_args.bs,
+                       preset_bs=preset_cfg.bs,
                        preset_images_per_s=m["images_per_second"])
             out["load_average"].append(round(os.getloadavg()[0], 2))
     print(json.dumps(out))

@@ -7,22 +7,30 @@ import os
 import sys
 import warnings
 
-# Idle OpenMP threads sleep instead of spinning. On a CPU shared with other programs (or with data
-# loading), spinning threads take the cores the busy ones need, and every one of the model's many small
-# operations waits for its slowest thread; on the 2-core machine of README "Speed" a training step took
-# several times longer. Set here because OpenMP reads it once, when PyTorch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-# fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-
 
 class UserError(Exception):
     """A problem the user can fix (bad path, no network, ...): shown as one line, no traceback."""
 
 
+def setup():
+    """The process-wide settings of an entry point; call it before torch is imported (run_cli does).
+
+    Idle OpenMP threads sleep instead of spinning: on a CPU shared with other programs (or with data
+    loading), spinning threads take the cores the busy ones need, and every one of the model's many
+    small operations waits for its slowest thread. OpenMP reads this once, when PyTorch loads.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+
 def run_cli(main, argv=None):
-    """Run a command-line entry point; a `UserError` or Ctrl-C ends it with one line on stderr."""
+    """Run a command-line entry point after `setup()`; a `UserError` or Ctrl-C ends it with one line on stderr.
+
+    Entry points import the training stack inside `main`, so `--help` answers at once and `setup()`
+    comes before torch loads.
+    """
+    setup()
     try:
         main(argv)
     except UserError as e:

@@ -18,12 +18,15 @@ from PIL import Image
 from torch import nn
 
 from . import UserError
-from .data import RGBImage
+from .data import RGBImage, pets_images
+from .export import export_weights_only, save_examples
 from .images import read_image
 from .models import adamw
 from .reports import plot_loss_curve, save_fig
+from .train import Task
 
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
+CONFIG_FORMAT = "imagelab-autoencoder/1"
 MAX_WIDTH = 512  # channels stop doubling here, so deep models stay a sensible size
 
 
@@ -63,9 +66,7 @@ class ConvAutoencoder(nn.Module):
 
     def __init__(self, size=64, code_size=64, depth=2, width=32, sparse=False, blocks=1):
         super().__init__()
-        if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
-            raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
-                            "--code-size, --depth and --width must be at least 1, --blocks at least 0")
+        self.check(size, code_size, depth, width, blocks)
         self.size, self.code_size, self.depth, self.width, self.sparse = size, code_size, depth, width, sparse
         self.blocks = blocks
         ch = channels(depth, width)
@@ -81,6 +82,12 @@ class ConvAutoencoder(nn.Module):
                                                      nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
                                        for ci, co in zip(up, up[1:])],
                                      nn.Conv2d(ch[0], 3, 3, padding=1))
+
+    @staticmethod
+    def check(size, code_size, depth, width, blocks):
+        if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
+            raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
+                            "--code-size, --depth and --width must be at least 1, --blocks at least 0")
 
     def encode(self, x):
         return self.to_code(self.encoder(x - 0.5))  # pixels centred on 0, like the decoder's output below
@@ -147,10 +154,19 @@ def preprocessed(dls, items, bs=64):
 
 
 @torch.no_grad()
-def reconstruct(model, x, bs=64):
+def batched(fn, model, x, bs=64):
+    """`fn(model, batch)` over `x` in batches on the model's device (a GPU after training there), back on the CPU."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + bs].to(device)).cpu() for i in range(0, len(x), bs)])
+    return torch.cat([fn(model, x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
+
+
+def reconstruct(model, x):
+    return batched(lambda m, b: m(b), model, x)
+
+
+def encode(model, x):
+    return batched(lambda m, b: m.encode(b), model, x)
 
 
 def fit_pca(x, k):
@@ -213,9 +229,7 @@ def autoencoder_report(learn, history, report_dir):
     k = min(model.code_size, len(train_x) - 1)  # centred, n images span at most n - 1 dimensions
     mean, axes = fit_pca(train_x.flatten(1), k)
     pca_x = pca_reconstruct(valid_x.flatten(1), mean, axes).view_as(valid_x)
-    with torch.no_grad():
-        ae_x = reconstruct(model, valid_x)
-        codes = torch.cat([model.encode(valid_x[i:i + 64]) for i in range(0, len(valid_x), 64)])
+    ae_x, codes = reconstruct(model, valid_x), encode(model, valid_x)
     ae_mse, pca_mse = float(((ae_x - valid_x) ** 2).mean()), float(((pca_x - valid_x) ** 2).mean())
 
     plot_reconstructions({"original": valid_x, "autoencoder": ae_x, f"PCA ({k})": pca_x},
@@ -227,6 +241,53 @@ def autoencoder_report(learn, history, report_dir):
             "code_mean_abs": float(codes.abs().mean()), "code_zero_fraction": float((codes == 0).float().mean()),
             "parameters": sum(p.numel() for p in model.parameters()),
             "counts": {"train": len(train_x), "valid": len(valid_x)}}
+
+
+class AutoencoderTask(Task):
+    """The autoencoder as a task of the training loop: any folder of images in (labels ignored), a model that
+    rebuilds them from a short code out, scored against PCA."""
+    kind = "autoencoder"
+    progressive = False  # the code's linear layers are sized for --size
+
+    def check(self, cfg):
+        ConvAutoencoder.check(cfg.size, cfg.code_size, cfg.depth, cfg.width, cfg.blocks)
+
+    def default_data(self):
+        return pets_images()
+
+    def dataloaders(self, cfg, root, files, get_x, workers):
+        return autoencoder_dls(files, cfg.size, cfg.bs, cfg.valid_pct, cfg.seed, workers, get_x=get_x)
+
+    def learner(self, dls, cfg):
+        model = ConvAutoencoder(cfg.size, cfg.code_size, cfg.depth, cfg.width, sparse=cfg.sparsity > 0,
+                                blocks=cfg.blocks)
+        return autoencoder_learner(dls, model, cfg.loss, cfg.wd)
+
+    def default_lr(self, cfg):
+        return 1e-3
+
+    def callbacks(self, cfg):
+        return [CodeSparsity(cfg.sparsity)] if cfg.sparsity else []
+
+    def report(self, learn, history, folder):
+        return autoencoder_report(learn, history, folder)
+
+    def describe(self, cfg, root, dls):
+        return {"counts": {"train": len(dls.train_ds), "valid": len(dls.valid_ds)}}
+
+    def save_examples(self, dls, folder):
+        save_examples(dls.valid_ds.items, lambda f: "example", folder, per_class=4)
+
+    def export(self, learn, model_path):
+        m = learn.model
+        config = {"format": CONFIG_FORMAT, "kind": self.kind, "size": m.size, "code_size": m.code_size,
+                  "depth": m.depth, "width": m.width, "blocks": m.blocks, "sparse": m.sparse}
+        export_weights_only(m, config, model_path, outputs=["reconstruction"])
+
+    def summary(self, m, cfg):
+        return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "
+                f"components {m['pca_mse']:.5f} ({m['pca_psnr']:.2f} dB): ratio {m['mse_ratio_ae_to_pca']:.3f}; "
+                f"trained in {m['train_seconds']:.0f} s; wrote {cfg.out} and its report")
 
 
 class Autoencoder:

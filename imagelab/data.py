@@ -1,30 +1,40 @@
 """Where images come from and how they are labelled: datasets, file checks, label functions, loaders."""
 import hashlib
+import io
 import os
 import re
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, ImageBlock, PILImage, RandomResizedCrop,
                                RandomSplitter, Transform, URLs, aug_transforms, untar_data)
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
 from .images import check_image, open_rgb
-from .paths import dataset_files
+from .config import default_cache
+from .paths import dataset_files, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
 
 
 class RGBImage(PILImage):
-    """fastai's `PILImage`, decoded by `open_rgb` so that alpha, palettes, EXIF rotation and frames are handled."""
+    """fastai's `PILImage`, decoded by `open_rgb` so that alpha, palettes, EXIF rotation and frames are handled.
+
+    Takes what a course learner takes: a path (str or Path), a PIL image (fastai's `PILImage` too), the
+    bytes of a file, or an HxWxC uint8 array.
+    """
 
     @classmethod
     def create(cls, fn, **kwargs):
-        if isinstance(fn, (str, Path, Image.Image)):
+        if isinstance(fn, (bytes, bytearray)):
+            fn = io.BytesIO(fn)
+        elif isinstance(fn, np.ndarray):
+            fn = Image.fromarray(fn)
+        if isinstance(fn, (str, Path, Image.Image, io.IOBase)):
             return cls(open_rgb(fn))
         return super().create(fn, **kwargs)
 
@@ -33,13 +43,6 @@ class RGBImage(PILImage):
 # crops (a third of the image or more) then come from about as many pixels as they end up with.
 PRESIZE = 1.5
 PRESIZE_VERSION = 1  # part of every cache key: bump it when the way copies are made changes
-
-
-def default_cache():
-    """Where presized copies live: $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
-    if os.environ.get("IMAGELAB_CACHE"):
-        return Path(os.environ["IMAGELAB_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
 
 
 def presized_path(src, side, cache):
@@ -60,7 +63,7 @@ def presize_one(src, dest, side):
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
                        Image.Resampling.LANCZOS, reducing_gap=3.0)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = staging_path(dest)
     im.save(tmp, "JPEG", quality=95, subsampling=0)  # 4:4:4 chroma: colour edges stay sharp
     os.replace(tmp, dest)  # atomic: a concurrent or interrupted run never sees half a file
 
@@ -93,6 +96,9 @@ class Presized(Transform):
 
     `copies` is emptied before export, so an exported learner reads the files it is given.
     """
+    # What `learn.predict` may be given: fastai's test_dl looks up the item's type here to decide which
+    # steps to apply (without it, only a pathlib.Path would do). Anything but a Path passes through.
+    input_types = (Path, str, bytes, bytearray, io.IOBase, Image.Image, np.ndarray)
 
     def __init__(self, copies=None):
         super().__init__()
@@ -148,6 +154,9 @@ def detect_labels(root, files):
     parents = {f.parent for f in files}
     if root not in parents and len(parents) >= 2:
         return "folder"
+    if root not in parents:
+        raise UserError(f"only one class in {root} ({next(iter(parents)).name}/): a classifier needs one "
+                        "sub-folder per class, at least two")
     if all(OXFORD_NAME.match(f.stem) for f in files):
         return "filename"
     raise UserError(f"cannot tell the labels of {root}: use one sub-folder per class, "
@@ -192,6 +201,8 @@ def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2,
     dls = block.dataloaders(list(files), bs=bs, seed=seed, **kwargs)
     if len(dls.valid_ds) == 0:
         raise UserError(f"no validation images: {len(files)} images with --valid-pct {valid_pct}")
+    if len(dls.vocab) < 2:
+        raise UserError(f"only one class ({dls.vocab[0]}) among {len(files)} images: a classifier needs at least two")
     return dls
 
 

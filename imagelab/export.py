@@ -1,4 +1,5 @@
 """Putting a trained model on disk: all or nothing, with a weights-only copy that loads without pickle."""
+import copy
 import json
 import math
 import os
@@ -40,7 +41,7 @@ def staged_export(model_path):
 
 
 def learner_config(learn):
-    """Everything needed to run the model without fastai: classes and the learner's exact validation preprocessing.
+    """Everything needed to run a classifier without fastai: classes and the learner's exact validation preprocessing.
 
     fastai's `RandomResizedCrop` validates by squashing the whole image to size + `val_xtra` and taking the
     centre `size` crop; then pixels go to [0, 1] and are normalised.
@@ -51,30 +52,40 @@ def learner_config(learn):
     w, h = crop.size
     xtra = math.ceil(max(w, h) * crop.val_xtra / 8) * 8
     arch = learn.model[0].model.pretrained_cfg["architecture"]  # fastai's TimmBody wraps the timm model
-    return {"format": CONFIG_FORMAT, "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
+    return {"format": CONFIG_FORMAT, "kind": "classifier", "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
             "resize": [w + xtra, h + xtra], "crop": [w, h],
             "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
 
 
-def to_onnx(model, config, f):
-    """The model as an ONNX graph for one image at a time, into a path or file object.
+def input_shape(config):
+    """(1, 3, H, W): the one image an exported graph takes."""
+    w, h = config.get("crop") or (config["size"], config["size"])
+    return 1, 3, h, w
+
+
+def cpu_copy(model):
+    """The model in float32 on the CPU, wherever it trained: exports must not depend on the training device."""
+    return copy.deepcopy(model).float().cpu().eval()
+
+
+def to_onnx(model, config, f, outputs=("logits",)):
+    """The model as an ONNX graph for one image at a time (input `image`), into a path or file object.
 
     A fixed batch of one: some timm models (ConvNeXt) do not export with a dynamic batch, and the
-    apps classify one upload per request anyway.
+    apps run one upload per request anyway.
     """
     import torch
-    w, h = config["crop"]
-    torch.onnx.export(model.eval(), (torch.zeros(1, 3, h, w),), f, dynamo=True, external_data=False,
-                      input_names=["image"], output_names=["logits"], verbose=False)
+    torch.onnx.export(cpu_copy(model), (torch.zeros(input_shape(config)),), f, dynamo=True, external_data=False,
+                      input_names=["image"], output_names=list(outputs), verbose=False)
 
 
-def export_weights_only(learn, model_path):
+def export_weights_only(model, config, model_path, outputs=("logits",)):
     """Write the safetensors weights, the JSON config and the ONNX graph beside `model_path`."""
     from safetensors.torch import save_file
-    paths, config = artifact_paths(model_path), learner_config(learn)
-    save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, paths["weights"])
+    paths = artifact_paths(model_path)
+    save_file({k: v.contiguous() for k, v in cpu_copy(model).state_dict().items()}, paths["weights"])
     paths["config"].write_text(json.dumps(config, indent=2) + "\n")
-    to_onnx(learn.model, config, paths["onnx"])
+    to_onnx(model, config, paths["onnx"], outputs)
 
 
 def save_examples(files, get_y, dest, per_class=2, max_side=512):

@@ -1,99 +1,77 @@
-"""The generic image-classifier trainer behind every training script; each script is a preset of it."""
-import argparse
+"""The one training loop behind every model: files → presized copies → loaders → learner → fits → export.
+
+A `Task` (imagelab.classifier, imagelab.autoencoder) supplies what differs between kinds of model;
+this loop does the rest for all of them: checking the files, presizing, progressive resizing,
+`--time-budget`, checkpoints and `--resume`, distributed launch, and the all-or-nothing export of the
+learner, its weights-only artifacts and its report.
+"""
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.torch_core import rank_distrib
-from fastai.vision.all import RandomResizedCrop, set_seed
+from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
-from .checkpoint import RESUME_KEYS, Checkpoint, load_checkpoint, restore
-from .data import (Presized, classifier_dls, default_cache, detect_labels, find_images, folder_split, label_function,
-                   presize, split_counts)
+from .checkpoint import Checkpoint, load_checkpoint, restore
+from .data import Presized, find_images, presize
 from .distributed import distributed, leave_distributed, world_size
-from .export import export_weights_only, save_examples, staged_export
-from .models import classifier_learner
+from .export import staged_export
 from .metadata import versions, write_json
 from .paths import checkpoint_path
-from .reports import LossHistory, classifier_report
-
-# Chosen for accuracy per CPU second; README.md ("Choosing the default architecture") has the numbers.
-DEFAULT_ARCH = "convnext_nano"
-# fastai's documented defaults: fine_tune's base_lr, and a one-cycle peak that suits from-scratch convnets.
-FINE_TUNE_LR, SCRATCH_LR = 2e-3, 3e-3
-# Defaults for a kind of run; options given on the command line still win. README.md ("Speed") has the numbers.
-PRESETS = {
-    # small offline datasets, no pretrained weights: small inputs and many epochs beat few epochs at full size
-    "scratch": {"pretrained": False, "size": 64, "bs": 64, "epochs": 20, "label_smoothing": 0.1},
-}
+from .reports import LossHistory
 
 
-class ClassifierParser(argparse.ArgumentParser):
-    """`--preset NAME` sets the defaults of the other options; the options given still override it."""
+class Task:
+    """What a kind of model supplies to the loop. Subclasses set `kind` and implement the methods that raise."""
+    kind = None
+    # Whether early epochs may train on smaller inputs: not for a model whose layers are sized for --size.
+    progressive = True
 
-    def parse_known_args(self, args=None, namespace=None):
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--preset", choices=PRESETS)
-        preset = pre.parse_known_args(args)[0].preset
-        if preset:
-            self.set_defaults(**PRESETS[preset])
-        return super().parse_known_args(args, namespace)
+    def check(self, cfg):
+        """One line for a setting this kind of model cannot take (before any work)."""
 
+    def default_data(self):
+        """The dataset folder when the config names none (downloaded if need be)."""
+        raise NotImplementedError
 
-def classifier_parser(description, out, epochs=3, size=224):
-    """The knobs every classifier script shares, grouped like a table; scripts add their own data options."""
-    p = ClassifierParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=list(PRESETS), help="defaults for a kind of run, which the options given "
-                   "override; scratch (small offline datasets): --no-pretrained --size 64 --bs 64 --epochs 20 "
-                   "--label-smoothing 0.1")
-    data = p.add_argument_group("data")
-    data.add_argument("--data", metavar="DIR", help="local image folder (one sub-folder per class, or "
-                      "Oxford-style file names); skips the download")
-    data.add_argument("--labels", choices=["folder", "filename"], help="how DIR is labelled (default: detected)")
-    data.add_argument("--valid-pct", type=float, default=0.2, help="share of images held out for validation")
-    data.add_argument("--seed", type=int, default=42, help="seed of the split, the augmentation and the init")
-    model = p.add_argument_group("model")
-    model.add_argument("--arch", default=DEFAULT_ARCH, help="any timm model name")
-    model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from ImageNet weights from the Hub (fine_tune) or from scratch (one-cycle)")
-    train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=epochs)
-    train.add_argument("--size", type=int, default=size, help="square input size in pixels")
-    train.add_argument("--min-scale", type=float, default=0.35, help="RandomResizedCrop's smallest crop area")
-    train.add_argument("--start-size", type=int, default=None, metavar="PX",
-                       help="progressive resizing: the first half of each fit of 2+ epochs trains on crops growing "
-                       "from PX to --size (default: half of --size; --start-size equal to --size turns it off)")
-    train.add_argument("--bs", type=int, default=32, help="batch size")
-    train.add_argument("--lr", default=None, help=f"learning rate, or 'find' for fastai's lr_find "
-                       f"(default: {FINE_TUNE_LR} fine-tuning, {SCRATCH_LR} from scratch)")
-    train.add_argument("--wd", type=float, default=None, help="weight decay (default: fastai's, 0.01)")
-    train.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the loss")
-    train.add_argument("--workers", type=int, default=None,
-                       help="data-loading processes (default: none with --presize, else fastai's: one per core)")
-    train.add_argument("--presize", action=argparse.BooleanOptionalAction, default=True,
-                       help="decode and shrink every image once into a cache, then train from the small copies")
-    train.add_argument("--cache", metavar="DIR", default=None,
-                       help=f"folder of presized copies (default: $IMAGELAB_CACHE or {default_cache()})")
-    train.add_argument("--time-budget", type=float, metavar="SECONDS", default=None,
-                       help="train for this long: the one-cycle schedule follows the clock, --epochs is a cap")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the interrupted run whose checkpoint (<out stem>.ckpt) is beside --out")
-    output = p.add_argument_group("output")
-    output.add_argument("--out", default=out, help="exported learner; its report goes in <out stem>.report/")
-    return p
+    def dataloaders(self, cfg, root, files, get_x, workers):
+        raise NotImplementedError
 
+    def learner(self, dls, cfg):
+        raise NotImplementedError
 
-def learning_rate(learn, lr, pretrained):
-    if lr is None:
-        return FINE_TUNE_LR if pretrained else SCRATCH_LR
-    if lr == "find":
-        return float(learn.lr_find(show_plot=False).valley)
-    try:
-        return float(lr)
-    except ValueError:
-        raise UserError(f"--lr must be a number or 'find', not {lr!r}") from None
+    def default_lr(self, cfg):
+        raise NotImplementedError
+
+    def fits(self, cfg, lr):
+        """The fits of a run as [(epochs, fit(learn, **kwargs))]: by default one one-cycle fit."""
+        return [(cfg.epochs, lambda learn, **kw: learn.fit_one_cycle(cfg.epochs, lr, **kw))]
+
+    def callbacks(self, cfg):
+        """Extra fastai callbacks for every fit (a loss penalty, say)."""
+        return []
+
+    def report(self, learn, history, folder):
+        """Write the plots into `folder`; return the held-out metrics."""
+        raise NotImplementedError
+
+    def describe(self, cfg, root, dls):
+        """What metrics.json says about the data: labels, split, images per split."""
+        raise NotImplementedError
+
+    def save_examples(self, dls, folder):
+        raise NotImplementedError
+
+    def export(self, learn, model_path):
+        """Write the weights-only artifacts beside `model_path` (imagelab.export.export_weights_only)."""
+        raise NotImplementedError
+
+    def summary(self, metrics, cfg):
+        """The last line a run prints."""
+        raise NotImplementedError
 
 
 class TimeBudget(Callback):
@@ -120,17 +98,17 @@ class TimeBudget(Callback):
 
 
 class ProgressiveResize(Callback):
-    """fastai's progressive resizing, epoch by epoch: small crops first, the full `size` for the second half
+    """fastai's progressive resizing, epoch by epoch: small inputs first, the full `size` for the second half
     of every fit of two epochs or more.
 
-    On a CPU the model's forward and backward passes are nearly all of a step and grow with the pixels:
-    an epoch at half the size cost about a third here (README: Speed). The second half of every fit, validation, the report and
-    the export all use the full size, so the model is tuned to and judged at the size it serves.
+    On a CPU the model's forward and backward passes are nearly all of a step and grow with the pixels.
+    The second half of every fit, validation, the report and the export all use the full size, so the
+    model is tuned to and judged at the size it serves.
     """
     order = TimeBudget.order + 1  # reads the clock-driven pct_train of a time-budgeted fit
 
-    def __init__(self, crop, size, start):
-        self.crop, self.size, self.start = crop, size, start
+    def __init__(self, resize, size, start):
+        self.transform, self.size, self.start = resize, size, start
 
     def size_now(self):
         done = max(self.epoch / self.n_epoch, self.pct_train)  # pct_train: the clock under --time-budget
@@ -140,7 +118,7 @@ class ProgressiveResize(Callback):
         return min(self.size, max(self.start, round(grown / 8) * 8))  # multiples of 8 suit the convolutions
 
     def resize(self, size):
-        self.crop.size = (size, size)
+        self.transform.size = (size, size)
 
     def before_train(self):
         self.resize(self.size_now())
@@ -152,132 +130,159 @@ class ProgressiveResize(Callback):
         self.resize(self.size)
 
 
-def fits(args, lr):
-    """The one-cycle fits of a run as (epochs, fit): one from scratch; fine-tuning has two.
-
-    This is fastai's `fine_tune` spelled out (a frozen epoch at `lr`, then every layer at
-    `lr/2` with discriminative rates) so that a resumed run can start inside either fit.
-    """
-    if not args.pretrained:
-        return [(args.epochs, lambda learn, **kw: learn.fit_one_cycle(args.epochs, lr, **kw))]
-
-    def frozen(learn, **kw):
-        learn.freeze()
-        learn.fit_one_cycle(1, slice(lr), pct_start=0.99, **kw)
-
-    def unfrozen(learn, **kw):
-        learn.unfreeze()
-        learn.fit_one_cycle(args.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, **kw)
-    return [(1, frozen), (args.epochs, unfrozen)]
+def start_size(task, cfg):
+    if cfg.start_size is not None and cfg.start_size < cfg.size and not task.progressive:
+        raise UserError(f"a {task.kind} trains at one size (its layers are sized for --size): "
+                        f"drop --start-size or set it to --size ({cfg.size})")
+    if cfg.start_size is not None:
+        return cfg.start_size
+    return cfg.size // 2 if task.progressive else cfg.size
 
 
-def train_classifier(args, root, task=None, cbs=()):
-    """Train on the images under `root`, export `args.out` and its report; returns the metrics.
+def progressive_resize(dls, cfg, start):
+    resize = next(t for t in dls.train.after_item.fs if isinstance(t, (RandomResizedCrop, Resize)))
+    return ProgressiveResize(resize, cfg.size, start)
 
-    `cbs` are extra fastai callbacks for every fit (loggers, the benchmark's turn-taking).
 
-    Under a distributed launcher every process trains on its share of each batch; only the main
-    process writes the checkpoint, the report and the model (the others return None).
-    """
-    if args.epochs < 1 or args.size < 8 or not 0 < args.valid_pct < 1:
-        raise UserError("need --epochs >= 1, --size >= 8 and 0 < --valid-pct < 1")
-    if args.start_size is not None and not 8 <= args.start_size <= args.size:
-        raise UserError(f"need 8 <= --start-size <= --size ({args.size})")
-    main_process = rank_distrib() == 0
-    ckpt = checkpoint_path(args.out)
-    if args.resume and not ckpt.exists():
-        raise UserError(f"nothing to resume: no checkpoint at {ckpt}")
-    if not args.resume and ckpt.exists() and main_process:
-        print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
-    set_seed(args.seed, reproducible=True)
+def learning_rate(learn, lr, default):
+    if lr is None:
+        return default
+    if lr != "find":
+        return float(lr)
+    print("finding a learning rate (fastai's lr_find, 100 steps at growing rates)...")
+    with learn.no_bar(), learn.no_logging():
+        found = float(learn.lr_find(show_plot=False).valley)
+    print(f"lr_find chose {found:.2e}")
+    return found
+
+
+class Run:
+    """Where a run stands: the learning rate, the losses so far, the epochs finished over all fits, the time
+    spent. A checkpoint saves it after every epoch and `--resume` starts from it: the only resume bookkeeping."""
+
+    def __init__(self, lr, state=None):
+        self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
+        self.done, self.seconds_before, self.rng = 0, 0.0, None
+        if state:
+            self.history.train, self.history.valid, self.history.step = state["history"]
+            self.done, self.seconds_before, self.rng = state["epoch"], state["seconds"], state["rng"]
+        self.first_step = self.history.step
+
+    def seconds(self):
+        """Training time of the whole run, earlier processes included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def saved(self):
+        """What a checkpoint holds besides weights, optimizer and random streams."""
+        return {"lr": self.lr, "history": (self.history.train, self.history.valid, self.history.step),
+                "seconds": self.seconds()}
+
+    def take_rng(self):
+        """The random streams to restore: once, before the first epoch this process trains."""
+        rng, self.rng = self.rng, None
+        return rng
+
+
+def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
+    """Every fit of the schedule that is not finished yet, with checkpoints, the time budget and resizing."""
+    schedule = task.fits(cfg, run.lr)
+    resize = progressive_resize(learn.dls, cfg, start_size(task, cfg))
+    offset = 0
+    with distributed(learn):
+        for n, fit_one in schedule:
+            if run.done < offset + n:  # this fit is not finished yet
+                first = run.done - offset
+                budget = [TimeBudget(cfg.time_budget, run.seconds())] \
+                    if cfg.time_budget and fit_one is schedule[-1][1] else []  # the budget drives the last fit
+                checkpoint = Checkpoint(ckpt, settings, run.saved, offset, first, run.take_rng())
+                fit_one(learn, start_epoch=first,
+                        cbs=[run.history, checkpoint, resize, *budget, *task.callbacks(cfg), *extra_cbs])
+                run.done = offset + n
+            offset += n
+    return sum(n for n, _ in schedule)
+
+
+def prepare(task, cfg):
+    """The data and the learner: (root, files, skipped, presized, dls, learn)."""
+    root = Path(cfg.data) if cfg.data else task.default_data()
     files, skipped = find_images(root)
     for f, why in skipped:
         print(f"skipped {f}: {why}")
-    labels = args.labels or detect_labels(root, files)
-    get_y = label_function(labels, task)
-    splitter = folder_split(root, files)
-    presized = Presized(presize(files, args.size, args.cache) if args.presize else None)
+    presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)
     # Presized copies decode in a millisecond: worker processes would only take cores from the model.
-    workers = args.workers if args.workers is not None else (0 if args.presize else None)
-    dls = classifier_dls(files, get_y, size=args.size, min_scale=args.min_scale, bs=args.bs,
-                         valid_pct=args.valid_pct, seed=args.seed, workers=workers, splitter=splitter,
-                         get_x=presized)
-    start_size = args.size // 2 if args.start_size is None else args.start_size
-    crop = next(t for t in dls.train.after_item.fs if isinstance(t, RandomResizedCrop))
-    resize = ProgressiveResize(crop, args.size, start_size)
-    counts = split_counts(dls, get_y)
-    print(f"{len(files)} images ({len(skipped)} skipped), classes: {', '.join(map(str, dls.vocab))}")
-    learn = classifier_learner(dls, args.arch, args.pretrained, wd=args.wd, label_smoothing=args.label_smoothing)
-    if len(dls.train_ds) < args.bs:  # fastai drops incomplete training batches: nothing would be trained
-        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {args.bs}")
-    settings = {"data": str(root), "task": task, **{k: getattr(args, k) for k in RESUME_KEYS if hasattr(args, k)}}
+    workers = cfg.workers if cfg.workers is not None else (0 if cfg.presize else None)
+    dls = task.dataloaders(cfg, root, files, presized, workers)
+    print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
+    learn = task.learner(dls, cfg)
+    if len(dls.train_ds) < cfg.bs:  # fastai drops incomplete training batches: nothing would be trained
+        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {cfg.bs}")
+    return root, files, skipped, presized, dls, learn
 
-    state = load_checkpoint(ckpt, settings) if args.resume else None
-    lr = state["lr"] if state else learning_rate(learn, args.lr, args.pretrained)
-    history = LossHistory()
+
+def train(task, cfg, cbs=()):
+    """Train `task`'s model as `cfg` says, export `cfg.out` and its report; returns the metrics.
+
+    `cbs` are extra fastai callbacks for every fit (loggers, the benchmark's turn-taking). Under a
+    distributed launcher every process trains on its share of each batch; only the main process
+    writes the checkpoint, the report and the model (the others return None).
+    """
+    cfg.check()
+    task.check(cfg)
+    main_process = rank_distrib() == 0
+    ckpt = checkpoint_path(cfg.out)
+    if cfg.resume and not ckpt.exists():
+        raise UserError(f"nothing to resume: no checkpoint at {ckpt}")
+    if not cfg.resume and ckpt.exists() and main_process:
+        print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
+    set_seed(cfg.seed, reproducible=True)
+    start_size(task, cfg)  # an impossible --start-size stops here, before any work
+    root, files, skipped, presized, dls, learn = prepare(task, cfg)
+    settings = {"kind": task.kind, **cfg.settings(), "data": str(root)}
+    state = load_checkpoint(ckpt, settings) if cfg.resume else None
+    run = Run(state["lr"] if state else learning_rate(learn, cfg.lr, task.default_lr(cfg)), state)
     if state:
-        history.train, history.valid, history.step = state["history"]
         restore(learn, state)
-        print(f"resuming after epoch {state['epoch']} of {sum(n for n, _ in fits(args, lr))} from {ckpt}")
-    done = state["epoch"] if state else 0  # epochs finished, over all fits of the run
-    seconds = state["seconds"] if state else 0.0
-    first_step = history.step
-    rng = state["rng"] if state else None
-    start = time.perf_counter()
-
-    def extra():  # what a checkpoint holds besides weights, optimizer and random streams
-        return {"lr": lr, "history": (history.train, history.valid, history.step),
-                "seconds": seconds + time.perf_counter() - start}
-
+    epochs = sum(n for n, _ in task.fits(cfg, run.lr))
+    if state:
+        print(f"resuming after epoch {state['epoch']} of {epochs} from {ckpt}")
     try:
-        with distributed(learn):
-            offset, schedule = 0, fits(args, lr)
-            for n, fit in schedule:
-                if done < offset + n:  # this fit is not finished yet
-                    first = done - offset
-                    budget = [TimeBudget(args.time_budget, seconds + time.perf_counter() - start)] \
-                        if args.time_budget and fit is schedule[-1][1] else []  # the budget drives the last fit
-                    fit(learn, start_epoch=first,
-                        cbs=[history, Checkpoint(ckpt, settings, extra, offset, first, rng), resize, *budget, *cbs])
-                    rng = None  # restored once, before the first epoch this process trains
-                    done = offset + n
-                offset += n
+        fit(task, cfg, learn, run, ckpt, settings, cbs)
     except KeyboardInterrupt:
         if main_process and ckpt.exists():
             print(f"the last finished epoch is saved in {ckpt}: rerun with --resume to continue", file=sys.stderr)
         raise
-    seconds_here = time.perf_counter() - start
-    processes = world_size()
-    images = (history.step - first_step) * args.bs * processes  # every training batch is full (drop_last)
+    seconds_here = time.perf_counter() - run.started
+    images = (run.history.step - run.first_step) * cfg.bs * world_size()  # every training batch is full
     leave_distributed()
     if not main_process:
         return None
-
     presized.copies.clear()  # the report and the exported model read the original files, as the app will
-    with staged_export(args.out) as (tmp_model, tmp_report):
-        metrics = classifier_report(learn, history, tmp_report)
-        metrics.update(
-            kind="classifier",
-            task=task if labels == "filename" else "folder names", data=str(root), labels=labels,
-            split="train/ and valid/ folders" if splitter else f"random {args.valid_pct:.0%}",
-            arch=args.arch, pretrained=args.pretrained, size=args.size, start_size=start_size, min_scale=args.min_scale,
-            epochs=args.epochs, bs=args.bs, lr=lr, wd=args.wd, label_smoothing=args.label_smoothing,
-            seed=args.seed, valid_pct=args.valid_pct, presize=args.presize, processes=processes,
-            resumed_after_epoch=state["epoch"] if state else None,
-            valid_loss_per_epoch=[round(v, 5) for _, v in history.valid],
-            train_seconds=round(seconds + seconds_here, 2),
-            images_trained=images, images_per_second=round(images / seconds_here, 2) if images else None,
-            counts={**counts, "skipped": len(skipped)}, skipped_files=[str(f) for f, _ in skipped],
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            versions=versions())
+    facts = {"kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": start_size(task, cfg),
+             "processes": world_size(), "resumed_after_epoch": state["epoch"] if state else None,
+             "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],
+             "train_seconds": round(run.seconds(), 2), "images_trained": images,
+             "images_per_second": round(images / seconds_here, 2) if images else None,
+             "skipped_files": [str(f) for f, _ in skipped]}
+    metrics = export(task, cfg, learn, run.history, root, facts)
+    ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    print(task.summary(metrics, cfg))
+    return metrics
+
+
+def export(task, cfg, learn, history, root, facts):
+    """The learner, its weights-only artifacts and its report, moved into place together or not at all."""
+    dls = learn.dls
+    with staged_export(cfg.out) as (tmp_model, tmp_report):
+        metrics = task.report(learn, history, tmp_report)
+        described = task.describe(cfg, root, dls)
+        described["counts"] = {**described["counts"], "skipped": len(facts["skipped_files"])}
+        metrics.update({**facts, **described, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "versions": versions()})
         write_json(metrics, tmp_report / "metrics.json")
         # Which file was held out, relative to the data folder: the cleaner shows a class's train or valid images.
-        write_json({name: [f.relative_to(root).as_posix() for f in ds.items]
+        write_json({name: [Path(f).relative_to(root).as_posix() for f in ds.items]
                     for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}, tmp_report / "split.json")
-        save_examples(dls.valid_ds.items, get_y, tmp_report / "examples")
+        task.save_examples(dls, tmp_report / "examples")
         learn.export(tmp_model.resolve())
-        export_weights_only(learn, tmp_model)
-    ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    print(f"accuracy {metrics['accuracy']:.4f} on {len(dls.valid_ds)} held-out images; "
-          f"wrote {args.out} and its report")
+        task.export(learn, tmp_model)
     return metrics

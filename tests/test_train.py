@@ -147,7 +147,9 @@ def test_progressive_resizing_trains_small_first_and_exports_the_full_size(tmp_p
     from fastai.callback.core import Callback
     from fastai.learner import load_learner
     from fastai.vision.all import RandomResizedCrop
-    from imagelab.train import classifier_parser, train_classifier
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import train
 
     class Sizes(Callback):
         def before_fit(self):
@@ -157,9 +159,9 @@ def test_progressive_resizing_trains_small_first_and_exports_the_full_size(tmp_p
             self.seen.append((self.learn.epoch, self.training, self.x.shape[-1]))
     sizes = Sizes()
     data = make_folder_dataset(tmp_path / "data", n=16)
-    args = classifier_parser("test", out=str(tmp_path / "m.pkl")).parse_args(
-        ["--no-pretrained", "--arch", "resnet18", "--epochs", "4", "--size", "32", "--start-size", "16", "--bs", "8"])
-    m = train_classifier(args, data, cbs=[sizes])
+    cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), pretrained=False, arch="resnet18", epochs=4,
+                           size=32, start_size=16, bs=8)
+    m = train(Classifier(), cfg, cbs=[sizes])
     train = {e: {s for e2, t, s in sizes.seen if t and e2 == e} for e in range(4)}
     assert train == {0: {16}, 1: {24}, 2: {32}, 3: {32}}  # grows over the first half, full size after
     assert {s for _, t, s in sizes.seen if not t} == {32}  # validation always at the full size

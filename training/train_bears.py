@@ -8,12 +8,12 @@
 from pathlib import Path
 
 from imagelab import UserError, run_cli
+from imagelab.config import ClassifierConfig, ConfigParser
 from imagelab.download import make_dataset
-from imagelab.train import classifier_parser, train_classifier
 
 
 def main(argv=None):
-    parser = classifier_parser(__doc__.splitlines()[0], out="models/bears.pkl")
+    parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out="models/bears.pkl")
     g = parser.add_argument_group("download (a web image search per class; --data skips it)")
     g.add_argument("--download", action="store_true", help="search and download into --dest, then train on it "
                    "(the default when --dest does not exist yet)")
@@ -31,7 +31,10 @@ def main(argv=None):
     if args.download or args.download_only or not (args.data or Path(args.dest).is_dir()):
         make_dataset(args.classes, args.dest, args.per_class, args.query, args.download_workers, args.timeout)
     if not args.download_only:
-        train_classifier(args, args.data or args.dest)
+        from imagelab.classifier import Classifier
+        from imagelab.train import train
+        args.data = args.data or args.dest
+        train(Classifier(), parser.config_from(args))
 
 
 if __name__ == "__main__":

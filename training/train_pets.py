@@ -5,17 +5,15 @@
     python training/train_pets.py --data ../shared/data/catsdogs --no-pretrained   # offline
 """
 from imagelab import run_cli
-from imagelab.data import pets_images
-from imagelab.train import classifier_parser, train_classifier
+from imagelab.config import ClassifierConfig, ConfigParser
 
 
 def main(argv=None):
-    parser = classifier_parser(__doc__.splitlines()[0], out="models/pets.pkl")
-    parser.add_argument_group("task").add_argument(
-        "--task", choices=["is_cat", "breed"], default="is_cat",
-        help="for Oxford-style file names: cat vs dog (upper-case first letter = cat) or the 37 breeds")
-    args = parser.parse_args(argv)
-    train_classifier(args, args.data or pets_images(), task=args.task)
+    parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out="models/pets.pkl", task="is_cat")
+    cfg = parser.config_from(parser.parse_args(argv))
+    from imagelab.classifier import Classifier
+    from imagelab.train import train
+    return train(Classifier(), cfg)
 
 
 if __name__ == "__main__":

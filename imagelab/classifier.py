@@ -1,0 +1,66 @@
+"""The image classifier as a task of the training loop: labelled folders in, a timm classifier out."""
+from .data import classifier_dls, detect_labels, folder_split, label_function, pets_images, split_counts
+from .export import export_weights_only, learner_config, save_examples
+from .models import classifier_learner
+from .reports import classifier_report
+from .train import Task
+
+# fastai's documented defaults: fine_tune's base_lr, and a one-cycle peak that suits from-scratch convnets.
+FINE_TUNE_LR, SCRATCH_LR = 2e-3, 3e-3
+
+
+class Classifier(Task):
+    kind = "classifier"
+
+    def default_data(self):
+        return pets_images()
+
+    def dataloaders(self, cfg, root, files, get_x, workers):
+        self.labels = cfg.labels or detect_labels(root, files)
+        self.get_y = label_function(self.labels, cfg.task)
+        self.splitter = folder_split(root, files)
+        return classifier_dls(files, self.get_y, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
+                              valid_pct=cfg.valid_pct, seed=cfg.seed, workers=workers, splitter=self.splitter,
+                              get_x=get_x)
+
+    def learner(self, dls, cfg):
+        return classifier_learner(dls, cfg.arch, cfg.pretrained, wd=cfg.wd, label_smoothing=cfg.label_smoothing)
+
+    def default_lr(self, cfg):
+        return FINE_TUNE_LR if cfg.pretrained else SCRATCH_LR
+
+    def fits(self, cfg, lr):
+        """One one-cycle fit from scratch; fine-tuning has two.
+
+        This is fastai's `fine_tune` spelled out (a frozen epoch at `lr`, then every layer at `lr/2` with
+        discriminative rates) so that a resumed run can start inside either fit.
+        """
+        if not cfg.pretrained:
+            return super().fits(cfg, lr)
+
+        def frozen(learn, **kw):
+            learn.freeze()
+            learn.fit_one_cycle(1, slice(lr), pct_start=0.99, **kw)
+
+        def unfrozen(learn, **kw):
+            learn.unfreeze()
+            learn.fit_one_cycle(cfg.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, **kw)
+        return [(1, frozen), (cfg.epochs, unfrozen)]
+
+    def report(self, learn, history, folder):
+        return classifier_report(learn, history, folder)
+
+    def describe(self, cfg, root, dls):
+        return {"task": cfg.task if self.labels == "filename" else "folder names", "labels": self.labels,
+                "split": "train/ and valid/ folders" if self.splitter else f"random {cfg.valid_pct:.0%}",
+                "counts": split_counts(dls, self.get_y)}
+
+    def save_examples(self, dls, folder):
+        save_examples(dls.valid_ds.items, self.get_y, folder)
+
+    def export(self, learn, model_path):
+        export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits"])
+
+    def summary(self, metrics, cfg):
+        return (f"accuracy {metrics['accuracy']:.4f} on {sum(metrics['counts']['valid'].values())} held-out images; "
+                f"wrote {cfg.out} and its report")

@@ -1,0 +1,185 @@
+"""Typed training configurations, and the command line that fills them.
+
+Each field is one knob: its default, its help and its option group live on the field, so a script's
+`--help` reads like a table of the knobs and the library is called with keyword arguments:
+
+    ClassifierConfig(data="photos", arch="resnet18", pretrained=False, epochs=4)
+
+Standard library only: `--help` answers at once and the environment is set before torch loads.
+"""
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+from . import UserError
+
+
+def default_cache():
+    """Where presized copies live: $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
+    if os.environ.get("IMAGELAB_CACHE"):
+        return Path(os.environ["IMAGELAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
+
+
+def learning_rate(text):
+    """--lr: a number, or 'find' for fastai's learning-rate finder."""
+    if text == "find":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'find', not {text!r}") from None
+
+
+def knob(default, group, help, resume=True, **option):
+    """A config field and its command-line option. `resume`: whether a checkpoint made with another value
+    must be refused (anything that changes the data, the model or the schedule). `option` goes to argparse."""
+    return field(default=default, metadata={"group": group, "help": help, "resume": resume, "option": option})
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of the training loop that every kind of model shares."""
+    PRESETS: ClassVar[dict] = {}
+
+    data: str | None = knob(None, "data", "local image folder; skips the download", metavar="DIR")
+    valid_pct: float = knob(0.2, "data", "share of images held out for validation")
+    seed: int = knob(42, "data", "seed of the split, the augmentation and the initialisation")
+    epochs: int = knob(3, "training", "epochs (with --time-budget: at most)")
+    size: int = knob(224, "training", "square input size in pixels")
+    start_size: int | None = knob(None, "training", "progressive resizing: the first half of each fit of 2+ epochs "
+                                  "trains on inputs growing from PX to --size (default: half of --size where the "
+                                  "model allows; equal to --size turns it off)", metavar="PX")
+    bs: int = knob(32, "training", "batch size")
+    lr: float | str | None = knob(None, "training", "learning rate, or 'find' for fastai's lr_find (default: the "
+                                  "model's own)", type=learning_rate)
+    wd: float | None = knob(None, "training", "decoupled weight decay (default: fastai's, 0.01)")
+    workers: int | None = knob(None, "training", "data-loading processes (default: none with --presize, else "
+                               "fastai's: one per core)", resume=False)
+    presize: bool = knob(True, "training", "decode and shrink every image once into a cache, then train from the "
+                         "small copies", resume=False)
+    cache: str | None = knob(None, "training", f"folder of presized copies (default: $IMAGELAB_CACHE or "
+                             f"{default_cache()})", resume=False, metavar="DIR")
+    time_budget: float | None = knob(None, "training", "train for this long: the one-cycle schedule follows the "
+                                     "clock, --epochs is a cap", metavar="SECONDS")
+    resume: bool = knob(False, "training", "continue the interrupted run whose checkpoint (<out stem>.ckpt) is "
+                        "beside --out", resume=False)
+    out: str = knob("models/model.pkl", "output", "exported learner; its report goes in <out stem>.report/",
+                    resume=False)
+
+    def check(self):
+        """One line for the first setting that cannot work."""
+        if self.epochs < 1 or self.size < 8 or not 0 < self.valid_pct < 1:
+            raise UserError("need --epochs >= 1, --size >= 8 and 0 < --valid-pct < 1")
+        if self.start_size is not None and not 8 <= self.start_size <= self.size:
+            raise UserError(f"need 8 <= --start-size <= --size ({self.size})")
+        if self.bs < 1 or (self.time_budget is not None and self.time_budget <= 0):
+            raise UserError("need --bs >= 1 and --time-budget > 0")
+
+    def settings(self):
+        """What a checkpoint must have been made with to be resumed."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["resume"]}
+
+    def record(self):
+        """The settings as they go into metrics.json (paths as given)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("resume", "workers", "cache", "out")}
+
+
+@dataclass
+class ClassifierConfig(TrainConfig):
+    """An image classifier: a timm backbone, fine-tuned or trained from scratch."""
+    PRESETS: ClassVar[dict] = {
+        # small offline datasets, no pretrained weights: small inputs and many epochs beat few epochs at full size
+        "scratch": {"pretrained": False, "size": 64, "bs": 64, "epochs": 20, "label_smoothing": 0.1},
+    }
+
+    labels: str | None = knob(None, "data", "how DIR is labelled (default: detected)", choices=["folder", "filename"])
+    task: str = knob("breed", "data", "for Oxford-style file names (Abyssinian_12.jpg): cat vs dog (upper-case "
+                     "first letter = cat) or the 37 breeds", choices=["is_cat", "breed"])
+    arch: str = knob("convnext_nano", "model", "any timm model name")
+    pretrained: bool = knob(True, "model", "start from ImageNet weights from the Hub (fine_tune) or from scratch "
+                            "(one-cycle)")
+    min_scale: float = knob(0.35, "training", "RandomResizedCrop's smallest crop area")
+    label_smoothing: float = knob(0.0, "training", "label smoothing of the loss")
+
+
+@dataclass
+class AutoencoderConfig(TrainConfig):
+    """A convolutional autoencoder scored against PCA with as many components as its code."""
+    PRESETS: ClassVar[dict] = {
+        # four times the default training: most of the gap to PCA closes, on a CPU in minutes
+        "long": {"epochs": 12},
+    }
+
+    size: int = knob(64, "training", "square input size in pixels")
+    # Small batches: three epochs of 1,280 images are 960 steps at 4 a batch, 120 at 32, and the model
+    # needs steps more than it needs big batches (benchmarks/README.md).
+    bs: int = knob(4, "training", "batch size")
+    lr: float | str | None = knob(1e-3, "training", "peak learning rate of the one-cycle schedule, or 'find'",
+                                  type=learning_rate)
+    code_size: int = knob(64, "model", "numbers in the code (the bottleneck); PCA gets as many components")
+    depth: int = knob(2, "model", "stride-2 blocks in the encoder (upsampling blocks in the decoder)")
+    width: int = knob(32, "model", "channels of the first block, doubling each block")
+    blocks: int = knob(1, "model", "residual blocks at each level of the encoder and decoder")
+    loss: str = knob("mse", "model", "reconstruction loss", choices=["l1", "mse"])
+    sparsity: float = knob(0.0, "model", "L1 penalty on the code (sparse autoencoder; the code goes through a ReLU)",
+                           metavar="LAMBDA")
+
+    def check(self):
+        super().check()
+        if self.sparsity < 0:
+            raise UserError("need --sparsity >= 0")
+
+
+def add_option(group, f):
+    flag = "--" + f.name.replace("_", "-")
+    kwargs = {"default": f.default, "help": f.metadata["help"], **f.metadata["option"]}
+    if "type" in kwargs:
+        pass
+    elif f.type is bool:
+        kwargs["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+    elif f.type in (int, float, int | None, float | None):
+        kwargs["type"] = float if float in getattr(f.type, "__args__", (f.type,)) else int
+    group.add_argument(flag, **kwargs)
+
+
+def as_options(values):
+    """{"pretrained": False, "size": 64} -> '--no-pretrained --size 64'."""
+    def one(name, value):
+        flag = name.replace("_", "-")
+        return (f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else f"--{flag} {value}"
+    return " ".join(one(k, v) for k, v in values.items())
+
+
+class ConfigParser(argparse.ArgumentParser):
+    """The options of a config class in groups; `--preset NAME` sets defaults that the options given override."""
+
+    def __init__(self, config, description, **defaults):
+        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.config = config
+        if config.PRESETS:
+            self.add_argument("--preset", choices=list(config.PRESETS), help="defaults for a kind of run, which "
+                              "the options given override: " + "; ".join(
+                                  f"{name} = {as_options(values)}" for name, values in config.PRESETS.items()))
+        groups = {}
+        for f in fields(config):
+            if f.metadata["group"] not in groups:
+                groups[f.metadata["group"]] = self.add_argument_group(f.metadata["group"])
+            add_option(groups[f.metadata["group"]], f)
+        self.set_defaults(**defaults)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.config.PRESETS:
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--preset", choices=self.config.PRESETS)
+            preset = pre.parse_known_args(args)[0].preset
+            if preset:
+                self.set_defaults(**self.config.PRESETS[preset])
+        return super().parse_known_args(args, namespace)
+
+    def config_from(self, args):
+        """The config of a parsed namespace (options a script added itself stay in the namespace)."""
+        return self.config(**{f.name: getattr(args, f.name) for f in fields(self.config)})
+
