@@ -252,13 +252,14 @@ def train(task, cfg, cbs=()):
             print(f"the last finished epoch is saved in {ckpt}: rerun with --resume to continue", file=sys.stderr)
         raise
     seconds_here = time.perf_counter() - run.started
-    images = (run.history.step - run.first_step) * cfg.bs * world_size()  # every training batch is full
+    processes = world_size()
+    images = (run.history.step - run.first_step) * cfg.bs * processes  # every training batch is full
     leave_distributed()
     if not main_process:
         return None
     presized.copies.clear()  # the report and the exported model read the original files, as the app will
     facts = {"kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": start_size(task, cfg),
-             "processes": world_size(), "resumed_after_epoch": state["epoch"] if state else None,
+             "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
              "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,

@@ -1,0 +1,110 @@
+"""The one training loop, for every kind of model: time budget, resume, distributed launch, light imports."""
+import json
+import signal
+import subprocess
+
+import pytest
+import torch
+from fastai.learner import load_learner
+
+from conftest import AE_TINY, PY, ROOT, make_folder_dataset, run
+from test_distributed import LAUNCH
+from test_resume import interrupt_after_an_epoch
+
+EPOCHS = 4
+SCRIPTS = {"classifier": ["training/train_pets.py", "--no-pretrained", "--arch", "resnet18", "--size", "32",
+                          "--bs", "4", "--workers", "0"],
+           "autoencoder": ["training/train_autoencoder.py", "--lr", "1e-2", *AE_TINY]}
+
+
+def command(kind, data, out, *extra):
+    return [*SCRIPTS[kind], "--data", data, "--seed", "3", "--out", out, *extra]
+
+
+def metrics(model):
+    return json.loads(model.with_name(model.stem + ".report").joinpath("metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("loop") / "data", n=16)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "autoencoder"])
+def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
+    out = tmp_path / "m.pkl"
+    res = run(command(kind, data, out, "--epochs", "1000", "--time-budget", "6"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(out)
+    assert 6 <= m["train_seconds"] < 9, m["train_seconds"]
+    assert m["time_budget"] == 6
+    assert len(m["valid_loss_per_epoch"]) < 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.config.json", "m.onnx", "m.pkl", "m.report",
+                                                          "m.safetensors"]
+
+
+def test_autoencoder_killed_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):
+    whole, out = tmp_path / "whole" / "ae.pkl", tmp_path / "resumed" / "ae.pkl"
+    res = run(command("autoencoder", data, whole, "--epochs", EPOCHS))
+    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, killed_at = interrupt_after_an_epoch(command("autoencoder", data, out, "--epochs", EPOCHS),
+                                                  out.with_name("ae.ckpt"), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert 1 <= killed_at < EPOCHS
+    res = run(command("autoencoder", data, out, "--epochs", EPOCHS, "--resume"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming after epoch {killed_at} of {EPOCHS}" in res.stdout
+    a, b = metrics(whole), metrics(out)
+    assert b["resumed_after_epoch"] == killed_at
+    assert b["ae_mse"] == pytest.approx(a["ae_mse"], rel=1e-3)
+    assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
+    wa, wb = (load_learner(m).model.state_dict() for m in (whole, out))
+    for name, t in wa.items():
+        if t.is_floating_point():
+            assert torch.allclose(t, wb[name], rtol=1e-3, atol=1e-4), name
+    assert not out.with_name("ae.ckpt").exists()
+
+
+def test_autoencoder_refuses_progressive_resizing_in_one_line(data, tmp_path):
+    res = run(command("autoencoder", data, tmp_path / "m.pkl", "--start-size", "8"))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip() == "error: a autoencoder trains at one size (its layers are sized for --size): " \
+        "drop --start-size or set it to --size (16)"
+
+
+def test_autoencoder_under_accelerate_launch_writes_one_model(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=10)
+    out = tmp_path / "models" / "ae.pkl"
+    res = subprocess.run([*LAUNCH, *command("autoencoder", data, out, "--epochs", "2")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1, res.stdout[-2000:]
+    m = metrics(out)
+    assert m["processes"] == 2
+    assert m["counts"]["valid"] == 4
+
+
+@pytest.mark.parametrize("module", ["imagelab.download", "imagelab.paths", "imagelab.metadata", "imagelab.config"])
+def test_light_modules_import_no_training_stack(module):
+    code = (f"import sys, {module}\n"
+            "print(sorted(m for m in ('fastai', 'torch', 'matplotlib', 'timm') if m in sys.modules))")
+    res = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
+
+
+def test_importing_imagelab_changes_nothing():
+    code = "import os, imagelab, warnings; print(os.environ.get('OMP_WAIT_POLICY'), len(warnings.filters))"
+    plain = subprocess.run([PY, "-c", "import os, warnings; print(os.environ.get('OMP_WAIT_POLICY'), "
+                            "len(warnings.filters))"], cwd=ROOT, capture_output=True, text=True, env={"PATH": ""})
+    res = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PATH": ""})
+    assert res.stdout == plain.stdout
+
+
+def test_help_answers_without_loading_the_training_stack():
+    for script in ("training/train_pets.py", "training/train_bears.py", "training/train_autoencoder.py"):
+        code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+                f"try:\n    runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "print('torch' in sys.modules, file=sys.stderr)")
+        res = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert res.stderr.strip().splitlines()[-1] == "False", (script, res.stderr[-2000:])
