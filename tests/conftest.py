@@ -139,7 +139,8 @@ def served(args, env=None, timeout=120, cwd=ROOT):
     """
     port = free_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{port}.log", "w+")
-    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    # GRADIO_SERVER_PORT too: an app that takes no options (the fastai course's Space app) listens there
+    env = {k: v for k, v in {**os.environ, "GRADIO_SERVER_PORT": str(port), **(env or {})}.items() if v is not None}
     proc = subprocess.Popen([PY, *map(str, args), "--port", str(port)], cwd=cwd, stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     url = AppURL(f"http://127.0.0.1:{port}/")

@@ -1,0 +1,72 @@
+"""The exported `.pkl` works the way every fastai user calls it: `load_learner`, then `learn.predict(...)`."""
+import textwrap
+
+import pytest
+from gradio_client import Client, handle_file
+
+from conftest import in_fresh_process, served, write_image
+
+# The fastai course's Hugging Face Space app (lesson 2), as students write it.
+COURSE_APP = """
+from fastai.vision.all import *
+import gradio as gr
+
+learn = load_learner("model.pkl")
+categories = learn.dls.vocab
+
+def classify_image(img):
+    pred, idx, probs = learn.predict(img)
+    return dict(zip(categories, map(float, probs)))
+
+image = gr.Image(type="pil")
+label = gr.Label()
+intf = gr.Interface(fn=classify_image, inputs=image, outputs=label)
+intf.launch()
+"""
+
+INPUTS = {  # what a course notebook or app hands to learn.predict
+    "str": "sys.argv[2]",
+    "Path": "Path(sys.argv[2])",
+    "PIL image": "Image.open(sys.argv[2])",
+    "PILImage.create": "PILImage.create(sys.argv[2])",
+    "bytes": "open(sys.argv[2], 'rb').read()",
+    "array": "np.asarray(Image.open(sys.argv[2]).convert('RGB'))",
+}
+
+
+def predict_code(expr, show):
+    return textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        import numpy as np
+        from PIL import Image
+        from fastai.vision.all import PILImage, load_learner
+        learn = load_learner(sys.argv[1])
+        with learn.no_bar():
+            out = learn.predict({expr})
+        print({show})
+    """)
+
+
+@pytest.mark.parametrize("given", list(INPUTS))
+def test_classifier_predicts_what_a_course_learner_takes(tiny_model, tmp_path, given):
+    img = write_image(tmp_path / "photo.jpg", (220, 60, 60), size=(90, 70))
+    label = in_fresh_process(predict_code(INPUTS[given], "out[0]"), tiny_model, img, cwd=tmp_path)
+    assert label in ("cats", "dogs")
+
+
+@pytest.mark.parametrize("given", ["str", "PIL image", "PILImage.create"])
+def test_autoencoder_predicts_what_a_course_learner_takes(tiny_autoencoder, tmp_path, given):
+    img = write_image(tmp_path / "photo.png", (200, 90, 40), size=(60, 30))
+    shape = in_fresh_process(predict_code(INPUTS[given], "tuple(out[0].shape)"), tiny_autoencoder, img,
+                             cwd=tmp_path)
+    assert shape == "(3, 16, 16)"
+
+
+def test_the_course_space_app_serves_an_exported_classifier(tiny_model, tmp_path):
+    (tmp_path / "model.pkl").write_bytes(tiny_model.read_bytes())
+    (tmp_path / "app.py").write_text(COURSE_APP)
+    with served([tmp_path / "app.py"], cwd=tmp_path) as url:
+        out = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.jpg", (60, 60, 220)))),
+                                                 api_name="/classify_image")  # Gradio 6 names the endpoint after the function
+    assert {c["label"] for c in out["confidences"]} == {"cats", "dogs"}
