@@ -1,7 +1,7 @@
 """The image classifier as a task of the training loop: labelled folders in, a timm classifier out."""
 from .data import classifier_dls, detect_labels, folder_split, label_function, pets_images, split_counts
 from .export import export_weights_only, learner_config, save_examples
-from .models import classifier_learner
+from .models import check_arch, classifier_learner
 from .reports import classifier_report
 from .train import Task
 
@@ -11,6 +11,9 @@ FINE_TUNE_LR, SCRATCH_LR = 2e-3, 3e-3
 
 class Classifier(Task):
     kind = "classifier"
+
+    def check(self, cfg):
+        check_arch(cfg.arch)
 
     def default_data(self):
         return pets_images()

@@ -33,9 +33,13 @@ def adamw(params, **hypers):
     return OptimWrapper(params, opt=partial(torch.optim.AdamW, fused=True, betas=(0.9, 0.99), eps=1e-5), **hypers)
 
 
-def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0):
+def check_arch(arch):
     if not timm.is_model(arch):
         raise UserError(f"unknown timm architecture {arch!r} (see timm.list_models())")
+
+
+def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0):
+    check_arch(arch)
     extra = {"pretrained_cfg_overlay": {"file": pretrained_weights(arch)}} if pretrained else {}
     if not pretrained:
         # fastai only adds a Normalize for pretrained models; a scratch model trains better on normalised input too

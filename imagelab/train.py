@@ -228,6 +228,7 @@ def train(task, cfg, cbs=()):
     """
     cfg.check()
     task.check(cfg)
+    start_size(task, cfg)  # settings that cannot work stop here, before any slow step
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
     if cfg.resume and not ckpt.exists():
@@ -235,7 +236,6 @@ def train(task, cfg, cbs=()):
     if not cfg.resume and ckpt.exists() and main_process:
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
     set_seed(cfg.seed, reproducible=True)
-    start_size(task, cfg)  # an impossible --start-size stops here, before any work
     root, files, skipped, presized, dls, learn = prepare(task, cfg)
     settings = {"kind": task.kind, **cfg.settings(), "data": str(root)}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None

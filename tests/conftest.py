@@ -1,5 +1,6 @@
 """Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,7 +54,8 @@ def run(args, timeout=300, **kwargs):
 def fails_with_one_line(res, *fragments):
     """A command that stopped on a user error: exit status 2 and one line on stderr that names every fragment."""
     assert res.returncode == 2, res.stderr[-3000:]
-    lines = res.stderr.strip().splitlines()
+    # progress bars (tqdm's "3/6 [00:01<...") are redrawn in place on a terminal and vanish when done
+    lines = [line for line in res.stderr.splitlines() if line.strip() and not re.search(r"\d+/\d+ \[", line)]
     assert len(lines) == 1, res.stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -8,7 +8,8 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import PY, ROOT, interruptible, make_folder_dataset, run, write_image
+from conftest import (PY, ROOT, fails_with_one_line, in_fresh_process, interruptible, make_folder_dataset, run,
+                      train_tiny, write_image)
 from imagelab.export import staged_export
 from imagelab.inference import Predictor
 
@@ -38,15 +39,14 @@ def test_report_beside_the_model(tiny_model):
 
 def test_model_loads_in_a_fresh_process_elsewhere(tiny_model, tmp_path):
     img = write_image(tmp_path / "red.png", (220, 60, 60))
-    code = ("import sys; from fastai.learner import load_learner; from imagelab.data import RGBImage\n"
+    code = ("import sys; from fastai.learner import load_learner\n"
             "learn = load_learner(sys.argv[1])\n"
-            "with learn.no_bar(): label, _, probs = learn.predict(RGBImage.create(sys.argv[2]))\n"
+            "with learn.no_bar(): label, _, probs = learn.predict(sys.argv[2])\n"
             "print(list(learn.dls.vocab), label, round(float(probs.sum()), 4))")
-    res = subprocess.run([PY, "-c", code, str(tiny_model), str(img)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    vocab, label, total = res.stdout.strip().rsplit(" ", 2)
-    assert vocab == "['cats', 'dogs']" and label in ("cats", "dogs") and total == "1.0"
+    vocab, label, total = in_fresh_process(code, tiny_model, img, cwd=tmp_path).rsplit(" ", 2)
+    assert vocab == "['cats', 'dogs']"
+    assert label in ("cats", "dogs")
+    assert total == "1.0"
 
 
 def test_model_trained_on_presized_copies_predicts_raw_large_photos(tiny_model, tmp_path):
@@ -107,10 +107,7 @@ def test_offline_default_run_fails_fast_with_one_line(tmp_path):
     start = time.monotonic()
     res = run(["training/train_pets.py"], env=env, timeout=120)
     assert time.monotonic() - start < 60
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    assert "could not download Oxford-IIIT Pet" in lines[0] and "--data" in lines[0]
+    fails_with_one_line(res, "could not download Oxford-IIIT Pet", "--data")
 
 
 def test_pretrained_offline_fails_fast_with_a_hint(tmp_path):
@@ -120,18 +117,34 @@ def test_pretrained_offline_fails_fast_with_a_hint(tmp_path):
     res = run(["training/train_pets.py", "--data", data, "--arch", "resnet18", "--out", tmp_path / "m.pkl"],
               env=env, timeout=120)
     assert time.monotonic() - start < 60
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "pretrained weights" in res.stderr and "--no-pretrained" in res.stderr
+    fails_with_one_line(res, "pretrained weights", "--no-pretrained")
     assert not (tmp_path / "m.pkl").exists()
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=3)
     res = run(["training/train_pets.py", "--data", tmp_path / "missing"])
-    assert res.returncode == 2 and res.stderr.strip() == f"error: no such folder: {tmp_path / 'missing'}"
-    res = run(["training/train_pets.py", "--data", tmp_path, "--arch", "no_such_net", "--no-pretrained"])
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    res = run(["training/train_pets.py", "--data", tmp_path, "--size", "64", "--start-size", "96"])
-    assert res.returncode == 2 and res.stderr.strip() == "error: need 8 <= --start-size <= --size (64)"
+    assert fails_with_one_line(res) == f"error: no such folder: {tmp_path / 'missing'}"
+    res = run(["training/train_pets.py", "--data", data, "--arch", "no_such_net", "--no-pretrained"])
+    fails_with_one_line(res, "unknown timm architecture 'no_such_net'")
+    res = run(["training/train_pets.py", "--data", data, "--size", "64", "--start-size", "96"])
+    assert fails_with_one_line(res) == "error: need 8 <= --start-size <= --size (64)"
+
+
+def test_a_folder_with_one_class_is_told_so(tmp_path):
+    one = make_folder_dataset(tmp_path / "one", classes=(("cats", (220, 60, 60)),), n=6)
+    res = run(["training/train_pets.py", "--data", one, "--no-pretrained", "--arch", "resnet18"])
+    fails_with_one_line(res, "only one class", "cats", "at least two")
+
+
+def test_lr_find_says_which_rate_it_chose(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=8)
+    res = train_tiny(data, tmp_path / "m.pkl", "--lr", "find")
+    chosen = [line for line in res.stdout.splitlines() if line.startswith("lr_find chose ")]
+    assert len(chosen) == 1, res.stdout[-2000:]
+    lr = float(chosen[0].split()[-1])
+    assert json.loads((tmp_path / "m.report" / "metrics.json").read_text())["lr"] == pytest.approx(lr, rel=1e-2)
+    assert "/101" not in res.stdout + res.stderr  # lr_find's own 100 steps show no epoch bars
 
 
 def test_help_lists_the_knobs():
