@@ -1,38 +1,71 @@
-"""All the demos on one page, a tab each. Run `python app.py` or `gradio app.py` (auto-reload)."""
+"""All the demos on one page, a tab each: `python app.py`.
+
+Each tab's model is its environment variable (PETS_MODEL, BEARS_MODEL, AUTOENCODER_MODEL; the cleaner
+tab needs CLEANER_MODEL and CLEANER_DATA) or its default in models/. A default model not trained yet
+gets a tab that says how to train it; any other model that cannot be served stops the app with one line.
+"""
 import os
 from pathlib import Path
 
-import gradio as gr
-
-from imagelab import UserError
-from imagelab.cleaner_ui import cleaner_panel
-from imagelab.ui import app_parser, autoencoder_panel, classifier_panel, launch
+from imagelab import UserError, run_cli
+from imagelab.app_options import app_parser
 
 ROOT = Path(__file__).resolve().parent
-PETS_MODEL = os.environ.get("PETS_MODEL", ROOT / "models" / "pets.pkl")
-BEARS_MODEL = os.environ.get("BEARS_MODEL", ROOT / "models" / "bears.pkl")
-AUTOENCODER_MODEL = os.environ.get("AUTOENCODER_MODEL", ROOT / "models" / "autoencoder.pkl")
-CLEANER_MODEL, CLEANER_DATA = os.environ.get("CLEANER_MODEL"), os.environ.get("CLEANER_DATA")
+TABS = {  # tab: (environment variable, kind, default model, how to train it)
+    "Pets": ("PETS_MODEL", "classifier", ROOT / "models" / "pets.pkl", "python training/train_pets.py"),
+    "Bears": ("BEARS_MODEL", "classifier", ROOT / "models" / "bears.pkl", "python training/train_bears.py"),
+    "Autoencoder": ("AUTOENCODER_MODEL", "autoencoder", ROOT / "models" / "autoencoder.pkl",
+                    "python training/train_autoencoder.py"),
+}
 
-with gr.Blocks(title="Image apps") as demo:
-    gr.Markdown("# Image apps\nfastai models trained on your own machine.")
-    with gr.Tab("Pets"):
-        classifier_panel(PETS_MODEL, "python training/train_pets.py", api_name="pets_predict")
-    with gr.Tab("Bears"):
-        classifier_panel(BEARS_MODEL, "python training/train_bears.py", api_name="bears_predict")
-    with gr.Tab("Autoencoder"):
-        autoencoder_panel(AUTOENCODER_MODEL, "python training/train_autoencoder.py", api_prefix="autoencoder_")
-    with gr.Tab("Cleaner"):
-        if CLEANER_MODEL and CLEANER_DATA:
-            try:
-                cleaner_panel(CLEANER_MODEL, CLEANER_DATA, api_prefix="cleaner_")
-            except UserError as e:  # e.g. CLEANER_DATA is not a folder: said in the tab, the other tabs still serve
-                gr.Markdown(f"**Cleaner: {e}**")
-        else:
-            gr.Markdown("Clean a dataset folder with a model trained on it: start this app with "
-                        "`CLEANER_MODEL=models/bears.pkl CLEANER_DATA=data/bears python app.py`, "
-                        "or run `python apps/cleaner/app.py --model models/bears.pkl --data data/bears`.")
+
+def tab_model(variable, kind, default):
+    """The tab's opened model, or its default path when that model is not trained yet."""
+    from imagelab.loading import open_model
+    given = os.environ.get(variable)
+    if given is None and not default.exists():
+        return default
+    return open_model(given or default, kind)
+
+
+def cleaner():
+    """The cleaner tab's `Cleaner`, or None when CLEANER_MODEL and CLEANER_DATA are not both set."""
+    model, data = os.environ.get("CLEANER_MODEL"), os.environ.get("CLEANER_DATA")
+    if bool(model) != bool(data):
+        raise UserError("the cleaner tab needs both CLEANER_MODEL and CLEANER_DATA")
+    from imagelab.cleaning import Cleaner
+    return Cleaner(model, data) if model else None
+
+
+def build():
+    """The page: every model opened and checked before the first tab is drawn."""
+    models = {tab: tab_model(*spec[:3]) for tab, spec in TABS.items()}
+    clean = cleaner()
+    import gradio as gr
+    from imagelab.cleaner_ui import cleaner_panel
+    from imagelab.ui import autoencoder_panel, classifier_panel
+    with gr.Blocks(title="Image apps") as demo:
+        gr.Markdown("# Image apps\nfastai models trained on your own machine.")
+        for tab in ("Pets", "Bears"):
+            with gr.Tab(tab):
+                classifier_panel(models[tab], TABS[tab][3], api_name=f"{tab.lower()}_predict")
+        with gr.Tab("Autoencoder"):
+            autoencoder_panel(models["Autoencoder"], TABS["Autoencoder"][3], api_prefix="autoencoder_")
+        with gr.Tab("Cleaner"):
+            if clean:
+                cleaner_panel(clean, api_prefix="cleaner_")
+            else:
+                gr.Markdown("Clean a dataset folder with a model trained on it: start this app with "
+                            "`CLEANER_MODEL=models/bears.pkl CLEANER_DATA=data/bears python app.py`, "
+                            "or run `python apps/cleaner/app.py --model models/bears.pkl --data data/bears`.")
+    return demo
+
+
+def main(argv=None):
+    args = app_parser(__doc__).parse_args(argv)
+    from imagelab.ui import launch
+    launch(build(), args)
+
 
 if __name__ == "__main__":
-    args = app_parser(__doc__).parse_args()
-    launch(demo, args)
+    run_cli(main)

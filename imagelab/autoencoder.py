@@ -291,19 +291,47 @@ class AutoencoderTask(Task):
 
 
 class Autoencoder:
-    """An exported autoencoder learner (`.pkl`): reconstructions, and the images between two codes."""
+    """An exported autoencoder: reconstructions, and the images between two codes.
 
-    def __init__(self, path):
-        path = Path(path)
+    `path` is its learner (`ae.pkl`, unpickled: only one you trust, or pass its `learn`) or its weights
+    (`ae.safetensors`), rebuilt without any pickle from the `ae.config.json` beside them. A learner with
+    those two beside it loads from them too.
+    """
+
+    def __init__(self, path, learn=None):
+        from .paths import artifact_paths
+        self.path = path = Path(path)
         if not path.is_file():
             raise UserError(f"no model at {path}")
-        self.learn = load_learner(path, cpu=True)
-        self.model = self.learn.model.eval()
+        weights = artifact_paths(path)["weights"]
+        if learn is None and weights.is_file() and artifact_paths(path)["config"].is_file():
+            self.model = self._from_weights(weights)
+        else:
+            from .loading import load_trusted_learner
+            self.model = (learn or load_trusted_learner(path)).model
+        self.model = self.model.cpu().float().eval()
         self.size = self.model.size
 
+    @staticmethod
+    def _from_weights(weights):
+        from safetensors.torch import load_file
+        from .loading import read_config
+        c = read_config(weights)
+        model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"], blocks=c["blocks"])
+        model.load_state_dict(load_file(weights))
+        return model
+
     def prepare(self, image):
-        """A path or PIL image as the model sees it: the centre square at the model's size, in [0, 1]."""
-        return preprocessed(self.learn.dls, [RGBImage.create(read_image(image))])
+        """A path or PIL image as the model sees it: 1x3xSxS in [0, 1], S the model's size.
+
+        fastai's `Resize` at validation, done in PIL so that a weights-only model needs no learner: the
+        centre square of the image (its side computed as fastai does), resized bilinearly.
+        """
+        im, s = read_image(image), self.size
+        side = int(min(im.width / s, im.height / s) * s)
+        left, top = int(0.5 * (im.width - side)), int(0.5 * (im.height - side))
+        im = im.crop((left, top, left + side, top + side)).resize((s, s), Image.BILINEAR)
+        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)[None] / 255
 
     @torch.no_grad()
     def reconstruct(self, image):

@@ -8,10 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import UserError
-from .cleaning import LOG, Cleaner
-from .ui import missing_model
-
-TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
+from .cleaning import LOG
 
 
 def guarded(fn, *args):
@@ -32,11 +29,8 @@ def action(record, choice):
     return {"file": record["file"], "action": kind, "to": to or None}
 
 
-def cleaner_panel(model_path, data_dir, api_prefix=""):
-    """The cleaner rendered into the enclosing Blocks; instructions if the model is missing."""
-    if not Path(model_path).is_file():
-        return missing_model(model_path, TRAIN)
-    cleaner = Cleaner(model_path, data_dir)
+def cleaner_panel(cleaner, api_prefix=""):
+    """The cleaner (a `Cleaner`, its model and folder checked when the app started) rendered into the enclosing Blocks."""
 
     def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
         """A class's images in a split (valid, train or all), highest loss first:
@@ -56,7 +50,7 @@ def cleaner_panel(model_path, data_dir, api_prefix=""):
     gr.api(apply, api_name=f"{api_prefix}apply")
     gr.api(undo, api_name=f"{api_prefix}undo")
 
-    gr.Markdown(f"Cleaning `{cleaner.root}` with `{model_path}`. Applying moves files to another class "
+    gr.Markdown(f"Cleaning `{cleaner.root}` with `{cleaner.predictor.path}`. Applying moves files to another class "
                 f"folder or to `removed/`; nothing is deleted, every move is logged in `{LOG}` and can be undone.")
     with gr.Row():
         label = gr.Dropdown(cleaner.classes, value=cleaner.classes[0], label="Class")

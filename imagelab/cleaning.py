@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from . import UserError
@@ -51,16 +52,21 @@ def free_name(folder, name):
 
 
 class Cleaner:
-    """A dataset folder (one sub-folder per class) and a model trained on it."""
+    """A dataset folder (one sub-folder per class) and a classifier trained on it.
 
-    def __init__(self, model_path, root):
+    `model` is any form the apps serve (a path to `.pkl`, `.onnx`, `.safetensors`, or hf://...) or a
+    `Predictor` already opened; images are ranked with that predictor, like the apps classify them.
+    """
+
+    def __init__(self, model, root):
+        from .inference import Predictor
+        from .loading import CLASSIFIER, open_model
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise UserError(f"no such folder: {root}")
-        from fastai.learner import load_learner  # the ranking needs fastai's losses; the page alone does not
-        self.learn = load_learner(model_path, cpu=True)  # a pickle: the cleaner is its owner's tool on its own model
-        self.classes = [check_class_name(str(c)) for c in self.learn.dls.vocab]
-        split = report_dir(model_path) / "split.json"  # written by the trainer: which files were held out
+        self.predictor = model if isinstance(model, Predictor) else open_model(model, CLASSIFIER)
+        self.classes = [check_class_name(str(c)) for c in self.predictor.vocab]
+        split = report_dir(self.predictor.path) / "split.json"  # written by the trainer: which files were held out
         self.split = json.loads(split.read_text()) if split.is_file() else {}
         self.splits = ["valid", "train", "all"] if self.split else ["all"]
         self.log = self.root / LOG
@@ -87,10 +93,9 @@ class Cleaner:
         rels = self.files(label, split)
         if not rels:
             return []
-        learn = self.learn
-        dl = learn.dls.test_dl([self.root / r for r in rels], with_labels=True)
-        with learn.no_bar():
-            probs, _, losses = learn.get_preds(dl=dl, with_loss=True)
+        probs = self.predictor.probabilities([self.root / r for r in rels])
+        # cross-entropy, the training loss: -log of the probability given to the true class
+        losses = -np.log(np.maximum(probs[:, self.classes.index(label)], np.finfo(np.float32).tiny))
         records = [{"file": r, "label": label, "predicted": self.classes[int(p.argmax())],
                     "probability": round(float(p.max()), 4), "loss": round(float(loss), 4)}
                    for r, p, loss in zip(rels, probs, losses)]

@@ -36,11 +36,13 @@ def hub_file(repo_id, filename, revision=None, what="file"):
         raise UserError(f"cannot download the {what} {where}: {str(e).splitlines()[0]}") from None
 
 
-def resolve_model(spec):
+def resolve_model(spec, prefer=(".onnx", ".safetensors")):
     """A local path for a model: a path as given, or `hf://USER/REPO/FILE[@REVISION]` fetched once into the Hub cache.
 
-    For a Hub model the weights-only artifacts beside FILE (`<stem>.onnx` + `<stem>.config.json`) are
-    fetched instead of FILE when the repo has them: they load without running any pickle.
+    For a Hub model the weights-only artifacts beside FILE (`<stem>.config.json` and the first of
+    `<stem><suffix>` for the suffixes in `prefer` that the repo has: a classifier runs its ONNX graph or
+    its safetensors weights, an autoencoder its weights) are fetched instead of FILE: they load without
+    running any pickle.
     """
     spec = str(spec)
     if not spec.startswith(HF_PREFIX):
@@ -53,16 +55,11 @@ def resolve_model(spec):
     stem = filename.rsplit(".", 1)[0]
     try:
         hub_file(repo_id, f"{stem}.config.json", revision or None, what="model config")
-        return Path(hub_file(repo_id, f"{stem}.onnx", revision or None, what="model"))
     except UserError:
         return Path(hub_file(repo_id, filename, revision or None, what="model"))
-
-
-def require_hub_login():
-    """Before publishing anything: a token and a reachable Hub, or one line that says which is missing."""
-    token = get_token()
-    if not token:
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` first")
-    if constants.HF_HUB_OFFLINE or not hub_reachable():
-        raise UserError("cannot reach the Hugging Face Hub (offline?); nothing was uploaded")
-    return token
+    for suffix in prefer:
+        try:
+            return Path(hub_file(repo_id, f"{stem}{suffix}", revision or None, what="model"))
+        except UserError:
+            pass
+    return Path(hub_file(repo_id, filename, revision or None, what="model"))

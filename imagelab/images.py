@@ -2,8 +2,10 @@
 
 No fastai or torch here: a served app decodes uploads without importing the training stack.
 """
+import os
+
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import UserError
 
@@ -52,4 +54,16 @@ def read_image(src):
     except Image.DecompressionBombError:
         raise UserError(f"image too large (more than {MAX_PIXELS:,} pixels)") from None
     except Exception as e:  # PIL signals unreadable files with many exception types
-        raise UserError(f"not a readable image ({type(e).__name__})") from None
+        raise UserError(f"not a readable image: {unreadable_reason(src, e)}") from None
+
+
+def unreadable_reason(src, error):
+    """What is wrong with a file PIL could not decode, in words a user can act on."""
+    if isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0:
+        return "empty file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image (or a format Pillow cannot read)"
+    message = str(error)
+    if "truncated" in message or "broken data stream" in message or isinstance(error, EOFError):
+        return "truncated image (the file ends before the picture does)"
+    return f"corrupt image data ({message.splitlines()[0][:120] if message else type(error).__name__})"

@@ -16,6 +16,7 @@ from . import UserError
 from .paths import artifact_paths
 from .hub import resolve_model
 from .images import read_image
+from .loading import load_trusted_learner
 
 
 def preprocess(im, config):
@@ -47,20 +48,21 @@ class Predictor:
 
     `path` is the learner (`pets.pkl`) or one of its weights-only artifacts (`pets.onnx`,
     `pets.safetensors`), or `hf://USER/REPO/FILE[@REVISION]`. The artifacts are used whenever they are
-    there; the `.pkl` is unpickled only when it is all there is, so pass only a `.pkl` you trust.
+    there; the `.pkl` is unpickled only when it is all there is, so pass only a `.pkl` you trust
+    (or its learner, `learn`, when the caller has loaded it already). Apps open it through
+    `loading.open_model`, which first checks that it is a classifier.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, learn=None):
         import onnxruntime as ort
-        path = resolve_model(path)
+        self.path = path = resolve_model(path)
         paths = artifact_paths(path)
         if paths["config"].is_file() and (paths["onnx"].is_file() or paths["weights"].is_file()):
             self.config = json.loads(paths["config"].read_text())
             graph = paths["onnx"] if paths["onnx"].is_file() else self._onnx(_model_from_weights(paths["weights"], self.config))
         elif path.suffix == ".pkl" and path.is_file():
-            from fastai.learner import load_learner
             from .export import learner_config
-            learn = load_learner(path, cpu=True)
+            learn = learn or load_trusted_learner(path)
             self.config = learner_config(learn)
             graph = self._onnx(learn.model)
         else:

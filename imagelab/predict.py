@@ -1,59 +1,72 @@
-"""Classify files and folders with an exported model: one row per image, bad files reported, never a stop.
+"""Classify files and folders with an exported model: one row per image, bad files and missing paths reported, never a stop.
 
     python -m imagelab.predict models/pets.pkl photo.jpg holiday/ --top-k 2 --csv predictions.csv
+
+A path that cannot be classified (missing, empty, not an image, truncated...) gets a row with the reason
+in its `error` column. The exit status is 0 when at least one image was classified; when none was (say,
+every path was mistyped), the rows are still written and the program ends with one line and status 2.
 """
 import argparse
 import csv
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from . import UserError, run_cli
-from .inference import Predictor
+from .loading import CLASSIFIER, FORMS, open_model
 from .paths import visible_files
 
 
 def expand(paths):
-    """Files as given, folders walked recursively (hidden files skipped), in a stable order."""
+    """(path, None) for each file as given and each file in a folder (recursively, hidden files skipped), in a
+    stable order; (path, reason) for a path that is not there."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from visible_files(p)
+            yield from ((f, None) for f in visible_files(p))
         elif p.exists():
-            yield p
+            yield p, None
         else:
-            raise UserError(f"no such file or folder: {p}")
+            yield p, "no such file or folder"
+
+
+def classify(predictor, items, top_k, writer, progress):
+    """Write one row per item; return the reasons of the ones that were not classified."""
+    width = 2 * top_k
+    errors = []
+    for f, error in tqdm(items, desc="classifying", unit="img", disable=not progress):
+        if error is None:
+            try:
+                top = predictor.predict(f, k=top_k)
+                cells = [x for label, prob in top.items() for x in (label, f"{prob:.4f}")]
+                writer.writerow([str(f)] + cells + [""] * (width - len(cells)) + [""])
+                continue
+            except UserError as e:
+                error = str(e)
+        errors.append(f"{f}: {error}")
+        writer.writerow([str(f)] + [""] * width + [error])
+    return errors
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m imagelab.predict", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="exported model: .pkl (trusted) or its .onnx / .safetensors artifact")
+    p.add_argument("model", help=f"exported classifier: {FORMS[CLASSIFIER]} (a .pkl alone is unpickled: trusted only)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--top-k", type=int, default=1, help="labels per image")
     p.add_argument("--csv", metavar="OUT", help="write the rows to this CSV file instead of standard output")
     args = p.parse_args(argv)
-    files = list(expand(args.paths))
-    predictor = Predictor(args.model)
+    predictor = open_model(args.model, CLASSIFIER)
+    items = list(expand(args.paths))
     header = ["path"] + [f"{c}{i}" for i in range(1, args.top_k + 1) for c in ("label", "prob")] + ["error"]
-    out = open(args.csv, "w", newline="") if args.csv else sys.stdout
-    try:
+    with open(args.csv, "w", newline="") if args.csv else nullcontext(sys.stdout) as out:
         writer = csv.writer(out)
         writer.writerow(header)
-        bad = 0
-        for f in tqdm(files, desc="classifying", unit="img", disable=not args.csv):
-            try:
-                top = predictor.predict(f, k=args.top_k)
-                row = [str(f)] + [x for label, prob in top.items() for x in (label, f"{prob:.4f}")]
-                row += [""] * (len(header) - len(row) - 1) + [""]
-            except UserError as e:
-                bad += 1
-                row = [str(f)] + [""] * (len(header) - 2) + [str(e)]
-            writer.writerow(row)
-    finally:
-        if args.csv:
-            out.close()
-    print(f"{len(files) - bad} classified, {bad} unreadable", file=sys.stderr)
+        errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
+    if errors and len(errors) == len(items):
+        raise UserError(f"nothing classified: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    print(f"{len(items) - len(errors)} classified, {len(errors)} unreadable", file=sys.stderr)
 
 
 if __name__ == "__main__":

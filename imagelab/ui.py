@@ -1,14 +1,17 @@
-"""Gradio pieces shared by every app: argument parsing, the classifier and autoencoder panels, launching."""
-import argparse
-import os
+"""Gradio pieces shared by every app: the classifier and autoencoder panels, launching.
+
+A panel takes the model `loading.open_model` opened when the app started, or the path of a model not
+trained yet, for which it shows how to train one.
+"""
+import functools
 from pathlib import Path
 
 import gradio as gr
 
 from . import UserError
+from .hub import HF_PREFIX
+from .loading import AUTOENCODER, CLASSIFIER, open_model
 from .paths import examples_dir
-from .hub import resolve_model
-from .inference import Predictor
 
 # A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying.
 MAX_UPLOAD = "25mb"
@@ -31,80 +34,67 @@ class ImageUpload(gr.Image):
         return super().preprocess(payload)
 
 
-def app_parser(description, default_model=None):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    if default_model is not None:
-        p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
-                       help="exported model (.pkl, .onnx, .safetensors or hf://USER/REPO/FILE[@REVISION]); "
-                       "also the MODEL_PATH environment variable")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   help="address to listen on (0.0.0.0 to share on your network)")
-    return p
-
-
-def default_model(app_file, name, suffix=".onnx"):
-    """A Space bundle keeps its model beside app.py (`models/<name><suffix>`); the repository in `models/<name>.pkl`."""
-    here = Path(app_file).resolve().parent
-    bundled = here / "models" / f"{name}{suffix}"
-    return bundled if bundled.exists() else here.parents[1] / "models" / f"{name}.pkl"
-
-
 def missing_model(model_path, train_command):
     gr.Markdown(f"**No model at `{model_path}` yet.** Train one first:\n\n```\n{train_command}\n```\n\n"
                 "then restart this app.")
 
 
-def classifier_panel(model_path, train_command, api_name="predict"):
-    """Upload-an-image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing."""
-    model_path = resolve_model(model_path)
-    if not model_path.is_file():
-        return missing_model(model_path, train_command)
-    clf = Predictor(model_path)
+def opened(model, kind, train_command):
+    """The served object for `model`; None, with the training instructions rendered, for a model not there yet."""
+    if not isinstance(model, (str, Path)):
+        return model
+    if not str(model).startswith(HF_PREFIX) and not Path(model).exists():
+        return missing_model(model, train_command)
+    return open_model(model, kind)
 
-    def classify(image):
-        if image is None:
-            return None
+
+def user_errors(fn):
+    """`fn` with a UserError shown to the user as a one-line message; its name and parameters kept for the API."""
+    @functools.wraps(fn)
+    def run(*args):
         try:
-            return clf.predict(image, k=3)
+            return fn(*args)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
+    return run
+
+
+def classifier_panel(model, train_command, api_name="predict"):
+    """Upload-an-image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing."""
+    clf = opened(model, CLASSIFIER, train_command)
+    if clf is None:
+        return
+
+    @user_errors
+    def classify(image):
+        return None if image is None else clf.predict(image, k=3)
 
     with gr.Row():
         image = ImageUpload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image")
         label = gr.Label(num_top_classes=3, label="Prediction")
     image.change(classify, image, label, api_name=api_name)
-    examples = sorted(map(str, examples_dir(model_path).glob("*.jpg")))
+    examples = sorted(map(str, examples_dir(clf.path).glob("*.jpg")))
     if examples:
         gr.Examples(examples, inputs=image)
     gr.Markdown(f"Classes: {', '.join(clf.vocab)}")
 
 
-def classifier_demo(title, description, model_path, train_command):
+def classifier_demo(title, description, model):
     """A standalone classifier app: what `apps/<name>/app.py` serves, endpoint `predict`."""
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\n{description}")
-        classifier_panel(model_path, train_command)
+        classifier_panel(model, None)
     return demo
 
 
-def autoencoder_panel(model_path, train_command, api_prefix=""):
+def autoencoder_panel(model, train_command, api_prefix=""):
     """Upload → reconstruction with its PSNR; two uploads → the images between their codes.
 
     Endpoints `<api_prefix>reconstruct` (the reconstruction) and `<api_prefix>interpolate` (a strip).
     """
-    if not Path(model_path).is_file():
-        return missing_model(model_path, train_command)
-    from .autoencoder import Autoencoder  # torch: only apps that serve an autoencoder load it
-    ae = Autoencoder(model_path)
-
-    def user_errors(fn):
-        def run(*images_and_args):
-            try:
-                return fn(*images_and_args)
-            except UserError as e:
-                raise gr.Error(str(e), print_exception=False) from None
-        return run
+    ae = opened(model, AUTOENCODER, train_command)
+    if ae is None:
+        return
 
     @user_errors
     def reconstruct(image):
@@ -123,7 +113,7 @@ def autoencoder_panel(model_path, train_command, api_prefix=""):
 
     shown = dict(type="pil", format="png", height=256, interactive=False)  # PNG: the exact pixels, no webp loss
     upload = dict(type="filepath", image_mode=None, sources=["upload", "clipboard"])
-    examples = sorted(map(str, examples_dir(model_path).glob("*.jpg")))
+    examples = sorted(map(str, examples_dir(ae.path).glob("*.jpg")))
     gr.Markdown(f"A code of {ae.model.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
     with gr.Row():
         image = ImageUpload(label="Image", **upload)

@@ -6,6 +6,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from checkouts import repo_app_without_models
 from conftest import served, write_image
 
 
@@ -33,7 +34,8 @@ def test_root_app_tabs(tiny_model, tmp_path):
         out = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.jpg", (60, 60, 220)))),
                                                  api_name="/pets_predict")
         assert out["label"] in ("cats", "dogs")
-    with served(["app.py"], env={"PETS_MODEL": str(tmp_path / "missing.pkl")}) as url:
+    app, env = repo_app_without_models("app.py", tmp_path)  # pets never trained: the tab says how
+    with served([app], env={**env, "PETS_MODEL": None}) as url:
         with urllib.request.urlopen(url + "config", timeout=10) as r:
             config = json.dumps(json.load(r))
         assert "No model at" in config and "training/train_pets.py" in config

@@ -8,6 +8,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from checkouts import repo_app_without_models
 from conftest import BEARS, ROOT, served, write_image
 from imagelab import run_cli
 
@@ -78,9 +79,9 @@ def test_bears_app_predicts_over_http(tiny_bears, tmp_path):
 def test_root_app_has_bears_and_cleaner_tabs(tiny_bears, tmp_path):
     model, data, _ = tiny_bears
     copy = shutil.copytree(data, tmp_path / "data")
-    env = {"BEARS_MODEL": str(model), "CLEANER_MODEL": str(model), "CLEANER_DATA": str(copy),
-           "PETS_MODEL": str(tmp_path / "missing.pkl")}
-    with served(["app.py"], env=env) as url:
+    app, env = repo_app_without_models("app.py", tmp_path)  # pets never trained: the tab says how
+    env.update({"BEARS_MODEL": str(model), "CLEANER_MODEL": str(model), "CLEANER_DATA": str(copy), "PETS_MODEL": None})
+    with served([app], env=env) as url:
         client = Client(url, verbose=False)
         img = write_image(tmp_path / "x.png", (40, 40, 40))
         assert client.predict(handle_file(str(img)), api_name="/bears_predict")["label"] in CLASSES

@@ -1,18 +1,19 @@
 """Autoencoder: upload a photo, see it rebuilt from a code of a few numbers, and walk between two photos' codes."""
-import gradio as gr
-
 from imagelab import run_cli
-from imagelab.ui import app_parser, autoencoder_panel, default_model, launch
+from imagelab.app_options import app_model, app_parser, default_model
 
 MODEL = default_model(__file__, "autoencoder", suffix=".pkl")
 TRAIN = "python training/train_autoencoder.py   # offline: --data ../shared/data/catsdogs"
 
 
 def main(argv=None):
-    args = app_parser(__doc__, MODEL).parse_args(argv)
+    args = app_parser(__doc__, MODEL, kind="autoencoder").parse_args(argv)
+    model = app_model(args, "autoencoder", MODEL, TRAIN)
+    import gradio as gr  # not needed for --help or a refused model
+    from imagelab.ui import autoencoder_panel, launch
     with gr.Blocks(title="Autoencoder") as demo:
         gr.Markdown("# Autoencoder\nUpload a photo: it is squeezed into a short code and rebuilt from it.")
-        autoencoder_panel(args.model, TRAIN)
+        autoencoder_panel(model, TRAIN)
     launch(demo, args)
 
 

@@ -1,6 +1,6 @@
 """Bear classifier: upload a photo, get the top-3 labels (grizzly, black or teddy bear)."""
 from imagelab import run_cli
-from imagelab.ui import app_parser, classifier_demo, default_model, launch
+from imagelab.app_options import app_model, app_parser, default_model
 
 MODEL = default_model(__file__, "bears")
 TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
@@ -8,8 +8,10 @@ TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears
 
 def main(argv=None):
     args = app_parser(__doc__, MODEL).parse_args(argv)
-    launch(classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.",
-                           args.model, TRAIN), args)
+    model = app_model(args, "classifier", MODEL, TRAIN)
+    from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
+    launch(classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.", model),
+           args)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,28 @@
 import os
 from pathlib import Path
 
-import gradio as gr
-
-from imagelab import UserError
-from imagelab.cleaner_ui import cleaner_panel
-from imagelab.ui import app_parser, launch
+from imagelab import run_cli
+from imagelab.app_options import app_model, app_parser
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "bears.pkl"
+TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
 
-if __name__ == "__main__":
+
+def main(argv=None):
     parser = app_parser(__doc__, MODEL)
     parser.add_argument("--data", default=os.environ.get("CLEANER_DATA"), required="CLEANER_DATA" not in os.environ,
                         help="the dataset folder (one sub-folder per class) to clean; also CLEANER_DATA")
-    args = parser.parse_args()
-    try:
-        with gr.Blocks(title="Data cleaner") as demo:
-            gr.Markdown(f"# Data cleaner\n{__doc__}")
-            cleaner_panel(args.model, args.data)
-    except UserError as e:
-        parser.exit(2, f"error: {e}\n")
+    args = parser.parse_args(argv)
+    from imagelab.cleaning import Cleaner
+    cleaner = Cleaner(app_model(args, "classifier", MODEL, TRAIN), args.data)
+    import gradio as gr  # not needed for --help or a refused model
+    from imagelab.cleaner_ui import cleaner_panel
+    from imagelab.ui import launch
+    with gr.Blocks(title="Data cleaner") as demo:
+        gr.Markdown(f"# Data cleaner\n{__doc__}")
+        cleaner_panel(cleaner)
     launch(demo, args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,6 +1,6 @@
 """Pet classifier: upload a photo, get the top-3 labels (cat or dog, or the 37 Oxford-IIIT Pet breeds)."""
 from imagelab import run_cli
-from imagelab.ui import app_parser, classifier_demo, default_model, launch
+from imagelab.app_options import app_model, app_parser, default_model
 
 MODEL = default_model(__file__, "pets")
 TRAIN = "python training/train_pets.py   # offline: --data ../shared/data/catsdogs --no-pretrained"
@@ -8,7 +8,9 @@ TRAIN = "python training/train_pets.py   # offline: --data ../shared/data/catsdo
 
 def main(argv=None):
     args = app_parser(__doc__, MODEL).parse_args(argv)
-    launch(classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", args.model, TRAIN), args)
+    model = app_model(args, "classifier", MODEL, TRAIN)
+    from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
+    launch(classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", model), args)
 
 
 if __name__ == "__main__":

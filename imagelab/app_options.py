@@ -1,0 +1,37 @@
+"""The apps' command-line options, parsed before gradio or any model is imported: `--help` answers at once.
+
+Standard library only, like `imagelab.paths`.
+"""
+import argparse
+import os
+from pathlib import Path
+
+from .loading import FORMS
+
+
+def app_parser(description, default_model=None, kind="classifier"):
+    """Options every app takes; `--model` (a `kind` model, `default_model` unless given) when it serves one."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if default_model is not None:
+        p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
+                       help=f"exported {kind} ({FORMS[kind]}); also the MODEL_PATH environment variable")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on (0.0.0.0 to share on your network)")
+    return p
+
+
+def default_model(app_file, name, suffix=".onnx"):
+    """A Space bundle keeps its model beside app.py (`models/<name><suffix>`); the repository in `models/<name>.pkl`."""
+    here = Path(app_file).resolve().parent
+    bundled = here / "models" / f"{name}{suffix}"
+    return bundled if bundled.exists() else here.parents[1] / "models" / f"{name}.pkl"
+
+
+def app_model(args, kind, default, train):
+    """Open the model the app serves, once, before anything is built: a UserError if it cannot be served.
+
+    The train command is named only when the model missing is the default one, not a path the user gave.
+    """
+    from .loading import open_model
+    return open_model(args.model, kind, train if args.model == str(default) else None)

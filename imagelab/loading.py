@@ -1,0 +1,89 @@
+"""Opening an exported model to serve it: its kind, checked once when an app or CLI starts.
+
+Every app and the batch CLI call `open_model` before they build anything, so a mistyped path, a file
+that does not load, or a model of the wrong kind stops the program with one line instead of starting
+an app that cannot answer.
+"""
+import json
+import warnings
+
+from . import UserError
+from .hub import resolve_model
+from .paths import artifact_paths
+
+CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
+# What each kind is served from, besides the learner: the classifier runs its ONNX graph, the autoencoder
+# needs its encoder and decoder apart (torch), rebuilt from the safetensors weights.
+SERVED_FROM = {CLASSIFIER: (".pkl", ".onnx", ".safetensors"), AUTOENCODER: (".pkl", ".safetensors")}
+FORMS = {kind: ", ".join(suffixes) + " or hf://USER/REPO/FILE[@REVISION]" for kind, suffixes in SERVED_FROM.items()}
+
+
+def load_trusted_learner(path):
+    """fastai's `load_learner` without its warning about pickle: only for a learner its owner exported.
+
+    The warning is right in general and noise here: every caller loads the user's own model, and
+    printing it at each start teaches people to ignore warnings.
+    """
+    from fastai.learner import load_learner
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"load_learner` uses Python's insecure pickle")
+        return load_learner(path, cpu=True)
+
+
+def read_config(path):
+    """The JSON config beside a model file, or None when there is none."""
+    config = artifact_paths(path)["config"]
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def config_kind(config):
+    # Classifier configs written before "kind" existed say only their format.
+    return config.get("kind") or (CLASSIFIER if config.get("format") == "imagelab-classifier/1" else None)
+
+
+def learner_kind(learn):
+    from .autoencoder import ConvAutoencoder
+    if isinstance(learn.model, ConvAutoencoder):
+        return AUTOENCODER
+    return CLASSIFIER if getattr(learn.dls, "vocab", None) is not None else None
+
+
+def open_model(spec, kind, train=None):
+    """The served object for model `spec` (a path or hf://...): a `Predictor` or an `Autoencoder`.
+
+    A UserError says in one line what is wrong: no such file (with `train`, the command that makes
+    it), a form this kind cannot be served from, a file that does not load, a model of another kind.
+    """
+    path = resolve_model(spec, prefer=SERVED_FROM[kind][1:])
+    if not path.is_file():
+        raise UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
+    if path.suffix not in SERVED_FROM[kind]:
+        raise UserError(f"cannot serve {path}: {article(kind)} is served from {FORMS[kind]}")
+    try:
+        config, learn = read_config(path), None
+        if config is None and path.suffix != ".pkl":
+            raise UserError(f"cannot serve {path}: {artifact_paths(path)['config'].name} is not beside it")
+        if config is None:
+            learn = load_trusted_learner(path)
+        got = config_kind(config) if config is not None else learner_kind(learn)
+        if got != kind:
+            raise UserError(f"{path} is {article(got or 'unknown kind of')} model, not {article(kind)}: "
+                            f"this program serves {kind}s")
+        return _serve(kind, path, learn)
+    except UserError:
+        raise
+    except Exception as e:  # a corrupt or foreign file fails in many ways, all of them "does not load"
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UserError(f"cannot load the model {path}: {type(e).__name__}{': ' + reason if reason else ''}") from None
+
+
+def _serve(kind, path, learn):
+    if kind == CLASSIFIER:
+        from .inference import Predictor
+        return Predictor(path, learn=learn)
+    from .autoencoder import Autoencoder
+    return Autoencoder(path, learn=learn)
+
+
+def article(word):
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"

@@ -1,0 +1,223 @@
+"""What a user meets first: a model checked once at start, every offered form served, instant --help, clear reasons."""
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+
+from checkouts import hub_cache, repo_app_without_models, with_env
+from conftest import ROOT, fails_with_one_line, in_fresh_process, run, served, write_image
+from imagelab.loading import SERVED_FROM, open_model
+
+APPS = ["app.py", "apps/pets/app.py", "apps/bears/app.py", "apps/autoencoder/app.py", "apps/cleaner/app.py"]
+
+
+def only(files, folder):
+    """Copies of `files` alone in `folder`: a model form without its siblings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [shutil.copy(f, folder / f.name) for f in files]
+
+
+def artifacts(model, *suffixes):
+    return [model.with_name(model.stem + s) for s in suffixes]
+
+
+@pytest.fixture(scope="module")
+def ae_weights(tiny_autoencoder, tmp_path_factory):
+    """The tiny autoencoder as weights + config (the training side's export), written from its learner if missing."""
+    config, weights = artifacts(tiny_autoencoder, ".config.json", ".safetensors")
+    if not config.is_file():
+        from safetensors.torch import save_file
+        from imagelab.loading import load_trusted_learner
+        folder = tmp_path_factory.mktemp("ae-weights")
+        config, weights = folder / config.name, folder / weights.name
+        m = load_trusted_learner(tiny_autoencoder).model
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, weights)
+        config.write_text(json.dumps({"format": "imagelab-autoencoder/1", "kind": "autoencoder", "size": m.size,
+                                      "code_size": m.code_size, "depth": m.depth, "width": m.width,
+                                      "blocks": m.blocks, "sparse": m.sparse}))
+    return weights
+
+
+# --- --help ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("app", APPS + ["-m imagelab.predict"])
+def test_help_answers_at_once_and_loads_no_model(app):
+    code = ("import runpy, sys, time\nstart = time.monotonic()\napp = sys.argv[1]\nsys.argv = [app, '--help']\n"
+            "try:\n    runpy.run_module(app[3:], run_name='__main__') if app.startswith('-m ') "
+            "else runpy.run_path(app, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(round(time.monotonic() - start, 2), sorted({'gradio', 'torch', 'fastai', 'onnxruntime'} & set(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL_PATH": "models/never-loaded.pkl",
+           "PETS_MODEL": "never-loaded.pkl", "CLEANER_DATA": "."}
+    seconds, loaded = in_fresh_process(code, app, cwd=ROOT, env=env).split(" ", 1)
+    assert loaded == "[]" and float(seconds) < 3, (app, seconds, loaded)
+
+
+# --- one check at start ------------------------------------------------------------------------------------
+
+def test_a_standalone_app_without_its_default_model_says_how_to_train_it(tmp_path):
+    for app, train in [("apps/pets/app.py", "training/train_pets.py"), ("apps/bears/app.py", "training/train_bears.py"),
+                       ("apps/autoencoder/app.py", "training/train_autoencoder.py")]:
+        path, env = repo_app_without_models(app, tmp_path / app.split("/")[1])
+        res = run([path, "--port", "1"], timeout=120, env=with_env(env))
+        fails_with_one_line(res, "no model at", "models/", train)
+
+
+def test_models_that_cannot_be_served_stop_every_entry_point_with_one_line(tiny_model, tiny_autoencoder, tmp_path):
+    corrupt = tmp_path / "corrupt.pkl"
+    corrupt.write_bytes(b"this is not a pickle")
+    typo = tmp_path / "pest.pkl"
+    data = tmp_path / "data"
+    data.mkdir()
+    cases = [
+        (["apps/pets/app.py", "--model", typo], ["no model at", str(typo)]),
+        (["apps/bears/app.py", "--model", corrupt], ["cannot load the model", str(corrupt)]),
+        (["apps/pets/app.py", "--model", tiny_autoencoder], ["is an autoencoder model, not a classifier"]),
+        (["apps/autoencoder/app.py", "--model", tiny_model], ["is a classifier model, not an autoencoder"]),
+        (["apps/autoencoder/app.py", "--model", tiny_model.with_suffix(".onnx")], ["an autoencoder is served from"]),
+        (["apps/cleaner/app.py", "--model", tiny_autoencoder, "--data", data], ["not a classifier"]),
+        (["apps/cleaner/app.py", "--model", tiny_model, "--data", tmp_path / "nodata"], ["no such folder"]),
+        (["-m", "imagelab.predict", tiny_autoencoder, data], ["is an autoencoder model, not a classifier"]),
+        (["-m", "imagelab.predict", typo, data], ["no model at", str(typo)]),
+    ]
+    for args, fragments in cases:
+        fails_with_one_line(run(args, timeout=120), *fragments)
+
+
+@pytest.mark.parametrize("variable, value, fragments", [
+    ("PETS_MODEL", "{tmp}/pest.pkl", ["no model at", "pest.pkl"]),
+    ("BEARS_MODEL", "{autoencoder}", ["is an autoencoder model, not a classifier"]),
+    ("AUTOENCODER_MODEL", "{classifier}", ["is a classifier model, not an autoencoder"]),
+    ("CLEANER_MODEL", "{classifier}", ["needs both CLEANER_MODEL and CLEANER_DATA"]),
+])
+def test_root_app_stops_on_a_model_it_was_given_but_cannot_serve(tiny_model, tiny_autoencoder, tmp_path,
+                                                                  variable, value, fragments):
+    value = value.format(tmp=tmp_path, autoencoder=tiny_autoencoder, classifier=tiny_model)
+    app, env = repo_app_without_models("app.py", tmp_path)  # no default model: only the one given can stop it
+    res = run([app, "--port", "1"], timeout=120, env=with_env({**env, variable: value}))
+    fails_with_one_line(res, *fragments)
+
+
+# --- every offered form works ------------------------------------------------------------------------------
+
+def test_the_help_offers_exactly_the_forms_tested_here():
+    assert SERVED_FROM == {"classifier": (".pkl", ".onnx", ".safetensors"), "autoencoder": (".pkl", ".safetensors")}
+    for app, kind in [("apps/pets/app.py", "classifier"), ("apps/cleaner/app.py", "classifier"),
+                      ("apps/autoencoder/app.py", "autoencoder"), ("-m imagelab.predict", "classifier")]:
+        out = " ".join(run([*app.split(), "--help"], timeout=60).stdout.split())
+        assert ", ".join(SERVED_FROM[kind]) + " or hf://USER/REPO/FILE[@REVISION]" in out.replace("- ", "-"), app
+        assert (".onnx" in out) == (kind == "classifier"), app
+
+
+@pytest.mark.parametrize("suffix", SERVED_FROM["classifier"])
+def test_classifier_forms_predict_and_clean_alike(tiny_bears, tmp_path, suffix):
+    from imagelab.cleaning import Cleaner
+    model, data, _ = tiny_bears
+    files = [model] if suffix == ".pkl" else artifacts(model, suffix, ".config.json")
+    alone = only(files, tmp_path / "alone")[0]  # a .pkl alone is unpickled; the others run without it
+    reference, got = open_model(model, "classifier"), open_model(alone, "classifier")
+    image = write_image(tmp_path / "x.jpg", (150, 100, 50))
+    assert got.vocab == reference.vocab
+    np.testing.assert_allclose(got.probabilities([image]), reference.probabilities([image]), atol=1e-4)
+    ranked, expected = Cleaner(alone, data).rank("grizzly"), Cleaner(model, data).rank("grizzly")
+    assert [r["file"] for r in ranked] == [r["file"] for r in expected]
+
+
+@pytest.mark.parametrize("form", ["pkl", "safetensors"])
+def test_autoencoder_forms_reconstruct_alike(tiny_autoencoder, ae_weights, tmp_path, form):
+    from imagelab.autoencoder import Autoencoder
+    alone = only([tiny_autoencoder] if form == "pkl" else [ae_weights, *artifacts(ae_weights, ".config.json")],
+                 tmp_path / "alone")[0]
+    reference, got = Autoencoder(tiny_autoencoder), open_model(alone, "autoencoder")
+    image = write_image(tmp_path / "x.jpg", (200, 90, 40), size=(50, 37))
+    assert np.array_equal(np.asarray(got.reconstruct(image)[1]), np.asarray(reference.reconstruct(image)[1]))
+
+
+def test_autoencoder_prepares_images_exactly_as_its_learner(tiny_autoencoder, tmp_path):
+    from imagelab.autoencoder import Autoencoder, preprocessed
+    from imagelab.data import RGBImage
+    from imagelab.images import read_image
+    from imagelab.loading import load_trusted_learner
+    learn, ae = load_trusted_learner(tiny_autoencoder), Autoencoder(tiny_autoencoder)
+    for i, size in enumerate([(48, 40), (40, 48), (17, 91), (300, 200), (16, 16)]):
+        f = write_image(tmp_path / f"{i}.png", (30 * i, 90, 200), size=size, seed=i)
+        expected = preprocessed(learn.dls, [RGBImage.create(read_image(f))])
+        assert ae.prepare(f).shape == expected.shape and float((ae.prepare(f) - expected).abs().max()) < 1e-6, size
+
+
+def test_pets_app_serves_a_hub_model_offline(tiny_model, tmp_path):
+    env = hub_cache(tmp_path / "hf", "someone/pets", artifacts(tiny_model, ".pkl", ".onnx", ".config.json"))
+    with served(["apps/pets/app.py", "--model", "hf://someone/pets/pets.pkl"], env=env) as url:
+        out = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.jpg", (220, 60, 60)))),
+                                                 api_name="/predict")
+        assert out["label"] in ("cats", "dogs")
+
+
+def test_cleaner_serves_a_hub_model_offline(tiny_bears, tmp_path):
+    model, data, _ = tiny_bears
+    env = with_env(hub_cache(tmp_path / "hf", "someone/bears", artifacts(model, ".safetensors", ".config.json")))
+    code = ("import sys\nfrom imagelab.cleaning import Cleaner\n"
+            "print([r['file'] for r in Cleaner(sys.argv[1], sys.argv[2]).rank('teddy')][:3])")
+    from imagelab.cleaning import Cleaner
+    expected = [r["file"] for r in Cleaner(model, data).rank("teddy")][:3]
+    assert in_fresh_process(code, "hf://someone/bears/bears.pkl", data, cwd=tmp_path, env=env) == str(expected)
+
+
+def app_log(url):
+    """What a server started by `served` printed."""
+    return (Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{url.rsplit(':', 1)[1].strip('/')}.log").read_text()
+
+
+def test_autoencoder_app_on_hub_weights_has_named_api_parameters_and_no_pickle_warning(ae_weights, tmp_path):
+    env = hub_cache(tmp_path / "hf", "someone/ae", [ae_weights, *artifacts(ae_weights, ".config.json")])
+    with served(["apps/autoencoder/app.py", "--model", f"hf://someone/ae/{ae_weights.stem}.pkl"], env=env) as url:
+        api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+        names = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in ("/reconstruct", "/interpolate")}
+        assert names == {"/reconstruct": ["image"], "/interpolate": ["a", "b", "steps"]}
+        photo = write_image(tmp_path / "a.jpg", (220, 60, 60))
+        assert Client(url, verbose=False).predict(handle_file(str(photo)), api_name="/reconstruct")
+
+
+def test_no_pickle_warning_when_the_owner_serves_a_learner(tiny_model, tiny_autoencoder, tmp_path):
+    pkl_alone = only([tiny_model], tmp_path / "pets")[0]  # no ONNX beside it: the learner is unpickled
+    env = {"PETS_MODEL": str(pkl_alone), "AUTOENCODER_MODEL": str(tiny_autoencoder), "BEARS_MODEL": None,
+           "CLEANER_MODEL": str(pkl_alone), "CLEANER_DATA": str(make_data(tmp_path / "data"))}
+    app, path_env = repo_app_without_models("app.py", tmp_path)
+    with served([app], env={**env, **path_env}) as url:
+        log = app_log(url)
+    assert "insecure pickle" not in log and "Traceback" not in log, log
+
+
+def make_data(root):
+    for label, color in (("cats", (220, 60, 60)), ("dogs", (60, 60, 220))):
+        write_image(root / label / "a.jpg", color)
+    return root
+
+
+# --- the batch CLI -----------------------------------------------------------------------------------------
+
+def test_batch_cli_gives_each_bad_path_a_row_with_its_reason(tiny_model, tmp_path):
+    from conftest import make_folder_dataset
+    folder = make_folder_dataset(tmp_path / "photos", n=1)
+    good = (folder / "cats" / "cats_0.jpg").read_bytes()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("<html>not an image</html>")
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out.csv"
+    res = run(["-m", "imagelab.predict", tiny_model, folder, tmp_path / "missing.jpg", "--csv", out])
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(out.open())}
+    reasons = {name: rows[name]["error"] for name in ("empty.jpg", "notes.jpg", "truncated.jpg", "missing.jpg")}
+    assert reasons == {"empty.jpg": "not a readable image: empty file",
+                       "notes.jpg": "not a readable image: not an image (or a format Pillow cannot read)",
+                       "truncated.jpg": "not a readable image: truncated image (the file ends before the picture does)",
+                       "missing.jpg": "no such file or folder"}
+    assert rows["cats_0.jpg"]["label1"] in ("cats", "dogs") and not rows["cats_0.jpg"]["error"]
+    assert "2 classified, 4 unreadable" in res.stderr
+    res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "nope.jpg", folder / "empty.jpg"])
+    fails_with_one_line(res, "nothing classified", "nope.jpg: no such file or folder", "(and 1 more)")
+    assert "no such file or folder" in res.stdout  # the rows are written all the same
