@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import PY, ROOT, fails_with_one_line, run, served, write_image
 from imagelab.deploy import build_model_repo, model_card
+from imagelab.paths import artifact_paths
 
 OFFLINE = {"HF_TOKEN": "", "HF_HUB_OFFLINE": "1"}  # no test may reach the Hub or use someone's token
 
@@ -301,7 +302,11 @@ def test_without_the_blocker_imagelab_is_importable(pets_hub):
 
 
 def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tmp_path):
-    repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo", "bob/ae")
+    model = tmp_path / "models" / "ae.pkl"
+    shutil.copytree(tiny_autoencoder.parent, model.parent)
+    for path in artifact_paths(model).values():  # a .pkl-only export, as older training runs wrote
+        path.unlink(missing_ok=True)
+    repo = build_model_repo("autoencoder", model, tmp_path / "repo", "bob/ae")
     card = (repo / "README.md").read_text()
     assert not (repo / "autoencoder.onnx").exists() and "onnxruntime" not in card  # no ONNX export: no ONNX code
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
