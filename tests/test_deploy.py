@@ -2,7 +2,9 @@
 import json
 import os
 import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import gradio
 import pytest
@@ -10,16 +12,32 @@ import yaml
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from conftest import run, served, write_image
+from conftest import PY, ROOT, fails_with_one_line, run, served, write_image
 from imagelab.deploy import build_model_repo, model_card
+from imagelab.paths import artifact_paths
+
+OFFLINE = {"HF_TOKEN": "", "HF_HUB_OFFLINE": "1"}  # no test may reach the Hub or use someone's token
 
 
 @pytest.fixture(scope="module")
-def space(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("build") / "pets-space"
-    res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--out", out])
+def deployed(tiny_model, tmp_path_factory):
+    """`deploy pets` with a Space id and a model repo id, no token: (Space folder, model repo folder, stdout)."""
+    build = tmp_path_factory.mktemp("build")
+    res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--space", "alice/pets-demo",
+               "--space-out", build / "pets-space", "--model-repo", "alice/pets-classifier",
+               "--model-out", build / "pets-model"], env={**os.environ, **OFFLINE, "HF_HOME": str(build / "hf")})
     assert res.returncode == 0, res.stderr[-2000:]
-    return out
+    return build / "pets-space", build / "pets-model", res.stdout
+
+
+@pytest.fixture(scope="module")
+def space(deployed):
+    return deployed[0]
+
+
+@pytest.fixture(scope="module")
+def pets_repo(deployed):
+    return deployed[1]
 
 
 def front_matter(text):
@@ -39,6 +57,7 @@ def test_space_folder_contents(space):
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
     assert meta["title"] == "Pet classifier" and meta["emoji"] and meta["license"]
     assert "*.onnx filter=lfs" in (space / ".gitattributes").read_text()
+    assert only_lfs_rules(space / ".gitattributes")
     reqs = [line for line in (space / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     assert f"gradio=={gradio.__version__}" in reqs and "onnxruntime==1.31.1" in reqs
     assert not [r for r in reqs if r.startswith(("torch", "fastai"))]
@@ -70,8 +89,11 @@ def test_model_card_renders_every_field(tiny_model):
     for key in ("arch", "size", "epochs", "bs", "lr", "seed", "min_scale", "valid_pct"):
         assert f"| {key} | {metrics[key]} |" in card, key
     assert f"{metrics['accuracy']:.2%}" in card and str(metrics["train_seconds"]) in card
-    assert metrics["data"] in card and "pets.report/confusion_matrix.png" in card
-    assert "Intended use and limitations" in card and "load_learner" in card and "Predictor(" in card
+    assert "pets.report/confusion_matrix.png" in card
+    assert "Intended use and limitations" in card and "load_learner(" in card and "InferenceSession(" in card
+    assert f"Trained on a folder named `{Path(metrics['data']).name}`" in card
+    assert metrics["data"] not in card and str(Path(metrics["data"]).parent) not in card  # no local paths
+    assert "USER/REPO" in card  # no id given: a placeholder the reader sees as one
 
 
 def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):
@@ -96,21 +118,50 @@ def test_push_without_login_or_network_fails_first_with_one_line(tiny_model, tmp
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}
     for token, message in [("", "no Hugging Face token"), ("hf_fake_token", "cannot reach the Hugging Face Hub")]:
         start = time.monotonic()
-        res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--out", out, "--push", "me/pets"],
+        res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--space-out", out, "--space", "me/pets",
+                   "--model-repo", "me/pets-model", "--model-out", tmp_path / "repo", "--push"],
                   env={**env, "HF_TOKEN": token})
         assert time.monotonic() - start < 60
-        assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
-        assert message in res.stderr and not out.exists()
+        fails_with_one_line(res, message)
+        assert not out.exists() and not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--push"], "name at least one"),
+    (["--space", "pets-demo"], "not a Hub id like USER/NAME"),
+    (["--model-repo", "a/b/c"], "not a Hub id like USER/NAME"),
+])
+def test_bad_hub_flags_fail_first_with_one_line(tiny_model, tmp_path, args, message):
+    out = tmp_path / "space"
+    res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--space-out", out, *args],
+              env={**os.environ, **OFFLINE})
+    fails_with_one_line(res, message)
+    assert not out.exists()
+
+
+def test_help_names_every_flag():
+    res = run(["-m", "imagelab.deploy", "--help"])
+    assert res.returncode == 0
+    for flag in ("--model", "--space", "--space-out", "--model-repo", "--model-out", "--push"):
+        assert flag in res.stdout, flag
+    assert "Nothing is uploaded without --push" in res.stdout
 
 
 def fill_hub_cache(hf_home, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Put files in the Hub's own cache layout, as a download would have: blobs, a snapshot, refs/main."""
+    """Put files in the Hub's own cache layout, as a download would have: blobs, a snapshot, refs/main.
+
+    `files`: paths (each lands at the repo's top) or a folder (its whole tree, as a snapshot download has it).
+    """
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    for src in files:
-        blob = repo / "blobs" / f"blob-{src.name}"
+    if isinstance(files, Path):
+        files = {p.relative_to(files).as_posix(): p for p in files.rglob("*") if p.is_file()}
+    else:
+        files = {p.name: p for p in files}
+    for name, src in files.items():
+        blob = repo / "blobs" / f"blob-{name.replace('/', '--')}"
         blob.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, blob)
-        link = repo / "snapshots" / commit / src.name
+        link = repo / "snapshots" / commit / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
     (repo / "refs").mkdir(exist_ok=True)
@@ -135,7 +186,7 @@ def test_hub_models_load_from_a_warm_cache_offline(tiny_model, tmp_path):
 
 def test_autoencoder_space_runs_alone(tiny_autoencoder, tmp_path):
     out = tmp_path / "build" / "autoencoder-space"
-    res = run(["-m", "imagelab.deploy", "autoencoder", "--model", tiny_autoencoder, "--out", out])
+    res = run(["-m", "imagelab.deploy", "autoencoder", "--model", tiny_autoencoder, "--space-out", out])
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "models" / "autoencoder.pkl").is_file() and (out / "apps").exists() is False
     meta = front_matter((out / "README.md").read_text())
@@ -145,3 +196,170 @@ def test_autoencoder_space_runs_alone(tiny_autoencoder, tmp_path):
         rebuilt = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.png", (200, 90, 40)))),
                                                      api_name="/reconstruct")
         assert Image.open(rebuilt).size == (16, 16)  # the tiny model's size
+
+
+def only_lfs_rules(path):
+    lines = path.read_text().splitlines()
+    return bool(lines) and all(line.split()[1:] == ["filter=lfs", "diff=lfs", "merge=lfs", "-text"] for line in lines)
+
+
+def python_blocks(markdown):
+    """The code of every ```python block of a README, in order."""
+    return [block.split("```", 1)[0] for block in markdown.split("```python\n")[1:]]
+
+
+# The venv has this project installed editable (a finder on sys.meta_path, put there by a .pth file): a
+# reader of the card has no imagelab at all. The child drops that finder and every sys.path entry holding an
+# imagelab/ folder (a checkout of this project), and proves `import imagelab` fails before the card's code runs.
+WITHOUT_IMAGELAB = """
+import os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p and "__editable__" not in p and not os.path.isdir(os.path.join(p, "imagelab"))]
+try:
+    import imagelab
+    raise SystemExit("imagelab is importable: " + imagelab.__file__)
+except ModuleNotFoundError:
+    print("no imagelab here")
+"""
+
+
+def run_card_code(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB):
+    """A card's code in a fresh interpreter in `cwd` (outside this repository), the Hub answered from `hf_home`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
+    res = run(["-c", prelude + code], cwd=cwd, env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == "no imagelab here" or not prelude, res.stdout
+    return lines
+
+
+@pytest.fixture(scope="module")
+def pets_hub(pets_repo, tmp_path_factory):
+    """(HF_HOME, a directory outside the repo with photo.jpg): the model repo as if downloaded from the Hub."""
+    tmp = tmp_path_factory.mktemp("reader")
+    fill_hub_cache(tmp / "hf", "alice/pets-classifier", pets_repo)
+    write_image(tmp / "here" / "photo.jpg", (220, 60, 60), size=(70, 50))
+    return tmp / "hf", tmp / "here"
+
+
+def test_model_repo_without_a_token_carries_the_real_ids(pets_repo, space, deployed):
+    names = {p.relative_to(pets_repo).as_posix() for p in pets_repo.rglob("*") if p.is_file()}
+    for expected in ["pets.pkl", "pets.onnx", "pets.safetensors", "pets.config.json", "README.md",
+                     "imagelab/__init__.py", "imagelab/data.py", "imagelab/models.py", "imagelab/images.py",
+                     "pets.report/metrics.json", "pets.report/confusion_matrix.png"]:
+        assert expected in names, expected
+    assert not [n for n in names if n.endswith(".pyc")]
+    assert only_lfs_rules(pets_repo / ".gitattributes")
+    card = (pets_repo / "README.md").read_text()
+    assert "USER/" not in card and card.count("alice/pets-classifier") >= 3
+    readme = (space / "README.md").read_text()
+    assert 'Client("alice/pets-demo")' in readme and "USER/" not in readme
+    assert "https://huggingface.co/alice/pets-classifier" in readme
+    assert f"wrote {pets_repo} (model repo alice/pets-classifier)" in deployed[2]
+
+
+def test_readmes_leave_no_template_field_unfilled(pets_repo, space):
+    for readme in (pets_repo / "README.md", space / "README.md"):
+        assert "$" not in readme.read_text(), readme
+
+
+def test_classifier_card_onnx_code_runs_without_imagelab(pets_repo, pets_hub, tiny_model):
+    from imagelab.inference import Predictor
+    hf_home, here = pets_hub
+    card = (pets_repo / "README.md").read_text()
+    onnx_code = next(b for b in python_blocks(card) if "onnxruntime" in b)
+    assert "torch" not in onnx_code and "fastai" not in onnx_code
+    lines = run_card_code(onnx_code, hf_home, here)
+    expected = Predictor(tiny_model).predict(here / "photo.jpg")
+    assert lines[1:] == [f"{label} {p:.4f}" for label, p in expected.items()]  # the app's exact preprocessing
+    assert f"pip install onnxruntime=={pinned('onnxruntime')} numpy==" in card
+
+
+def test_classifier_card_pickle_code_runs_with_the_repos_own_imagelab(pets_repo, pets_hub, tiny_model):
+    from imagelab.inference import Predictor
+    hf_home, here = pets_hub
+    card = (pets_repo / "README.md").read_text()
+    pkl_code = next(b for b in python_blocks(card) if "load_learner" in b)
+    assert "snapshot_download" in pkl_code and "sys.path.insert(0" in pkl_code
+    label, p = run_card_code(pkl_code, hf_home, here)[-1].split()  # after fastai's progress bar
+    expected = Predictor(tiny_model).predict(here / "photo.jpg")
+    assert label == next(iter(expected))
+    assert abs(float(p) - expected[label]) < 1e-3
+    for package in ("fastai", "timm", "torch"):
+        assert f"{package}=={pinned(package)}" in card, package
+
+
+def pinned(package):
+    line = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith(package + "=="))
+    return line.split("==")[1]
+
+
+def test_without_the_blocker_imagelab_is_importable(pets_hub):
+    """The check above is not vacuous: this venv does import imagelab when nothing removes it."""
+    hf_home, here = pets_hub
+    lines = run_card_code("import imagelab; print(imagelab.__name__)", hf_home, here, prelude="")
+    assert lines == ["imagelab"]
+
+
+def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tmp_path):
+    model = tmp_path / "models" / "ae.pkl"
+    shutil.copytree(tiny_autoencoder.parent, model.parent)
+    for path in artifact_paths(model).values():  # a .pkl-only export, as older training runs wrote
+        path.unlink(missing_ok=True)
+    repo = build_model_repo("autoencoder", model, tmp_path / "repo", "bob/ae")
+    card = (repo / "README.md").read_text()
+    assert not (repo / "autoencoder.onnx").exists() and "onnxruntime" not in card  # no ONNX export: no ONNX code
+    fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
+    write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
+    [code] = python_blocks(card)
+    lines = run_card_code(code, tmp_path / "hf", tmp_path / "here")
+    assert lines[1].startswith("(16, 16) PSNR ") and (tmp_path / "here" / "rebuilt.png").is_file()
+
+
+def test_autoencoder_card_shows_onnx_code_when_the_repo_has_the_export(tiny_autoencoder, tmp_path):
+    """The training side's coming export (config.json + ONNX, input `image` in [0, 1], output `reconstruction`),
+    made here from the learner: the card then gives ONNX Runtime code, and it matches the learner's PSNR."""
+    import torch
+    from imagelab.autoencoder import Autoencoder
+    model = tmp_path / "models" / "ae.pkl"
+    shutil.copytree(tiny_autoencoder.parent, model.parent)
+    ae = Autoencoder(model)
+    torch.onnx.export(ae.model.eval(), (torch.zeros(1, 3, ae.size, ae.size),), model.with_suffix(".onnx"),
+                      dynamo=True, external_data=False, input_names=["image"], output_names=["reconstruction"])
+    model.with_name("ae.config.json").write_text(json.dumps({"kind": "autoencoder", "size": ae.size, "code_size": 8}))
+    repo = build_model_repo("autoencoder", model, tmp_path / "repo", "bob/ae")
+    card = (repo / "README.md").read_text()
+    assert (repo / "autoencoder.onnx").is_file() and (repo / "autoencoder.config.json").is_file()
+    fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
+    photo = write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
+    onnx_code, pkl_code = python_blocks(card)
+    lines = run_card_code(onnx_code, tmp_path / "hf", tmp_path / "here")
+    assert lines[1].startswith("(16, 16) PSNR ")
+    assert abs(float(lines[1].split()[-2]) - ae.reconstruct(photo)[2]) < 0.5  # the learner's own preprocessing
+
+
+def test_an_unknown_kind_fails_with_one_line(tiny_model, tmp_path):
+    model = tmp_path / "models" / "pets.pkl"
+    shutil.copytree(tiny_model.parent, model.parent)
+    metrics = model.with_name("pets.report") / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "kind": "segmenter"}))
+    res = run(["-m", "imagelab.deploy", "pets", "--model", model, "--space-out", tmp_path / "space"])
+    fails_with_one_line(res, "no known model kind ('segmenter')")
+
+
+def test_deploy_says_a_command_that_runs_the_space(deployed, tmp_path):
+    space, _, stdout = deployed
+    command = next(line.strip() for line in stdout.splitlines() if line.strip().startswith("cd ") and PY in line)
+    assert command == f"cd {space} && {PY} app.py"
+    clean = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no venv active, no PYTHONPATH
+    res = subprocess.run(["bash", "-c", command + " --help"], cwd=tmp_path, env=clean, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "usage" in res.stdout, res.stderr[-2000:]
+    assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python app.py" in stdout
+
+
+def test_readme_publish_section_runs_the_space_with_a_python_that_has_its_requirements():
+    readme = (ROOT / "README.md").read_text()
+    publish = readme.split("## Publish: Hugging Face Spaces and model repos")[1].split("\n## ")[0]
+    assert "&& python app.py" not in publish
+    assert "cd build/pets-space && ../../.venv/bin/python app.py" in publish

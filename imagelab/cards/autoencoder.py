@@ -1,0 +1,26 @@
+"""Autoencoders: the Space runs the fastai learner; the model repo adds the weights-only export when there is one."""
+from . import settings, table
+
+SPACE_FILES = ("pkl",)
+REPO_FILES = ("pkl",)
+OPTIONAL_FILES = ("weights", "config", "onnx")  # exported by newer training runs: the card's ONNX section needs them
+PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
+            "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
+
+
+def summary(metrics):
+    return f"{metrics['ae_psnr']:.1f} dB held-out PSNR"
+
+
+def fields(metrics):
+    k, counts = metrics["pca_components"], metrics["counts"]
+    scores = table([("autoencoder", f"{metrics['ae_mse']:.5f}", f"{metrics['ae_psnr']:.2f}"),
+                    (f"PCA, {k} components", f"{metrics['pca_mse']:.5f}", f"{metrics['pca_psnr']:.2f}")],
+                   ["held-out images", "MSE", "PSNR (dB)"])
+    return {
+        "train_images": counts["train"], "valid_images": counts["valid"], "skipped": counts["skipped"],
+        "code_size": metrics["code_size"], "size": metrics["size"], "scores": scores,
+        "settings": settings(metrics, ("code_size", "depth", "width", "blocks", "loss", "sparsity", "size", "epochs",
+                                       "bs", "lr", "seed", "valid_pct", "parameters")),
+        "mse_ratio": f"{metrics['mse_ratio_ae_to_pca']:.3f}",
+    }

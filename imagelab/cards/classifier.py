@@ -1,0 +1,28 @@
+"""Classifiers: the Space runs ONNX Runtime on the weights-only export; the model repo has every export."""
+from . import pct, settings, table
+
+SPACE_FILES = ("onnx", "config")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
+REPO_FILES = ("pkl", "weights", "config", "onnx")
+OPTIONAL_FILES = ()
+PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
+            "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
+
+
+def summary(metrics):
+    return f"{metrics['accuracy']:.1%} held-out accuracy"
+
+
+def fields(metrics):
+    vocab, counts = metrics["vocab"], metrics["counts"]
+    per_class = [(c, counts["train"].get(c, 0), counts["valid"].get(c, 0), pct(metrics["per_class"][c]["precision"]),
+                  pct(metrics["per_class"][c]["recall"])) for c in vocab]
+    return {
+        "labels": metrics["labels"], "task": metrics["task"], "skipped": counts["skipped"],
+        "split": f"{1 - metrics['valid_pct']:.0%} / {metrics['valid_pct']:.0%}",
+        "class_table": table(per_class, ["class", "train images", "held-out images", "precision", "recall"]),
+        "settings": settings(metrics, ("arch", "pretrained", "size", "start_size", "min_scale", "epochs", "bs", "lr",
+                                       "seed", "valid_pct")),
+        "accuracy": f"{metrics['accuracy']:.2%}", "error_rate": f"{metrics['error_rate']:.2%}",
+        "valid_loss": f"{metrics['valid_loss']:.4f}", "valid_images": sum(counts["valid"].values()),
+        "classes": len(vocab), "vocab": ", ".join(vocab), "arch": metrics["arch"],
+    }
