@@ -10,7 +10,7 @@ import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.hook import hook_output
-from fastai.learner import Learner, load_learner
+from fastai.learner import Learner
 from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
 from fastai.vision.all import DataBlock, FlipItem, ImageBlock, RandomSplitter, Resize

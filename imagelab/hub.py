@@ -63,3 +63,13 @@ def resolve_model(spec, prefer=(".onnx", ".safetensors")):
         except UserError:
             pass
     return Path(hub_file(repo_id, filename, revision or None, what="model"))
+
+
+def require_hub_login():
+    """Before publishing anything: a token and a reachable Hub, or one line that says which is missing."""
+    token = get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` first")
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
+        raise UserError("cannot reach the Hugging Face Hub (offline?); nothing was uploaded")
+    return token

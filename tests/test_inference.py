@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import PY, run, write_image
+from conftest import run, write_image
 from imagelab import UserError
 from imagelab.images import read_image
 from uploads import invalid_uploads, valid_uploads
