@@ -9,12 +9,13 @@ from pathlib import Path
 
 from imagelab import UserError, run_cli
 from imagelab.app_options import app_parser
+from imagelab.paths import default_model
 
 ROOT = Path(__file__).resolve().parent
 TABS = {  # tab: (environment variable, kind, default model, how to train it)
-    "Pets": ("PETS_MODEL", "classifier", ROOT / "models" / "pets.pkl", "python training/train_pets.py"),
-    "Bears": ("BEARS_MODEL", "classifier", ROOT / "models" / "bears.pkl", "python training/train_bears.py"),
-    "Autoencoder": ("AUTOENCODER_MODEL", "autoencoder", ROOT / "models" / "autoencoder.pkl",
+    "Pets": ("PETS_MODEL", "classifier", default_model("pets", ROOT), "python training/train_pets.py"),
+    "Bears": ("BEARS_MODEL", "classifier", default_model("bears", ROOT), "python training/train_bears.py"),
+    "Autoencoder": ("AUTOENCODER_MODEL", "autoencoder", default_model("autoencoder", ROOT),
                     "python training/train_autoencoder.py"),
 }
 

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from . import paths
 from .loading import FORMS
 
 
@@ -24,8 +25,8 @@ def app_parser(description, default_model=None, kind="classifier"):
 def default_model(app_file, name, suffix=".onnx"):
     """A Space bundle keeps its model beside app.py (`models/<name><suffix>`); the repository in `models/<name>.pkl`."""
     here = Path(app_file).resolve().parent
-    bundled = here / "models" / f"{name}{suffix}"
-    return bundled if bundled.exists() else here.parents[1] / "models" / f"{name}.pkl"
+    bundled = paths.default_model(name, here, suffix)
+    return bundled if bundled.exists() else paths.default_model(name, here.parents[1])
 
 
 def app_model(args, kind, default, train):

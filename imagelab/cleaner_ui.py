@@ -29,8 +29,8 @@ def action(record, choice):
     return {"file": record["file"], "action": kind, "to": to or None}
 
 
-def cleaner_panel(cleaner, api_prefix=""):
-    """The cleaner (a `Cleaner`, its model and folder checked when the app started) rendered into the enclosing Blocks."""
+def cleaner_api(cleaner, api_prefix=""):
+    """The cleaner's operations as API endpoints: `<prefix>list`, `<prefix>apply`, `<prefix>undo`."""
 
     def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
         """A class's images in a split (valid, train or all), highest loss first:
@@ -50,6 +50,11 @@ def cleaner_panel(cleaner, api_prefix=""):
     gr.api(apply, api_name=f"{api_prefix}apply")
     gr.api(undo, api_name=f"{api_prefix}undo")
 
+
+def cleaner_panel(cleaner, api_prefix=""):
+    """The cleaner (a `Cleaner`, its model and folder checked when the app started) rendered into the enclosing
+    Blocks: a class's images by loss with a choice under each, and the same operations as API endpoints."""
+    cleaner_api(cleaner, api_prefix)
     gr.Markdown(f"Cleaning `{cleaner.root}` with `{cleaner.predictor.path}`. Applying moves files to another class "
                 f"folder or to `removed/`; nothing is deleted, every move is logged in `{LOG}` and can be undone.")
     with gr.Row():
@@ -74,6 +79,11 @@ def cleaner_panel(cleaner, api_prefix=""):
         return refresh(label, split, limit, f"Undid {len(moves)} moves. ")
 
     undo_button.click(undo_and_refresh, [label, split, limit], [status, records], api_visibility="private")
+    image_grid(cleaner, records, [label, split, limit], status, refresh)
+
+
+def image_grid(cleaner, records, view, status, refresh):
+    """The listed images, each with its keep / remove / relabel choice, and the button that applies them."""
 
     @gr.render(inputs=records)
     def grid(recs):
@@ -93,5 +103,4 @@ def cleaner_panel(cleaner, api_prefix=""):
             moves = guarded(cleaner.apply, [action(r, c) for r, c in zip(recs, chosen) if c != "keep"])
             return refresh(label, split, limit, f"Moved {len(moves)} files. ")
 
-        apply_button.click(apply_and_refresh, [label, split, limit, *decisions], [status, records],
-                           api_visibility="private")
+        apply_button.click(apply_and_refresh, [*view, *decisions], [status, records], api_visibility="private")

@@ -24,7 +24,7 @@ import gradio
 
 from . import UserError, run_cli
 from .hub import require_hub_login
-from .paths import REPO, artifact_paths, metrics_path, report_dir
+from .paths import REPO, artifact_paths, default_model, metrics_path, report_dir
 
 CARDS = Path(__file__).with_name("cards")
 LICENSE = "apache-2.0"
@@ -224,7 +224,7 @@ def main(argv=None):
     check_args(args)
     if args.push:
         require_hub_login()  # before building anything: offline or logged out is one line, not a half upload
-    model = Path(args.model or REPO / "models" / f"{args.app}.pkl")
+    model = Path(args.model or default_model(args.app))
     if not model.is_file():
         raise UserError(f"no model at {model}: train it first (training/train_{args.app}.py)")
     space = build_space(args.app, model, args.space_out or Path("build") / f"{args.app}-space",

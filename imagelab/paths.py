@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 BOOKKEEPING = ("quarantine", "removed", "download-summary.json", "cleaning-log.jsonl")
 
 
-def default_model(name):
-    """`models/<name>.pkl` in this repository: where `training/train_<name>.py` exports by default."""
-    return REPO / "models" / f"{name}.pkl"
+def default_model(name, root=REPO, suffix=".pkl"):
+    """`<root>/models/<name>.pkl`: where `training/train_<name>.py` exports by default (root: a checkout or a Space)."""
+    return Path(root) / "models" / f"{name}{suffix}"
 
 
 def report_dir(model):

@@ -4,8 +4,9 @@ from pathlib import Path
 
 from imagelab import run_cli
 from imagelab.app_options import app_model, app_parser
+from imagelab.paths import default_model
 
-MODEL = Path(__file__).resolve().parents[2] / "models" / "bears.pkl"
+MODEL = default_model("bears", Path(__file__).resolve().parents[2])
 TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
 
 
