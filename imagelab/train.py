@@ -227,14 +227,14 @@ def train(task, cfg, cbs=()):
     writes the checkpoint, the report and the model (the others return None).
     """
     cfg.check()
-    task.check(cfg)
-    start_size(task, cfg)  # settings that cannot work stop here, before any slow step
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
     if cfg.resume and not ckpt.exists():
         raise UserError(f"nothing to resume: no checkpoint at {ckpt}")
     if not cfg.resume and ckpt.exists() and main_process:
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
+    task.check(cfg)
+    start_size(task, cfg)  # settings that cannot work stop here, before any slow step
     set_seed(cfg.seed, reproducible=True)
     root, files, skipped, presized, dls, learn = prepare(task, cfg)
     settings = {"kind": task.kind, **cfg.settings(), "data": str(root)}
