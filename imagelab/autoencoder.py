@@ -40,8 +40,8 @@ class ResBlock(nn.Module):
 
     Zeroed, every block starts as the identity, so at init the model is a chain of plain (linear)
     convolutions around the code: the broad, linear part of the job (what PCA finds) trains at once, and
-    the blocks add the nonlinear part. Three epochs of a plain conv stack (ReLU after every layer) reach
-    twice PCA's error (notes in README "Autoencoder").
+    the blocks add the nonlinear part; a plain conv stack (ReLU after every layer) trained far worse in the
+    same steps (benchmarks/README.md, "Autoencoder against PCA").
     """
 
     def __init__(self, ch):
@@ -127,7 +127,7 @@ def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, 
     fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
     Training sees a random square along each image's long side, flipped half the time: what is scored
     (below) plus mirror images. Warps and lighting changes are left out: they make the task harder than
-    what is scored, and three epochs have no steps to spare (notes in README "Autoencoder").
+    what is scored, and three epochs have no steps to spare (benchmarks/README.md).
     Validation (and inference, and PCA) sees the centre square of each image, unaugmented.
     `get_x` maps a file to what is decoded (`Presized`); the target is decoded the same way.
     """

@@ -71,8 +71,8 @@ def presize_one(src, dest, side):
 def presize(files, size, cache=None, workers=4):
     """{file: presized copy} for every file, making the missing copies (decoded in parallel threads).
 
-    On a CPU, decoding and cropping a 500-pixel JPEG takes about 10 ms, a fifth of what the model
-    needs for it; a copy takes about 1.5 ms. Copies are made once per dataset and size, then reused.
+    Decoding and cropping a full-size photo costs a CPU a fair share of what the model's step costs;
+    decoding a small copy is several times cheaper. Copies are made once per dataset and size, then reused.
     """
     side = round(size * PRESIZE)
     cache = Path(cache or default_cache())

@@ -27,7 +27,7 @@ def adamw(params, **hypers):
     """fastai's Adam (decoupled weight decay, its eps and second-moment decay) computed by PyTorch's AdamW.
 
     PyTorch's fused AdamW updates every parameter in one pass over memory; fastai's Adam runs several
-    small kernels per parameter, which on a CPU costs more than the arithmetic (README: Speed).
+    small kernels per parameter, which on a CPU costs more than the arithmetic (benchmarks/README.md).
     fastai's one-cycle schedule still drives the learning rate and momentum.
     """
     return OptimWrapper(params, opt=partial(torch.optim.AdamW, fused=True, betas=(0.9, 0.99), eps=1e-5), **hypers)
@@ -49,6 +49,6 @@ def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0)
                            opt_func=adamw,
                            **extra)
     if torch.device(dls.device or "cpu").type == "cpu":
-        # oneDNN's convolutions run about twice as fast on channels-last tensors on a CPU (README: Speed)
+        # oneDNN's convolutions run faster on channels-last tensors on a CPU (benchmarks/README.md)
         learn.add_cb(ChannelsLast())
     return learn
