@@ -108,3 +108,17 @@ def test_help_answers_without_loading_the_training_stack():
                 "print('torch' in sys.modules, file=sys.stderr)")
         res = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert res.stderr.strip().splitlines()[-1] == "False", (script, res.stderr[-2000:])
+
+
+def test_presets_set_defaults_that_the_options_given_override(capsys):
+    from imagelab.config import AutoencoderConfig, ClassifierConfig, ConfigParser
+    parser = ConfigParser(ClassifierConfig, "test", out="m.pkl")
+    cfg = parser.config_from(parser.parse_args(["--preset", "scratch", "--size", "96", "--lr", "find"]))
+    assert cfg == ClassifierConfig(out="m.pkl", pretrained=False, size=96, bs=64, epochs=20, label_smoothing=0.1,
+                                   lr="find")
+    assert parser.config_from(parser.parse_args(["--lr", "2e-3"])).lr == 2e-3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr", "fast"])
+    assert "a number or 'find', not 'fast'" in capsys.readouterr().err
+    parser = ConfigParser(AutoencoderConfig, "test")
+    assert parser.config_from(parser.parse_args(["--preset", "long"])).epochs == 12
