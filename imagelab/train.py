@@ -199,7 +199,6 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
                         cbs=[run.history, checkpoint, resize, *budget, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n
             offset += n
-    return sum(n for n, _ in schedule)
 
 
 def prepare(task, cfg):
@@ -242,9 +241,7 @@ def train(task, cfg, cbs=()):
     run = Run(state["lr"] if state else learning_rate(learn, cfg.lr, task.default_lr(cfg)), state)
     if state:
         restore(learn, state)
-    epochs = sum(n for n, _ in task.fits(cfg, run.lr))
-    if state:
-        print(f"resuming after epoch {state['epoch']} of {epochs} from {ckpt}")
+        print(f"resuming after epoch {state['epoch']} of {sum(n for n, _ in task.fits(cfg, run.lr))} from {ckpt}")
     try:
         fit(task, cfg, learn, run, ckpt, settings, cbs)
     except KeyboardInterrupt:
