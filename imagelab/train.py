@@ -132,7 +132,7 @@ class ProgressiveResize(Callback):
 
 def start_size(task, cfg):
     if cfg.start_size is not None and cfg.start_size < cfg.size and not task.progressive:
-        raise UserError(f"a {task.kind} trains at one size (its layers are sized for --size): "
+        raise UserError(f"the {task.kind} trains at one size (its layers are sized for --size): "
                         f"drop --start-size or set it to --size ({cfg.size})")
     if cfg.start_size is not None:
         return cfg.start_size
