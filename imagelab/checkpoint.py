@@ -27,6 +27,7 @@ def train_loader(learn):
 
 def rng_states(learn):
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,  # GPU augmentation
             "loader": train_loader(learn).rng.getstate()}  # the loader's own shuffling stream
 
 
@@ -34,6 +35,10 @@ def set_rng_states(learn, states):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    # a run resumed on other hardware (GPU <-> CPU) goes on with that hardware's own streams
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     train_loader(learn).rng.setstate(states["loader"])
 
 
@@ -55,7 +60,11 @@ def load_checkpoint(path, settings):
 
 
 def restore(learn, state):
-    """Weights and optimizer state (the optimizer is created as the next fit would create it)."""
+    """Weights and optimizer state (the optimizer is created as the next fit would create it).
+
+    The state was loaded onto the CPU: copying it into the model and the optimizer puts it on whatever
+    device this run trains on, so a run started on a GPU resumes on a CPU and the other way round.
+    """
     get_model(learn.model).load_state_dict(state["model"])
     if learn.opt is None:
         learn.create_opt()

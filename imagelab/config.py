@@ -62,6 +62,11 @@ class TrainConfig:
                          "small copies", resume=False)
     cache: str | None = knob(None, "training", f"folder of presized copies (default: $IMAGELAB_CACHE or "
                              f"{default_cache()})", resume=False, metavar="DIR")
+    device: str = knob("auto", "hardware", "where to train: auto (a CUDA GPU, else Apple's MPS, else the CPU), "
+                       "cpu, cuda, cuda:N or mps", resume=False)
+    precision: str = knob("auto", "hardware", "auto: bf16 autocast on GPUs that have it, fp16 with loss scaling on "
+                          "older ones, fp32 on a CPU; exports are fp32 whatever trained", resume=False,
+                          choices=["auto", "fp32", "bf16", "fp16"])
     time_budget: float | None = knob(None, "training", "train for this long: the one-cycle schedule follows the "
                                      "clock, --epochs is a cap", metavar="SECONDS")
     resume: bool = knob(False, "training", "continue the interrupted run whose checkpoint (<out stem>.ckpt) is "
@@ -84,7 +89,8 @@ class TrainConfig:
 
     def record(self):
         """The settings as they go into metrics.json (paths as given)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "workers", "cache", "out")}
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("resume", "workers", "cache", "out", "device", "precision")}  # the run records what they chose
 
 
 @dataclass

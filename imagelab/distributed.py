@@ -12,6 +12,7 @@ Accelerate's `cpu` flag from the device, and the patch sends the broadcast throu
 process group's backend uses. Both are fixes that fastai itself could take.
 """
 import os
+from contextlib import nullcontext
 
 import torch
 from fastai.distributed import DistributedDL, teardown_distrib
@@ -29,7 +30,13 @@ def _broadcast(self: DistributedDL, t, rank):
 
 
 def distributed(learn):
-    """fastai's `distrib_ctx`, usable on CPU processes too; a no-op when the script was not launched distributed."""
+    """fastai's `distrib_ctx`, usable on CPU processes too; a no-op when the script was not launched distributed.
+
+    A launcher's single process trains as a plain run: fastai would wrap its loaders for a process group
+    that Accelerate never starts for one process.
+    """
+    if num_distrib() <= 1:
+        return nullcontext()
     cuda = learn.dls.device is not None and torch.device(learn.dls.device).type == "cuda"
     return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda)
 

@@ -17,6 +17,7 @@ from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 from . import UserError
 from .checkpoint import Checkpoint, load_checkpoint, restore
 from .data import Presized, find_images, presize
+from .device import Autocast, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
@@ -201,8 +202,8 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
             offset += n
 
 
-def prepare(task, cfg):
-    """The data and the learner: (root, files, skipped, presized, dls, learn)."""
+def prepare(task, cfg, device, precision):
+    """The data and the learner on `device`: (root, files, skipped, presized, dls, learn)."""
     root = Path(cfg.data) if cfg.data else task.default_data()
     files, skipped = find_images(root)
     for f, why in skipped:
@@ -211,8 +212,11 @@ def prepare(task, cfg):
     # Presized copies decode in a millisecond: worker processes would only take cores from the model.
     workers = cfg.workers if cfg.workers is not None else (0 if cfg.presize else None)
     dls = task.dataloaders(cfg, root, files, presized, workers)
+    dls.to(device)
     print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
     learn = task.learner(dls, cfg)
+    if precision != "fp32":
+        learn.add_cb(Autocast(precision, device.type))
     if len(dls.train_ds) < cfg.bs:  # fastai drops incomplete training batches: nothing would be trained
         raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {cfg.bs}")
     return root, files, skipped, presized, dls, learn
@@ -234,8 +238,10 @@ def train(task, cfg, cbs=()):
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
     task.check(cfg)
     start_size(task, cfg)  # settings that cannot work stop here, before any slow step
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
     set_seed(cfg.seed, reproducible=True)
-    root, files, skipped, presized, dls, learn = prepare(task, cfg)
+    root, files, skipped, presized, dls, learn = prepare(task, cfg, device, precision)
     settings = {"kind": task.kind, **cfg.settings(), "data": str(root)}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
     run = Run(state["lr"] if state else learning_rate(learn, cfg.lr, task.default_lr(cfg)), state)
@@ -256,6 +262,7 @@ def train(task, cfg, cbs=()):
         return None
     presized.copies.clear()  # the report and the exported model read the original files, as the app will
     facts = {"kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": start_size(task, cfg),
+             "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
              "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
@@ -270,6 +277,7 @@ def train(task, cfg, cbs=()):
 def export(task, cfg, learn, history, root, facts):
     """The learner, its weights-only artifacts and its report, moved into place together or not at all."""
     dls = learn.dls
+    learn.remove_cb(Autocast)  # the report judges the model as it is exported: fp32
     with staged_export(cfg.out) as (tmp_model, tmp_report):
         metrics = task.report(learn, history, tmp_report)
         described = task.describe(cfg, root, dls)
@@ -281,6 +289,8 @@ def export(task, cfg, learn, history, root, facts):
         write_json({name: [Path(f).relative_to(root).as_posix() for f in ds.items]
                     for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}, tmp_report / "split.json")
         task.save_examples(dls, tmp_report / "examples")
+        learn.dls.to("cpu")  # a learner trained on a GPU loads on a machine without one
+        learn.model.cpu()
         learn.export(tmp_model.resolve())
         task.export(learn, tmp_model)
     return metrics

@@ -1,0 +1,156 @@
+"""Does every path work on this machine's accelerator? Train, export, load on a CPU, predict, kill and resume.
+
+    python benchmarks/device_check.py                    # the best device there is (a CUDA GPU, MPS, the CPU)
+    python benchmarks/device_check.py --device cpu
+
+On generated images (two classes of coloured noise, so any working model learns them), each step runs
+as a user would run it, in its own process: both trainers for 2 epochs on the device, the exported
+learner and ONNX model loaded and used on the CPU in a fresh process that sees no GPU, a run killed
+after its first checkpoint and resumed (on the CPU too when it trained on a GPU: checkpoints move
+between devices), and the classifier under `torchrun --nproc_per_node 1`. The last line printed is one
+JSON object: the device, the precision the trainer chose, and "pass" or the failure for each step.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CLASSES = {"red": (220, 60, 60), "blue": (60, 60, 220)}
+
+# In a fresh process on the CPU: the learner through fastai, the ONNX model through the apps' Predictor.
+LOAD_ON_CPU = """
+import sys
+import torch
+from imagelab.loading import load_trusted_learner, open_model
+assert not torch.cuda.is_available()
+model, image, label = sys.argv[1:]
+pkl = str(load_trusted_learner(model).predict(image)[0])
+probs = open_model(model.replace(".pkl", ".onnx"), "classifier").predict(image, k=2)
+assert pkl == max(probs, key=probs.get) == label, (pkl, probs, label)
+print("pass")
+"""
+
+# The autoencoder's app serves the learner and the weights-only export; both must reconstruct on the CPU.
+AE_ON_CPU = """
+import sys
+import numpy as np
+import torch
+from imagelab.loading import open_model
+assert not torch.cuda.is_available()
+model, image = sys.argv[1:]
+for path in (model, model.replace(".pkl", ".safetensors")):
+    reconstruction = open_model(path, "autoencoder").reconstruct(image)[1]
+    assert np.asarray(reconstruction).std() > 0, path
+print("pass")
+"""
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", help="the trainers' --precision")
+    p.add_argument("--size", type=int, default=32, help="training size of both models")
+    p.add_argument("--images", type=int, default=24, help="generated images per class")
+    p.add_argument("--workdir", metavar="DIR", help="where data and models go (default: a temporary folder)")
+    return p.parse_args(argv)
+
+
+def make_images(root, n):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name, color in CLASSES.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            w, h = rng.integers(48, 96, size=2)
+            pixels = np.clip(np.array(color) + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.jpg")
+    return root
+
+
+def command(script, data, out, args, *extra):
+    size = ["--size", str(args.size), "--bs", "8"]
+    model = ["--no-pretrained", "--arch", "resnet18"] if script == "train_pets.py" else ["--code-size", "16"]
+    return [f"training/{script}", "--data", str(data), "--epochs", "2", *model, *size, "--out", str(out),
+            "--precision", args.precision, *extra]
+
+
+def run(cmd, env=None, launcher=(PY,), timeout=900):
+    """A step's process; returns 'pass' or the last line of what it said on failing."""
+    res = subprocess.run([*launcher, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    if res.returncode == 0:
+        return "pass", res.stdout
+    lines = [line for line in (res.stderr or res.stdout).splitlines() if line.strip()]
+    return f"fail: {lines[-1] if lines else f'exit status {res.returncode}'}", res.stdout
+
+
+def trained(cmd, out, **kw):
+    verdict, _ = run(cmd, **kw)
+    if verdict == "pass" and not out.exists():
+        return "fail: no model written"
+    return verdict
+
+
+def kill_after_first_checkpoint(cmd, ckpt, timeout=600):
+    """Start a run and SIGKILL it once it has written a checkpoint: 'pass' if it did, else why not."""
+    proc = subprocess.Popen([PY, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return "pass" if ckpt.exists() else "fail: no checkpoint before the run ended"
+
+
+def main(argv=None):
+    args = parse(argv)
+    no_gpu = {"CUDA_VISIBLE_DEVICES": ""}
+    steps, facts = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        data = make_images(work / "data", args.images)
+        image = str(next((data / "red").iterdir()))
+        pets, ae = work / "pets" / "pets.pkl", work / "ae" / "ae.pkl"
+
+        steps["classifier"] = trained(command("train_pets.py", data, pets, args, "--device", args.device), pets)
+        if steps["classifier"] == "pass":
+            m = json.loads((pets.with_name("pets.report") / "metrics.json").read_text())
+            facts = {"device": m["device"], "precision": m["precision"], "images_per_second": m["images_per_second"]}
+            steps["classifier_on_cpu"] = run(["-c", LOAD_ON_CPU, str(pets), image, "red"], env=no_gpu)[0]
+        steps["autoencoder"] = trained(command("train_autoencoder.py", data, ae, args, "--device", args.device), ae)
+        if steps["autoencoder"] == "pass":
+            steps["autoencoder_on_cpu"] = run(["-c", AE_ON_CPU, str(ae), image], env=no_gpu)[0]
+
+        resumed = work / "resumed" / "pets.pkl"
+        ckpt = resumed.with_name("pets.ckpt")
+        steps["killed_after_a_checkpoint"] = kill_after_first_checkpoint(
+            command("train_pets.py", data, resumed, args, "--device", args.device), ckpt)
+        if steps["killed_after_a_checkpoint"] == "pass":
+            # a run interrupted on a GPU goes on on the CPU: a checkpoint does not tie a run to its device
+            on_gpu = facts.get("device", "cpu") != "cpu"
+            step, where, env = ("resumed_on_cpu", "cpu", no_gpu) if on_gpu else ("resumed", args.device, None)
+            steps[step] = trained(command("train_pets.py", data, resumed, args, "--resume", "--device", where),
+                                  resumed, env=env)
+
+        one = work / "torchrun" / "pets.pkl"
+        steps["torchrun_1_process"] = trained(
+            command("train_pets.py", data, one, args, "--device", args.device), one,
+            launcher=(PY, "-m", "torch.distributed.run", "--nproc_per_node", "1"))
+    out = {**facts, "steps": steps, "passed": all(v == "pass" for v in steps.values())}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    from imagelab import run_cli
+    run_cli(main)

@@ -1,0 +1,94 @@
+"""Where a run trains and in which number format: `--device` and `--precision`.
+
+Training may run on any torch device; everything that leaves a run (the learner, its weights-only
+artifacts, checkpoints) is made so that a CPU-only machine can load it.
+"""
+import os
+
+import torch
+from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastcore.foundation import L
+
+from . import UserError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # cuda:N too
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def pick_device(name="auto"):
+    """The torch device `--device` names; `auto` takes the best there is (a CUDA GPU, Apple's MPS, the CPU).
+
+    Under a distributed launcher (torchrun, accelerate launch) each process takes the GPU of its
+    LOCAL_RANK, and makes it the current one: fastai and NCCL use the current device.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: PyTorch sees no CUDA GPU on this machine; use --device cpu "
+                            f"(or auto)")
+        count = torch.cuda.device_count()
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)) % count
+        if index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    if device.type == "mps" and not mps_available():
+        raise UserError("--device mps: PyTorch sees no Apple GPU (MPS) here; use --device cpu (or auto)")
+    return device
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere PyTorch emulates it, slowly."""
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def pick_precision(name, device):
+    """'fp32', 'bf16' or 'fp16' for `--precision` on `device`.
+
+    auto: bf16 autocast on GPUs that have it (same range as fp32, no loss scaling), fp16 with loss
+    scaling on older GPUs, fp32 on a CPU (benchmarks/README.md says why) and on MPS.
+    """
+    if name not in PRECISIONS:
+        raise UserError(f"unknown --precision {name!r}: use {', '.join(PRECISIONS)}")
+    kind = device.type
+    if name == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or auto")
+    if name == "bf16" and kind == "cpu" and not cpu_has_bf16():
+        print("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX): PyTorch emulates it, slower than fp32")
+    if name == "fp16" and kind != "cuda":
+        raise UserError(f"--precision fp16 needs a CUDA GPU (loss-scaled half precision); on {kind} use "
+                        f"{'bf16 or ' if kind == 'cpu' and cpu_has_bf16() else ''}fp32")
+    return name
+
+
+class Autocast(MixedPrecision):
+    """fastai's `MixedPrecision` on any device type: fastai's own autocasts on CUDA only.
+
+    The weights, the optimizer and every export stay fp32; bf16 needs no loss scaling, fp16 (CUDA) has it.
+    """
+
+    def __init__(self, precision, device_type):
+        super().__init__(AMPMode(precision))
+        self.device_type = device_type
+
+    def before_fit(self):
+        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
+        self.autocast = torch.autocast(self.device_type, dtype=dtype)
+        self.learn.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+        self.scales = L()
