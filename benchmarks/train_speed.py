@@ -2,17 +2,20 @@
 
     python benchmarks/train_speed.py --data ../shared/data/catsdogs            # about 25 minutes on 2 cores
     python benchmarks/train_speed.py --data DIR --size 224 --epochs 3 --arch resnet34
+    python benchmarks/train_speed.py --data ../shared/data/catsdogs --device cuda --size 224 --bs 64 --epochs 8
 
 Every run gets the same decodable images, the same train/valid split, architecture, input size,
 batch size, epochs, learning rate and seed. The course recipe is `ImageDataLoaders.from_folder` +
 `RandomResizedCrop(size, min_scale=0.3)` + `aug_transforms()` + `vision_learner` + `fit_one_cycle`;
-ours is `imagelab.train.train` of the classifier with its defaults (progressive resizing included), and
-`fixed` is the same trainer at the full size throughout (`--start-size` = `--size`), to show what
-progressive resizing adds. The three train at the same time in threads that take turns batch by
+ours is `imagelab.train.train` of the classifier with its defaults (progressive resizing included, and
+batches cut from the images decoded in memory), `fixed` is the same trainer at the full size throughout
+(`--start-size` = `--size`), to show what progressive resizing adds, and `files` is ours reading the
+presized files batch by batch (`--workers`: the path taken when the images do not fit in memory). The three train at the same time in threads that take turns batch by
 batch, so a busy machine slows them alike, and each is timed only while it holds its turn (the
 recipe's loader processes are paused outside its turns). Our held-out accuracy is measured by the
 exported pipeline on the original files, as the app sees them. Then the `scratch` preset trains for
-as long as the recipe took. The last line printed is one JSON object.
+as long as the recipe took. The last line printed is one JSON object; "busy" is the share of each run's
+turns that the device computed (the GPU's utilisation, or the CPU time over the cores).
 """
 import argparse
 import json
@@ -36,7 +39,9 @@ from PIL import Image
 from imagelab.classifier import Classifier
 from imagelab.config import ClassifierConfig
 from imagelab.data import detect_labels, find_images, parent_label, presize
-from imagelab.train import train
+from imagelab.device import pick_device
+from imagelab.train import loader_workers, train
+import torch  # noqa: E402
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
@@ -53,6 +58,11 @@ def parse(argv=None):
     p.add_argument("--min-scale", type=float, default=0.3, help="RandomResizedCrop's smallest crop area, both runs")
     p.add_argument("--valid-pct", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="where every run trains: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", help="our trainer's --precision (the recipe trains in fp32, "
+                   "as the course does)")
+    p.add_argument("--workers", type=int, default=None, help="loader processes of the file path (the recipe's "
+                   "and `files`; default: fastai's for the recipe, the trainer's choice for `files`)")
     p.add_argument("--preset", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the scratch preset for as long as the recipe took")
     p.add_argument("--cache", metavar="DIR", help="presized-image cache (default: the trainer's)")
@@ -165,11 +175,12 @@ class Turns:
         return results
 
 
-def course_recipe(split, args, cbs):
+def course_recipe(split, args, device, cbs):
     """The fastai course's recipe, as in the book and the course notebooks (from scratch: no weights offline)."""
+    workers = {} if args.workers is None else {"num_workers": args.workers}
     dls = ImageDataLoaders.from_folder(split, train="train", valid="valid", seed=args.seed, bs=args.bs,
                                        item_tfms=RandomResizedCrop(args.size, min_scale=args.min_scale),
-                                       batch_tfms=aug_transforms())
+                                       batch_tfms=aug_transforms(), device=device, **workers)
     learn = vision_learner(dls, args.arch, pretrained=False, metrics=accuracy)
     learn.fit_one_cycle(args.epochs, args.lr, cbs=cbs)
     # in this process, no more forking once the turns are over (the other thread may be busy)
@@ -183,11 +194,40 @@ def standard_error(accuracy, n):
 def trainer_config(args, workdir, name, **settings):
     return ClassifierConfig(**{"data": str(workdir / "split"), "arch": args.arch, "seed": args.seed,
                                "pretrained": False, "cache": args.cache, "out": str(workdir / f"{name}.pkl"),
-                               **settings})
+                               "device": args.device, "precision": args.precision, **settings})
+
+
+class Busy(threading.Thread):
+    """Samples how busy the device is, several times a second, and files each sample under the run whose turn it is."""
+
+    def __init__(self, turns, device):
+        super().__init__(daemon=True)
+        self.turns, self.device, self.samples, self.done = turns, device, {}, threading.Event()
+        self.process = psutil.Process()
+        self.process.cpu_percent()
+
+    def sample(self):
+        if self.device.type == "cuda":
+            try:
+                return torch.cuda.utilization(self.device) / 100
+            except Exception:  # no NVML on this machine
+                return None
+        return self.process.cpu_percent() / 100 / (psutil.cpu_count() or 1)
+
+    def run(self):
+        while not self.done.wait(0.2):
+            value = self.sample()
+            if value is not None:
+                self.samples.setdefault(self.turns.turn, []).append(value)
+
+    def share(self, name):
+        values = self.samples.get(name)
+        return round(sum(values) / len(values), 3) if values else None
 
 
 def main(argv=None):
     args = parse(argv)
+    device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         split = workdir / "split"
@@ -199,24 +239,32 @@ def main(argv=None):
         ours = trainer_config(args, workdir, "ours", **common)
         # The trainer without progressive resizing: what the rest of the trainer gains at one size throughout.
         fixed = trainer_config(args, workdir, "fixed", **common, start_size=args.size)
+        # The file path: what the trainer does when the decoded images would not fit in memory.
+        files = trainer_config(args, workdir, "files", **common, workers=args.workers if args.workers is not None
+                               else loader_workers(ours, device))
         start = time.perf_counter()
         presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
         cache_seconds = time.perf_counter() - start
 
         # Ours takes the first turn: the recipe forks its loader processes only while our threads wait,
         # never while it imports or holds a lock that a forked child would inherit locked.
-        turns = Turns(["ours", "recipe", "fixed"])
+        turns = Turns(["ours", "recipe", "fixed", "files"])
         load_before = os.getloadavg()[0]
+        busy = Busy(turns, device)
+        busy.start()
         set_seed(args.seed, reproducible=True)
         res = turns.run({
-            "recipe": lambda: course_recipe(split, args, [turns.callback("recipe", workers=True)]),
+            "recipe": lambda: course_recipe(split, args, device, [turns.callback("recipe", workers=True)]),
             "ours": lambda: train(Classifier(), ours, cbs=[turns.callback("ours")]),
-            "fixed": lambda: train(Classifier(), fixed, cbs=[turns.callback("fixed")])})
+            "fixed": lambda: train(Classifier(), fixed, cbs=[turns.callback("fixed")]),
+            "files": lambda: train(Classifier(), files, cbs=[turns.callback("files", workers=True)])})
+        busy.done.set()
         images = res["recipe"]["train_images"] * args.epochs
         ips = {name: images / turns.held[name] for name in turns.names}
         out = {"data": str(args.data), "train_images": n_train, "valid_images": n_valid, "arch": args.arch,
                "size": args.size, "ours_start_size": res["ours"]["start_size"], "epochs": args.epochs,
-               "bs": args.bs, "lr": args.lr,
+               "bs": args.bs, "lr": args.lr, "device": res["ours"]["device"], "precision": res["ours"]["precision"],
+               "recipe_precision": "fp32",
                "recipe_images_per_s": round(ips["recipe"], 2), "ours_images_per_s": round(ips["ours"], 2),
                "speedup": round(ips["ours"] / ips["recipe"], 2),
                "recipe_accuracy": round(res["recipe"]["accuracy"], 4), "ours_accuracy": round(res["ours"]["accuracy"], 4),
@@ -225,8 +273,11 @@ def main(argv=None):
                "fixed_size_images_per_s": round(ips["fixed"], 2),
                "fixed_size_speedup": round(ips["fixed"] / ips["recipe"], 2),
                "fixed_size_accuracy": round(res["fixed"]["accuracy"], 4),
+               "files_images_per_s": round(ips["files"], 2), "files_speedup": round(ips["files"] / ips["recipe"], 2),
+               "files_accuracy": round(res["files"]["accuracy"], 4),
+               "busy": {name: busy.share(name) for name in turns.names},
                "recipe_seconds": round(turns.held["recipe"], 1), "ours_seconds": round(turns.held["ours"], 1),
-               "fixed_size_seconds": round(turns.held["fixed"], 1),
+               "fixed_size_seconds": round(turns.held["fixed"], 1), "files_seconds": round(turns.held["files"], 1),
                "ours_cache_build_seconds": round(cache_seconds, 1),
                "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 

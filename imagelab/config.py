@@ -56,8 +56,9 @@ class TrainConfig:
     lr: float | str | None = knob(None, "training", "learning rate, or 'find' for fastai's lr_find (default: the "
                                   "model's own)", type=learning_rate)
     wd: float | None = knob(None, "training", "decoupled weight decay (default: fastai's, 0.01)")
-    workers: int | None = knob(None, "training", "data-loading processes (default: none with --presize, else "
-                               "fastai's: one per core)", resume=False)
+    workers: int | None = knob(None, "training", "read the images from files with this many loader processes "
+                               "(default: with --presize, batches are cut from the images decoded in memory when "
+                               "they fit; else files, with none on a CPU, up to 8 on a GPU)", resume=False)
     presize: bool = knob(True, "training", "decode and shrink every image once into a cache, then train from the "
                          "small copies", resume=False)
     cache: str | None = knob(None, "training", f"folder of presized copies (default: $IMAGELAB_CACHE or "

@@ -5,6 +5,7 @@ this loop does the rest for all of them: checking the files, presizing, progress
 `--time-budget`, checkpoints and `--resume`, distributed launch, and the all-or-nothing export of the
 learner, its weights-only artifacts and its report.
 """
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from .export import staged_export
 from .metadata import versions, write_json
 from .paths import checkpoint_path
 from .reports import LossHistory
+from .store import StoreDL, store_loaders
 
 
 class Task:
@@ -141,7 +143,8 @@ def start_size(task, cfg):
 
 
 def progressive_resize(dls, cfg, start):
-    resize = next(t for t in dls.train.after_item.fs if isinstance(t, (RandomResizedCrop, Resize)))
+    resize = dls.train if isinstance(dls.train, StoreDL) else \
+        next(t for t in dls.train.after_item.fs if isinstance(t, (RandomResizedCrop, Resize)))
     return ProgressiveResize(resize, cfg.size, start)
 
 
@@ -202,6 +205,28 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
             offset += n
 
 
+def loader_workers(cfg, device):
+    """Data-loading processes for the file path: --workers, else what suits the device."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if device.type != "cpu":
+        return min(8, os.cpu_count() or 1)  # the CPU's only job is to keep the accelerator fed
+    # On a CPU the model's step is most of the time and presized copies decode in a millisecond: worker
+    # processes would only take cores from the model.
+    return 0 if cfg.presize else None
+
+
+def batches_in_memory(dls, presized, cfg):
+    """The store loaders (imagelab.store) when the presized images fit in memory, else None (the file path)."""
+    if not cfg.presize or cfg.workers is not None:  # --workers asks for the file path's loader processes
+        return None
+    batches = store_loaders(dls, presized.copies)
+    if batches is not None:
+        print(f"decoded {len(batches.train_ds) + len(batches.valid_ds)} presized images into memory: "
+              f"batches are cut on {batches.device}")
+    return batches
+
+
 def prepare(task, cfg, device, precision):
     """The data and the learner on `device`: (root, files, skipped, presized, dls, learn)."""
     root = Path(cfg.data) if cfg.data else task.default_data()
@@ -209,9 +234,7 @@ def prepare(task, cfg, device, precision):
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)
-    # Presized copies decode in a millisecond: worker processes would only take cores from the model.
-    workers = cfg.workers if cfg.workers is not None else (0 if cfg.presize else None)
-    dls = task.dataloaders(cfg, root, files, presized, workers)
+    dls = task.dataloaders(cfg, root, files, presized, loader_workers(cfg, device))
     dls.to(device)
     print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
     learn = task.learner(dls, cfg)
@@ -242,6 +265,7 @@ def train(task, cfg, cbs=()):
     precision = pick_precision(cfg.precision, device)
     set_seed(cfg.seed, reproducible=True)
     root, files, skipped, presized, dls, learn = prepare(task, cfg, device, precision)
+    learn.dls = batches_in_memory(dls, presized, cfg) or dls  # training and validation during the fits
     settings = {"kind": task.kind, **cfg.settings(), "data": str(root)}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
     run = Run(state["lr"] if state else learning_rate(learn, cfg.lr, task.default_lr(cfg)), state)
@@ -258,6 +282,7 @@ def train(task, cfg, cbs=()):
     processes = world_size()
     images = (run.history.step - run.first_step) * cfg.bs * processes  # every training batch is full
     leave_distributed()
+    learn.dls = dls  # the report and the exported learner read files, as the app will
     if not main_process:
         return None
     presized.copies.clear()  # the report and the exported model read the original files, as the app will

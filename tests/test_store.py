@@ -1,0 +1,90 @@
+"""Batches cut from images decoded once (imagelab.store): the same augmentation as fastai's per-item path."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from fastai.vision.all import PILImage, RandomResizedCrop, set_seed
+from PIL import Image, ImageFilter
+
+from imagelab.data import Presized, classifier_dls, parent_label, presize
+from imagelab.store import StoreDL, crop_box, resized, store_loaders
+from conftest import make_folder_dataset, write_image
+
+# Landscape, portrait, square, and shapes outside RandomResizedCrop's aspect range (its fallback crop).
+SHAPES = [(96, 72), (72, 120), (64, 64), (300, 40), (40, 300), (500, 333)]
+
+
+def test_crop_boxes_are_fastais_random_resized_crop_draw_for_draw():
+    rrc = RandomResizedCrop(64, min_scale=0.35)
+    random.seed(7)
+    theirs = []
+    for i in range(3000):
+        w, h = SHAPES[i % len(SHAPES)]
+        rrc.before_call(PILImage.create(np.zeros((h, w, 3), np.uint8)), split_idx=0)
+        theirs.append((*rrc.tl, *rrc.cp_size))
+    random.seed(7)
+    ours = [crop_box(*SHAPES[i % len(SHAPES)], 0.35, (3 / 4, 4 / 3)) for i in range(3000)]
+    assert ours == theirs
+    # the distribution RandomResizedCrop promises, where it does not fall back: area share, aspect, position
+    regular = [(box, shape) for i, box in enumerate(ours) if (shape := SHAPES[i % len(SHAPES)]) in SHAPES[:3]]
+    area = np.array([cw * ch / (w * h) for (_, _, cw, ch), (w, h) in regular])
+    aspect = np.array([cw / ch for (_, _, cw, ch), _ in regular])
+    centre = np.array([(left + cw / 2) / w for (left, _, cw, _), (w, _) in regular])
+    assert area.min() > 0.33 and area.max() <= 1 and aspect.min() > 0.72 and aspect.max() < 1.38
+    assert abs(centre.mean() - 0.5) < 0.01
+
+
+def smooth_image(w, h, seed=0):
+    pixels = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2))
+
+
+@pytest.mark.parametrize("box", [(0, 0, 160, 120), (10, 5, 100, 80), (30, 20, 50, 40)])
+def test_crops_resize_like_pillow(box):
+    """Downscaled and upscaled crops: within one grey level of fastai's Pillow crop-and-resize."""
+    im = smooth_image(160, 120)
+    left, top, w, h = box
+    pil = np.asarray(im.crop((left, top, left + w, top + h)).resize((64, 64), Image.BILINEAR)).astype(int)
+    tensor = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    ours = resized(tensor[:, top:top + h, left:left + w], (64, 64)).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(pil - ours).max() <= 1 and np.abs(pil - ours).mean() < 0.3
+
+
+@pytest.fixture(scope="module")
+def loaders(tmp_path_factory):
+    root = make_folder_dataset(tmp_path_factory.mktemp("store") / "data", n=10)
+    for i in range(4):  # other shapes than the generated squares
+        write_image(root / "cats" / f"wide_{i}.jpg", (220, 60, 60), size=(120, 50), seed=i)
+    files = sorted(root.rglob("*.jpg"))
+    presized = Presized(presize(files, 32))
+    dls = classifier_dls(files, parent_label, size=32, bs=4, workers=0, get_x=presized)
+    return dls, store_loaders(dls, presized.copies)
+
+
+def test_validation_batches_are_the_file_paths(loaders):
+    dls, store = loaders
+    assert isinstance(store.valid, StoreDL) and len(store.valid) == len(dls.valid)
+    for (x_file, y_file), (x_store, y_store) in zip(dls.valid, store.valid):
+        assert torch.equal(y_file, y_store)
+        assert x_file.shape == x_store.shape
+        assert (x_file - x_store).abs().max() <= 2 / 255 + 1e-6  # fastai's squash + centre crop, within 2 levels
+
+
+def test_training_batches_follow_the_size_and_the_random_streams(loaders):
+    dls, store = loaders
+    train = store.train
+    assert len(train) == len(dls.train) and train.drop_last and train.shuffle
+
+    shuffling = train.rng.getstate()
+
+    def epoch():  # the random streams a checkpoint saves and --resume restores
+        set_seed(3)
+        train.rng.setstate(shuffling)
+        return [x for x, _ in train]
+    first, again = epoch(), epoch()
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # a resumed run draws the same crops
+    assert first[0].shape == (4, 3, 32, 32)
+    train.size = (16, 16)  # progressive resizing changes the size between epochs
+    assert next(iter(train))[0].shape == (4, 3, 16, 16)
+    train.size = (32, 32)
