@@ -23,10 +23,9 @@ import shlex
 import shutil
 import sys
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from string import Template
-
-import gradio
 
 from . import UserError, run_cli
 from .hub import require_hub_login
@@ -88,7 +87,7 @@ def context(app, metrics, repo_id=None, space_id=None):
     kind = card_kind(metrics)
     _, title, about = app_readme(app)
     return {
-        "name": app, "title": title, "about": about, "license": LICENSE, "sdk_version": gradio.__version__,
+        "name": app, "title": title, "about": about, "license": LICENSE, "sdk_version": version("gradio"),
         "repo_id": repo_id or PLACEHOLDERS["repo_id"], "space_id": space_id or PLACEHOLDERS["space_id"],
         "data": Path(metrics["data"]).name,  # the folder's name: the trainer's disk layout is nobody's business
         "seed": metrics["seed"], "train_seconds": metrics["train_seconds"],

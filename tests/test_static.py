@@ -166,3 +166,45 @@ def test_an_unreadable_upload_says_so(page, tmp_path):
     page.set_input_files("#upload", str(bad))
     page.wait_for_selector('#results[data-source=""]', state="attached", timeout=30_000)
     assert "notes.jpg: not a readable image" in page.inner_text("#status")
+
+
+def test_runtime_comes_checked_from_the_registry_then_from_the_cache(tmp_path):
+    """A registry on 127.0.0.1 (npm_config_registry, as npm reads it): a tarball that is not the pinned one is
+    refused and nothing is cached; the real one is cached, and then the registry is not needed."""
+    tgz = tmp_path / "registry" / onnxruntime_web.PACKAGE / "-" / f"{onnxruntime_web.PACKAGE}-{onnxruntime_web.VERSION}.tgz"
+    tgz.parent.mkdir(parents=True)
+    tgz.write_bytes(b"not the package")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "IMAGELAB_CACHE": str(cache)}
+    with file_server(tmp_path / "registry") as url:
+        env["npm_config_registry"] = url
+        fails_with_one_line(run(["-m", "imagelab.onnxruntime_web"], env=env), "failed its integrity check")
+        assert not onnxruntime_web.cached_tarball(cache).exists()
+        shutil.copy(onnxruntime_web.cached_tarball(RUNTIME_CACHE), tgz)
+        res = run(["-m", "imagelab.onnxruntime_web"], env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert onnxruntime_web.cached_tarball(cache).read_bytes() == tgz.read_bytes()
+    res = run(["-m", "imagelab.onnxruntime_web"], env=env)  # the registry is gone
+    assert res.returncode == 0 and "verified" in res.stdout, res.stderr[-2000:]
+
+
+def test_deploy_static_stops_with_one_line_before_writing(tiny_model, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}/"
+    res = deploy_static(tiny_model, tmp_path / "out", cache=tmp_path / "empty", npm_config_registry=closed)
+    fails_with_one_line(res, "cannot fetch onnxruntime-web", "python -m imagelab.onnxruntime_web")
+    model = tmp_path / "ae" / "pets.pkl"  # a report that says autoencoder: no static page for it
+    shutil.copytree(tiny_model.parent, model.parent)
+    metrics = model.with_name("pets.report") / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "kind": "autoencoder"}))
+    fails_with_one_line(deploy_static(model, tmp_path / "out"), "a static Space runs classifiers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gradio_push_first_points_to_the_free_static_space(tiny_model, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}
+    for static in ([], ["--static"]):
+        res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--out", tmp_path / "out", *static,
+                   "--push", "me/pets"], env=env)
+        fails_with_one_line(res, "no Hugging Face token")
+        notice = "paid hardware" in res.stdout and "deploy pets --static --push me/pets" in res.stdout
+        assert notice == (not static), res.stdout
