@@ -108,11 +108,13 @@ def expected(model, photos):
 
 
 def assert_agree(got, want, photos):
-    """Top-1 is the Predictor's on every image, and every probability shown is within 0.02 of its."""
+    """Top-1 is the Predictor's on every image, and every probability shown is within 0.02 of its; returns the
+    largest difference."""
     for name, g, w in zip((p.name for p in photos), got, want):
         assert g[0]["label"] == max(w, key=w.get), (name, g, w)
         for item in g:
             assert abs(item["confidence"] - w[item["label"]]) <= 0.02, (name, g, w)
+    return max(abs(item["confidence"] - w[item["label"]]) for g, w in zip(got, want) for item in g)
 
 
 def test_folder_holds_what_the_page_needs_and_only_that(page):
@@ -141,7 +143,9 @@ def test_classify_agrees_with_the_python_predictor(page, photos, tiny_model):
         return out;
     }""", images)
     want = expected(tiny_model, photos)
-    assert_agree(got, want, photos)
+    # The page resizes exactly as Pillow does, so only float rounding may differ. Another resampling filter
+    # moves this barely trained model's probabilities by less than 0.02: the tolerance alone would miss it.
+    assert assert_agree(got, want, photos) < 1e-4
     assert all(len(g) == 2 and g[0]["confidence"] >= g[1]["confidence"] for g in got)  # every class, best first
     assert not page.errors
 
