@@ -32,6 +32,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--app", default="pets", help="which app's static Space (pets, bears)")
     p.add_argument("--model", required=True, help="an exported classifier (.pkl with its .onnx and report)")
     p.add_argument("--images", required=True, help="folder of photos (recursive)")
     p.add_argument("--n", type=int, default=100, help="photos, spread evenly over the sorted folder")
@@ -45,7 +46,7 @@ def main(argv=None):
     files = dataset_files(args.images)
     photos = [files[i * len(files) // args.n] for i in range(min(args.n, len(files)))]
     site = Path(tempfile.mkdtemp(prefix="static-bench-")) / "site"
-    subprocess.run([sys.executable, "-m", "imagelab.deploy", "pets", "--model", args.model, "--static", "--out", site],
+    subprocess.run([sys.executable, "-m", "imagelab.deploy", args.app, "--model", args.model, "--static", "--out", site],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     predictor = Predictor(args.model)
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))

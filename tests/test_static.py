@@ -90,7 +90,9 @@ def page(tiny_model, tmp_path_factory):
     moved = shutil.copytree(tmp / "build" / "pets-static", tmp / "elsewhere" / "site")
     shutil.rmtree(tmp / "build")
     with file_server(moved) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        # Chromium's own test camera (a moving pattern), allowed without asking: the webcam path runs for real.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            *CHROMIUM_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -212,3 +214,19 @@ def test_a_gradio_push_first_points_to_the_free_static_space(tiny_model, tmp_pat
         fails_with_one_line(res, "no Hugging Face token")
         notice = "paid hardware" in res.stdout and "deploy pets --static --push me/pets" in res.stdout
         assert notice == (not static), res.stdout
+
+
+def test_paste_and_webcam_are_classified(page, photos):
+    page.evaluate("""async (b64) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "clip.jpg", {type: "image/jpeg"}));
+        document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data}));
+    }""", base64.b64encode(photos[0].read_bytes()).decode())
+    page.wait_for_selector('#results[data-source="pasted image"] li', timeout=30_000)
+    page.click("#webcam")
+    page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=30_000)
+    page.click("#webcam")  # now "Take photo"
+    page.wait_for_selector('#results[data-source="webcam photo"] li', timeout=30_000)
+    assert page.eval_on_selector("#results li", "li => li.dataset.label") in ("cats", "dogs")
+    assert not page.errors
