@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from string import Template
+from urllib.parse import quote
 
 from . import UserError, run_cli
 from .hub import require_hub_login
@@ -205,12 +206,13 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
         examples = sorted(p.relative_to(stage).as_posix() for p in (stage / f"{app}.report" / "examples").glob("*"))
         page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
                 "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
-                "examples": "\n".join(f'<button type="button"><img src="{html.escape(e)}" alt="example {i + 1}"></button>'
-                                      for i, e in enumerate(examples))}
-        (stage / "index.html").write_text(fill((WEB / "index.html").read_text(), page))
+                "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
+                                      for i, e in enumerate(examples))}  # scraped names hold ? and #
+        (stage / "index.html").write_text(fill((WEB / "index.html").read_text(), page), encoding="utf-8")
         write_lfs_rules(stage, extra=["*.wasm"])
         (stage / "README.md").write_text(fill((CARDS / "static_space.md").read_text(),
-                                              {**fields, "model_summary": model_summary(metrics, f"{app}.report", repo_id)}))
+                                              {**fields, "model_summary": model_summary(metrics, f"{app}.report", repo_id)}),
+                                         encoding="utf-8")
     return Path(out)
 
 

@@ -96,6 +96,7 @@ def page(tiny_model, tmp_path_factory):
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))  # a 404 is one
         page.goto(url)
         page.wait_for_selector("body[data-ready]", timeout=60_000)
         page.folder, page.errors = moved, errors
