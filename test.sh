@@ -11,4 +11,6 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
+# The static Space's runtime from the npm registry, once (pinned, hash-checked): the tests reach only 127.0.0.1.
+IMAGELAB_CACHE=build/test-cache .venv/bin/python -m imagelab.onnxruntime_web > /dev/null
 exec .venv/bin/python -m pytest "$@"

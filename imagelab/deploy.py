@@ -3,13 +3,19 @@
     python -m imagelab.deploy pets --model models/pets.pkl                    # -> build/pets-space/
     python -m imagelab.deploy pets --space USER/SPACE --model-repo USER/REPO  # + build/pets-model/, ids filled in
     python -m imagelab.deploy pets --space USER/SPACE --model-repo USER/REPO --push   # ... and upload both
+    python -m imagelab.deploy pets --static --out build/pets-static --push USER/SPACE  # free: runs in the browser
 
 Nothing is uploaded without --push. An app is a folder apps/<app>/ with a README.md: the Space's README
 as a template (title and emoji in its front matter; the first paragraph after the title says what it does).
 The model's kind (metrics.json "kind") picks the rest: imagelab/cards/<kind>.py (which model files the
 Space runs and the model repo carries) and imagelab/cards/<kind>.md (the model card).
+
+A Gradio Space runs on Hugging Face's paid CPU hardware (or ZeroGPU); a static Space (--static) is free for
+everyone: the page in imagelab/web/ runs the classifier's ONNX graph in the visitor's browser with
+onnxruntime-web, which is fetched once from the npm registry (imagelab.onnxruntime_web) and then cached.
 """
 import argparse
+import html
 import importlib
 import json
 import re
@@ -17,16 +23,19 @@ import shlex
 import shutil
 import sys
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from string import Template
-
-import gradio
+from urllib.parse import quote
 
 from . import UserError, run_cli
 from .hub import require_hub_login
+from .onnxruntime_web import VERSION as RUNTIME_VERSION
+from .onnxruntime_web import tarball, write_runtime
 from .paths import REPO, artifact_paths, default_model, metrics_path, report_dir
 
 CARDS = Path(__file__).with_name("cards")
+WEB = Path(__file__).with_name("web")
 LICENSE = "apache-2.0"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 PLACEHOLDERS = {"repo_id": "USER/REPO", "space_id": "USER/SPACE"}
@@ -54,9 +63,13 @@ def card_kind(metrics):
 def app_readme(app):
     """(template, title, about) of an app's Space README."""
     text = (REPO / "apps" / app / "README.md").read_text()
-    title = re.search(r"^title: *(.+)$", text, re.M).group(1).strip()
+    title = front_matter_value(text, "title")
     about = text.split(f"\n# {title}\n", 1)[1].strip().split("\n\n")[0]
     return text, title, about
+
+
+def front_matter_value(text, key):
+    return re.search(rf"^{key}: *(.+)$", text, re.M).group(1).strip()
 
 
 def pip_pins(packages):
@@ -75,7 +88,7 @@ def context(app, metrics, repo_id=None, space_id=None):
     kind = card_kind(metrics)
     _, title, about = app_readme(app)
     return {
-        "name": app, "title": title, "about": about, "license": LICENSE, "sdk_version": gradio.__version__,
+        "name": app, "title": title, "about": about, "license": LICENSE, "sdk_version": version("gradio"),
         "repo_id": repo_id or PLACEHOLDERS["repo_id"], "space_id": space_id or PLACEHOLDERS["space_id"],
         "data": Path(metrics["data"]).name,  # the folder's name: the trainer's disk layout is nobody's business
         "seed": metrics["seed"], "train_seconds": metrics["train_seconds"],
@@ -90,13 +103,16 @@ def fill(template, fields):
     return Template(template).substitute(fields)
 
 
-def space_readme(app, metrics, space_id=None, repo_id=None):
-    fields = context(app, metrics, repo_id, space_id)
+def model_summary(metrics, report, repo_id=None):
     summary = f"Model: `{metrics.get('arch', metrics['kind'])}`, {card_kind(metrics).summary(metrics)}"
     if repo_id:
         summary += f" ([{repo_id}](https://huggingface.co/{repo_id}))"
-    summary += f"; the report is in `models/{app}.report/`."
-    return fill(app_readme(app)[0], {**fields, "model_summary": summary})
+    return summary + f"; the report is in `{report}/`."
+
+
+def space_readme(app, metrics, space_id=None, repo_id=None):
+    fields = context(app, metrics, repo_id, space_id)
+    return fill(app_readme(app)[0], {**fields, "model_summary": model_summary(metrics, f"models/{app}.report", repo_id)})
 
 
 def model_card(app, metrics, repo_id=None, files=None):
@@ -130,9 +146,12 @@ def copy_library(dest):
     shutil.copytree(REPO / "imagelab", dest / "imagelab", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi"))
 
 
-def write_lfs_rules(dest):
-    """This repository's Git LFS rules, without its comments: they speak of this repository, not of `dest`."""
+def write_lfs_rules(dest, extra=()):
+    """This repository's Git LFS rules, without its comments: they speak of this repository, not of `dest`.
+
+    `extra`: patterns of other large files `dest` holds."""
     rules = [line for line in (REPO / ".gitattributes").read_text().splitlines() if "filter=lfs" in line]
+    rules += [f"{pattern} filter=lfs diff=lfs merge=lfs -text" for pattern in extra]
     (dest / ".gitattributes").write_text("\n".join(rules) + "\n")
 
 
@@ -164,6 +183,39 @@ def build_space(app, model, out, space_id=None, repo_id=None):
     return Path(out)
 
 
+def build_static_space(app, model, out, space_id=None, repo_id=None):
+    """Write a folder that is a complete static Space: the page, the model's ONNX graph and config, its report
+    and examples, onnxruntime-web, README, LFS rules. Any file server serves it; nothing runs on a server."""
+    metrics = load_metrics(model)
+    kind = card_kind(metrics)
+    if not hasattr(kind, "STATIC_FILES"):
+        raise UserError(f"a static Space runs classifiers, not a model of kind {metrics['kind']!r}: "
+                        "publish it as a Gradio Space (leave out --static)")
+    tarball()  # fetched and verified before anything is written: offline without a cached copy is one line
+    with staged(out) as stage:
+        stage.mkdir(parents=True)
+        copy_model(app, model, stage, kind.STATIC_FILES)
+        write_runtime(stage / "onnxruntime-web")
+        shutil.copy2(WEB / "imagelab.js", stage)
+        config = json.loads((stage / f"{app}.config.json").read_text())
+        template = app_readme(app)[0]
+        fields = {**context(app, metrics, repo_id, space_id), "runtime": RUNTIME_VERSION,
+                  "emoji": front_matter_value(template, "emoji"), "color_from": front_matter_value(template, "colorFrom"),
+                  "color_to": front_matter_value(template, "colorTo"), "first_label": config["vocab"][0],
+                  "resize": "x".join(map(str, config["resize"])), "crop": "x".join(map(str, config["crop"]))}
+        examples = sorted(p.relative_to(stage).as_posix() for p in (stage / f"{app}.report" / "examples").glob("*"))
+        page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
+                "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
+                "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
+                                      for i, e in enumerate(examples))}  # scraped names hold ? and #
+        (stage / "index.html").write_text(fill((WEB / "index.html").read_text(), page), encoding="utf-8")
+        write_lfs_rules(stage, extra=["*.wasm"])
+        (stage / "README.md").write_text(fill((CARDS / "static_space.md").read_text(),
+                                              {**fields, "model_summary": model_summary(metrics, f"{app}.report", repo_id)}),
+                                         encoding="utf-8")
+    return Path(out)
+
+
 def build_model_repo(app, model, out, repo_id=None):
     """A folder for a Hub model repo: the model files, the report, the library the `.pkl` needs, and the card."""
     metrics = load_metrics(model)
@@ -177,11 +229,10 @@ def build_model_repo(app, model, out, repo_id=None):
     return Path(out)
 
 
-def push(folder, repo_id, repo_type):
+def push(folder, repo_id, repo_type, sdk="gradio"):
     from huggingface_hub import HfApi
     api = HfApi()
-    api.create_repo(repo_id, repo_type=repo_type, space_sdk="gradio" if repo_type == "space" else None,
-                    exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, space_sdk=sdk if repo_type == "space" else None, exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
                       commit_message="Upload from imagelab.deploy")
     print(f"pushed {folder} to https://huggingface.co/{'spaces/' if repo_type == 'space' else ''}{repo_id}")
@@ -195,23 +246,41 @@ def run_alone_hint(space):
             ".venv/bin/pip install -r requirements.txt && .venv/bin/python app.py")
 
 
+def serve_hint(folder):
+    return (f"try it before you push, from any file server:\n  {shlex.quote(sys.executable)} -m http.server 8000 "
+            f"--bind 127.0.0.1 --directory {shlex.quote(str(folder))}\nthen open http://127.0.0.1:8000/")
+
+
+PAID_GRADIO = ("note: Hugging Face runs a Gradio Space only on paid hardware (PRO, Team or Enterprise) or, for "
+               "free accounts, ZeroGPU; a static Space is free for everyone and runs the model in the browser: "
+               "python -m imagelab.deploy {app} --static --push {space}")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="python -m imagelab.deploy", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("app", choices=apps(), help="which app (a folder apps/<app>/ with a README.md)")
     p.add_argument("--model", help="trained model (default: models/<app>.pkl)")
     p.add_argument("--space", metavar="USER/SPACE", help="the Space's id: filled into its README; --push uploads there")
-    p.add_argument("--space-out", metavar="DIR", help="Space folder to write (default: build/<app>-space)")
+    p.add_argument("--static", action="store_true",
+                   help="a static Space: the classifier runs in the visitor's browser (onnxruntime-web), free to host")
+    p.add_argument("--space-out", "--out", metavar="DIR",
+                   help="Space folder to write (default: build/<app>-space, with --static build/<app>-static)")
     p.add_argument("--model-repo", metavar="USER/REPO",
                    help="also write a model repo folder, its card filled with this id; --push uploads there")
     p.add_argument("--model-out", metavar="DIR",
                    help="model repo folder to write (default: build/<app>-model when --model-repo is given)")
-    p.add_argument("--push", action="store_true",
-                   help="upload the Space to --space and the model repo to --model-repo (needs a Hugging Face token)")
+    p.add_argument("--push", nargs="?", const=True, default=False, metavar="USER/SPACE",
+                   help="upload the Space to --space (or to the id given here) and the model repo to --model-repo "
+                        "(needs a Hugging Face token)")
     return p
 
 
 def check_args(args):
+    if isinstance(args.push, str):
+        if args.space not in (None, args.push):
+            raise UserError(f"--push {args.push} and --space {args.space} name two Spaces: give one")
+        args.space, args.push = args.push, True
     for flag, value in (("--space", args.space), ("--model-repo", args.model_repo)):
         if value is not None and not REPO_ID.fullmatch(value):
             raise UserError(f"{flag} {value!r} is not a Hub id like USER/NAME")
@@ -222,20 +291,27 @@ def check_args(args):
 def main(argv=None):
     args = parser().parse_args(argv)
     check_args(args)
+    if args.push and args.space and not args.static:
+        print(PAID_GRADIO.format(app=args.app, space=args.space))
     if args.push:
         require_hub_login()  # before building anything: offline or logged out is one line, not a half upload
     model = Path(args.model or default_model(args.app))
     if not model.is_file():
         raise UserError(f"no model at {model}: train it first (training/train_{args.app}.py)")
-    space = build_space(args.app, model, args.space_out or Path("build") / f"{args.app}-space",
-                        args.space, args.model_repo)
-    print(f"wrote {space}; {run_alone_hint(space)}")
+    if args.static:
+        space = build_static_space(args.app, model, args.space_out or Path("build") / f"{args.app}-static",
+                                   args.space, args.model_repo)
+        print(f"wrote {space} (static Space); {serve_hint(space)}")
+    else:
+        space = build_space(args.app, model, args.space_out or Path("build") / f"{args.app}-space",
+                            args.space, args.model_repo)
+        print(f"wrote {space}; {run_alone_hint(space)}")
     repo = None
     if args.model_repo or args.model_out:
         repo = build_model_repo(args.app, model, args.model_out or Path("build") / f"{args.app}-model", args.model_repo)
         print(f"wrote {repo} (model repo{' ' + args.model_repo if args.model_repo else ''})")
     if args.push and args.space:
-        push(space, args.space, "space")
+        push(space, args.space, "space", "static" if args.static else "gradio")
     if args.push and args.model_repo:
         push(repo, args.model_repo, "model")
 

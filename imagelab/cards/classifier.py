@@ -2,6 +2,7 @@
 from . import pct, settings, table
 
 SPACE_FILES = ("onnx", "config")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
+STATIC_FILES = ("onnx", "config")  # a static Space: the browser runs the ONNX graph
 REPO_FILES = ("pkl", "weights", "config", "onnx")
 OPTIONAL_FILES = ()
 PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),

@@ -1,0 +1,93 @@
+"""The static Space in Chromium against the Python Predictor, side by side on the same model and photos.
+
+    python benchmarks/static_space.py --model models/pets.pkl --images ../shared/data/catsdogs --n 100
+
+Builds the static Space (`deploy --static`), serves it on 127.0.0.1 and, photo by photo, classifies each
+file with the Predictor and then in the page (`window.imagelab.classify`, decoding included, timed in
+the page), so machine noise hits both alike. Prints how often the top-1 labels agree, the largest and
+mean difference of the probabilities, the time per photo of each, then one JSON object as the last line.
+"""
+import argparse
+import base64
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--app", default="pets", help="which app's static Space (pets, bears)")
+    p.add_argument("--model", required=True, help="an exported classifier (.pkl with its .onnx and report)")
+    p.add_argument("--images", required=True, help="folder of photos (recursive)")
+    p.add_argument("--n", type=int, default=100, help="photos, spread evenly over the sorted folder")
+    args = p.parse_args(argv)
+
+    from playwright.sync_api import sync_playwright
+
+    from imagelab.inference import Predictor
+    from imagelab.paths import dataset_files
+
+    files = dataset_files(args.images)
+    photos = [files[i * len(files) // args.n] for i in range(min(args.n, len(files)))]
+    site = Path(tempfile.mkdtemp(prefix="static-bench-")) / "site"
+    subprocess.run([sys.executable, "-m", "imagelab.deploy", args.app, "--model", args.model, "--static", "--out", site],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    predictor = Predictor(args.model)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rows = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        start = time.perf_counter()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_selector("body[data-ready]", timeout=120_000)
+        load_s = time.perf_counter() - start
+        for photo in photos:
+            t = time.perf_counter()
+            want = predictor.probabilities([photo])[0]
+            py_ms = 1000 * (time.perf_counter() - t)
+            got, js_ms = page.evaluate("""async (b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const t = performance.now();
+                const out = await window.imagelab.classify(new Blob([bytes]));
+                return [out, performance.now() - t];
+            }""", base64.b64encode(photo.read_bytes()).decode())
+            diff = max(abs(g["confidence"] - float(want[predictor.vocab.index(g["label"])])) for g in got)
+            rows.append({"photo": photo.name, "agree": got[0]["label"] == predictor.vocab[want.argmax()],
+                         "diff": diff, "py_ms": py_ms, "js_ms": js_ms})
+        browser.close()
+    server.shutdown()
+    out = {"model": args.model, "photos": len(rows), "top1_agree": sum(r["agree"] for r in rows),
+           "max_abs_prob_diff": max(r["diff"] for r in rows),
+           "mean_abs_prob_diff": statistics.mean(r["diff"] for r in rows),
+           "python_ms_per_photo": round(statistics.median(r["py_ms"] for r in rows), 1),
+           "browser_ms_per_photo": round(statistics.median(r["js_ms"] for r in rows), 1),
+           "page_load_s": round(load_s, 2)}
+    out["browser_to_python_time_ratio"] = round(out["browser_ms_per_photo"] / out["python_ms_per_photo"], 2)
+    worst = max(rows, key=lambda r: r["diff"])
+    print(f"top-1 agrees on {out['top1_agree']}/{len(rows)} photos; probabilities differ by at most "
+          f"{out['max_abs_prob_diff']:.2e} ({worst['photo']}), {out['mean_abs_prob_diff']:.2e} on average")
+    print(f"median per photo: Python Predictor {out['python_ms_per_photo']} ms, browser "
+          f"{out['browser_ms_per_photo']} ms (x{out['browser_to_python_time_ratio']}); page ready in {out['page_load_s']} s")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
