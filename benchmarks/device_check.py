@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from imagelab import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLASSES = {"red": (220, 60, 60), "blue": (60, 60, 220)}
@@ -151,6 +153,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    from imagelab import run_cli
     run_cli(main)
