@@ -125,9 +125,9 @@ def parent_label(path):
     return Path(path).parent.name
 
 
-def find_images(root, workers=8):
+def find_images(root, workers=8, flagged=False):
     """Every decodable image under `root` and the files skipped with why (recursive; hidden files and the
-    tools' BOOKKEEPING, such as quarantined or removed images, are left out).
+    tools' BOOKKEEPING, such as quarantined or removed images, are left out; flagged ones too unless `flagged`).
 
     Scraped folders name files `x.jpg?width=3200&fit=crop` and hold stray non-images, so files are
     judged by decoding them, not by their extension.
@@ -135,7 +135,7 @@ def find_images(root, workers=8):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no such folder: {root}")
-    files = dataset_files(root)
+    files = dataset_files(root, flagged)
     if not files:
         raise UserError(f"no files in {root}")
     with ThreadPoolExecutor(workers) as pool:

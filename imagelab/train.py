@@ -204,7 +204,7 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
 def prepare(task, cfg):
     """The data and the learner: (root, files, skipped, presized, dls, learn)."""
     root = Path(cfg.data) if cfg.data else task.default_data()
-    files, skipped = find_images(root)
+    files, skipped = find_images(root, flagged=cfg.flagged)
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)
