@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import UserError
 from .images import check_image, open_rgb
 from .config import default_cache
-from .paths import dataset_files, staging_path
+from .paths import FLAGGED, dataset_files, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -180,10 +180,11 @@ def pets_images():
 
 
 def folder_split(root, files):
-    """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None."""
+    """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None.
+    Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on."""
     root = Path(root)
     tops = {f.relative_to(root).parts[0] for f in files}
-    if tops == {"train", "valid"}:
+    if tops - {FLAGGED} == {"train", "valid"}:
         return FuncSplitter(lambda f: Path(f).relative_to(root).parts[0] == "valid")
     return None
 

@@ -92,3 +92,13 @@ def test_flags_are_rate_limited_and_the_folder_is_capped(tmp_path):
         full.flag(write_image(tmp_path / "y.jpg", (1, 2, 3)), "black")
     with pytest.raises(UserError, match="no such folder"):
         Flagger(tmp_path / "missing", CLASSES)
+
+
+def test_flagged_images_train_when_the_folders_hold_the_split(tmp_path):
+    from imagelab.data import find_images, folder_split
+    for top, color in [("train", (220, 60, 60)), ("valid", (60, 60, 220)), ("flagged", (60, 220, 60))]:
+        write_image(tmp_path / top / "cats" / "a.jpg", color)
+    assert [f.parts[-3] for f in find_images(tmp_path)[0]] == ["train", "valid"]
+    files = find_images(tmp_path, flagged=True)[0]
+    train, valid = folder_split(tmp_path, files)(files)
+    assert [files[i].parts[-3] for i in train] == ["flagged", "train"] and [files[i].parts[-3] for i in valid] == ["valid"]
