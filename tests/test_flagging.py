@@ -9,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import BEARS, run, served, write_image
+from conftest import BEARS, fails_with_one_line, run, served, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 from imagelab.flagging import MAX_SIDE, Flagger
@@ -102,3 +102,8 @@ def test_flagged_images_train_when_the_folders_hold_the_split(tmp_path):
     files = find_images(tmp_path, flagged=True)[0]
     train, valid = folder_split(tmp_path, files)(files)
     assert [files[i].parts[-3] for i in train] == ["flagged", "train"] and [files[i].parts[-3] for i in valid] == ["valid"]
+
+
+def test_a_missing_flag_folder_stops_the_app_with_one_line(tiny_model, tmp_path):
+    res = run(["apps/pets/app.py", "--model", tiny_model, "--flag-data", tmp_path / "typo", "--port", "1"], timeout=120)
+    fails_with_one_line(res, "no such folder to keep flagged images in", "typo")
