@@ -99,7 +99,7 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
 
 
 def flag_panel(clf, image, root, api_name):
-    """"Wrong? Pick the right class and flag it": the image shown is kept for the next training run."""
+    """A wrong answer's right class and a button that keeps the image shown for the next training run."""
     from .flagging import Flagger
     flagger = Flagger(root, clf.vocab)
 
