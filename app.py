@@ -1,7 +1,8 @@
 """All the demos on one page, a tab each: `python app.py`.
 
 Each tab's model is its environment variable (PETS_MODEL, BEARS_MODEL, AUTOENCODER_MODEL; the cleaner
-tab needs CLEANER_MODEL and CLEANER_DATA) or its default in models/. A default model not trained yet
+tab needs CLEANER_MODEL and CLEANER_DATA) or its default in models/; PETS_FLAG_DATA and BEARS_FLAG_DATA turn
+on flagging in their tab (the dataset folder that keeps the flagged images). A default model not trained yet
 gets a tab that says how to train it; any other model that cannot be served stops the app with one line.
 """
 import os
@@ -49,7 +50,8 @@ def build():
         gr.Markdown("# Image apps\nfastai models trained on your own machine.")
         for tab in ("Pets", "Bears"):
             with gr.Tab(tab):
-                classifier_panel(models[tab], TABS[tab][3], api_name=f"{tab.lower()}_predict")
+                classifier_panel(models[tab], TABS[tab][3], api_name=f"{tab.lower()}_predict",
+                                 flag_data=os.environ.get(f"{tab.upper()}_FLAG_DATA") or None)
         with gr.Tab("Autoencoder"):
             autoencoder_panel(models["Autoencoder"], TABS["Autoencoder"][3], api_prefix="autoencoder_")
         with gr.Tab("Cleaner"):

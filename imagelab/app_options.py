@@ -10,8 +10,9 @@ from . import paths
 from .loading import FORMS
 
 
-def app_parser(description, default_model=None, kind="classifier"):
-    """Options every app takes; `--model` (a `kind` model, `default_model` unless given) when it serves one."""
+def app_parser(description, default_model=None, kind="classifier", flagging=False):
+    """Options every app takes; `--model` (a `kind` model, `default_model` unless given) when it serves one;
+    `--flag-data` where visitors may flag wrong answers (a classifier app)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if default_model is not None:
         p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
@@ -19,6 +20,14 @@ def app_parser(description, default_model=None, kind="classifier"):
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on (0.0.0.0 to share on your network)")
+    p.add_argument("--mcp", action="store_true", default=os.environ.get("GRADIO_MCP_SERVER", "").lower() == "true",
+                   help="also serve the app's endpoints as MCP tools at /gradio_api/mcp/, for AI assistants; "
+                        "also GRADIO_MCP_SERVER=true")
+    if flagging:
+        p.add_argument("--flag-data", metavar="DIR", default=os.environ.get("FLAG_DATA") or None,
+                       help="let visitors flag a wrong answer with its right class: the image is kept in "
+                            "DIR/flagged/<class>/ (DIR: the dataset folder; train with --flagged to add them); "
+                            "off unless given; also FLAG_DATA")
     return p
 
 

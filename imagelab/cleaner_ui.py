@@ -9,6 +9,7 @@ import gradio as gr
 
 from . import UserError
 from .cleaning import LOG
+from .paths import FLAGGED
 
 
 def guarded(fn, *args):
@@ -19,9 +20,12 @@ def guarded(fn, *args):
         raise gr.Error(str(e)) from None
 
 
-def choices(label, classes):
+def choices(record, classes):
+    """A class image can go to another class; a flagged one into any class folder, its flagged class's too."""
+    if record["file"].startswith(f"{FLAGGED}/"):
+        return [("keep", "keep"), ("remove", "remove")] + [(f"add to {c}", f"relabel:{c}") for c in classes]
     return [("keep", "keep"), ("remove", "remove")] + [(f"relabel as {c}", f"relabel:{c}")
-                                                       for c in classes if c != label]
+                                                       for c in classes if c != record["label"]]
 
 
 def action(record, choice):
@@ -33,7 +37,7 @@ def cleaner_api(cleaner, api_prefix=""):
     """The cleaner's operations as API endpoints: `<prefix>list`, `<prefix>apply`, `<prefix>undo`."""
 
     def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
-        """A class's images in a split (valid, train or all), highest loss first:
+        """A class's images in a split (valid, train, all, or flagged: those flagged in the apps), highest loss first:
         [{path, label, predicted, probability, loss}]; limit 0 means all of them."""
         return guarded(cleaner.rank, label, split, limit or None)
 
@@ -56,7 +60,8 @@ def cleaner_panel(cleaner, api_prefix=""):
     Blocks: a class's images by loss with a choice under each, and the same operations as API endpoints."""
     cleaner_api(cleaner, api_prefix)
     gr.Markdown(f"Cleaning `{cleaner.root}` with `{cleaner.predictor.path}`. Applying moves files to another class "
-                f"folder or to `removed/`; nothing is deleted, every move is logged in `{LOG}` and can be undone.")
+                f"folder or to `removed/`; nothing is deleted, every move is logged in `{LOG}` and can be undone. "
+                f"The `{FLAGGED}` split holds the images the apps' visitors flagged as wrongly classified.")
     with gr.Row():
         label = gr.Dropdown(cleaner.classes, value=cleaner.classes[0], label="Class")
         split = gr.Radio(cleaner.splits, value=cleaner.splits[0], label="Split")
@@ -95,7 +100,7 @@ def image_grid(cleaner, records, view, status, refresh):
                 with gr.Column(min_width=170, scale=0):
                     gr.Image(cleaner.thumbnail(rec["file"]), height=170, interactive=False, buttons=[],
                              label=f"{rec['predicted']} {rec['probability']:.2f} · loss {rec['loss']:.2f}")
-                    decisions.append(gr.Dropdown(choices(rec["label"], cleaner.classes), value="keep", interactive=True,
+                    decisions.append(gr.Dropdown(choices(rec, cleaner.classes), value="keep", interactive=True,
                                                  show_label=False, info=Path(rec["file"]).name[:28]))
         apply_button = gr.Button("Apply", variant="primary")
 

@@ -2,8 +2,8 @@
 the user marks to another class folder or to `removed/`, logging every move so that it can be undone.
 
 Nothing is ever deleted, and no request can read or move a file outside the dataset root: every path is
-`<class>/<file>` (or `removed/<class>/<file>` in the log), each part a plain name, no symlinks, and the
-resolved result must still sit in the folder it names.
+`<class>/<file>` (or `flagged/<class>/<file>`, an image the apps' visitors flagged, or `removed/<class>/<file>`
+in the log), each part a plain name, no symlinks, and the resolved result must still sit in the folder it names.
 """
 import json
 import os
@@ -15,21 +15,22 @@ from PIL import Image
 
 from . import UserError
 from .images import check_image, open_rgb
-from .paths import check_class_name, hidden, plain_name, report_dir
+from .paths import FLAGGED, check_class_name, hidden, plain_name, report_dir
 
 LOG, REMOVED = "cleaning-log.jsonl", "removed"
 ACTIONS = ("keep", "relabel", "remove")
 
 
-def safe_path(root, rel, classes, removed=False):
-    """`root/<class>/<file>` (or, if `removed`, also `root/removed/<class>/<file>`) for the relative path
-    `rel`, checked to be inside `root`, through no symlink, with `<class>` one of `classes`; else a UserError."""
+def safe_path(root, rel, classes, under=()):
+    """`root/<class>/<file>` (or `root/<top>/<class>/<file>` for a `top` in `under`: REMOVED, FLAGGED) for the
+    relative path `rel`, checked to be inside `root`, through no symlink, with `<class>` one of `classes`;
+    else a UserError."""
     if not isinstance(rel, str):
         raise UserError(f"not a path: {rel!r}")
     parts = rel.split("/")
     folder = root
-    if removed and parts[0] == REMOVED:
-        parts, folder = parts[1:], root / REMOVED
+    if parts[0] in under:
+        parts, folder = parts[1:], root / parts[0]
     if len(parts) != 2 or parts[0] not in classes:
         raise UserError(f"not <class>/<file> of this dataset: {rel!r}")
     path = folder / check_class_name(parts[0]) / plain_name(parts[1])
@@ -68,22 +69,24 @@ class Cleaner:
         self.classes = [check_class_name(str(c)) for c in self.predictor.vocab]
         split = report_dir(self.predictor.path) / "split.json"  # written by the trainer: which files were held out
         self.split = json.loads(split.read_text()) if split.is_file() else {}
-        self.splits = ["valid", "train", "all"] if self.split else ["all"]
+        self.splits = (["valid", "train", "all"] if self.split else ["all"]) + [FLAGGED]
         self.log = self.root / LOG
 
     def files(self, label, split="all"):
-        """Relative paths of the readable images of class `label` in `split` (a plain file each, no links)."""
+        """Relative paths of the readable images of class `label` in `split` (a plain file each, no links);
+        split `flagged`: those flagged in the apps (`flagged/<label>/`), not yet moved into the class folder."""
         if label not in self.classes:
             raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
         if split not in self.splits:
             raise UserError(f"split must be one of {', '.join(self.splits)}, not {split!r}")
-        folder = self.root / label
-        if folder.is_symlink() or not folder.is_dir():
+        top = f"{FLAGGED}/" if split == FLAGGED else ""
+        folder = self.root / top / label
+        if any(p.is_symlink() for p in (folder, folder.parent)) or not folder.is_dir():
             return []
         names = sorted(e.name for e in os.scandir(folder)
                        if e.is_file(follow_symlinks=False) and not hidden(e.name))
-        rels = [f"{label}/{n}" for n in names]
-        if split != "all":
+        rels = [f"{top}{label}/{n}" for n in names]
+        if split in ("valid", "train"):
             chosen = set(self.split[split])
             rels = [r for r in rels if r in chosen]
         return [r for r in rels if check_image(self.root / r) is None]
@@ -103,7 +106,7 @@ class Cleaner:
         return records[:limit] if limit else records
 
     def thumbnail(self, rel, size=256):
-        path = safe_path(self.root, rel, self.classes)
+        path = safe_path(self.root, rel, self.classes, under=(FLAGGED,))
         if not path.is_file():
             raise UserError(f"no such file: {rel!r}")
         im = open_rgb(path)
@@ -113,7 +116,8 @@ class Cleaner:
     def apply(self, actions):
         """Carry out [{"file": "<class>/<file>", "action": "keep" | "remove" | "relabel", "to": "<class>"}].
 
-        Every entry is checked before anything moves: one bad entry refuses the whole request.
+        A flagged image (`flagged/<class>/<file>`) relabelled to any class, its own included, moves into that
+        class folder. Every entry is checked before anything moves: one bad entry refuses the whole request.
         Returns the moves made ({"from", "to"} relative paths), also appended to the log as one batch.
         """
         if not isinstance(actions, list):
@@ -122,7 +126,7 @@ class Cleaner:
         for a in actions:
             if not isinstance(a, dict) or a.get("action") not in ACTIONS:
                 raise UserError(f"each action needs a file and an action ({', '.join(ACTIONS)}): {a!r}")
-            src = safe_path(self.root, a.get("file"), self.classes)
+            src = safe_path(self.root, a.get("file"), self.classes, under=(FLAGGED,))
             if not src.is_file():
                 raise UserError(f"no such file: {a['file']!r}")
             if a["file"] in seen:
@@ -132,7 +136,7 @@ class Cleaner:
                 raise UserError(f"relabel needs 'to', a class of this model: {a.get('to')!r}")
             if a["action"] == "remove":
                 plan.append((src, self.root / REMOVED / src.parent.name, None))
-            elif a["action"] == "relabel" and a["to"] != src.parent.name:
+            elif a["action"] == "relabel" and src.parent != self.root / a["to"]:
                 plan.append((src, self.root / a["to"], None))
         return self._move(plan, "clean")
 
@@ -146,8 +150,8 @@ class Cleaner:
         last = todo[-1]
         plan = []
         for m in reversed(last["moves"]):
-            src = safe_path(self.root, m["to"], self.classes, removed=True)
-            dst = safe_path(self.root, m["from"], self.classes)
+            src = safe_path(self.root, m["to"], self.classes, under=(REMOVED,))
+            dst = safe_path(self.root, m["from"], self.classes, under=(FLAGGED,))
             if not src.is_file() or dst.exists():
                 raise UserError(f"cannot undo batch {last['batch']}: {m['to']} has moved or {m['from']} exists")
             plan.append((src, dst.parent, dst.name))

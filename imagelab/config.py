@@ -47,6 +47,8 @@ class TrainConfig:
     data: str | None = knob(None, "data", "local image folder; skips the download", metavar="DIR")
     valid_pct: float = knob(0.2, "data", "share of images held out for validation")
     seed: int = knob(42, "data", "seed of the split, the augmentation and the initialisation")
+    flagged: bool = knob(False, "data", "also train on the images the apps' visitors flagged, kept in "
+                         "DIR/flagged/<class>/ (apps' --flag-data DIR)")
     epochs: int = knob(3, "training", "epochs (with --time-budget: at most)")
     size: int = knob(224, "training", "square input size in pixels")
     start_size: int | None = knob(None, "training", "progressive resizing: the first half of each fit of 2+ epochs "

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import UserError
 from .images import check_image, open_rgb
 from .config import default_cache
-from .paths import dataset_files, staging_path
+from .paths import FLAGGED, dataset_files, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -125,9 +125,9 @@ def parent_label(path):
     return Path(path).parent.name
 
 
-def find_images(root, workers=8):
+def find_images(root, workers=8, flagged=False):
     """Every decodable image under `root` and the files skipped with why (recursive; hidden files and the
-    tools' BOOKKEEPING, such as quarantined or removed images, are left out).
+    tools' BOOKKEEPING, such as quarantined or removed images, are left out; flagged ones too unless `flagged`).
 
     Scraped folders name files `x.jpg?width=3200&fit=crop` and hold stray non-images, so files are
     judged by decoding them, not by their extension.
@@ -135,7 +135,7 @@ def find_images(root, workers=8):
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no such folder: {root}")
-    files = dataset_files(root)
+    files = dataset_files(root, flagged)
     if not files:
         raise UserError(f"no files in {root}")
     with ThreadPoolExecutor(workers) as pool:
@@ -180,10 +180,11 @@ def pets_images():
 
 
 def folder_split(root, files):
-    """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None."""
+    """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None.
+    Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on."""
     root = Path(root)
     tops = {f.relative_to(root).parts[0] for f in files}
-    if tops == {"train", "valid"}:
+    if tops - {FLAGGED} == {"train", "valid"}:
         return FuncSplitter(lambda f: Path(f).relative_to(root).parts[0] == "valid")
     return None
 

@@ -10,9 +10,11 @@ from . import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What the dataset tools write at the top of a dataset folder (imagelab.download, imagelab.cleaning):
-# never training images, so dataset_files leaves them out; class folders cannot take these names.
-BOOKKEEPING = ("quarantine", "removed", "download-summary.json", "cleaning-log.jsonl")
+# What the dataset tools write at the top of a dataset folder (imagelab.download, imagelab.cleaning,
+# imagelab.flagging): not training images unless asked for (flagged ones), so dataset_files leaves them out;
+# class folders cannot take these names.
+FLAGGED = "flagged"
+BOOKKEEPING = ("quarantine", "removed", FLAGGED, "download-summary.json", "cleaning-log.jsonl")
 
 
 def default_model(name, root=REPO, suffix=".pkl"):
@@ -67,10 +69,12 @@ def visible_files(folder):
                   if p.is_file() and not any(hidden(part) for part in p.relative_to(folder).parts))
 
 
-def dataset_files(root):
-    """The candidate images of a dataset folder: its visible files, less the dataset tools' bookkeeping."""
+def dataset_files(root, flagged=False):
+    """The candidate images of a dataset folder: its visible files, less the dataset tools' bookkeeping;
+    with `flagged`, also the images the apps' visitors flagged (`flagged/<class>/`)."""
     root = Path(root)
-    return [p for p in visible_files(root) if p.relative_to(root).parts[0] not in BOOKKEEPING]
+    left_out = tuple(b for b in BOOKKEEPING if not (flagged and b == FLAGGED))
+    return [p for p in visible_files(root) if p.relative_to(root).parts[0] not in left_out]
 
 
 def plain_name(name):

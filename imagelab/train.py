@@ -230,7 +230,7 @@ def batches_in_memory(dls, presized, cfg):
 def prepare(task, cfg, device, precision):
     """The data and the learner on `device`: (root, files, skipped, presized, dls, learn)."""
     root = Path(cfg.data) if cfg.data else task.default_data()
-    files, skipped = find_images(root)
+    files, skipped = find_images(root, flagged=cfg.flagged)
     for f, why in skipped:
         print(f"skipped {f}: {why}")
     presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)

@@ -4,6 +4,7 @@ A panel takes the model `loading.open_model` opened when the app started, or the
 trained yet, for which it shows how to train one.
 """
 import functools
+import importlib.util
 from pathlib import Path
 
 import gradio as gr
@@ -11,13 +12,15 @@ import gradio as gr
 from . import UserError
 from .hub import HF_PREFIX
 from .loading import AUTOENCODER, CLASSIFIER, open_model
-from .paths import examples_dir
+from .paths import FLAGGED, examples_dir
 
 # A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying.
 MAX_UPLOAD = "25mb"
 # Two requests run at once on a 2-core CPU Space (ONNX Runtime uses the cores within each); the rest wait
 # in a bounded queue instead of piling up in memory.
 CONCURRENCY, QUEUE_SIZE = 2, 256
+# Where a visitor's image can come from: a file, the clipboard (paste), or the camera.
+SOURCES = ["upload", "webcam", "clipboard"]
 
 
 class ImageUpload(gr.Image):
@@ -48,42 +51,80 @@ def opened(model, kind, train_command):
     return open_model(model, kind)
 
 
-def user_errors(fn):
-    """`fn` with a UserError shown to the user as a one-line message; its name and parameters kept for the API."""
+def user_errors(fn, name=None, doc=None):
+    """`fn` with a UserError shown to the user as a one-line message; its parameters kept for the API.
+
+    `name` and `doc` (default: `fn`'s) are what the MCP server shows: the tool's name and its description,
+    with an `Args:` section describing each parameter.
+    """
     @functools.wraps(fn)
     def run(*args):
         try:
             return fn(*args)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
+    run.__name__, run.__doc__ = name or fn.__name__, doc or fn.__doc__
     return run
 
 
-def classifier_panel(model, train_command, api_name="predict"):
-    """Upload-an-image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing."""
+def classifier_panel(model, train_command, api_name="predict", flag_data=None):
+    """Image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing.
+
+    With `flag_data` (a dataset folder) a visitor can flag a wrong answer with the right class, kept in
+    `<flag_data>/flagged/<class>/` (`imagelab.flagging`); endpoint `<api_name less predict>flag`.
+    """
     clf = opened(model, CLASSIFIER, train_command)
     if clf is None:
         return
+    classes = ", ".join(clf.vocab)
 
-    @user_errors
     def classify(image):
         return None if image is None else clf.predict(image, k=3)
 
+    # An AI assistant reads this to decide when to call the tool: it must say what the model can tell apart.
+    doc = (f"Classify an image into one of these classes: {classes}. It recognises only these "
+           f"{len(clf.vocab)} classes and always answers one of them.\n\nArgs:\n    image: the image to classify "
+           f"(JPEG, PNG, WEBP, ...)\n\nReturns:\n    the most likely class and the top 3 classes with their "
+           f"probabilities")
     with gr.Row():
-        image = ImageUpload(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image")
+        image = ImageUpload(type="filepath", image_mode=None, sources=SOURCES, label="Image")
         label = gr.Label(num_top_classes=3, label="Prediction")
-    image.change(classify, image, label, api_name=api_name)
+    image.change(user_errors(classify, api_name, doc), image, label, api_name=api_name)
+    if flag_data:
+        flag_panel(clf, image, flag_data, api_name.removesuffix("predict") + "flag")
     examples = sorted(map(str, examples_dir(clf.path).glob("*.jpg")))
     if examples:
         gr.Examples(examples, inputs=image)
-    gr.Markdown(f"Classes: {', '.join(clf.vocab)}")
+    gr.Markdown(f"Classes: {classes}")
 
 
-def classifier_demo(title, description, model):
-    """A standalone classifier app: what `apps/<name>/app.py` serves, endpoint `predict`."""
+def flag_panel(clf, image, root, api_name):
+    """A wrong answer's right class and a button that keeps the image shown for the next training run."""
+    from .flagging import Flagger
+    flagger = Flagger(root, clf.vocab)
+
+    def flag(image, label):
+        if image is None:
+            raise UserError("upload an image first")
+        return f"Thanks: kept as `{flagger.flag(image, label)}` for the next training run."
+
+    doc = (f"Report that the model named an image wrongly, giving its right class (one of {', '.join(clf.vocab)}); "
+           f"the image is kept for retraining.\n\nArgs:\n    image: the image that was classified wrongly\n"
+           f"    label: its right class\n\nReturns:\n    where the image was kept")
+    with gr.Row(equal_height=True):
+        right = gr.Dropdown(clf.vocab, value=clf.vocab[0], label="Wrong answer? The right class is", scale=2)
+        button = gr.Button("Flag as wrong", scale=1)
+    status = gr.Markdown()
+    button.click(user_errors(flag, api_name, doc), [image, right], status, api_name=api_name)
+    gr.Markdown(f"Flagged images are kept, as a re-encoded JPEG only, in the owner's dataset folder "
+                f"(`{FLAGGED}/<class>/`) for the next training run.")
+
+
+def classifier_demo(title, description, model, flag_data=None):
+    """A standalone classifier app: what `apps/<name>/app.py` serves, endpoints `predict` (and `flag`)."""
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\n{description}")
-        classifier_panel(model, None)
+        classifier_panel(model, None, flag_data=flag_data)
     return demo
 
 
@@ -112,7 +153,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         return None if a is None or b is None else ae.interpolate(a, b, int(steps))
 
     shown = dict(type="pil", format="png", height=256, interactive=False)  # PNG: the exact pixels, no webp loss
-    upload = dict(type="filepath", image_mode=None, sources=["upload", "clipboard"])
+    upload = dict(type="filepath", image_mode=None, sources=SOURCES)
     examples = sorted(map(str, examples_dir(ae.path).glob("*.jpg")))
     gr.Markdown(f"A code of {ae.model.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
     with gr.Row():
@@ -136,5 +177,8 @@ def autoencoder_panel(model, train_command, api_prefix=""):
 
 
 def launch(demo, args):
+    """Serve `demo` as the app's options say; with `--mcp`, also as an MCP server at /gradio_api/mcp/."""
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        raise UserError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]' (requirements.txt pins it)")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp)

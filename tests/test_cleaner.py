@@ -35,7 +35,7 @@ def snapshot(root):
 def test_images_are_ranked_by_loss_per_class_and_split(dataset):
     model, root, _ = dataset
     cleaner = Cleaner(model, root)
-    assert cleaner.classes == CLASSES and cleaner.splits == ["valid", "train", "all"]
+    assert cleaner.classes == CLASSES and cleaner.splits == ["valid", "train", "all", "flagged"]
     split = json.loads(model.with_name("bears.report").joinpath("split.json").read_text())
     for label in CLASSES:
         everything = cleaner.rank(label, "all")
@@ -96,6 +96,7 @@ TRICKS = [
     "grizzly\\..\\..\\secret.jpg", "grizzly/00000000.jpg\x00.png", "removed/black/r.jpg", "quarantine/grizzly/q.jpg",
     "grizzly//00000000.jpg", "./grizzly/00000000.jpg", "grizzly/00000000.jpg/", "grizzly/no-such.jpg",
     "grizzly", "", None, 42, ["grizzly", "00000000.jpg"],
+    "flagged/../secret.jpg", "flagged/grizzly/../../secret.jpg", "flagged/quarantine/q.jpg", "removed/flagged/x.jpg",
 ]
 
 

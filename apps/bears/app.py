@@ -7,11 +7,11 @@ TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears
 
 
 def main(argv=None):
-    args = app_parser(__doc__, MODEL).parse_args(argv)
+    args = app_parser(__doc__, MODEL, flagging=True).parse_args(argv)
     model = app_model(args, "classifier", MODEL, TRAIN)
     from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
-    launch(classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.", model),
-           args)
+    launch(classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.", model,
+                           args.flag_data), args)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ TRAIN = "python training/train_pets.py   # offline: --data ../shared/data/catsdo
 
 
 def main(argv=None):
-    args = app_parser(__doc__, MODEL).parse_args(argv)
+    args = app_parser(__doc__, MODEL, flagging=True).parse_args(argv)
     model = app_model(args, "classifier", MODEL, TRAIN)
     from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
-    launch(classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", model), args)
+    launch(classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", model, args.flag_data), args)
 
 
 if __name__ == "__main__":

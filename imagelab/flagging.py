@@ -1,0 +1,79 @@
+"""Flag to retrain: a visitor marks a classifier app's answer wrong and names the right class; the upload is
+kept in `<dataset>/flagged/<class>/`, which the cleaner shows and the trainer adds with `--flagged`.
+
+An upload is never stored as it came: it is decoded by the one decoder (`images.read_image`, which refuses
+what is not a usable image), shrunk to at most `MAX_SIDE` pixels and written as a new JPEG under a name made
+from its content, so nothing a stranger sends (a script, a polyglot file, a path in its name) reaches the
+disk. Flags are rate-limited across all visitors and the folder holds at most `MAX_FILES` images.
+No fastai or torch here: a served app flags without the training stack.
+"""
+import hashlib
+import io
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from PIL import Image
+
+from . import UserError
+from .images import read_image
+from .paths import FLAGGED, check_class_name, staging_path
+
+# Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
+MAX_SIDE = 1024
+MAX_FILES = 2000
+# A person flags a few answers a minute; more than this is a script filling the disk.
+PER_MINUTE = 30
+
+
+class Flagger:
+    """Saves flagged uploads of a classifier with classes `classes` into `<root>/flagged/<class>/`."""
+
+    def __init__(self, root, classes, per_minute=PER_MINUTE, max_files=MAX_FILES):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise UserError(f"no such folder to keep flagged images in: {root}")
+        self.classes = [check_class_name(str(c)) for c in classes]
+        self.folder = self.root / FLAGGED
+        self.per_minute, self.max_files = per_minute, max_files
+        self.recent, self.lock = deque(), threading.Lock()
+
+    def flag(self, image, label):
+        """Keep `image` (an uploaded file's path) as an example of class `label`; returns its path relative to
+        the dataset folder. A UserError says why a flag is refused: not a class, too many flags, not an image."""
+        if label not in self.classes:
+            raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
+        self.take_turn()
+        im = read_image(image)
+        im.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        data = buf.getvalue()
+        folder = self.folder / check_class_name(label)
+        path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.jpg"  # the same image flagged twice is kept once
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            staged = staging_path(path)
+            try:
+                staged.write_bytes(data)
+                os.replace(staged, path)
+            finally:
+                staged.unlink(missing_ok=True)
+        return path.relative_to(self.root).as_posix()
+
+    def take_turn(self):
+        """Refuse a flag beyond `per_minute` in the last minute (all visitors together) or a full folder."""
+        now = time.monotonic()
+        with self.lock:
+            while self.recent and now - self.recent[0] > 60:
+                self.recent.popleft()
+            if len(self.recent) >= self.per_minute:
+                raise UserError("too many flags in the last minute: try again in a minute")
+            if self.count() >= self.max_files:
+                raise UserError(f"the flagged folder is full ({self.max_files} images): its owner must sort it first")
+            self.recent.append(now)
+
+    def count(self):
+        return sum(1 for _ in self.folder.glob("*/*.jpg")) if self.folder.is_dir() else 0

@@ -1,0 +1,109 @@
+"""Flag to retrain: a wrong answer flagged in the app lands in flagged/<class>/, shows in the cleaner, and a
+retrain with --flagged includes it; hostile uploads are refused or stored only as a re-encoded JPEG."""
+import json
+import re
+import shutil
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from conftest import BEARS, fails_with_one_line, run, served, write_image
+from imagelab import UserError
+from imagelab.cleaning import Cleaner
+from imagelab.flagging import MAX_SIDE, Flagger
+from uploads import invalid_uploads, valid_uploads
+
+CLASSES = [label for label, _ in BEARS]
+SAVED = re.compile(r"`(flagged/(\w+)/[0-9a-f]{16}\.jpg)`")
+
+
+def all_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_flag_in_the_app_then_clean_then_retrain_with_flagged(tiny_bears, tmp_path):
+    model, bears, _ = tiny_bears
+    data = shutil.copytree(bears, tmp_path / "data")
+    photo = write_image(tmp_path / "up.png", (230, 200, 120), size=(1600, 1200))
+    with served(["apps/bears/app.py", "--model", model, "--flag-data", data]) as url:
+        client = Client(url, verbose=False)
+        assert client.predict(handle_file(str(photo)), api_name="/predict")["label"] in CLASSES
+        before = all_files(data)
+        kept, label = SAVED.search(client.predict(handle_file(str(photo)), "teddy", api_name="/flag")).groups()
+        assert label == "teddy" and all_files(data) == sorted(before + [kept])
+        with Image.open(data / kept) as im:  # a new JPEG, shrunk: not the bytes that were uploaded
+            assert im.format == "JPEG" and max(im.size) == MAX_SIDE
+
+        for name, (path, message) in invalid_uploads(tmp_path / "bad").items():
+            with pytest.raises(AppError, match=message):
+                client.predict(handle_file(str(path)), "black", api_name="/flag")
+        for bad_label in ["../black", "panda", "flagged", ""]:
+            with pytest.raises(AppError, match="not in the list of choices"):  # Gradio checks the dropdown's value
+                client.predict(handle_file(str(photo)), bad_label, api_name="/flag")
+        assert all_files(data) == sorted(before + [kept])  # nothing refused was written
+        kept_all = {kept}
+        odd = valid_uploads(tmp_path / "odd")
+        for name in ["big_6000x4000.jpg", "rgba.png", "animated.gif", "exif_rotated.jpg", "cmyk.jpg", "jpeg_named.png"]:
+            path = odd[name]  # odd but valid: kept, as JPEG
+            saved, _ = SAVED.search(client.predict(handle_file(str(path)), "grizzly", api_name="/flag")).groups()
+            kept_all.add(saved)
+            with Image.open(data / saved) as im:
+                assert im.format == "JPEG" and max(im.size) <= MAX_SIDE, name
+        assert url.proc.poll() is None
+        assert client.predict(handle_file(str(photo)), api_name="/predict")["label"] in CLASSES  # still serving
+    flagged = [f for f in all_files(data) if f.startswith("flagged/")]
+    assert set(flagged) == kept_all and len(kept_all) == 7
+
+    # The cleaner lists the flagged images of a class; "add to <class>" moves one in, undo puts it back.
+    cleaner = Cleaner(model, data)
+    assert [r["file"] for r in cleaner.rank("teddy", "flagged")] == [kept]
+    assert cleaner.apply([{"file": kept, "action": "relabel", "to": "teddy"}]) == [
+        {"from": kept, "to": "teddy/" + kept.split("/")[-1]}]
+    cleaner.undo()
+    assert (data / kept).is_file()
+
+    # Training without --flagged leaves them out; with it, they are in the data like any other image.
+    out = tmp_path / "models" / "bears.pkl"
+    res = run(["training/train_bears.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", "1",
+               "--size", "32", "--bs", "8", "--workers", "0", "--out", out, "--flagged"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    split = json.loads(out.with_name("bears.report").joinpath("split.json").read_text())
+    used = set(split["train"]) | set(split["valid"])
+    assert set(flagged) <= used and len(used) == 24 + len(flagged)
+    metrics = json.loads(out.with_name("bears.report").joinpath("metrics.json").read_text())
+    assert metrics["flagged"] is True
+
+
+def test_flags_are_rate_limited_and_the_folder_is_capped(tmp_path):
+    image = write_image(tmp_path / "x.jpg", (40, 40, 40))
+    fast = Flagger(tmp_path, CLASSES, per_minute=3)
+    for label in ["../black", "flagged", "panda", "", None]:  # what a caller other than the page could send
+        with pytest.raises(UserError, match="not a class of this model"):
+            fast.flag(image, label)
+    for label in CLASSES:
+        fast.flag(image, label)
+    with pytest.raises(UserError, match="too many flags"):
+        fast.flag(image, "black")
+    assert len(list((tmp_path / "flagged").rglob("*.jpg"))) == 3
+    full = Flagger(tmp_path, CLASSES, max_files=3)
+    with pytest.raises(UserError, match="full"):
+        full.flag(write_image(tmp_path / "y.jpg", (1, 2, 3)), "black")
+    with pytest.raises(UserError, match="no such folder"):
+        Flagger(tmp_path / "missing", CLASSES)
+
+
+def test_flagged_images_train_when_the_folders_hold_the_split(tmp_path):
+    from imagelab.data import find_images, folder_split
+    for top, color in [("train", (220, 60, 60)), ("valid", (60, 60, 220)), ("flagged", (60, 220, 60))]:
+        write_image(tmp_path / top / "cats" / "a.jpg", color)
+    assert [f.parts[-3] for f in find_images(tmp_path)[0]] == ["train", "valid"]
+    files = find_images(tmp_path, flagged=True)[0]
+    train, valid = folder_split(tmp_path, files)(files)
+    assert [files[i].parts[-3] for i in train] == ["flagged", "train"] and [files[i].parts[-3] for i in valid] == ["valid"]
+
+
+def test_a_missing_flag_folder_stops_the_app_with_one_line(tiny_model, tmp_path):
+    res = run(["apps/pets/app.py", "--model", tiny_model, "--flag-data", tmp_path / "typo", "--port", "1"], timeout=120)
+    fails_with_one_line(res, "no such folder to keep flagged images in", "typo")
