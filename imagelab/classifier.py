@@ -1,5 +1,6 @@
 """The image classifier as a task of the training loop: labelled folders in, a timm classifier out."""
-from .data import classifier_dls, detect_labels, folder_split, label_function, pets_images, split_counts
+from .data import (classifier_dls, detect_labels, folder_split, label_function, pets_images, random_split,
+                   split_counts)
 from .export import export_weights_only, learner_config, save_examples
 from .models import check_arch, classifier_learner
 from .reports import classifier_report
@@ -23,7 +24,8 @@ class Classifier(Task):
         self.get_y = label_function(self.labels, cfg.task)
         self.splitter = folder_split(root, files)
         return classifier_dls(files, self.get_y, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
-                              valid_pct=cfg.valid_pct, seed=cfg.seed, workers=workers, splitter=self.splitter,
+                              valid_pct=cfg.valid_pct, seed=cfg.seed, workers=workers,
+                              splitter=self.splitter or random_split(root, cfg.valid_pct, cfg.seed),
                               get_x=get_x)
 
     def learner(self, dls, cfg):

@@ -207,6 +207,19 @@ def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2,
     return dls
 
 
+def random_split(root, valid_pct, seed):
+    """fastai's seeded `RandomSplitter` over the dataset's own images; flagged ones (`--flagged`) always train,
+    so adding them leaves the held-out set as it was."""
+    root = Path(root)
+
+    def split(items):
+        own = [i for i, f in enumerate(items) if Path(f).relative_to(root).parts[0] != FLAGGED]
+        _, valid = RandomSplitter(valid_pct, seed=seed)([items[i] for i in own])
+        held_out = {own[i] for i in valid}
+        return [i for i in range(len(items)) if i not in held_out], sorted(held_out)
+    return split
+
+
 def split_counts(dls, get_y):
     """Images per class in each split, for the report."""
     return {name: {c: sum(get_y(f) == c for f in ds.items) for c in dls.vocab}

@@ -107,3 +107,16 @@ def test_flagged_images_train_when_the_folders_hold_the_split(tmp_path):
 def test_a_missing_flag_folder_stops_the_app_with_one_line(tiny_model, tmp_path):
     res = run(["apps/pets/app.py", "--model", tiny_model, "--flag-data", tmp_path / "typo", "--port", "1"], timeout=120)
     fails_with_one_line(res, "no such folder to keep flagged images in", "typo")
+
+
+def test_flagged_images_train_and_leave_a_random_split_as_it_was(tmp_path):
+    from imagelab.data import find_images, random_split
+    for i in range(20):
+        write_image(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg", (200, 60, 60))
+    for i in range(5):
+        write_image(tmp_path / "flagged" / "cats" / f"f{i}.jpg", (60, 200, 60))
+    own, everything = find_images(tmp_path)[0], find_images(tmp_path, flagged=True)[0]
+    valid_before = [own[i] for i in random_split(tmp_path, 0.25, 42)(own)[1]]
+    train, valid = random_split(tmp_path, 0.25, 42)(everything)
+    assert [everything[i] for i in valid] == valid_before
+    assert sum(everything[i].parts[-3] == "flagged" for i in train) == 5
