@@ -68,6 +68,12 @@ class Shrink(nn.Module):
         return z.sign() * (z.abs() - self.threshold.abs()).clamp_min(0)
 
 
+def down_blocks(ch, blocks):
+    """Stride-2 conv then `blocks` residual blocks per level, from RGB to `ch[-1]` channels."""
+    return [nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1), *[ResBlock(co) for _ in range(blocks)])
+            for ci, co in zip([3] + ch, ch)]
+
+
 class ConvAutoencoder(nn.Module):
     """Undercomplete autoencoder that starts as PCA and learns what PCA misses: a code of `code_size` numbers.
 
@@ -96,18 +102,19 @@ class ConvAutoencoder(nn.Module):
         self.register_buffer("pca_mean", torch.full((pixels,), 0.5))
         self.register_buffer("pca_axes", torch.zeros(code_size, pixels))  # rows: unit axes (zero rows unused)
         self.register_buffer("code_scale", torch.ones(code_size))  # std of each PCA coefficient on the training images
-        self.encoder = nn.Sequential(*[nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1),
-                                                     *[ResBlock(co) for _ in range(blocks)])
-                                       for ci, co in zip([3] + ch, ch)], nn.Flatten())
+        self.encoder = nn.Sequential(*down_blocks(ch, blocks), nn.Flatten())
         self.to_code = nn.Linear(math.prod(self.grid), code_size)
         self.shrink = Shrink(code_size) if sparse else nn.Identity()
+        # The decoder refines PCA's decoding of the code (a function of the code alone): a U-Net over it,
+        # the code itself joining at the bottom.
+        self.refine = nn.ModuleList(down_blocks(ch, blocks))
         self.from_code = nn.Linear(code_size, math.prod(self.grid))
         up = ch[::-1] + ch[:1]  # e.g. 64 32 32: mirrors the encoder, ending at `width` channels
-        self.decoder = nn.Sequential(*[nn.Sequential(*[ResBlock(ci) for _ in range(blocks)],
-                                                     nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
-                                       for ci, co in zip(up, up[1:])],
-                                     nn.Conv2d(ch[0], 3, 3, padding=1))
-        for layer in (self.to_code, self.decoder[-1]):
+        self.decoder = nn.ModuleList([nn.Sequential(*[ResBlock(ci) for _ in range(blocks)],
+                                                    nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
+                                      for ci, co in zip(up, up[1:])])
+        self.head = nn.Conv2d(ch[0], 3, 3, padding=1)
+        for layer in (self.to_code, self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -140,11 +147,23 @@ class ConvAutoencoder(nn.Module):
         return self.pca_decode(self.pca_code(x)).clamp(0, 1)
 
     def encode(self, x):
-        return self.shrink(self.pca_code(x) + self.to_code(self.encoder(x - 0.5)))  # conv input centred on 0
+        # Adam moves each of to_code's weights by about the learning rate a step, which moves the code by
+        # about sqrt(fan-in) times as much as a small layer's output: scaled back, the conv encoder nudges
+        # PCA's coefficients instead of throwing them around in the first epoch.
+        gain = self.to_code.in_features ** -0.5
+        return self.shrink(self.pca_code(x) + gain * self.to_code(self.encoder(x - 0.5)))  # conv input centred on 0
 
     def decode(self, code):
+        pca = self.pca_decode(code)
+        h, skips = pca - 0.5, []
+        for block in self.refine:
+            h = block(h)
+            skips.append(h)
+        h = h + self.from_code(code).view(-1, *self.grid)
+        for block, skip in zip(self.decoder, skips[-2::-1] + [None]):
+            h = block(h) if skip is None else block(h) + skip
         # Clamped to valid pixels, like PCA's reconstructions (the report scores both as they are).
-        return (self.pca_decode(code) + self.decoder(self.from_code(code).view(-1, *self.grid))).clamp(0, 1)
+        return (pca + self.head(h)).clamp(0, 1)
 
     def forward(self, x):
         return self.decode(self.encode(x))
