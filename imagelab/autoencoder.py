@@ -57,12 +57,12 @@ class ResBlock(nn.Module):
 
 
 class Shrink(nn.Module):
-    """sign(z) * max(|z| - t, 0) per code number, t learned from 0: the identity at init, exact zeros once the
-    sparsity penalty raises t (a ReLU would throw away the negative half of PCA's coefficients)."""
+    """sign(z) * max(|z| - |t|, 0) per code number, t learned: the identity at init (to float precision), exact
+    zeros once the sparsity penalty raises t (a ReLU would throw away the negative half of PCA's coefficients)."""
 
     def __init__(self, n):
         super().__init__()
-        self.threshold = nn.Parameter(torch.zeros(n))
+        self.threshold = nn.Parameter(torch.full((n,), 1e-6))  # |t| has no gradient at exactly 0
 
     def forward(self, z):
         return z.sign() * (z.abs() - self.threshold.abs()).clamp_min(0)
@@ -467,10 +467,13 @@ class Autoencoder:
         return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)[None] / 255
 
     @torch.no_grad()
-    def reconstruct(self, image):
-        """(original, reconstruction, PSNR in dB), both images at the model's size."""
+    def reconstruct(self, image, method="autoencoder"):
+        """(original, reconstruction, PSNR in dB), both images at the model's size.
+
+        `method="pca"`: PCA's reconstruction from the model's own linear path (PCA of its training images).
+        """
         x = self.prepare(image)
-        y = self.model(x)
+        y = self.model.pca(x) if method == "pca" else self.model(x)
         return to_pil(x[0]), to_pil(y[0]), psnr(float(((y - x) ** 2).mean()))
 
     @torch.no_grad()
