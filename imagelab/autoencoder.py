@@ -450,7 +450,8 @@ class Autoencoder:
         if c.get("format") != CONFIG_FORMAT:
             raise UserError(f"{weights} is an autoencoder of format {c.get('format')}, not {CONFIG_FORMAT}: "
                             "retrain it with training/train_autoencoder.py")
-        model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"], blocks=c["blocks"])
+        model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"],
+                                blocks=c["blocks"])
         model.load_state_dict(load_file(weights))
         return model
 

@@ -107,9 +107,9 @@ class ClassifierConfig(TrainConfig):
 
 @dataclass
 class AutoencoderConfig(TrainConfig):
-    """A convolutional autoencoder scored against PCA with as many components as its code."""
+    """An autoencoder that starts as PCA and learns what PCA misses, scored against PCA with as many components."""
     PRESETS: ClassVar[dict] = {
-        # four times the default training: most of the gap to PCA closes, on a CPU in minutes
+        # four times the default training, on a CPU in minutes
         "long": {"epochs": 12},
     }
 
@@ -124,8 +124,8 @@ class AutoencoderConfig(TrainConfig):
     width: int = knob(32, "model", "channels of the first block, doubling each block")
     blocks: int = knob(1, "model", "residual blocks at each level of the encoder and decoder")
     loss: str = knob("mse", "model", "reconstruction loss", choices=["l1", "mse"])
-    sparsity: float = knob(0.0, "model", "L1 penalty on the code (sparse autoencoder; the code goes through a ReLU)",
-                           metavar="LAMBDA")
+    sparsity: float = knob(0.0, "model", "L1 penalty on the code (sparse autoencoder; the code goes through a learned "
+                           "soft threshold)", metavar="LAMBDA")
 
     def check(self):
         super().check()

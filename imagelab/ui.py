@@ -88,7 +88,8 @@ def classifier_demo(title, description, model):
 
 
 def autoencoder_panel(model, train_command, api_prefix=""):
-    """Upload → the autoencoder's reconstruction beside PCA's, both PSNRs; two uploads → the images between their codes.
+    """Upload → the autoencoder's reconstruction beside PCA's, with both PSNRs; two uploads → the images between
+    their codes.
 
     Endpoints `<api_prefix>reconstruct` (the reconstruction) and `<api_prefix>interpolate` (a strip).
     """
@@ -106,8 +107,8 @@ def autoencoder_panel(model, train_command, api_prefix=""):
             return None, None, ""
         original, _, db = ae.reconstruct(image)
         _, pca, pca_db = ae.reconstruct(image, method="pca")
-        return original, pca, (f"**Autoencoder: PSNR {db:.2f} dB** · PCA with as many components: PSNR {pca_db:.2f} dB "
-                               f"({db - pca_db:+.2f} dB; input and reconstructions at {ae.size}x{ae.size})")
+        return original, pca, (f"**Autoencoder: PSNR {db:.2f} dB** · PCA with as many components: "
+                               f"PSNR {pca_db:.2f} dB ({db - pca_db:+.2f} dB; all at {ae.size}x{ae.size})")
 
     @user_errors
     def interpolate(a, b, steps):

@@ -104,8 +104,8 @@ def test_model_loads_in_a_fresh_process_elsewhere(ae_model, tmp_path):
     code = ("import sys; from imagelab.autoencoder import Autoencoder\n"
             "ae = Autoencoder(sys.argv[1]); original, rebuilt, db = ae.reconstruct(sys.argv[2])\n"
             "_, pca, pca_db = ae.reconstruct(sys.argv[2], method='pca')\n"
-            "print(ae.model.code_size, original.size, rebuilt.size, db > 0, ae.interpolate(sys.argv[2], sys.argv[2], 5).size,"
-            " pca.size, pca_db > 0)")
+            "print(ae.model.code_size, original.size, rebuilt.size, db > 0,"
+            " ae.interpolate(sys.argv[2], sys.argv[2], 5).size, pca.size, pca_db > 0)")
     res = subprocess.run([PY, "-c", code, str(ae_model), str(img)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
