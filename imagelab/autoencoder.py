@@ -1,4 +1,4 @@
-"""Convolutional autoencoder: the model, its data, the sparsity penalty, and its report against PCA.
+"""The autoencoder that starts as PCA: the model, its data, the sparsity penalty, and its report against PCA.
 
 The model lives here, not in a script, so an exported `.pkl` loads from any script, server or Space.
 """
@@ -84,9 +84,10 @@ class ConvAutoencoder(nn.Module):
     exactly ("PCA-boosted autoencoders", arXiv 2205.11673). Nothing crosses the code but its `code_size`
     numbers: the conv decoder reads the code, not the image.
 
-    Each encoder block is a stride-2 conv then `blocks` residual blocks; each decoder block mirrors it
-    (residual blocks, then nearest upsampling and a conv). `sparse` shrinks the code towards zero
-    (`Shrink`) so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
+    Each encoder level is a stride-2 conv then `blocks` residual blocks; the decoder runs the same levels
+    down over PCA's decoding, adds the code (a linear layer) at the bottom, and comes back up (residual
+    blocks, nearest upsampling and a conv per level, with the down path's features added). `sparse`
+    shrinks the code towards zero (`Shrink`) so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
     """
 
     def __init__(self, size=64, code_size=64, depth=2, width=32, sparse=False, blocks=1):
