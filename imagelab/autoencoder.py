@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
@@ -336,6 +337,7 @@ def plot_ratio_curve(points, path):
     if points:
         ax.plot(*zip(*points), "o-", label="autoencoder / PCA")
     ax.axhline(1, color="grey", linestyle="--", label="PCA")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="held-out MSE ratio", title="Autoencoder against PCA, epoch by epoch")
     ax.legend()
     save_fig(fig, path)
