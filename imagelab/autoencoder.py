@@ -391,7 +391,7 @@ class AutoencoderTask(Task):
         return autoencoder_learner(dls, model, cfg.loss, cfg.wd)
 
     def default_lr(self, cfg):
-        return 1e-3
+        return 2e-3
 
     def __init__(self):
         self.curve = RatioCurve()
