@@ -22,6 +22,8 @@ def parse(argv=None):
     p.add_argument("--code-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--size", type=int, default=64)
+    p.add_argument("--bs", type=int, help="batch size, if not the trainer's default")
+    p.add_argument("--lr", type=float, help="peak learning rate, if not the trainer's default")
     p.add_argument("--workdir", metavar="DIR", help="where the models and the plot go (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -50,8 +52,9 @@ def main(argv=None):
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rate-distortion-"))
     rows = []
     for k in args.code_sizes:
+        given = {name: getattr(args, name) for name in ("bs", "lr") if getattr(args, name) is not None}
         cfg = AutoencoderConfig(data=args.data, epochs=args.epochs, size=args.size, code_size=k,
-                                out=str(workdir / f"ae-{k}.pkl"))
+                                out=str(workdir / f"ae-{k}.pkl"), **given)
         m = train(AutoencoderTask(), cfg)
         rows.append({"code_size": k, "ae_psnr": round(m["ae_psnr"], 2), "pca_psnr": round(m["pca_psnr"], 2),
                      "mse_ratio_ae_to_pca": round(m["mse_ratio_ae_to_pca"], 3), "train_seconds": m["train_seconds"]})
@@ -62,7 +65,7 @@ def main(argv=None):
               f"| {r['train_seconds']:.0f} |")
     plot(rows, workdir / "rate_distortion.png")
     print(f"wrote {workdir / 'rate_distortion.png'}")
-    print(json.dumps({"epochs": args.epochs, "size": args.size, "rows": rows}))
+    print(json.dumps({"epochs": args.epochs, "size": args.size, "bs": cfg.bs, "lr": cfg.lr, "rows": rows}))
 
 
 if __name__ == "__main__":
