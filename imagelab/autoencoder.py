@@ -1,4 +1,4 @@
-"""Convolutional autoencoder: the model, its data, the sparsity penalty, and its report against PCA.
+"""The autoencoder that starts as PCA: the model, its data, the sparsity penalty, and its report against PCA.
 
 The model lives here, not in a script, so an exported `.pkl` loads from any script, server or Space.
 """
@@ -6,13 +6,15 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.hook import hook_output
-from fastai.learner import Learner
+from fastai.learner import AvgMetric, Learner
 from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
+from fastai.torch_core import get_model
 from fastai.vision.all import DataBlock, FlipItem, ImageBlock, RandomSplitter, Resize
 from PIL import Image
 from torch import nn
@@ -26,7 +28,8 @@ from .reports import plot_loss_curve, save_fig
 from .train import Task
 
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
-CONFIG_FORMAT = "imagelab-autoencoder/1"
+# /2: the model holds its PCA path (pca_mean, pca_axes, code_scale); /1 weights do not fit it.
+CONFIG_FORMAT = "imagelab-autoencoder/2"
 MAX_WIDTH = 512  # channels stop doubling here, so deep models stay a sensible size
 
 
@@ -38,10 +41,9 @@ def channels(depth, width):
 class ResBlock(nn.Module):
     """x + conv(act(norm(conv(act(norm(x)))))): a pre-activation residual block, its last conv zeroed at init.
 
-    Zeroed, every block starts as the identity, so at init the model is a chain of plain (linear)
-    convolutions around the code: the broad, linear part of the job (what PCA finds) trains at once, and
-    the blocks add the nonlinear part; a plain conv stack (ReLU after every layer) trained far worse in the
-    same steps (benchmarks/README.md, "Autoencoder against PCA").
+    Zeroed, every block starts as the identity: the convolutional paths start as plain (linear) convolutions
+    and add the nonlinear part as they train; a plain conv stack (ReLU after every layer) trained far worse
+    in the same steps (benchmarks/README.md, "Autoencoder against PCA").
     """
 
     def __init__(self, ch):
@@ -55,13 +57,38 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-class ConvAutoencoder(nn.Module):
-    """Undercomplete autoencoder: `depth` stride-2 conv blocks, a linear code of `code_size` numbers,
-    `depth` upsample + conv blocks back to `size` x `size` RGB in [0, 1].
+class Shrink(nn.Module):
+    """sign(z) * max(|z| - |t|, 0) per code number, t learned: the identity at init (to float precision), exact
+    zeros once the sparsity penalty raises t (a ReLU would throw away the negative half of PCA's coefficients)."""
 
-    Each encoder block is a stride-2 conv then `blocks` residual blocks; each decoder block mirrors it
-    (residual blocks, then nearest upsampling and a conv). Nothing crosses the code but its `code_size` numbers.
-    `sparse` puts a ReLU on the code so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
+    def __init__(self, n):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.full((n,), 1e-6))  # |t| has no gradient at exactly 0
+
+    def forward(self, z):
+        return z.sign() * (z.abs() - self.threshold.abs()).clamp_min(0)
+
+
+def down_blocks(ch, blocks):
+    """Stride-2 conv then `blocks` residual blocks per level, from RGB to `ch[-1]` channels."""
+    return [nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1), *[ResBlock(co) for _ in range(blocks)])
+            for ci, co in zip([3] + ch, ch)]
+
+
+class ConvAutoencoder(nn.Module):
+    """Undercomplete autoencoder that starts as PCA and learns what PCA misses: a code of `code_size` numbers.
+
+    The linear path is PCA of the training images (`set_pca`; buffers, so it follows the model's device and
+    is saved with its weights): the code is the whitened PCA coefficients plus what a convolutional encoder
+    adds to them, and the reconstruction is PCA's decoding of the code plus what a convolutional decoder
+    adds on top. Both convolutional outputs are zero at init, so before the first step the model is PCA,
+    exactly ("PCA-boosted autoencoders", arXiv 2205.11673). Nothing crosses the code but its `code_size`
+    numbers: the conv decoder reads the code, not the image.
+
+    Each encoder level is a stride-2 conv then `blocks` residual blocks; the decoder runs the same levels
+    down over PCA's decoding, adds the code (a linear layer) at the bottom, and comes back up (residual
+    blocks, nearest upsampling and a conv per level, with the down path's features added). `sparse`
+    shrinks the code towards zero (`Shrink`) so that an L1 penalty on it (`CodeSparsity`) gives exact zeros.
     """
 
     def __init__(self, size=64, code_size=64, depth=2, width=32, sparse=False, blocks=1):
@@ -72,16 +99,26 @@ class ConvAutoencoder(nn.Module):
         ch = channels(depth, width)
         side = size // 2 ** depth
         self.grid = (ch[-1], side, side)  # the encoder's output, and the decoder's input, before the code
-        self.encoder = nn.Sequential(*[nn.Sequential(nn.Conv2d(ci, co, 3, stride=2, padding=1),
-                                                     *[ResBlock(co) for _ in range(blocks)])
-                                       for ci, co in zip([3] + ch, ch)], nn.Flatten())
-        self.to_code = nn.Sequential(nn.Linear(math.prod(self.grid), code_size), *([nn.ReLU()] if sparse else []))
+        pixels = 3 * size * size
+        # Until `set_pca`: a path that decodes every code to mid-grey.
+        self.register_buffer("pca_mean", torch.full((pixels,), 0.5))
+        self.register_buffer("pca_axes", torch.zeros(code_size, pixels))  # rows: unit axes (zero rows unused)
+        self.register_buffer("code_scale", torch.ones(code_size))  # std of each PCA coefficient on the training images
+        self.encoder = nn.Sequential(*down_blocks(ch, blocks), nn.Flatten())
+        self.to_code = nn.Linear(math.prod(self.grid), code_size)
+        self.shrink = Shrink(code_size) if sparse else nn.Identity()
+        # The decoder refines PCA's decoding of the code (a function of the code alone): a U-Net over it,
+        # the code itself joining at the bottom.
+        self.refine = nn.ModuleList(down_blocks(ch, blocks))
         self.from_code = nn.Linear(code_size, math.prod(self.grid))
         up = ch[::-1] + ch[:1]  # e.g. 64 32 32: mirrors the encoder, ending at `width` channels
-        self.decoder = nn.Sequential(*[nn.Sequential(*[ResBlock(ci) for _ in range(blocks)],
-                                                     nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
-                                       for ci, co in zip(up, up[1:])],
-                                     nn.Conv2d(ch[0], 3, 3, padding=1))
+        self.decoder = nn.ModuleList([nn.Sequential(*[ResBlock(ci) for _ in range(blocks)],
+                                                    nn.Upsample(scale_factor=2), nn.Conv2d(ci, co, 3, padding=1))
+                                      for ci, co in zip(up, up[1:])])
+        self.head = nn.Conv2d(ch[0], 3, 3, padding=1)
+        for layer in (self.to_code, self.head):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @staticmethod
     def check(size, code_size, depth, width, blocks):
@@ -89,12 +126,46 @@ class ConvAutoencoder(nn.Module):
             raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
                             "--code-size, --depth and --width must be at least 1, --blocks at least 0")
 
+    @torch.no_grad()
+    def set_pca(self, x):
+        """Make the linear path PCA of the images `x` (N x 3 x size x size in [0, 1], N > 1), on the model's device."""
+        k = min(self.code_size, len(x) - 1)  # centred, n images span at most n - 1 dimensions
+        x = x.to(self.pca_mean.device)
+        mean, axes = fit_pca(x.flatten(1), k)
+        scale = ((x.flatten(1) - mean) @ axes.T).std(0).clamp_min(1e-6)
+        self.pca_mean.copy_(mean)
+        self.pca_axes.zero_()[:k] = axes
+        self.code_scale.fill_(1)[:k] = scale
+        return self
+
+    def pca_code(self, x):
+        return (x.flatten(1) - self.pca_mean) @ self.pca_axes.T / self.code_scale
+
+    def pca_decode(self, code):
+        return ((code * self.code_scale) @ self.pca_axes + self.pca_mean).view(-1, 3, self.size, self.size)
+
+    def pca(self, x):
+        """PCA's reconstruction of `x`: the linear path alone, clamped to valid pixels."""
+        return self.pca_decode(self.pca_code(x)).clamp(0, 1)
+
     def encode(self, x):
-        return self.to_code(self.encoder(x - 0.5))  # pixels centred on 0, like the decoder's output below
+        # Adam moves each of to_code's weights by about the learning rate a step, which moves the code by
+        # about sqrt(fan-in) times as much as a small layer's output: scaled back, the conv encoder nudges
+        # PCA's coefficients instead of throwing them around in the first epoch.
+        gain = self.to_code.in_features ** -0.5
+        return self.shrink(self.pca_code(x) + gain * self.to_code(self.encoder(x - 0.5)))  # conv input centred on 0
 
     def decode(self, code):
-        # Linear around mid-grey, clamped to valid pixels like PCA's reconstructions (the report scores it as is).
-        return (self.decoder(self.from_code(code).view(-1, *self.grid)) + 0.5).clamp(0, 1)
+        pca = self.pca_decode(code)
+        h, skips = pca - 0.5, []
+        for block in self.refine:
+            h = block(h)
+            skips.append(h)
+        h = h + self.from_code(code).view(-1, *self.grid)
+        for block, skip in zip(self.decoder, skips[-2::-1] + [None]):
+            h = block(h) if skip is None else block(h) + skip
+        # Clamped to valid pixels, like PCA's reconstructions (the report scores both as they are).
+        return (pca + self.head(h)).clamp(0, 1)
 
     def forward(self, x):
         return self.decode(self.encode(x))
@@ -111,7 +182,7 @@ class CodeSparsity(Callback):
         self.lam = lam
 
     def before_fit(self):
-        self.hook = hook_output(self.learn.model.to_code, detach=False)
+        self.hook = hook_output(get_model(self.learn.model).shrink, detach=False)
 
     def after_loss(self):
         if self.training:
@@ -119,6 +190,41 @@ class CodeSparsity(Callback):
 
     def after_fit(self):
         self.hook.remove()
+
+
+class RatioToPCA(AvgMetric):
+    """Held-out MSE over PCA's on the same held-out images (`pca_mse`): below 1, the autoencoder is better."""
+
+    def __init__(self, pca_mse):
+        super().__init__(mse)
+        self.pca_mse = pca_mse
+
+    @property
+    def value(self):
+        return None if self.count == 0 else float(self.total / self.count) / self.pca_mse
+
+    @property
+    def name(self):
+        return "ratio_to_pca"
+
+
+class RatioCurve(Callback):
+    """[(epoch, RatioToPCA)] for every epoch this process trains (a resumed run starts at its first epoch)."""
+    order = 60
+
+    def __init__(self):
+        self.points = []
+
+    def before_epoch(self):
+        self.trained = False
+
+    def after_batch(self):
+        self.trained = self.trained or self.training
+
+    def after_epoch(self):
+        ratio = next((m for m in self.learn.metrics if isinstance(m, RatioToPCA)), None)
+        if self.trained and ratio is not None and ratio.value is not None:
+            self.points.append((self.epoch + 1, round(ratio.value, 5)))
 
 
 def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, get_x=None):
@@ -141,7 +247,15 @@ def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, 
 
 
 def autoencoder_learner(dls, model, loss="mse", wd=None):
-    learn = Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse], opt_func=adamw, wd=wd)
+    """The learner of `model`, its linear path made PCA of the training images as the model sees them.
+
+    PCA is fitted on the centre squares (no augmentation), the held-out view; the `ratio_to_pca` metric
+    divides each epoch's held-out MSE by PCA's on the same held-out images.
+    """
+    train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
+    model.set_pca(train_x)
+    pca_mse = float(((batched(lambda m, b: m.pca(b), model, valid_x) - valid_x) ** 2).mean())
+    learn = Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse, RatioToPCA(pca_mse)], opt_func=adamw, wd=wd)
     if torch.device(dls.device or "cpu").type == "cpu":
         learn.add_cb(ChannelsLast())  # oneDNN's convolutions run faster on channels-last tensors on a CPU
     return learn
@@ -218,7 +332,18 @@ def plot_reconstructions(rows, path, n=8):
     save_fig(fig, path)
 
 
-def autoencoder_report(learn, history, report_dir):
+def plot_ratio_curve(points, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        ax.plot(*zip(*points), "o-", label="autoencoder / PCA")
+    ax.axhline(1, color="grey", linestyle="--", label="PCA")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="held-out MSE ratio", title="Autoencoder against PCA, epoch by epoch")
+    ax.legend()
+    save_fig(fig, path)
+
+
+def autoencoder_report(learn, history, report_dir, curve=()):
     """Score the autoencoder and PCA with as many components on the same held-out images; write the plots.
 
     PCA is fitted on the training images as the model sees them at validation (resized, centre crop,
@@ -235,7 +360,9 @@ def autoencoder_report(learn, history, report_dir):
     plot_reconstructions({"original": valid_x, "autoencoder": ae_x, f"PCA ({k})": pca_x},
                          report_dir / "reconstructions.png")
     plot_loss_curve(history, report_dir / "loss_curve.png")
+    plot_ratio_curve(curve, report_dir / "ratio_curve.png")
     return {"ae_mse": ae_mse, "ae_psnr": psnr(ae_mse), "pca_mse": pca_mse, "pca_psnr": psnr(pca_mse),
+            "mse_ratio_per_epoch": [list(p) for p in curve],
             "mse_ratio_ae_to_pca": ae_mse / pca_mse, "psnr_gain_db": psnr(ae_mse) - psnr(pca_mse),
             "beats_pca": ae_mse < pca_mse, "pca_components": k,
             "code_mean_abs": float(codes.abs().mean()), "code_zero_fraction": float((codes == 0).float().mean()),
@@ -264,13 +391,16 @@ class AutoencoderTask(Task):
         return autoencoder_learner(dls, model, cfg.loss, cfg.wd)
 
     def default_lr(self, cfg):
-        return 1e-3
+        return 2e-3
+
+    def __init__(self):
+        self.curve = RatioCurve()
 
     def callbacks(self, cfg):
-        return [CodeSparsity(cfg.sparsity)] if cfg.sparsity else []
+        return [self.curve, *([CodeSparsity(cfg.sparsity)] if cfg.sparsity else [])]
 
     def report(self, learn, history, folder):
-        return autoencoder_report(learn, history, folder)
+        return autoencoder_report(learn, history, folder, self.curve.points)
 
     def describe(self, cfg, root, dls):
         return {"counts": {"train": len(dls.train_ds), "valid": len(dls.valid_ds)}}
@@ -309,6 +439,9 @@ class Autoencoder:
         else:
             from .loading import load_trusted_learner
             self.model = (learn or load_trusted_learner(path)).model
+        if not hasattr(self.model, "pca_axes"):
+            raise UserError(f"{path} was trained by an older version of the autoencoder (no PCA path): "
+                            "retrain it with training/train_autoencoder.py")
         self.model = self.model.cpu().float().eval()
         self.size = self.model.size
 
@@ -317,7 +450,11 @@ class Autoencoder:
         from safetensors.torch import load_file
         from .loading import read_config
         c = read_config(weights)
-        model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"], blocks=c["blocks"])
+        if c.get("format") != CONFIG_FORMAT:
+            raise UserError(f"{weights} is an autoencoder of format {c.get('format')}, not {CONFIG_FORMAT}: "
+                            "retrain it with training/train_autoencoder.py")
+        model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"],
+                                blocks=c["blocks"])
         model.load_state_dict(load_file(weights))
         return model
 
@@ -334,10 +471,13 @@ class Autoencoder:
         return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)[None] / 255
 
     @torch.no_grad()
-    def reconstruct(self, image):
-        """(original, reconstruction, PSNR in dB), both images at the model's size."""
+    def reconstruct(self, image, method="autoencoder"):
+        """(original, reconstruction, PSNR in dB), both images at the model's size.
+
+        `method="pca"`: PCA's reconstruction from the model's own linear path (PCA of its training images).
+        """
         x = self.prepare(image)
-        y = self.model(x)
+        y = self.model.pca(x) if method == "pca" else self.model(x)
         return to_pil(x[0]), to_pil(y[0]), psnr(float(((y - x) ** 2).mean()))
 
     @torch.no_grad()

@@ -129,7 +129,8 @@ def classifier_demo(title, description, model, flag_data=None):
 
 
 def autoencoder_panel(model, train_command, api_prefix=""):
-    """Upload → reconstruction with its PSNR; two uploads → the images between their codes.
+    """Upload → the autoencoder's reconstruction beside PCA's, with both PSNRs; two uploads → the images between
+    their codes.
 
     Endpoints `<api_prefix>reconstruct` (the reconstruction) and `<api_prefix>interpolate` (a strip).
     """
@@ -144,9 +145,11 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     @user_errors
     def compare(image):
         if image is None:
-            return None, ""
+            return None, None, ""
         original, _, db = ae.reconstruct(image)
-        return original, f"**PSNR {db:.2f} dB** (input and reconstruction at {ae.size}x{ae.size})"
+        _, pca, pca_db = ae.reconstruct(image, method="pca")
+        return original, pca, (f"**Autoencoder: PSNR {db:.2f} dB** · PCA with as many components: "
+                               f"PSNR {pca_db:.2f} dB ({db - pca_db:+.2f} dB; all at {ae.size}x{ae.size})")
 
     @user_errors
     def interpolate(a, b, steps):
@@ -159,10 +162,11 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     with gr.Row():
         image = ImageUpload(label="Image", **upload)
         original = gr.Image(label="Original (as the model sees it)", **shown)
-        rebuilt = gr.Image(label="Reconstruction", **shown)
+        rebuilt = gr.Image(label="Autoencoder", **shown)
+        pca = gr.Image(label="PCA, same code size", **shown)
     psnr = gr.Markdown()
     image.change(reconstruct, image, rebuilt, api_name=f"{api_prefix}reconstruct").success(
-        compare, image, [original, psnr], api_visibility="private")
+        compare, image, [original, pca, psnr], api_visibility="private")
     if examples:
         gr.Examples(examples, inputs=image)
 

@@ -1,6 +1,7 @@
 """The autoencoder end to end: training, the PCA comparison, export, reloading elsewhere, the apps."""
 import json
 import os
+import shutil
 import subprocess
 
 import gradio as gr
@@ -15,8 +16,9 @@ from PIL import Image
 
 from checkouts import repo_app_without_models
 from conftest import PY, make_folder_dataset, run, served, write_image
-from imagelab.autoencoder import (CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, preprocessed,
-                                  psnr)
+from imagelab import UserError
+from imagelab.autoencoder import (Autoencoder, CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner,
+                                  preprocessed, psnr)
 from imagelab.data import find_images
 from imagelab.ui import autoencoder_panel
 
@@ -31,28 +33,46 @@ def tiny_learner(files, sparse=False):
     return autoencoder_learner(dls, ConvAutoencoder(16, 8, depth=2, width=8, sparse=sparse))
 
 
-def test_training_lowers_the_loss_and_sparsity_shrinks_the_code(tmp_path):
+def numpy_pca(train, valid, k):
+    """PCA's reconstruction of `valid` from the top `k` axes of `train` (N x pixels), by numpy's SVD, clamped."""
+    train, valid = train.flatten(1).double().numpy(), valid.flatten(1).double().numpy()
+    mean = train.mean(0)
+    axes = np.linalg.svd(train - mean, full_matrices=False)[2][:k]
+    return np.clip((valid - mean) @ axes.T @ axes + mean, 0, 1), valid
+
+
+def test_at_init_the_model_is_pca_through_a_code_of_code_size_numbers(tmp_path):
     files, _ = find_images(make_folder_dataset(tmp_path, n=8))
     learn = tiny_learner(files)
-    with learn.no_bar(), learn.no_logging():
-        before = learn.validate()[0]
-        learn.fit_one_cycle(6, 1e-2)
-        after = learn.validate()[0]
-    assert after < 0.8 * before, (before, after)
+    model, dls = learn.model.eval(), learn.dls
+    train, valid = (preprocessed(dls, ds.items) for ds in (dls.train_ds, dls.valid_ds))
+    pca, flat = numpy_pca(train, valid, 8)
+    with torch.no_grad():
+        out, code = model(valid), model.encode(valid)
+        assert code.shape == (len(valid), 8)  # the bottleneck: 8 numbers an image, and decode sees only them
+        assert torch.equal(model.decode(code), out)
+    assert np.abs(out.flatten(1).double().numpy() - pca).max() < 1e-5
+    assert learn.metrics[1].pca_mse == pytest.approx(((pca - flat) ** 2).mean(), rel=1e-4)
 
-    def mean_code(lam):
+
+def test_sparsity_gives_exact_zeros_in_the_code(tmp_path):
+    files, _ = find_images(make_folder_dataset(tmp_path, n=8))
+
+    def codes(lam):
         learn = tiny_learner(files, sparse=True)
         with learn.no_bar(), learn.no_logging():
             learn.fit_one_cycle(3, 1e-2, cbs=[CodeSparsity(lam)])
         x = preprocessed(learn.dls, learn.dls.valid_ds.items)
         with torch.no_grad():
-            return float(learn.model.eval().encode(x).abs().mean())
-    assert mean_code(1.0) < 0.5 * mean_code(0.0)
+            return learn.model.eval().encode(x)
+    plain, sparse = codes(0.0), codes(1.0)
+    assert (sparse == 0).sum() > (plain == 0).sum()  # nine steps: the threshold has only begun to rise
+    assert sparse.abs().mean() < plain.abs().mean()
 
 
 def test_report_and_pca_on_the_same_images(ae_model):
     report = ae_model.with_name("ae.report")
-    for name in ["reconstructions.png", "loss_curve.png", "metrics.json"]:
+    for name in ["reconstructions.png", "loss_curve.png", "ratio_curve.png", "metrics.json"]:
         assert (report / name).stat().st_size > 0, name
     for png in report.glob("*.png"):
         with Image.open(png) as im:
@@ -66,14 +86,12 @@ def test_report_and_pca_on_the_same_images(ae_model):
     assert m["ae_psnr"] == pytest.approx(psnr(m["ae_mse"])) and m["pca_psnr"] == pytest.approx(psnr(m["pca_mse"]))
     assert m["mse_ratio_ae_to_pca"] == pytest.approx(m["ae_mse"] / m["pca_mse"])
     assert m["beats_pca"] == (m["ae_mse"] < m["pca_mse"])
+    assert [e for e, _ in m["mse_ratio_per_epoch"]] == [1, 2] and all(r > 0 for _, r in m["mse_ratio_per_epoch"])
 
     # Rebuild the same split independently and score both methods again: numpy's SVD for PCA, the exported model.
     files, _ = find_images(m["data"])
     dls = autoencoder_dls(files, size=16, bs=8, workers=0)
-    train, valid = (preprocessed(dls, ds.items).flatten(1).double().numpy() for ds in (dls.train_ds, dls.valid_ds))
-    mean = train.mean(0)
-    axes = np.linalg.svd(train - mean, full_matrices=False)[2][:8]
-    pca = np.clip((valid - mean) @ axes.T @ axes + mean, 0, 1)
+    pca, valid = numpy_pca(*(preprocessed(dls, ds.items) for ds in (dls.train_ds, dls.valid_ds)), 8)
     assert ((pca - valid) ** 2).mean() == pytest.approx(m["pca_mse"], rel=1e-3)
     model = load_learner(ae_model, cpu=True).model.eval()
     with torch.no_grad():
@@ -85,11 +103,23 @@ def test_model_loads_in_a_fresh_process_elsewhere(ae_model, tmp_path):
     img = write_image(tmp_path / "red.png", (220, 60, 60), size=(60, 30))
     code = ("import sys; from imagelab.autoencoder import Autoencoder\n"
             "ae = Autoencoder(sys.argv[1]); original, rebuilt, db = ae.reconstruct(sys.argv[2])\n"
-            "print(ae.model.code_size, original.size, rebuilt.size, db > 0, ae.interpolate(sys.argv[2], sys.argv[2], 5).size)")
+            "_, pca, pca_db = ae.reconstruct(sys.argv[2], method='pca')\n"
+            "print(ae.model.code_size, original.size, rebuilt.size, db > 0,"
+            " ae.interpolate(sys.argv[2], sys.argv[2], 5).size, pca.size, pca_db > 0)")
     res = subprocess.run([PY, "-c", code, str(ae_model), str(img)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "8 (16, 16) (16, 16) True (80, 16)"
+    assert res.stdout.strip() == "8 (16, 16) (16, 16) True (80, 16) (16, 16) True"
+
+
+def test_weights_of_the_format_before_the_pca_path_are_refused_in_one_line(ae_model, tmp_path):
+    for suffix in (".safetensors", ".config.json"):
+        shutil.copy(ae_model.with_suffix(suffix), tmp_path / f"old{suffix}")
+    config = json.loads((tmp_path / "old.config.json").read_text())
+    assert config["format"] == "imagelab-autoencoder/2"
+    (tmp_path / "old.config.json").write_text(json.dumps({**config, "format": "imagelab-autoencoder/1"}))
+    with pytest.raises(UserError, match="format imagelab-autoencoder/1, not imagelab-autoencoder/2: retrain"):
+        Autoencoder(tmp_path / "old.safetensors")
 
 
 def test_app_reconstructs_over_http(ae_model, tmp_path):
