@@ -67,5 +67,8 @@ class Classifier(Task):
         export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits"])
 
     def summary(self, metrics, cfg):
-        return (f"accuracy {metrics['accuracy']:.4f} on {sum(metrics['counts']['valid'].values())} held-out images; "
-                f"wrote {cfg.out} and its report")
+        kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
+                f"{' (lowest validation loss)' if metrics['kept'] == 'best' else ''}"
+                f"{', stopped early' if metrics['stopped_early'] else ''}")
+        return (f"accuracy {metrics['accuracy']:.4f} on {sum(metrics['counts']['valid'].values())} held-out images "
+                f"with {kept}; wrote {cfg.out} and its report")
