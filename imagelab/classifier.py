@@ -64,7 +64,7 @@ class Classifier(Task):
         save_examples(dls.valid_ds.items, self.get_y, folder)
 
     def export(self, learn, model_path):
-        export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits"])
+        export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits", "heatmap"])
 
     def summary(self, metrics, cfg):
         kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
