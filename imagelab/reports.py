@@ -98,6 +98,7 @@ def plot_heatmaps(learn, dl, probs, targets, losses, path, k):
         for ax in row:
             ax.axis("off")
     fig.suptitle("Top losses: where the model looked for its answer (Grad-CAM)")
+    fig.tight_layout()
     save_fig(fig, path)
 
 

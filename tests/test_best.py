@@ -2,9 +2,11 @@
 import json
 import signal
 
+import numpy as np
 import pytest
 import torch
 from fastai.learner import load_learner
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import make_folder_dataset, run
@@ -70,3 +72,45 @@ def test_best_epoch_and_patience_survive_a_kill_and_resume(data, stopped, tmp_pa
         if t.is_floating_point():
             assert torch.allclose(t, resumed[name], rtol=1e-3, atol=1e-4), name
 
+
+
+def square_on_noise(path, color, seed, size=96, side=48):
+    """A coloured square at a random place on grey noise; returns the square's mask."""
+    rng = np.random.default_rng(seed)
+    pixels = np.repeat(rng.integers(0, 256, (size, size, 1)), 3, axis=2).astype(np.uint8)
+    x, y = rng.integers(0, size - side, 2)
+    pixels[y:y + side, x:x + side] = np.clip(np.array(color) + rng.normal(0, 20, (side, side, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    mask = np.zeros((size, size, 3), np.uint8)
+    mask[y:y + side, x:x + side] = 255
+    return Image.fromarray(mask)
+
+
+def test_heatmap_peak_lies_on_the_object_not_the_background(tmp_path):
+    from imagelab.heatmaps import WithHeatmap, gradcam_autograd
+    from imagelab.inference import Predictor, model_view
+    masks = {f"{label}/{i}.png": square_on_noise(tmp_path / "data" / label / f"{i}.png", color, seed=i + offset)
+             for label, color, offset in (("red", (230, 30, 30), 0), ("blue", (30, 30, 230), 1000)) for i in range(24)}
+    out = tmp_path / "shapes.pkl"
+    res = run(["training/train_pets.py", "--data", tmp_path / "data", "--no-pretrained", "--arch", "resnet18",
+               "--epochs", "3", "--size", "96", "--bs", "8", "--workers", "0", "--lr", "0.01", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.with_name("shapes.report").joinpath("heatmaps.png").stat().st_size > 10_000
+    predictor = Predictor(out)  # ONNX Runtime on the exported graph, as the apps serve it
+    held_out = json.loads(out.with_name("shapes.report").joinpath("split.json").read_text())["valid"]
+    inside = 0
+    for name in held_out:
+        labels, view, heat = predictor.explain(tmp_path / "data" / name)
+        assert labels == predictor.predict(tmp_path / "data" / name)
+        assert next(iter(labels)) == name.split("/")[0]
+        stretched = np.asarray(Image.fromarray(heat, mode="F").resize(view.size, Image.BILINEAR))
+        row, col = np.unravel_index(stretched.argmax(), stretched.shape)
+        inside += np.asarray(model_view(masks[name], predictor.config))[row, col, 0] > 127
+    # The square covers a quarter of the image: a heatmap blind to it would peak inside about one time in four.
+    assert inside >= 2 / 3 * len(held_out), f"{inside} of {len(held_out)}"
+    model = load_learner(out).model.eval()  # the graph's closed-form gradient is the one autograd computes
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        _, heat = WithHeatmap(model)(x)
+    assert torch.allclose(heat, gradcam_autograd(model, x), atol=1e-5)
