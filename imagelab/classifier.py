@@ -70,5 +70,6 @@ class Classifier(Task):
         kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
                 f"{' (lowest validation loss)' if metrics['kept'] == 'best' else ''}"
                 f"{', stopped early' if metrics['stopped_early'] else ''}")
-        return (f"accuracy {metrics['accuracy']:.4f} on {sum(metrics['counts']['valid'].values())} held-out images "
+        return (f"accuracy {metrics['accuracy']:.4f} (with TTA {metrics['tta_accuracy']:.4f}) on "
+                f"{sum(metrics['counts']['valid'].values())} held-out images "
                 f"with {kept}; wrote {cfg.out} and its report")

@@ -73,9 +73,12 @@ class Predictor:
     there; the `.pkl` is unpickled only when it is all there is, so pass only a `.pkl` you trust
     (or its learner, `learn`, when the caller has loaded it already). Apps open it through
     `loading.open_model`, which first checks that it is a classifier.
+
+    `tta`: average the probabilities of the image and its mirror image (flip test-time augmentation,
+    twice the model's time).
     """
 
-    def __init__(self, path, learn=None):
+    def __init__(self, path, learn=None, tta=False):
         import onnxruntime as ort
         self.path = path = resolve_model(path)
         paths = artifact_paths(path)
@@ -93,7 +96,7 @@ class Predictor:
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
                                             providers=["CPUExecutionProvider"])
-        self.vocab = self.config["vocab"]
+        self.vocab, self.tta = self.config["vocab"], tta
         self.has_heatmap = "heatmap" in [o.name for o in self.session.get_outputs()]  # models exported before it lack it
         w, h = self.config["crop"]
         self.session.run(None, {"image": np.zeros((1, 3, h, w), np.float32)})  # warm up now, not on a request
@@ -106,8 +109,13 @@ class Predictor:
 
     def probabilities(self, images):
         """Class probabilities, one row per image (paths or PIL images)."""
-        return np.concatenate([softmax(self.session.run(["logits"], {"image": preprocess(read_image(im), self.config)})[0])
-                               for im in images])
+        return np.concatenate([self._probabilities(preprocess(read_image(im), self.config)) for im in images])
+
+    def _probabilities(self, x):
+        probs = softmax(self.session.run(["logits"], {"image": x})[0])
+        if self.tta:
+            probs = (probs + softmax(self.session.run(["logits"], {"image": np.ascontiguousarray(x[..., ::-1])})[0])) / 2
+        return probs
 
     def top(self, probs, k):
         return {self.vocab[i]: float(probs[i]) for i in np.argsort(-probs)[:k]}
@@ -122,5 +130,7 @@ class Predictor:
         if not self.has_heatmap:
             raise UserError(f"{self.path} was exported without a heatmap: retrain it, or export it again")
         view = model_view(read_image(image), self.config)
-        logits, heat = self.session.run(["logits", "heatmap"], {"image": as_input(view, self.config)})
-        return self.top(softmax(logits)[0], k), view, heat[0]
+        x = as_input(view, self.config)
+        logits, heat = self.session.run(["logits", "heatmap"], {"image": x})
+        probs = self._probabilities(x) if self.tta else softmax(logits)
+        return self.top(probs[0], k), view, heat[0]

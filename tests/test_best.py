@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.learner import load_learner
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from conftest import make_folder_dataset, run
@@ -42,6 +42,7 @@ def test_early_stopping_exports_the_best_epoch_not_the_worse_last(stopped):
     assert (m["kept"], m["kept_epoch"], m["epochs_trained"], m["stopped_early"]) == ("best", 1, 2, True)
     assert m["valid_loss"] == pytest.approx(first, rel=1e-3)  # the report judges the kept weights
     assert "early stopping" in res.stdout
+    assert 0 <= m["tta_accuracy"] <= 1 and m["tta_seconds"] > 0  # fastai's TTA beside the plain accuracy
     assert "with the weights of epoch 1 of 2 (lowest validation loss), stopped early" in res.stdout.splitlines()[-1]
     learner = load_learner(out).model.state_dict()  # the weights-only copy is the same kept model
     for name, t in load_file(out.with_suffix(".safetensors")).items():
@@ -107,6 +108,10 @@ def test_heatmap_peak_lies_on_the_object_not_the_background(tmp_path):
         stretched = np.asarray(Image.fromarray(heat, mode="F").resize(view.size, Image.BILINEAR))
         row, col = np.unravel_index(stretched.argmax(), stretched.shape)
         inside += np.asarray(model_view(masks[name], predictor.config))[row, col, 0] > 127
+    mirrored = tmp_path / "mirrored.png"
+    ImageOps.mirror(Image.open(tmp_path / "data" / held_out[0])).save(mirrored)
+    both = predictor.probabilities([tmp_path / "data" / held_out[0], mirrored]).mean(0)
+    assert np.allclose(Predictor(out, tta=True).probabilities([tmp_path / "data" / held_out[0]])[0], both, atol=1e-4)
     # The square covers a quarter of the image: a heatmap blind to it would peak inside about one time in four.
     assert inside >= 2 / 3 * len(held_out), f"{inside} of {len(held_out)}"
     model = load_learner(out).model.eval()  # the graph's closed-form gradient is the one autograd computes
