@@ -52,6 +52,10 @@ class Classifier(Task):
             learn.fit_one_cycle(cfg.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, **kw)
         return [(1, frozen), (cfg.epochs, unfrozen)]
 
+    def callbacks(self, cfg):
+        from fastai.callback.mixup import CutMix, MixUp
+        return {"none": [], "mixup": [MixUp()], "cutmix": [CutMix()]}[cfg.mix]
+
     def report(self, learn, history, folder):
         return classifier_report(learn, history, folder)
 

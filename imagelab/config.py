@@ -118,6 +118,9 @@ class ClassifierConfig(TrainConfig):
                             "(one-cycle)")
     min_scale: float = knob(0.35, "training", "RandomResizedCrop's smallest crop area")
     label_smoothing: float = knob(0.0, "training", "label smoothing of the loss")
+    mix: str = knob("none", "training", "mix pairs of training images (fastai's callbacks): MixUp blends two "
+                    "images and their labels, CutMix pastes a patch of one into the other",
+                    choices=["none", "mixup", "cutmix"])
 
 
 @dataclass
