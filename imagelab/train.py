@@ -196,7 +196,7 @@ class Run:
         if state:
             self.history.train, self.history.valid, self.history.step = state["history"]
             self.done, self.seconds_before, self.rng = state["epoch"], state["seconds"], state["rng"]
-            self.best = state["best"]
+            self.best = state.get("best")  # absent from checkpoints written before keep-best
         self.first_step = self.history.step
 
     def seconds(self):
