@@ -49,8 +49,11 @@ def colormap(heat):
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def overlay(view, heat, alpha=0.5):
-    """The heatmap (h×w in [0, 1]) stretched over the model's view of the image (a PIL image), half transparent."""
+def overlay(view, heat, alpha=0.5, min_side=224):
+    """The heatmap (h×w in [0, 1]) stretched over the model's view of the image (a PIL image), half transparent;
+    a small view is enlarged to `min_side` so the picture can be read."""
+    scale = max(1, min_side / min(view.size))
+    view = view.resize((round(view.width * scale), round(view.height * scale)), Image.BILINEAR)
     heat = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(view.size, Image.BILINEAR))
     blended = (1 - alpha) * np.asarray(view, np.float32) + alpha * colormap(np.clip(heat, 0, 1))
     return Image.fromarray(blended.astype(np.uint8))

@@ -119,3 +119,13 @@ def test_heatmap_peak_lies_on_the_object_not_the_background(tmp_path):
     with torch.no_grad():
         _, heat = WithHeatmap(model)(x)
     assert torch.allclose(heat, gradcam_autograd(model, x), atol=1e-5)
+
+
+
+def test_cutmix_trains_and_is_recorded(data, tmp_path):
+    out = tmp_path / "pets.pkl"
+    res = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", "1",
+               "--size", "32", "--bs", "4", "--workers", "0", "--mix", "cutmix", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(out)
+    assert m["mix"] == "cutmix" and len(m["valid_loss_per_epoch"]) == 1 and m["valid_loss"] > 0
