@@ -52,6 +52,10 @@ class Classifier(Task):
             learn.fit_one_cycle(cfg.epochs, slice(lr / 2 / 100, lr / 2), pct_start=0.3, div=5.0, **kw)
         return [(1, frozen), (cfg.epochs, unfrozen)]
 
+    def callbacks(self, cfg):
+        from fastai.callback.mixup import CutMix, MixUp
+        return {"none": [], "mixup": [MixUp()], "cutmix": [CutMix()]}[cfg.mix]
+
     def report(self, learn, history, folder):
         return classifier_report(learn, history, folder)
 
@@ -64,8 +68,12 @@ class Classifier(Task):
         save_examples(dls.valid_ds.items, self.get_y, folder)
 
     def export(self, learn, model_path):
-        export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits"])
+        export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits", "heatmap"])
 
     def summary(self, metrics, cfg):
-        return (f"accuracy {metrics['accuracy']:.4f} on {sum(metrics['counts']['valid'].values())} held-out images; "
-                f"wrote {cfg.out} and its report")
+        kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
+                f"{' (lowest validation loss)' if metrics['kept'] == 'best' else ''}"
+                f"{', stopped early' if metrics['stopped_early'] else ''}")
+        return (f"accuracy {metrics['accuracy']:.4f} (with TTA {metrics['tta_accuracy']:.4f}) on "
+                f"{sum(metrics['counts']['valid'].values())} held-out images "
+                f"with {kept}; wrote {cfg.out} and its report")

@@ -72,6 +72,10 @@ class TrainConfig:
                           choices=["auto", "fp32", "bf16", "fp16"])
     time_budget: float | None = knob(None, "training", "train for this long: the one-cycle schedule follows the "
                                      "clock, --epochs is a cap", metavar="SECONDS")
+    keep: str = knob("best", "training", "which weights to export: those of the epoch with the lowest validation "
+                     "loss, or the last", resume=False, choices=["best", "last"])
+    patience: int | None = knob(None, "training", "early stopping: end training after this many epochs without a "
+                                "lower validation loss", metavar="EPOCHS")
     resume: bool = knob(False, "training", "continue the interrupted run whose checkpoint (<out stem>.ckpt) is "
                         "beside --out", resume=False)
     out: str = knob("models/model.pkl", "output", "exported learner; its report goes in <out stem>.report/",
@@ -85,6 +89,8 @@ class TrainConfig:
             raise UserError(f"need 8 <= --start-size <= --size ({self.size})")
         if self.bs < 1 or (self.time_budget is not None and self.time_budget <= 0):
             raise UserError("need --bs >= 1 and --time-budget > 0")
+        if self.patience is not None and self.patience < 1:
+            raise UserError("need --patience >= 1")
 
     def settings(self):
         """What a checkpoint must have been made with to be resumed."""
@@ -112,6 +118,9 @@ class ClassifierConfig(TrainConfig):
                             "(one-cycle)")
     min_scale: float = knob(0.35, "training", "RandomResizedCrop's smallest crop area")
     label_smoothing: float = knob(0.0, "training", "label smoothing of the loss")
+    mix: str = knob("none", "training", "mix pairs of training images (fastai's callbacks): MixUp blends two "
+                    "images and their labels, CutMix pastes a patch of one into the other",
+                    choices=["none", "mixup", "cutmix"])
 
 
 @dataclass

@@ -71,10 +71,15 @@ def cpu_copy(model):
 def to_onnx(model, config, f, outputs=("logits",)):
     """The model as an ONNX graph for one image at a time (input `image`), into a path or file object.
 
+    A classifier's graph can also return the predicted class's Grad-CAM (outputs "logits", "heatmap").
+
     A fixed batch of one: some timm models (ConvNeXt) do not export with a dynamic batch, and the
     apps run one upload per request anyway.
     """
     import torch
+    if "heatmap" in outputs:
+        from .heatmaps import WithHeatmap
+        model = WithHeatmap(model)
     torch.onnx.export(cpu_copy(model), (torch.zeros(input_shape(config)),), f, dynamo=True, external_data=False,
                       input_names=["image"], output_names=list(outputs), verbose=False)
 

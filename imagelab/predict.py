@@ -56,8 +56,11 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--top-k", type=int, default=1, help="labels per image")
     p.add_argument("--csv", metavar="OUT", help="write the rows to this CSV file instead of standard output")
+    p.add_argument("--tta", action="store_true", help="average each image's probabilities with its mirror image's "
+                   "(test-time augmentation): twice the time per image")
     args = p.parse_args(argv)
     predictor = open_model(args.model, CLASSIFIER)
+    predictor.tta = args.tta
     items = list(expand(args.paths))
     header = ["path"] + [f"{c}{i}" for i in range(1, args.top_k + 1) for c in ("label", "prob")] + ["error"]
     with open(args.csv, "w", newline="") if args.csv else nullcontext(sys.stdout) as out:

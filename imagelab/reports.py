@@ -1,4 +1,6 @@
-"""What a training run shows: loss curve, confusion matrix, top losses and metrics.json."""
+"""What a training run shows: loss curve, confusion matrix, top losses with their heatmaps and metrics.json."""
+import time
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs on servers and in CI without a display
@@ -74,6 +76,34 @@ def per_class(cm, vocab):
     return out
 
 
+def plot_heatmaps(learn, dl, probs, targets, losses, path, k):
+    """The `k` top-loss images beside the predicted class's Grad-CAM (imagelab.heatmaps), as the app shows it."""
+    import torch
+
+    from .export import cpu_copy, learner_config
+    from .heatmaps import WithHeatmap
+    from .images import open_rgb
+    from .inference import as_input, model_view, overlay
+    config, model, vocab = learner_config(learn), WithHeatmap(cpu_copy(learn.model)), learn.dls.vocab
+    top = losses.argsort(descending=True)[:k].tolist()
+    fig, axes = plt.subplots(len(top), 2, figsize=(5, 2.6 * len(top)), squeeze=False)
+    for row, i in zip(axes, top):
+        view = model_view(open_rgb(dl.items[i]), config)
+        with torch.no_grad():
+            heat = model(torch.from_numpy(as_input(view, config)))[1][0].numpy()
+        predicted = int(probs[i].argmax())
+        row[0].imshow(view)
+        row[0].set_title(f"actual: {vocab[int(targets[i])]}", fontsize=9)
+        row[1].imshow(overlay(view, heat))
+        row[1].set_title(f"predicted: {vocab[predicted]} ({float(probs[i, predicted]):.2f}), loss {float(losses[i]):.2f}",
+                         fontsize=9)
+        for ax in row:
+            ax.axis("off")
+    fig.suptitle("Top losses: where the model looked for its answer (Grad-CAM)")
+    fig.tight_layout()
+    save_fig(fig, path)
+
+
 def classifier_report(learn, history, report_dir, top_k=9):
     """Write the plots into `report_dir` and return the held-out metrics."""
     dl = learn.dls.valid.new(shuffle=False, drop_last=False)
@@ -84,7 +114,13 @@ def classifier_report(learn, history, report_dir, top_k=9):
     plot_loss_curve(history, report_dir / "loss_curve.png")
     ClassificationInterpretation(learn, dl, losses).plot_top_losses(min(top_k, len(losses)), figsize=(9, 9))
     save_fig(plt.gcf(), report_dir / "top_losses.png")
+    plot_heatmaps(learn, dl, probs, targets, losses, report_dir / "heatmaps.png", min(top_k, len(losses)))
     accuracy = float(np.trace(cm) / cm.sum())
+    start = time.perf_counter()
+    with learn.no_bar():
+        tta_probs, _ = learn.tta(dl=dl)  # fastai's: 4 passes with the training augmentation, blended with the plain one
     return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
+            "tta_accuracy": float((tta_probs.argmax(1) == targets).float().mean()),
+            "tta_seconds": round(time.perf_counter() - start, 2),
             "per_class": per_class(cm, vocab), "confusion_matrix": cm.tolist(), "vocab": vocab}
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
-from fastai.torch_core import rank_distrib
+from fastai.torch_core import get_model, rank_distrib
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
@@ -133,6 +133,31 @@ class ProgressiveResize(Callback):
         self.resize(self.size)
 
 
+class KeepBest(Callback):
+    """Remember the weights of the epoch with the lowest validation loss in the `Run`, so the checkpoint
+    saves them and `--resume` goes on with them; stop after `patience` epochs without a lower one."""
+    order = LossHistory.order + 1  # after the epoch's validation loss is logged, before the checkpoint saves it
+
+    def __init__(self, run, patience=None):
+        self.run, self.patience = run, patience
+
+    def before_epoch(self):
+        self.validated = len(self.run.history.valid)
+        if self.patience and self.run.epochs_since_best() >= self.patience:
+            if not self.run.stopped_early:
+                print(f"early stopping: no lower validation loss in {self.patience} epochs")
+            self.run.stopped_early = True
+            raise CancelFitException  # also ends a later fit of the schedule before it trains
+
+    def after_epoch(self):
+        valid = self.run.history.valid
+        if len(valid) == self.validated:
+            return  # an epoch skipped to resume
+        if self.run.best is None or valid[-1][1] < valid[self.run.best["epoch"] - 1][1]:
+            self.run.best = {"epoch": len(valid),
+                             "model": {k: v.detach().cpu().clone() for k, v in get_model(self.model).state_dict().items()}}
+
+
 def start_size(task, cfg):
     if cfg.start_size is not None and cfg.start_size < cfg.size and not task.progressive:
         raise UserError(f"the {task.kind} trains at one size (its layers are sized for --size): "
@@ -167,9 +192,11 @@ class Run:
     def __init__(self, lr, state=None):
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
         self.done, self.seconds_before, self.rng = 0, 0.0, None
+        self.best, self.stopped_early = None, False  # best: the epoch (from 1) of the lowest validation loss, its weights
         if state:
             self.history.train, self.history.valid, self.history.step = state["history"]
             self.done, self.seconds_before, self.rng = state["epoch"], state["seconds"], state["rng"]
+            self.best = state.get("best")  # absent from checkpoints written before keep-best
         self.first_step = self.history.step
 
     def seconds(self):
@@ -179,7 +206,24 @@ class Run:
     def saved(self):
         """What a checkpoint holds besides weights, optimizer and random streams."""
         return {"lr": self.lr, "history": (self.history.train, self.history.valid, self.history.step),
-                "seconds": self.seconds()}
+                "seconds": self.seconds(), "best": self.best}
+
+    def epochs_since_best(self):
+        return len(self.history.valid) - self.best["epoch"] if self.best else 0
+
+    def keep(self, learn, which):
+        """Put the kept weights into `learn` (`which`: "best" or "last"); returns what metrics.json says of them."""
+        valid = self.history.valid
+        cut_short = not valid or self.history.step > valid[-1][0]  # the time budget ended an epoch part way
+        last = len(valid) + cut_short
+        kept = {"kept": which, "kept_epoch": last, "epochs_trained": last, "stopped_early": self.stopped_early}
+        if which == "last" or self.best is None:
+            return kept
+        best_loss = valid[self.best["epoch"] - 1][1]
+        if cut_short and learn.validate()[0] < best_loss:  # the unfinished epoch's weights were never validated
+            return kept
+        get_model(learn.model).load_state_dict(self.best["model"])
+        return {**kept, "kept_epoch": self.best["epoch"]}
 
     def take_rng(self):
         """The random streams to restore: once, before the first epoch this process trains."""
@@ -199,8 +243,8 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
                 budget = [TimeBudget(cfg.time_budget, run.seconds())] \
                     if cfg.time_budget and fit_one is schedule[-1][1] else []  # the budget drives the last fit
                 checkpoint = Checkpoint(ckpt, settings, run.saved, offset, first, run.take_rng())
-                fit_one(learn, start_epoch=first,
-                        cbs=[run.history, checkpoint, resize, *budget, *task.callbacks(cfg), *extra_cbs])
+                fit_one(learn, start_epoch=first, cbs=[run.history, KeepBest(run, cfg.patience), checkpoint, resize,
+                                                       *budget, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n
             offset += n
 
@@ -282,11 +326,12 @@ def train(task, cfg, cbs=()):
     processes = world_size()
     images = (run.history.step - run.first_step) * cfg.bs * processes  # every training batch is full
     leave_distributed()
-    learn.dls = dls  # the report and the exported learner read files, as the app will
     if not main_process:
         return None
+    kept = run.keep(learn, cfg.keep)  # judged on the loaders it trained with
+    learn.dls = dls  # the report and the exported learner read files, as the app will
     presized.copies.clear()  # the report and the exported model read the original files, as the app will
-    facts = {"kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": start_size(task, cfg),
+    facts = {**kept, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": start_size(task, cfg),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
              "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],

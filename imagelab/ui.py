@@ -11,6 +11,7 @@ import gradio as gr
 
 from . import UserError
 from .hub import HF_PREFIX
+from .inference import overlay
 from .loading import AUTOENCODER, CLASSIFIER, open_model
 from .paths import FLAGGED, examples_dir
 
@@ -78,8 +79,23 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
         return
     classes = ", ".join(clf.vocab)
 
+    heatmaps = {}  # upload -> (view, heatmap) of its prediction, for the heatmap step that follows it
+
     def classify(image):
-        return None if image is None else clf.predict(image, k=3)
+        if image is None:
+            return None
+        if not clf.has_heatmap:
+            return clf.predict(image, k=3)
+        labels, *heatmaps[image] = clf.explain(image, k=3)
+        while len(heatmaps) > 8:  # API calls never run the heatmap step that pops their entry
+            heatmaps.pop(next(iter(heatmaps)))
+        return labels
+
+    def heatmap(image):
+        if image is None or not clf.has_heatmap:
+            return None
+        view, heat = heatmaps.pop(image, None) or clf.explain(image)[1:]
+        return overlay(view, heat)
 
     # An AI assistant reads this to decide when to call the tool: it must say what the model can tell apart.
     doc = (f"Classify an image into one of these classes: {classes}. It recognises only these "
@@ -89,7 +105,10 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
     with gr.Row():
         image = ImageUpload(type="filepath", image_mode=None, sources=SOURCES, label="Image")
         label = gr.Label(num_top_classes=3, label="Prediction")
-    image.change(user_errors(classify, api_name, doc), image, label, api_name=api_name)
+        heat = gr.Image(label="Where it looked (Grad-CAM of the predicted class)", type="pil", interactive=False,
+                        visible=clf.has_heatmap)
+    image.change(user_errors(classify, api_name, doc), image, label, api_name=api_name).then(
+        user_errors(heatmap), image, heat, api_visibility="private")
     if flag_data:
         flag_panel(clf, image, flag_data, api_name.removesuffix("predict") + "flag")
     examples = sorted(map(str, examples_dir(clf.path).glob("*.jpg")))

@@ -49,6 +49,9 @@ def test_classifier_tab_labels_an_upload(site, tmp_path, tab, color, classes):
     expect(heading.filter(has_text="%").first).to_be_visible(timeout=30_000)  # the confidences are shown
     shown = heading.first.inner_text()
     assert any(c in shown for c in classes), shown
+    heatmap = panel.locator(".block", has=page.get_by_text("Where it looked")).locator("img")
+    expect(heatmap.first).to_be_visible(timeout=30_000)  # the predicted class's Grad-CAM over the image
+    assert heatmap.first.evaluate("img => img.naturalWidth") > 0
     screenshot(page, f"{tab.lower()}-tab")
 
 

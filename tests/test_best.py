@@ -1,0 +1,131 @@
+"""Better models from the same run, and why: the best epoch kept, early stopping, both through --resume."""
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+from fastai.learner import load_learner
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+
+from conftest import make_folder_dataset, run
+from test_resume import interrupt_after_an_epoch
+
+# At this rate the second epoch of these tiny runs validates worse than the first (asserted below, not assumed).
+WORSE_LAST = ["--no-pretrained", "--arch", "resnet18", "--epochs", "3", "--size", "32", "--bs", "4", "--workers", "0",
+              "--seed", "3", "--no-presize", "--lr", "0.01", "--patience", "1"]
+
+
+def metrics(out):
+    return json.loads(out.with_name(out.stem + ".report").joinpath("metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder_dataset(tmp_path_factory.mktemp("best") / "data", n=16)
+
+
+@pytest.fixture(scope="module")
+def stopped(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stopped") / "pets.pkl"
+    res = run(["training/train_pets.py", "--data", data, *WORSE_LAST, "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_early_stopping_exports_the_best_epoch_not_the_worse_last(stopped):
+    out, res = stopped
+    m = metrics(out)
+    first, second = m["valid_loss_per_epoch"]  # patience 1: the worse second epoch ends a run of 3
+    assert second > first
+    assert (m["kept"], m["kept_epoch"], m["epochs_trained"], m["stopped_early"]) == ("best", 1, 2, True)
+    assert m["valid_loss"] == pytest.approx(first, rel=1e-3)  # the report judges the kept weights
+    assert "early stopping" in res.stdout
+    assert 0 <= m["tta_accuracy"] <= 1 and m["tta_seconds"] > 0  # fastai's TTA beside the plain accuracy
+    assert "with the weights of epoch 1 of 2 (lowest validation loss), stopped early" in res.stdout.splitlines()[-1]
+    learner = load_learner(out).model.state_dict()  # the weights-only copy is the same kept model
+    for name, t in load_file(out.with_suffix(".safetensors")).items():
+        assert torch.equal(t, learner[name]), name
+
+
+def test_keep_last_exports_the_last_epoch(data, tmp_path):
+    out = tmp_path / "pets.pkl"
+    res = run(["training/train_pets.py", "--data", data, *WORSE_LAST, "--keep", "last", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(out)
+    assert (m["kept"], m["kept_epoch"], m["epochs_trained"]) == ("last", 2, 2)
+    assert m["valid_loss"] == pytest.approx(m["valid_loss_per_epoch"][1], rel=1e-3)
+    assert "with the weights of epoch 2 of 2, stopped early" in res.stdout.splitlines()[-1]
+
+
+def test_best_epoch_and_patience_survive_a_kill_and_resume(data, stopped, tmp_path):
+    out = tmp_path / "pets.pkl"
+    args = ["training/train_pets.py", "--data", data, *WORSE_LAST, "--out", out]
+    code, _, killed_at = interrupt_after_an_epoch(args, out.with_name("pets.ckpt"), signal.SIGKILL)
+    assert code == -signal.SIGKILL and killed_at == 1
+    res = run([*args, "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(out)
+    assert (m["kept_epoch"], m["epochs_trained"], m["stopped_early"]) == (1, 2, True)
+    resumed, whole = load_learner(out).model.state_dict(), load_learner(stopped[0]).model.state_dict()
+    for name, t in whole.items():
+        if t.is_floating_point():
+            assert torch.allclose(t, resumed[name], rtol=1e-3, atol=1e-4), name
+
+
+
+def square_on_noise(path, color, seed, size=96, side=48):
+    """A coloured square at a random place on grey noise; returns the square's mask."""
+    rng = np.random.default_rng(seed)
+    pixels = np.repeat(rng.integers(0, 256, (size, size, 1)), 3, axis=2).astype(np.uint8)
+    x, y = rng.integers(0, size - side, 2)
+    pixels[y:y + side, x:x + side] = np.clip(np.array(color) + rng.normal(0, 20, (side, side, 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    mask = np.zeros((size, size, 3), np.uint8)
+    mask[y:y + side, x:x + side] = 255
+    return Image.fromarray(mask)
+
+
+def test_heatmap_peak_lies_on_the_object_not_the_background(tmp_path):
+    from imagelab.heatmaps import WithHeatmap, gradcam_autograd
+    from imagelab.inference import Predictor, model_view
+    masks = {f"{label}/{i}.png": square_on_noise(tmp_path / "data" / label / f"{i}.png", color, seed=i + offset)
+             for label, color, offset in (("red", (230, 30, 30), 0), ("blue", (30, 30, 230), 1000)) for i in range(24)}
+    out = tmp_path / "shapes.pkl"
+    res = run(["training/train_pets.py", "--data", tmp_path / "data", "--no-pretrained", "--arch", "resnet18",
+               "--epochs", "3", "--size", "96", "--bs", "8", "--workers", "0", "--lr", "0.01", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert out.with_name("shapes.report").joinpath("heatmaps.png").stat().st_size > 10_000
+    predictor = Predictor(out)  # ONNX Runtime on the exported graph, as the apps serve it
+    held_out = json.loads(out.with_name("shapes.report").joinpath("split.json").read_text())["valid"]
+    inside = 0
+    for name in held_out:
+        labels, view, heat = predictor.explain(tmp_path / "data" / name)
+        assert labels == predictor.predict(tmp_path / "data" / name)
+        assert next(iter(labels)) == name.split("/")[0]
+        stretched = np.asarray(Image.fromarray(heat, mode="F").resize(view.size, Image.BILINEAR))
+        row, col = np.unravel_index(stretched.argmax(), stretched.shape)
+        inside += np.asarray(model_view(masks[name], predictor.config))[row, col, 0] > 127
+    mirrored = tmp_path / "mirrored.png"
+    ImageOps.mirror(Image.open(tmp_path / "data" / held_out[0])).save(mirrored)
+    both = predictor.probabilities([tmp_path / "data" / held_out[0], mirrored]).mean(0)
+    assert np.allclose(Predictor(out, tta=True).probabilities([tmp_path / "data" / held_out[0]])[0], both, atol=1e-4)
+    # The square covers a quarter of the image: a heatmap blind to it would peak inside about one time in four.
+    assert inside >= 2 / 3 * len(held_out), f"{inside} of {len(held_out)}"
+    model = load_learner(out).model.eval()  # the graph's closed-form gradient is the one autograd computes
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        _, heat = WithHeatmap(model)(x)
+    assert torch.allclose(heat, gradcam_autograd(model, x), atol=1e-5)
+
+
+
+def test_cutmix_trains_and_is_recorded(data, tmp_path):
+    out = tmp_path / "pets.pkl"
+    res = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", "1",
+               "--size", "32", "--bs", "4", "--workers", "0", "--mix", "cutmix", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(out)
+    assert m["mix"] == "cutmix" and len(m["valid_loss_per_epoch"]) == 1 and m["valid_loss"] > 0
