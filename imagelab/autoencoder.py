@@ -256,8 +256,8 @@ def autoencoder_learner(dls, model, loss="mse", wd=None):
     model.set_pca(train_x)
     pca_mse = float(((batched(lambda m, b: m.pca(b), model, valid_x) - valid_x) ** 2).mean())
     learn = Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse, RatioToPCA(pca_mse)], opt_func=adamw, wd=wd)
-    if torch.device(dls.device or "cpu").type == "cpu":
-        learn.add_cb(ChannelsLast())  # oneDNN's convolutions run faster on channels-last tensors on a CPU
+    if torch.device(dls.device or "cpu").type in ("cpu", "cuda"):
+        learn.add_cb(ChannelsLast())  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
     return learn
 
 

@@ -15,10 +15,6 @@ from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
 
-# Settings that must match (besides the data folder and task) for a checkpoint to be resumed: anything that changes the data or the schedule.
-RESUME_KEYS = ("labels", "arch", "pretrained", "epochs", "size", "start_size", "min_scale", "bs", "seed",
-               "valid_pct", "wd", "label_smoothing", "time_budget")
-
 
 def train_loader(learn):
     """The training DataLoader, also when fastai's distributed training wraps it in a `DistributedDL`."""

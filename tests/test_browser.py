@@ -59,8 +59,14 @@ def test_autoencoder_tab_shows_a_reconstruction(site, tmp_path):
     page, _ = site
     panel = open_tab(page, "Autoencoder")
     panel.locator("input[type=file]").first.set_input_files(str(write_image(tmp_path / "x.png", (200, 90, 40))))
-    expect(panel.get_by_text("PSNR").first).to_be_visible(timeout=60_000)  # shown once the reconstruction is
-    assert panel.locator("img").count() >= 3  # the upload, the original as the model sees it, the reconstruction
+    expect(panel.get_by_text("PCA with as many components").first).to_be_visible(timeout=60_000)
+    sources = []
+    for label in ("Original (as the model sees it)", "Autoencoder", "PCA, same code size"):
+        shown = panel.locator(".block", has=page.get_by_text(label, exact=True)).last.locator("img")
+        expect(shown.first).to_be_visible(timeout=30_000)
+        assert shown.first.evaluate("img => img.naturalWidth") > 0, label
+        sources.append(shown.first.get_attribute("src"))
+    assert len(set(sources)) == 3, sources  # three different pictures, each in its own place
     screenshot(page, "autoencoder-tab")
 
 

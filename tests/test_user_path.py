@@ -1,6 +1,5 @@
 """What a user meets first: a model checked once at start, every offered form served, instant --help, clear reasons."""
 import csv
-import json
 import os
 import shutil
 from pathlib import Path
@@ -27,19 +26,10 @@ def artifacts(model, *suffixes):
 
 
 @pytest.fixture(scope="module")
-def ae_weights(tiny_autoencoder, tmp_path_factory):
-    """The tiny autoencoder as weights + config (the training side's export), written from its learner if missing."""
+def ae_weights(tiny_autoencoder):
+    """The tiny autoencoder's weights-only export (beside its config), as training wrote it."""
     config, weights = artifacts(tiny_autoencoder, ".config.json", ".safetensors")
-    if not config.is_file():
-        from safetensors.torch import save_file
-        from imagelab.loading import load_trusted_learner
-        folder = tmp_path_factory.mktemp("ae-weights")
-        config, weights = folder / config.name, folder / weights.name
-        m = load_trusted_learner(tiny_autoencoder).model
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, weights)
-        config.write_text(json.dumps({"format": "imagelab-autoencoder/1", "kind": "autoencoder", "size": m.size,
-                                      "code_size": m.code_size, "depth": m.depth, "width": m.width,
-                                      "blocks": m.blocks, "sparse": m.sparse}))
+    assert config.is_file() and weights.is_file()
     return weights
 
 
