@@ -15,6 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Under pytest-xdist the workers share the cores: each gets its share of math threads, so two trainings do
+# not fight over them. A test that spawns a training passes this on with the environment.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 # Presized copies of the generated images go to a throwaway cache, not the user's ~/.cache/imagelab.
 os.environ.setdefault("IMAGELAB_CACHE", tempfile.mkdtemp(prefix="imagelab-cache-"))
 
