@@ -114,8 +114,8 @@ def test_presets_set_defaults_that_the_options_given_override(capsys):
     from imagelab.config import AutoencoderConfig, ClassifierConfig, ConfigParser
     parser = ConfigParser(ClassifierConfig, "test", out="m.pkl")
     cfg = parser.config_from(parser.parse_args(["--preset", "scratch", "--size", "96", "--lr", "find"]))
-    assert cfg == ClassifierConfig(out="m.pkl", pretrained=False, size=96, bs=64, epochs=20, label_smoothing=0.1,
-                                   lr="find")
+    assert cfg == ClassifierConfig(out="m.pkl", pretrained=False, arch="resnet10t", size=96, bs=64, epochs=40,
+                                   label_smoothing=0.1, lr="find")
     assert parser.config_from(parser.parse_args(["--lr", "2e-3"])).lr == 2e-3
     with pytest.raises(SystemExit):
         parser.parse_args(["--lr", "fast"])
