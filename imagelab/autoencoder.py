@@ -8,7 +8,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 import torch
-from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.hook import hook_output
 from fastai.learner import AvgMetric, Learner
@@ -145,8 +144,8 @@ class ConvAutoencoder(nn.Module):
         return ((code * self.code_scale) @ self.pca_axes + self.pca_mean).view(-1, 3, self.size, self.size)
 
     def pca(self, x):
-        """PCA's reconstruction of `x`: the linear path alone, clamped to valid pixels."""
-        return self.pca_decode(self.pca_code(x)).clamp(0, 1)
+        """PCA's reconstruction of `x`: the linear path alone (its unused zero axes add nothing)."""
+        return pca_reconstruct(x.flatten(1), self.pca_mean, self.pca_axes).view_as(x)
 
     def encode(self, x):
         # Adam moves each of to_code's weights by about the learning rate a step, which moves the code by
@@ -255,10 +254,7 @@ def autoencoder_learner(dls, model, loss="mse", wd=None):
     train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
     model.set_pca(train_x)
     pca_mse = float(((batched(lambda m, b: m.pca(b), model, valid_x) - valid_x) ** 2).mean())
-    learn = Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse, RatioToPCA(pca_mse)], opt_func=adamw, wd=wd)
-    if torch.device(dls.device or "cpu").type in ("cpu", "cuda"):
-        learn.add_cb(ChannelsLast())  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
-    return learn
+    return Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse, RatioToPCA(pca_mse)], opt_func=adamw, wd=wd)
 
 
 def preprocessed(dls, items, bs=64):
@@ -301,7 +297,7 @@ def fit_pca(x, k):
 
 
 def pca_reconstruct(x, mean, axes):
-    # Clamped to the valid pixel range like the autoencoder's sigmoid output: this can only lower PCA's error.
+    # Clamped to valid pixels like the autoencoder's output: this can only lower PCA's error.
     return (((x - mean) @ axes.T) @ axes + mean).clamp(0, 1)
 
 

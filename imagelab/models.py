@@ -3,7 +3,6 @@ from functools import partial
 
 import timm
 import torch
-from fastai.callback.channelslast import ChannelsLast
 from fastai.vision.all import (CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, Normalize, OptimWrapper, accuracy,
                                error_rate, imagenet_stats, vision_learner)
 
@@ -46,9 +45,5 @@ def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0)
         dls.add_tfms([Normalize.from_stats(*imagenet_stats)], "after_batch")
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
     learn = vision_learner(dls, arch, pretrained=pretrained, metrics=[error_rate, accuracy], loss_func=loss, wd=wd,
-                           opt_func=adamw,
-                           **extra)
-    if torch.device(dls.device or "cpu").type in ("cpu", "cuda"):
-        # oneDNN's convolutions (CPU) and cuDNN's tensor cores (GPU) run faster on channels-last tensors
-        learn.add_cb(ChannelsLast())
+                           opt_func=adamw, **extra)
     return learn

@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.torch_core import get_model, rank_distrib
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
@@ -282,6 +283,8 @@ def prepare(task, cfg, device, precision):
     dls.to(device)
     print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
     learn = task.learner(dls, cfg)
+    if device.type in ("cpu", "cuda"):  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
+        learn.add_cb(ChannelsLast())
     if precision != "fp32":
         learn.add_cb(Autocast(precision, device.type))
     if len(dls.train_ds) < cfg.bs:  # fastai drops incomplete training batches: nothing would be trained
