@@ -6,13 +6,15 @@
 On generated images (two classes of coloured noise, so any working model learns them), each step runs
 as a user would run it, in its own process: both trainers for 2 epochs on the device, the exported
 learner and ONNX model loaded and used on the CPU in a fresh process that sees no GPU, a run killed
-after its first checkpoint and resumed (on the CPU too when it trained on a GPU: checkpoints move
+after its first checkpoint and resumed on the device (and on the CPU when it trained on a GPU: checkpoints move
 between devices), and the classifier under `torchrun --nproc_per_node 1`. The last line printed is one
 JSON object: the device, the precision the trainer chose, and "pass" or the failure for each step.
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 from imagelab import run_cli
+from imagelab.paths import checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -92,7 +95,10 @@ def run(cmd, env=None, launcher=(PY,), timeout=900):
     if res.returncode == 0:
         return "pass", res.stdout
     lines = [line for line in (res.stderr or res.stdout).splitlines() if line.strip()]
-    return f"fail: {lines[-1] if lines else f'exit status {res.returncode}'}", res.stdout
+    print(f"--- {' '.join(map(str, cmd))[:200]}: exit status {res.returncode}", *lines[-60:], sep="\n", file=sys.stderr)
+    # the error itself, not a launcher's closing banner
+    errors = [line for line in lines if re.search(r"\w(Error|Exception): ", line)]
+    return f"fail: {(errors or lines or [f'exit status {res.returncode}'])[-1]}", res.stdout
 
 
 def trained(cmd, out, **kw):
@@ -133,15 +139,20 @@ def main(argv=None):
             steps["autoencoder_on_cpu"] = run(["-c", AE_ON_CPU, str(ae), image], env=no_gpu)[0]
 
         resumed = work / "resumed" / "pets.pkl"
-        ckpt = resumed.with_name("pets.ckpt")
+        ckpt = checkpoint_path(resumed)
         steps["killed_after_a_checkpoint"] = kill_after_first_checkpoint(
             command("train_pets.py", data, resumed, args, "--device", args.device), ckpt)
+        kept = shutil.copy(ckpt, work / "killed.ckpt") if ckpt.exists() else None  # resuming removes it
         if steps["killed_after_a_checkpoint"] == "pass":
-            # a run interrupted on a GPU goes on on the CPU: a checkpoint does not tie a run to its device
-            on_gpu = facts.get("device", "cpu") != "cpu"
-            step, where, env = ("resumed_on_cpu", "cpu", no_gpu) if on_gpu else ("resumed", args.device, None)
-            steps[step] = trained(command("train_pets.py", data, resumed, args, "--resume", "--device", where),
-                                  resumed, env=env)
+            steps["resumed"] = trained(command("train_pets.py", data, resumed, args, "--resume", "--device",
+                                               args.device), resumed)
+            if not facts.get("device", args.device).startswith("cpu"):  # trained on an accelerator
+                # a run interrupted on a GPU goes on on the CPU too: a checkpoint does not tie a run to its device
+                on_cpu = work / "resumed_on_cpu" / "pets.pkl"
+                on_cpu.parent.mkdir()
+                shutil.copy(kept, checkpoint_path(on_cpu))
+                steps["resumed_on_cpu"] = trained(command("train_pets.py", data, on_cpu, args, "--resume", "--device",
+                                                          "cpu"), on_cpu, env=no_gpu)
 
         one = work / "torchrun" / "pets.pkl"
         steps["torchrun_1_process"] = trained(

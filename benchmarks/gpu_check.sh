@@ -4,8 +4,9 @@
 # Here, first:   bash ../shared/gpu/prepare-wheels.sh && mkdir -p data && cp -r ../shared/data/catsdogs data/
 # There:         bash benchmarks/gpu_check.sh          (with .whl and data/catsdogs carried along)
 #
-# Writes device_check.json and train_speed.json into $OUT (or ./build/gpu-check), each one JSON line.
-set -euo pipefail
+# Writes train_speed.json and device_check.json into $OUT (or ./build/gpu-check), one JSON line each, with
+# each step's stderr beside it. A step that fails or runs out of time does not stop the next one.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-build/gpu-check}"
 mkdir -p "$out"
@@ -13,7 +14,15 @@ if ! python3 -c "import fastai" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 benchmarks/device_check.py --device cuda 2>"$out/device_check.err" | tail -1 | tee "$out/device_check.json"
-python3 benchmarks/train_speed.py --data data/catsdogs --device cuda --size 224 --bs 64 --epochs 8 --no-preset \
-  2>"$out/train_speed.err" | tail -1 | tee "$out/train_speed.json"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import sys, torch, fastai, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'fastai', fastai.__version__, 'timm', timm.__version__)"
+  nproc; } | tee "$out/machine.txt"
+step() {  # step NAME SECONDS COMMAND...: the command's last stdout line into NAME.json, its stderr into NAME.err
+  local name=$1 seconds=$2; shift 2
+  local start=$SECONDS
+  timeout "$seconds" "$@" 2>"$out/$name.err" | tail -1 | tee "$out/$name.json"
+  echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/machine.txt"
+}
+step train_speed 300 python3 benchmarks/train_speed.py --data data/catsdogs --device cuda --size 224 --bs 64 \
+  --epochs 8 --no-preset
+step device_check 240 python3 benchmarks/device_check.py --device cuda

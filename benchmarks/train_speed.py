@@ -104,6 +104,8 @@ class Turns:
         self.since = time.perf_counter()
 
     def give(self, name, done=False, timed=True):
+        if torch.cuda.is_available():  # a run's queued GPU work is its own time, not the next run's
+            torch.cuda.synchronize()
         if timed:
             self.held[name] += time.perf_counter() - self.since
         with self.cond:

@@ -59,8 +59,10 @@ def restore(learn, state):
     """Weights and optimizer state (the optimizer is created as the next fit would create it).
 
     The state was loaded onto the CPU: copying it into the model and the optimizer puts it on whatever
-    device this run trains on, so a run started on a GPU resumes on a CPU and the other way round.
+    device this run trains on, so a run started on a GPU resumes on a CPU and the other way round. The
+    model goes to that device first: PyTorch's optimizer puts its moments where the parameters are now.
     """
+    learn.model.to(learn.dls.device or "cpu")
     get_model(learn.model).load_state_dict(state["model"])
     if learn.opt is None:
         learn.create_opt()

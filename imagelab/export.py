@@ -7,6 +7,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from .images import open_rgb
 from .paths import artifact_paths, report_dir
 
@@ -68,6 +70,26 @@ def cpu_copy(model):
     return copy.deepcopy(model).float().cpu().eval()
 
 
+class GlobalMaxPool(torch.nn.Module):
+    """`AdaptiveMaxPool2d(1)` (fastai's head pools with it) as the plain maximum it is.
+
+    Older ONNX exporters (torch 2.11 with its onnxscript) have no `adaptive_max_pool2d` and fail on it.
+    """
+
+    def forward(self, x):
+        return x.amax(dim=(2, 3), keepdim=True)
+
+
+def exportable(model):
+    """`model` (changed in place) with every global adaptive max pool a `GlobalMaxPool`: the same function."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.AdaptiveMaxPool2d) and child.output_size in (1, (1, 1)) \
+                    and not child.return_indices:
+                setattr(module, name, GlobalMaxPool())
+    return model
+
+
 def to_onnx(model, config, f, outputs=("logits",)):
     """The model as an ONNX graph for one image at a time (input `image`), into a path or file object.
 
@@ -76,11 +98,10 @@ def to_onnx(model, config, f, outputs=("logits",)):
     A fixed batch of one: some timm models (ConvNeXt) do not export with a dynamic batch, and the
     apps run one upload per request anyway.
     """
-    import torch
     if "heatmap" in outputs:
         from .heatmaps import WithHeatmap
         model = WithHeatmap(model)
-    torch.onnx.export(cpu_copy(model), (torch.zeros(input_shape(config)),), f, dynamo=True, external_data=False,
+    torch.onnx.export(exportable(cpu_copy(model)), (torch.zeros(input_shape(config)),), f, dynamo=True, external_data=False,
                       input_names=["image"], output_names=list(outputs), verbose=False)
 
 

@@ -80,3 +80,15 @@ def test_batch_cli_reports_bad_files_per_row(tiny_model, tmp_path):
     assert "2 classified, 1 unreadable" in res.stderr
     res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "missing"])
     assert res.returncode == 2 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_exported_graphs_pool_without_adaptive_max_pool():
+    """torch 2.11's ONNX exporter has no adaptive_max_pool2d: fastai's head exports as the plain maximum it is."""
+    import torch
+    from fastai.vision.all import create_head
+    from imagelab.export import exportable
+    head = create_head(8, 3).eval()
+    x = torch.randn(4, 8, 5, 7)
+    expected = head(x)
+    assert torch.equal(exportable(head)(x), expected)
+    assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in head.modules())
