@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.torch_core import get_model, rank_distrib
@@ -99,6 +100,21 @@ class TimeBudget(Callback):
     def after_epoch(self):
         if time.perf_counter() - self.start >= self.seconds:
             raise CancelFitException
+
+
+class PlainTensors(Callback):
+    """The training batch enters the model as plain tensors.
+
+    fastai's tensor types (TensorImage and the like) send every operation through a Python
+    `__torch_function__`: through a whole network that is CPU time on every step, which a GPU spends
+    waiting. The batch keeps its types in the loaders, whose transforms dispatch on them, and outside
+    training, where fastai decodes the inputs it predicted on.
+    """
+    order = 100  # after every callback that changes the batch (MixUp, CutMix, channels-last)
+
+    def before_batch(self):
+        if self.training:
+            self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in self.xb)
 
 
 class ProgressiveResize(Callback):
@@ -283,6 +299,7 @@ def prepare(task, cfg, device, precision):
     dls.to(device)
     print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
     learn = task.learner(dls, cfg)
+    learn.add_cb(PlainTensors())
     if device.type in ("cpu", "cuda"):  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
         learn.add_cb(ChannelsLast())
     if precision != "fp32":

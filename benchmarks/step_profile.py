@@ -1,0 +1,130 @@
+"""Where a training step's time goes, phase by phase, on any device: data, forward, loss, backward, optimizer, the rest.
+
+    python benchmarks/step_profile.py --device cuda                       # generated images, resnet18 at 224 px
+    python benchmarks/step_profile.py --data ../shared/data/catsdogs --size 64 --bs 16
+
+Trains the classifier with the trainer's defaults (`imagelab.train.train`) and times each phase of every
+training step, waiting for the device at each boundary so that its queued work counts where it was
+issued. Those waits cost a little overlap: the phases add up to slightly more than an untimed step.
+Each epoch's validation and its end (checkpoint, best weights, metrics) are timed too. The first epoch
+is left out (warm-up). The last line printed is one JSON object, milliseconds per step or per epoch.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from imagelab import run_cli, setup
+
+setup()  # before PyTorch loads: OpenMP reads its wait policy once
+import torch  # noqa: E402
+from fastai.callback.core import Callback  # noqa: E402
+from imagelab.classifier import Classifier  # noqa: E402
+from imagelab.config import ClassifierConfig  # noqa: E402
+from imagelab.train import train  # noqa: E402
+
+from device_check import make_images  # noqa: E402
+
+# (phase, the event that ends it); each phase starts where the one before it ended
+STEP = [("forward", "after_pred"), ("loss", "after_loss"), ("backward", "after_backward"), ("optimizer", "after_step"),
+        ("rest", "after_batch")]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: generated images)")
+    p.add_argument("--images", type=int, default=320, help="generated images per class, without --data")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--bs", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3, help="the first is left out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto")
+    return p.parse_args(argv)
+
+
+def clock():
+    """The time once the device has finished what was asked of it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+class Phases:
+    """Two callbacks that time a fit: one before every other callback of each event, one after them all."""
+
+    def __init__(self):
+        self.step = {name: [] for name, _ in STEP} | {"data": []}
+        self.epoch = {"validation": [], "epoch_end": []}
+        phases = self
+
+        class First(Callback):
+            order = -1000
+
+            def before_batch(self):
+                if self.training and phases.mark is None:  # the epoch's first batch: its loader was just made
+                    phases.mark = clock()
+                else:
+                    phases.lap("data", self.training)
+
+            def before_validate(self):
+                phases.mark = clock()
+
+            def before_epoch(self):
+                phases.mark, phases.counting = None, self.epoch > 0
+
+        for name, event in STEP[:-1]:
+            setattr(First, event, lambda cb, name=name: self.lap(name, cb.training))
+
+        class Last(Callback):
+            order = 1000
+
+            def after_batch(self):
+                phases.lap("rest", self.training)
+
+            def after_validate(self):
+                phases.lap("validation", True, phases.epoch)
+
+            def after_epoch(self):
+                phases.lap("epoch_end", True, phases.epoch)
+
+        self.callbacks, self.mark, self.counting = [First(), Last()], None, False
+
+    def lap(self, name, training, into=None):
+        if not training or self.mark is None:
+            return
+        now = clock()
+        if self.counting:
+            (into or self.step)[name].append(now - self.mark)
+        self.mark = now
+
+    def summary(self):
+        mean = {name: 1000 * sum(v) / len(v) for name, v in {**self.step, **self.epoch}.items() if v}
+        return {k: round(v, 2) for k, v in mean.items()}
+
+
+def main(argv=None):
+    args = parse(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(args.data) if args.data else make_images(Path(tmp) / "data", args.images)
+        cfg = ClassifierConfig(data=str(data), arch=args.arch, pretrained=False, size=args.size, start_size=args.size,
+                               bs=args.bs, epochs=args.epochs, device=args.device, precision=args.precision,
+                               out=str(Path(tmp) / "model" / "pets.pkl"))
+        phases = Phases()
+        m = train(Classifier(), cfg, cbs=phases.callbacks)
+    ms = phases.summary()
+    out = {"device": m["device"], "precision": m["precision"], "arch": args.arch, "size": args.size, "bs": args.bs,
+           "ms_per_step": {name: ms.get(name) for name in ["data", *(n for n, _ in STEP)]},
+           "step_ms": round(sum(ms.get(n, 0) for n in ["data", *(n for n, _ in STEP)]), 2),
+           "ms_per_epoch": {name: ms.get(name) for name in phases.epoch},
+           "train_images_per_s_timed": m["images_per_second"]}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
