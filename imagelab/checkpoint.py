@@ -59,10 +59,9 @@ def restore(learn, state):
     """Weights and optimizer state (the optimizer is created as the next fit would create it).
 
     The state was loaded onto the CPU: copying it into the model and the optimizer puts it on whatever
-    device this run trains on, so a run started on a GPU resumes on a CPU and the other way round. The
-    model goes to that device first: PyTorch's optimizer puts its moments where the parameters are now.
+    device this run trains on (the model must be on it already: PyTorch's optimizer puts its moments where
+    the parameters are), so a run started on a GPU resumes on a CPU and the other way round.
     """
-    learn.model.to(learn.dls.device or "cpu")
     get_model(learn.model).load_state_dict(state["model"])
     if learn.opt is None:
         learn.create_opt()

@@ -299,6 +299,7 @@ def prepare(task, cfg, device, precision):
     dls.to(device)
     print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
     learn = task.learner(dls, cfg)
+    learn.model.to(device)  # now, not at the first fit: a resumed run's optimizer state goes where the weights are
     learn.add_cb(PlainTensors())
     if device.type in ("cpu", "cuda"):  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
         learn.add_cb(ChannelsLast())
