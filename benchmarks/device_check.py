@@ -141,7 +141,7 @@ def main(argv=None):
         resumed = work / "resumed" / "pets.pkl"
         ckpt = checkpoint_path(resumed)
         steps["killed_after_a_checkpoint"] = kill_after_first_checkpoint(
-            command("train_pets.py", data, resumed, args, "--device", args.device), ckpt)
+            command("train_pets.py", data, resumed, args, "--device", args.device, "--checkpoint-every", "0"), ckpt)
         kept = shutil.copy(ckpt, work / "killed.ckpt") if ckpt.exists() else None  # resuming removes it
         if steps["killed_after_a_checkpoint"] == "pass":
             steps["resumed"] = trained(command("train_pets.py", data, resumed, args, "--resume", "--device",

@@ -10,8 +10,9 @@ batch size, epochs, learning rate and seed. The course recipe is `ImageDataLoade
 ours is `imagelab.train.train` of the classifier with its defaults (progressive resizing included, and
 batches cut from the images decoded in memory), `fixed` is the same trainer at the full size throughout
 (`--start-size` = `--size`), to show what progressive resizing adds, and `files` is ours reading the
-presized files batch by batch (`--workers`: the path taken when the images do not fit in memory). The three train at the same time in threads that take turns batch by
-batch, so a busy machine slows them alike, and each is timed only while it holds its turn (the
+presized files batch by batch (`--workers`: the path taken when the images do not fit in memory). The
+runs train at the same time in threads that take turns batch by batch (epoch by epoch on a GPU: `Turns`
+says why), so a busy machine slows them alike, and each is timed only while it holds its turn (the
 recipe's loader processes are paused outside its turns). Our held-out accuracy is measured by the
 exported pipeline on the original files, as the app sees them. Then the `scratch` preset trains for
 as long as the recipe took. The last line printed is one JSON object; "busy" is the share of each run's
@@ -92,11 +93,17 @@ def split_folder(data, dest, valid_pct, seed):
 
 
 class Turns:
-    """Runs in threads that take turns batch by batch; each run's clock only runs while it holds the turn."""
+    """Runs in threads that take turns batch by batch, or epoch by epoch; each run's clock only runs while it
+    holds the turn.
 
-    def __init__(self, names):
+    Batch by batch, a machine that other jobs share slows every run alike. On a GPU, epoch by epoch: a turn
+    ends by waiting for the GPU to finish the run's queued work, and that wait after every batch would stop
+    each run's CPU from preparing its next batch while the GPU computes, which a run on its own does.
+    """
+
+    def __init__(self, names, per="batch"):
         self.cond, self.names, self.active = threading.Condition(), list(names), set(names)
-        self.turn, self.held = self.names[0], dict.fromkeys(names, 0.0)
+        self.turn, self.held, self.per = self.names[0], dict.fromkeys(names, 0.0), per
 
     def take(self, name):
         with self.cond:
@@ -134,17 +141,25 @@ class Turns:
                 except psutil.NoSuchProcess:
                     pass
 
+        def pass_turn():
+            signal_workers(signal.SIGSTOP)
+            turns.give(name)
+            turns.take(name)
+            signal_workers(signal.SIGCONT)
+
         class TakeTurns(Callback):
-            order = 100  # after every other callback of the batch has run
+            order = 100  # after every other callback of the batch (or the epoch) has run
 
             def before_fit(self):
                 turns.take(name)
 
             def after_batch(self):
-                signal_workers(signal.SIGSTOP)
-                turns.give(name)
-                turns.take(name)
-                signal_workers(signal.SIGCONT)
+                if turns.per == "batch":
+                    pass_turn()
+
+            def after_epoch(self):
+                if turns.per == "epoch":
+                    pass_turn()
 
             def after_fit(self):
                 # The report and the export run in turn too, untimed: PyTorch's ONNX export is not thread-safe.
@@ -250,7 +265,7 @@ def main(argv=None):
 
         # Ours takes the first turn: the recipe forks its loader processes only while our threads wait,
         # never while it imports or holds a lock that a forked child would inherit locked.
-        turns = Turns(["ours", "recipe", "fixed", "files"])
+        turns = Turns(["ours", "recipe", "fixed", "files"], per="epoch" if device.type == "cuda" else "batch")
         load_before = os.getloadavg()[0]
         busy = Busy(turns, device)
         busy.start()
@@ -265,7 +280,8 @@ def main(argv=None):
         ips = {name: images / turns.held[name] for name in turns.names}
         out = {"data": str(args.data), "train_images": n_train, "valid_images": n_valid, "arch": args.arch,
                "size": args.size, "ours_start_size": res["ours"]["start_size"], "epochs": args.epochs,
-               "bs": args.bs, "lr": args.lr, "device": res["ours"]["device"], "precision": res["ours"]["precision"],
+               "bs": args.bs, "turns": turns.per, "lr": args.lr, "device": res["ours"]["device"],
+               "precision": res["ours"]["precision"],
                "recipe_precision": "fp32",
                "recipe_images_per_s": round(ips["recipe"], 2), "ours_images_per_s": round(ips["ours"], 2),
                "speedup": round(ips["ours"] / ips["recipe"], 2),

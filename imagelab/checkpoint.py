@@ -1,11 +1,12 @@
-"""Resumable training: the state after every finished epoch, written atomically beside the model.
+"""Resumable training: the state after a finished epoch, written atomically beside the model.
 
 A run killed at any point (Ctrl-C, SIGTERM, SIGKILL, a power cut) leaves the checkpoint of its last
-finished epoch; `--resume` loads it and goes on with the same weights, optimizer moments, schedule
+saved epoch; `--resume` loads it and goes on with the same weights, optimizer moments, schedule
 position and random-number streams, so it ends where the uninterrupted run would have.
 """
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +70,22 @@ def restore(learn, state):
 
 
 class Checkpoint(Callback):
-    """Save everything a resumed run needs after each finished epoch; restore the random streams when resuming.
+    """Save everything a resumed run needs after a finished epoch; restore the random streams when resuming.
 
-    `offset` is the number of epochs of earlier fits of the same run (fine_tune's frozen epoch), so
-    `epoch` in the file counts the epochs of the whole run.
+    An epoch is saved when `every` seconds have passed since the last save (or the fit's start), and the
+    last epoch of a fit always is. Writing weights and optimizer moments takes a fraction of a second:
+    after every epoch that would be a large share of epochs that take seconds on a GPU. `offset` is the
+    number of epochs of earlier fits of the same run (fine_tune's frozen epoch), so `epoch` in the file
+    counts the epochs of the whole run.
     """
     order = 65  # after the Recorder and LossHistory have logged the epoch
 
-    def __init__(self, path, settings, extra, offset=0, start_epoch=0, resume_rng=None):
+    def __init__(self, path, settings, extra, offset=0, start_epoch=0, resume_rng=None, every=0.0):
         self.path, self.settings, self.extra = Path(path), settings, extra
-        self.offset, self.start_epoch, self.resume_rng = offset, start_epoch, resume_rng
+        self.offset, self.start_epoch, self.resume_rng, self.every = offset, start_epoch, resume_rng, every
+
+    def before_fit(self):
+        self.saved = time.perf_counter()
 
     def before_epoch(self):
         # Skipped epochs (fastai's start_epoch) use no randomness, so the streams are set just before
@@ -90,6 +97,8 @@ class Checkpoint(Callback):
     def after_epoch(self):
         if self.epoch < self.start_epoch or rank_distrib():
             return  # an epoch skipped to resume, or not the main process
+        if self.epoch + 1 < self.n_epoch and time.perf_counter() - self.saved < self.every:
+            return
         state = {"epoch": self.offset + self.epoch + 1, "settings": self.settings,
                  "model": get_model(self.model).state_dict(), "opt": self.opt.state_dict(),
                  "rng": rng_states(self.learn), **self.extra()}
@@ -97,3 +106,9 @@ class Checkpoint(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         os.replace(tmp, self.path)  # atomic: a kill during the write leaves the previous checkpoint
+        self.saved = time.perf_counter()
+
+
+def saved_epoch(path):
+    """The epoch of the whole run that the checkpoint at `path` holds."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"]

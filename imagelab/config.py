@@ -78,6 +78,9 @@ class TrainConfig:
                                 "lower validation loss", metavar="EPOCHS")
     resume: bool = knob(False, "training", "continue the interrupted run whose checkpoint (<out stem>.ckpt) is "
                         "beside --out", resume=False)
+    checkpoint_every: float = knob(60.0, "training", "save the checkpoint after an epoch once this long has passed "
+                                   "since the last save, and after a fit's last epoch (0: after every epoch)",
+                                   resume=False, metavar="SECONDS")
     out: str = knob("models/model.pkl", "output", "exported learner; its report goes in <out stem>.report/",
                     resume=False)
 
@@ -91,6 +94,8 @@ class TrainConfig:
             raise UserError("need --bs >= 1 and --time-budget > 0")
         if self.patience is not None and self.patience < 1:
             raise UserError("need --patience >= 1")
+        if self.checkpoint_every < 0:
+            raise UserError("need --checkpoint-every >= 0")
 
     def settings(self):
         """What a checkpoint must have been made with to be resumed."""
@@ -98,8 +103,9 @@ class TrainConfig:
 
     def record(self):
         """The settings as they go into metrics.json (paths as given)."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("resume", "workers", "cache", "out", "device", "precision")}  # the run records what they chose
+        # the run records the device and precision it chose; the rest changes nothing in the model
+        left_out = ("resume", "checkpoint_every", "workers", "cache", "out", "device", "precision")
+        return {k: v for k, v in asdict(self).items() if k not in left_out}
 
 
 @dataclass

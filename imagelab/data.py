@@ -7,12 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, ImageBlock, PILImage, RandomResizedCrop,
-                               RandomSplitter, Transform, URLs, aug_transforms, untar_data)
+                               RandomSplitter, Transform, URLs, untar_data)
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
+from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .config import default_cache
 from .paths import FLAGGED, dataset_files, staging_path

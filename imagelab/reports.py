@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: training runs on servers and in CI without a display
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from fastai.callback.core import Callback
 from fastai.interpret import ClassificationInterpretation
 
@@ -15,7 +16,7 @@ class LossHistory(Callback):
     order = 60  # after the Recorder has smoothed the loss
 
     def __init__(self):
-        self.train, self.valid, self.step = [], [], 0
+        self.train, self.valid, self.step, self.pending = [], [], 0, []
 
     def before_epoch(self):
         self.trained = False
@@ -24,11 +25,22 @@ class LossHistory(Callback):
         if self.training:
             self.step += 1
             self.trained = True
-            self.train.append((self.step, float(self.recorder.smooth_loss.value)))
+            # read once an epoch: reading a GPU's value after each batch would make the CPU wait for the GPU
+            self.pending.append((self.step, self.recorder.smooth_loss.value))
+
+    def read_pending(self):
+        if self.pending:
+            steps, values = zip(*self.pending)
+            self.train += zip(steps, torch.stack(values).float().tolist())
+            self.pending = []
 
     def after_epoch(self):
+        self.read_pending()
         if self.trained:  # epochs skipped by a resumed run log nothing
             self.valid.append((self.step, float(self.recorder.values[-1][1])))
+
+    def after_fit(self):
+        self.read_pending()  # an epoch cut short (the time budget) ends the fit without its after_epoch
 
 
 def save_fig(fig, path):

@@ -45,9 +45,14 @@ def crop_box(w, h, min_scale, ratio, rng=random):
 
 
 def resized(image, size):
-    """A 3 x h x w uint8 tensor resized to `size` (h, w), antialiased bilinear like Pillow's, still uint8."""
-    out = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    """A 3 x h x w uint8 tensor resized to `size` (h, w), antialiased bilinear like Pillow's: 1 x 3 x h x w floats,
+    which `pixels` rounds (once for a whole batch: on a GPU every operation is a kernel to launch)."""
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def pixels(x):
+    """Floats rounded to uint8 pixel values, as Pillow's resize gives them."""
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class ImageStore:
@@ -108,7 +113,7 @@ class StoreDL(DataLoader):
         xtra = math.ceil(max(sw, sh) * self.val_xtra / 8) * 8
         squashed = resized(image, (sh + xtra, sw + xtra))
         top, left = xtra // 2, xtra // 2
-        return squashed[:, top:top + sh, left:left + sw]
+        return squashed[..., top:top + sh, left:left + sw]
 
     def create_batches(self, samples):
         chunk = []
@@ -121,7 +126,7 @@ class StoreDL(DataLoader):
             yield self.batch(chunk)
 
     def batch(self, idxs):
-        x = torch.stack([self.crop(i) for i in idxs]).to(self.device, non_blocking=True)
+        x = pixels(torch.cat([self.crop(i) for i in idxs])).to(self.device, non_blocking=True)
         y = self.labels[idxs].to(self.device, non_blocking=True)
         return TensorImage(x), TensorCategory(y)
 

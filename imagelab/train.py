@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
-from fastai.torch_core import get_model, rank_distrib
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import AvgSmoothLoss
+from fastai.torch_core import get_model, rank_distrib, to_detach
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
-from .checkpoint import Checkpoint, load_checkpoint, restore
+from .checkpoint import Checkpoint, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import Autocast, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
@@ -117,6 +119,36 @@ class PlainTensors(Callback):
             self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in self.xb)
 
 
+class SmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the training device.
+
+    fastai's copies the loss to the CPU after every batch: on a GPU that makes the CPU wait for each step
+    to finish before it prepares the next batch, instead of working one step ahead of the GPU.
+    """
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = to_detach(learn.loss.mean(), cpu=False)  # gathered across processes, as fastai's
+        self.val = torch.lerp(loss, self.val.to(loss), self.beta)
+
+
+class Progress(ProgressCallback):
+    """fastai's progress bars, with the smoothed loss beside them read at most once a second and at the end
+    of each bar (fastai reads it after every batch, which makes the CPU wait for a GPU)."""
+    every = 1.0  # seconds
+
+    def before_fit(self):
+        super().before_fit()
+        self.shown = -self.every
+
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        now = time.perf_counter()
+        if hasattr(self, "smooth_loss") and (now - self.shown >= self.every or self.iter + 1 == self.n_iter):
+            self.pbar.comment = f"{self.smooth_loss.item():.4f}"
+            self.shown = now
+
+
 class ProgressiveResize(Callback):
     """fastai's progressive resizing, epoch by epoch: small inputs first, the full `size` for the second half
     of every fit of two epochs or more.
@@ -172,7 +204,8 @@ class KeepBest(Callback):
             return  # an epoch skipped to resume
         if self.run.best is None or valid[-1][1] < valid[self.run.best["epoch"] - 1][1]:
             self.run.best = {"epoch": len(valid),
-                             "model": {k: v.detach().cpu().clone() for k, v in get_model(self.model).state_dict().items()}}
+                             # a copy where the weights are: a GPU copies in place, without waiting
+                             "model": {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}}
 
 
 def start_size(task, cfg):
@@ -196,7 +229,7 @@ def learning_rate(learn, lr, default):
     if lr != "find":
         return float(lr)
     print("finding a learning rate (fastai's lr_find, 100 steps at growing rates)...")
-    with learn.no_bar(), learn.no_logging():
+    with learn.removed_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))), learn.no_logging():
         found = float(learn.lr_find(show_plot=False).valley)
     print(f"lr_find chose {found:.2e}")
     return found
@@ -204,7 +237,7 @@ def learning_rate(learn, lr, default):
 
 class Run:
     """Where a run stands: the learning rate, the losses so far, the epochs finished over all fits, the time
-    spent. A checkpoint saves it after every epoch and `--resume` starts from it: the only resume bookkeeping."""
+    spent. A checkpoint saves it and `--resume` starts from it: the only resume bookkeeping."""
 
     def __init__(self, lr, state=None):
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
@@ -259,7 +292,7 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
                 first = run.done - offset
                 budget = [TimeBudget(cfg.time_budget, run.seconds())] \
                     if cfg.time_budget and fit_one is schedule[-1][1] else []  # the budget drives the last fit
-                checkpoint = Checkpoint(ckpt, settings, run.saved, offset, first, run.take_rng())
+                checkpoint = Checkpoint(ckpt, settings, run.saved, offset, first, run.take_rng(), cfg.checkpoint_every)
                 fit_one(learn, start_epoch=first, cbs=[run.history, KeepBest(run, cfg.patience), checkpoint, resize,
                                                        *budget, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n
@@ -301,6 +334,10 @@ def prepare(task, cfg, device, precision):
     learn = task.learner(dls, cfg)
     learn.model.to(device)  # now, not at the first fit: a resumed run's optimizer state goes where the weights are
     learn.add_cb(PlainTensors())
+    learn.recorder.smooth_loss = SmoothLoss(learn.recorder.smooth_loss.beta)
+    if hasattr(learn, "progress"):  # absent where the caller turned fastai's bars off
+        learn.remove_cb(learn.progress)
+        learn.add_cb(Progress())
     if device.type in ("cpu", "cuda"):  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
         learn.add_cb(ChannelsLast())
     if precision != "fp32":
@@ -341,7 +378,8 @@ def train(task, cfg, cbs=()):
         fit(task, cfg, learn, run, ckpt, settings, cbs)
     except KeyboardInterrupt:
         if main_process and ckpt.exists():
-            print(f"the last finished epoch is saved in {ckpt}: rerun with --resume to continue", file=sys.stderr)
+            print(f"{ckpt} holds the run after epoch {saved_epoch(ckpt)}: rerun with --resume to continue from there",
+                  file=sys.stderr)
         raise
     seconds_here = time.perf_counter() - run.started
     processes = world_size()

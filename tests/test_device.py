@@ -1,9 +1,13 @@
 """Training on any torch device, in any precision: what can be checked on a CPU (device_check.py runs on a GPU too)."""
 import json
+import sys
+import time
 
 import pytest
 import torch
+from fastai.callback.core import Callback
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 
 from imagelab import UserError
 from imagelab.device import pick_device, pick_precision
@@ -48,3 +52,93 @@ def test_bf16_autocast_trains_and_everything_exported_is_fp32_on_the_cpu(tmp_pat
     assert not [cb for cb in learn.cbs if type(cb).__name__ in ("Autocast", "MixedPrecision")]
     assert {v.dtype for k, v in load_file(out.with_name("pets.safetensors")).items()
             if v.is_floating_point()} == {torch.float32}
+
+
+class HostReads(TorchFunctionMode):
+    """Every call that reads a tensor's value into Python, or needs the CPU to learn one (a CUDA GPU makes the CPU
+    wait for all its queued work then), with its reader: the fastai callback whose method asked, else the
+    function."""
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__format__",
+             "nonzero", "masked_select", "unique", "linalg_solve", "linalg_inv"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append((func.__name__, self.reader()))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def reader():
+        frame = sys._getframe(2)
+        while frame:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Callback):
+                return f"{type(owner).__name__}.{frame.f_code.co_name}"
+            frame = frame.f_back
+        caller = sys._getframe(2)
+        return f"{caller.f_globals.get('__name__')}.{caller.f_code.co_name}"
+
+
+# Reads of tensors that never leave the CPU, whatever the device: they make nothing wait.
+CPU_ONLY = {"ParamScheduler._update_val",  # fastai's one-cycle schedule, computed on tensors of its own
+            "torch.utils.data.dataloader.__init__"}  # PyTorch's loader seeds itself from the CPU's generator
+
+
+def test_training_steps_never_wait_for_the_device(tmp_path):
+    """On a GPU, the CPU prepares the next batch while the GPU computes this one, unless Python needs a value
+    the GPU computes. Checked here on the CPU, device-independently: the training phase of each epoch (its
+    batches, augmentation, steps and callbacks) reads none, but the progress bar's loss, at most once a
+    second and at each bar's end."""
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import Progress, train
+
+    reads = HostReads()
+
+    class Audit(Callback):
+        order = -1000  # before every other callback's before_train, and before every other's after_train
+
+        def before_fit(self):
+            self.started = time.perf_counter()
+
+        def before_train(self):
+            reads.__enter__()
+
+        def after_train(self):
+            reads.__exit__(None, None, None)
+
+    audit = Audit()
+    data = make_folder_dataset(tmp_path / "data", n=16)
+    cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), pretrained=False, arch="resnet18", epochs=2,
+                           size=32, bs=8)
+    m = train(Classifier(), cfg, cbs=[audit])
+    seconds = time.perf_counter() - audit.started
+    assert m["images_trained"] == 2 * 3 * 8 and len(m["valid_loss_per_epoch"]) == 2
+    assert [r for r in reads.reads if r[1] not in CPU_ONLY | {"Progress.after_batch"}] == []
+    shown = [r for r in reads.reads if r[1] == "Progress.after_batch"]
+    assert 2 <= len(shown) <= 2 + seconds / Progress.every + 1, shown
+
+
+def test_fastais_augmentation_computes_what_it_did_without_reading_the_device():
+    from fastai.vision import augment as fastai_augment
+    from imagelab.augment import ORIGINALS, apply_perspective, solve, _grid_sample
+
+    assert all(getattr(fastai_augment, name) is not fastai for name, fastai in ORIGINALS.items())
+    torch.manual_seed(0)
+    for size, zoom in [(32, 1.0), (32, 0.7), (128, 1.3), (128, 0.2)]:  # 128 -> 32: over twice the output's size
+        x = torch.rand(4, 3, size, size)
+        theta = torch.tensor([[zoom, 0.1, 0.05], [-0.1, zoom, 0.0]]).expand(4, 2, 3)
+        coords = torch.nn.functional.affine_grid(theta, (4, 3, 32, 32), align_corners=True)
+        assert torch.equal(_grid_sample(x, coords), ORIGINALS["_grid_sample"](x, coords))
+    coords = torch.rand(4, 32, 32, 2) * 2 - 1
+    coeffs = torch.randn(4, 8, 1) * 0.1 + torch.tensor([1., 0, 0, 0, 1, 0, 0, 0])[:, None]
+    assert torch.equal(apply_perspective(coords, coeffs), ORIGINALS["apply_perspective"](coords, coeffs))
+    flat = coeffs.clone()
+    flat[0, 6:, 0], coords[0, 0, 0] = -1.0, torch.tensor([0.5, 0.5])  # a divisor 1 - 0.5 - 0.5 = 0
+    assert torch.equal(apply_perspective(coords, flat), ORIGINALS["apply_perspective"](coords, flat))
+    assert torch.equal(apply_perspective(coords, flat), coords)  # fastai's fallback: the batch unwarped
+    A, B = torch.randn(4, 8, 8) + 8 * torch.eye(8), torch.randn(4, 8, 1)
+    assert torch.allclose(solve(A, B), ORIGINALS["solve"](A, B))

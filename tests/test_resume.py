@@ -1,4 +1,4 @@
-"""Interrupted training: a checkpoint after every epoch, --resume to the same result, the model replaced only at the end."""
+"""Interrupted training: checkpoints after epochs, --resume to the same result, the model replaced only at the end."""
 import json
 import signal
 import subprocess
@@ -26,9 +26,9 @@ def saved_epoch(ckpt):
 
 
 def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None):
-    """Start a real run and send `sig` once it has checkpointed an epoch of its own (but is not done)."""
+    """Start a real run that saves every epoch and send `sig` once it has saved one of its own (but is not done)."""
     before = saved_epoch(ckpt)
-    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([PY, *map(str, args), "--checkpoint-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env, preexec_fn=interruptible)
     deadline = time.monotonic() + timeout
     while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
@@ -63,6 +63,7 @@ def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tm
     code, err, stopped_at = interrupt_after_an_epoch(command(data, out, "--resume"), ckpt, signal.SIGINT)
     assert code == 130, err[-2000:]
     assert "Traceback" not in err and "--resume" in err and killed_at < stopped_at < EPOCHS
+    assert f"holds the run after epoch {stopped_at}" in err
     assert out.read_bytes() == b"previous model"
 
     res = run(command(data, out, "--resume"))
@@ -114,3 +115,22 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(data, tmp_path):
     assert res.returncode == 2 and "other settings" in res.stderr and "size 32 (now 48)" in res.stderr
     res = run(command(data, out, "--arch", "no_such_net"))  # a fresh run is told about the checkpoint
     assert "holds an interrupted run" in res.stdout and res.returncode == 2
+
+
+@pytest.mark.parametrize("every, saved", [(0, [1, 2, 3]), (3600, [0, 0, 3])])
+def test_checkpoints_are_written_every_so_often_and_after_a_fits_last_epoch(tmp_path, every, saved):
+    from fastai.callback.core import Callback
+    from fastai.test_utils import synth_learner
+    from imagelab.checkpoint import Checkpoint
+
+    ckpt, seen = tmp_path / "m.ckpt", []
+
+    class Look(Callback):
+        order = Checkpoint.order + 1
+
+        def after_epoch(self):
+            seen.append(saved_epoch(ckpt))  # 0: none written
+            ckpt.unlink(missing_ok=True)
+
+    synth_learner().fit(3, cbs=[Checkpoint(ckpt, {}, dict, every=every), Look()])
+    assert seen == saved

@@ -8,7 +8,7 @@ from fastai.vision.all import PILImage, RandomResizedCrop, set_seed
 from PIL import Image, ImageFilter
 
 from imagelab.data import Presized, classifier_dls, parent_label, presize
-from imagelab.store import StoreDL, crop_box, resized, store_loaders
+from imagelab.store import StoreDL, crop_box, pixels, resized, store_loaders
 from conftest import make_folder_dataset, write_image
 
 # Landscape, portrait, square, and shapes outside RandomResizedCrop's aspect range (its fallback crop).
@@ -47,7 +47,7 @@ def test_crops_resize_like_pillow(box):
     left, top, w, h = box
     pil = np.asarray(im.crop((left, top, left + w, top + h)).resize((64, 64), Image.BILINEAR)).astype(int)
     tensor = torch.from_numpy(np.array(im)).permute(2, 0, 1)
-    ours = resized(tensor[:, top:top + h, left:left + w], (64, 64)).permute(1, 2, 0).numpy().astype(int)
+    ours = pixels(resized(tensor[:, top:top + h, left:left + w], (64, 64)))[0].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(pil - ours).max() <= 1 and np.abs(pil - ours).mean() < 0.3
 
 
