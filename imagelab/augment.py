@@ -1,12 +1,20 @@
-"""fastai's batch augmentation, `aug_transforms`, without its three waits for the GPU in every batch.
+"""fastai's batch augmentation, `aug_transforms`, computing the same values with less work for the CPU.
 
-Three of fastai's functions make Python read a value that the device computes, so the CPU stops until the
-GPU has done all the work queued before it, instead of preparing the next batch meanwhile:
-`_grid_sample` reads each batch's zoom to decide on a pre-shrink that only applies when the input is
-over twice the output's size (never for batches cut at the output's size); `apply_perspective` reads
-whether a coordinate would divide by zero; `solve` is `torch.linalg.solve`, which reads whether a matrix
-was singular (the warp's 8 x 8 systems are far from it). The replacements compute the same values
-without those reads. Importing this module installs them in fastai; fastai itself could take them.
+On a GPU the CPU's part of a batch is what limits training, and fastai's augmentation spends it twice over:
+
+- Three of its functions make Python read a value that the device computes, so the CPU stops until the
+  GPU has done all the work queued before it, instead of preparing the next batch meanwhile:
+  `_grid_sample` reads each batch's zoom to decide on a pre-shrink that only applies when the input is
+  over twice the output's size (never for batches cut at the output's size); `apply_perspective` reads
+  whether a coordinate would divide by zero; `solve` is `torch.linalg.solve`, which reads whether a
+  matrix was singular (the warp's 8 x 8 systems are far from it).
+- It draws each batch's flips, rotations, zooms, warps and lighting from the batch itself, a
+  `TensorImage`, so the few hundred small operations that build the matrices go through fastai's
+  Python `__torch_function__` one by one. Drawn from a plain view of the same batch, they are the same
+  draws on the same device, in the same order, at the cost of plain PyTorch operations.
+
+Importing this module installs the replacements in fastai; fastai itself could take them.
+tests/test_device.py checks that a whole `aug_transforms` pipeline gives what fastai's own gives.
 """
 import torch
 import torch.nn.functional as F
@@ -37,11 +45,41 @@ def solve(A, B):
     return torch.linalg.solve_ex(A, B).result
 
 
+def affine_grid(theta, size, align_corners=None):
+    """fastai's `affine_grid` as a plain tensor: the warp's operations on it then skip fastai's type machinery."""
+    return F.affine_grid(theta, size, align_corners=align_corners)
+
+
+def plain(b):
+    """What fastai draws from, `b`'s first element: as a plain tensor (a view) when it is an image batch."""
+    while isinstance(b, tuple):
+        b = b[0]
+    return b.as_subclass(torch.Tensor) if isinstance(b, augment.TensorImage) else b  # points keep their img_size
+
+
+def _draw_mask(x, def_draw, draw=None, p=0.5, neutral=0., batch=False):
+    """fastai's `_draw_mask`, as plain a tensor as what it is drawn from."""
+    mask = ORIGINALS[augment, "_draw_mask"](x, def_draw, draw, p, neutral, batch)
+    return mask if isinstance(x, augment.TensorBase) else mask.as_subclass(torch.Tensor)
+
+
+def affine_before_call(self, b, split_idx):
+    ORIGINALS[augment.AffineCoordTfm, "before_call"](self, plain(b), split_idx)
+
+
+def lighting_before_call(self, b, split_idx):
+    ORIGINALS[augment.SpaceTfm, "before_call"](self, plain(b), split_idx)
+
+
 def aug_transforms(**kwargs):
-    """fastai's `aug_transforms`, whose affine and warp steps now run the functions above."""
+    """fastai's `aug_transforms`, which now run the functions above."""
     return augment.aug_transforms(**kwargs)
 
 
-ORIGINALS = {name: getattr(augment, name) for name in ("_grid_sample", "apply_perspective", "solve")}  # the tests compare
-for name in ORIGINALS:
-    setattr(augment, name, globals()[name])
+REPLACEMENTS = {(augment, "_grid_sample"): _grid_sample, (augment, "apply_perspective"): apply_perspective,
+                (augment, "solve"): solve, (augment, "affine_grid"): affine_grid, (augment, "_draw_mask"): _draw_mask,
+                (augment.AffineCoordTfm, "before_call"): affine_before_call,
+                (augment.SpaceTfm, "before_call"): lighting_before_call}
+ORIGINALS = {(owner, name): getattr(owner, name) for owner, name in REPLACEMENTS}  # the tests compare
+for (owner, name), replacement in REPLACEMENTS.items():
+    setattr(owner, name, replacement)

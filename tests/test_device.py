@@ -2,6 +2,7 @@
 import json
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -122,23 +123,57 @@ def test_training_steps_never_wait_for_the_device(tmp_path):
     assert 2 <= len(shown) <= 2 + seconds / Progress.every + 1, shown
 
 
-def test_fastais_augmentation_computes_what_it_did_without_reading_the_device():
-    from fastai.vision import augment as fastai_augment
-    from imagelab.augment import ORIGINALS, apply_perspective, solve, _grid_sample
+@contextmanager
+def fastais_own_augmentation():
+    from imagelab.augment import ORIGINALS, REPLACEMENTS
+    for (owner, name), original in ORIGINALS.items():
+        setattr(owner, name, original)
+    try:
+        yield
+    finally:
+        for (owner, name), replacement in REPLACEMENTS.items():
+            setattr(owner, name, replacement)
 
-    assert all(getattr(fastai_augment, name) is not fastai for name, fastai in ORIGINALS.items())
+
+def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
+    from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, TensorCategory, TensorImage, imagenet_stats
+    from imagelab.augment import aug_transforms
+
+    torch.manual_seed(0)
+    batch = (TensorImage(torch.randint(0, 256, (16, 3, 40, 48), dtype=torch.uint8)), TensorCategory(torch.arange(16)))
+    pipeline = Pipeline([IntToFloatTensor(), *aug_transforms(), Normalize.from_stats(*imagenet_stats, cuda=False)])
+    for split in (0, 1):  # training, validation
+        pipeline.split_idx = split
+        outputs = []
+        for own in (nullcontext(), fastais_own_augmentation()):
+            with own:
+                torch.manual_seed(split)
+                outputs.append(pipeline(batch))
+        (ours, y), (theirs, their_y) = outputs
+        assert type(ours) is TensorImage and torch.equal(y, their_y)
+        assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+        unaugmented = pipeline[-1](pipeline[0](batch[0]))
+        assert torch.allclose(ours, unaugmented, atol=1e-3) == (split == 1)  # augmented in training only
+
+
+def test_fastais_augmentation_functions_compute_what_they_did_without_reading_the_device():
+    from fastai.vision import augment
+    from imagelab.augment import ORIGINALS, REPLACEMENTS, apply_perspective, solve, _grid_sample
+
+    assert all(getattr(owner, name) is new for (owner, name), new in REPLACEMENTS.items())
+    fastai = {name: f for (owner, name), f in ORIGINALS.items() if owner is augment}
     torch.manual_seed(0)
     for size, zoom in [(32, 1.0), (32, 0.7), (128, 1.3), (128, 0.2)]:  # 128 -> 32: over twice the output's size
         x = torch.rand(4, 3, size, size)
         theta = torch.tensor([[zoom, 0.1, 0.05], [-0.1, zoom, 0.0]]).expand(4, 2, 3)
         coords = torch.nn.functional.affine_grid(theta, (4, 3, 32, 32), align_corners=True)
-        assert torch.equal(_grid_sample(x, coords), ORIGINALS["_grid_sample"](x, coords))
+        assert torch.equal(_grid_sample(x, coords), fastai["_grid_sample"](x, coords))
     coords = torch.rand(4, 32, 32, 2) * 2 - 1
     coeffs = torch.randn(4, 8, 1) * 0.1 + torch.tensor([1., 0, 0, 0, 1, 0, 0, 0])[:, None]
-    assert torch.equal(apply_perspective(coords, coeffs), ORIGINALS["apply_perspective"](coords, coeffs))
+    assert torch.equal(apply_perspective(coords, coeffs), fastai["apply_perspective"](coords, coeffs))
     flat = coeffs.clone()
     flat[0, 6:, 0], coords[0, 0, 0] = -1.0, torch.tensor([0.5, 0.5])  # a divisor 1 - 0.5 - 0.5 = 0
-    assert torch.equal(apply_perspective(coords, flat), ORIGINALS["apply_perspective"](coords, flat))
+    assert torch.equal(apply_perspective(coords, flat), fastai["apply_perspective"](coords, flat))
     assert torch.equal(apply_perspective(coords, flat), coords)  # fastai's fallback: the batch unwarped
     A, B = torch.randn(4, 8, 8) + 8 * torch.eye(8), torch.randn(4, 8, 1)
-    assert torch.allclose(solve(A, B), ORIGINALS["solve"](A, B))
+    assert torch.allclose(solve(A, B), fastai["solve"](A, B))
