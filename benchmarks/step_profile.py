@@ -7,12 +7,15 @@ Trains the classifier with the trainer's defaults (`imagelab.train.train`) and t
 training step, waiting for the device at each boundary so that its queued work counts where it was
 issued. Those waits cost a little overlap: the phases add up to slightly more than an untimed step.
 Each epoch's validation and its end (checkpoint, best weights, metrics) are timed too. The first epoch
-is left out (warm-up). The last line printed is one JSON object, milliseconds per step or per epoch.
+is left out (warm-up). On a CUDA GPU it also counts the training phases' implicit waits for the GPU
+(PyTorch's sync debug mode) and names the lines that caused them. The last line printed is one JSON
+object, milliseconds per step or per epoch.
 """
 import argparse
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from imagelab import run_cli, setup
@@ -71,6 +74,10 @@ class Phases:
                 else:
                     phases.lap("data", self.training)
 
+            def before_train(self):
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    torch.cuda.set_sync_debug_mode("warn")  # each implicit wait for the GPU warns: `syncs` counts them
+
             def before_validate(self):
                 phases.mark = clock()
 
@@ -85,6 +92,10 @@ class Phases:
 
             def after_batch(self):
                 phases.lap("rest", self.training)
+
+            def after_train(self):
+                if torch.cuda.is_available():
+                    torch.cuda.set_sync_debug_mode("default")
 
             def after_validate(self):
                 phases.lap("validation", True, phases.epoch)
@@ -115,13 +126,19 @@ def main(argv=None):
                                bs=args.bs, epochs=args.epochs, device=args.device, precision=args.precision,
                                out=str(Path(tmp) / "model" / "pets.pkl"))
         phases = Phases()
-        m = train(Classifier(), cfg, cbs=phases.callbacks)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = train(Classifier(), cfg, cbs=phases.callbacks)
+        syncs = [w for w in caught if "synchronizing" in str(w.message)]
     ms = phases.summary()
     out = {"device": m["device"], "precision": m["precision"], "arch": args.arch, "size": args.size, "bs": args.bs,
            "ms_per_step": {name: ms.get(name) for name in ["data", *(n for n, _ in STEP)]},
            "step_ms": round(sum(ms.get(n, 0) for n in ["data", *(n for n, _ in STEP)]), 2),
            "ms_per_epoch": {name: ms.get(name) for name in phases.epoch},
-           "train_images_per_s_timed": m["images_per_second"]}
+           "train_images_per_s_timed": m["images_per_second"],
+           # implicit waits for a CUDA GPU in the training phases (the progress bar's loss reads it once a second)
+           "gpu_syncs_in_training": len(syncs) if torch.cuda.is_available() else None,
+           "gpu_sync_sources": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})}
     print(json.dumps(out))
     return out
 

@@ -8,6 +8,8 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
   over twice the output's size (never for batches cut at the output's size); `apply_perspective` reads
   whether a coordinate would divide by zero; `solve` is `torch.linalg.solve`, which reads whether a
   matrix was singular (the warp's 8 x 8 systems are far from it).
+- Its warp makes the CPU wait for the GPU in another way: it copies four corner points to the device
+  from an ordinary tensor, and such a copy waits until all the work queued before it is done.
 - It draws each batch's flips, rotations, zooms, warps and lighting from the batch itself, a
   `TensorImage`, so the few hundred small operations that build the matrices go through fastai's
   Python `__torch_function__` one by one. Drawn from a plain view of the same batch, they are the same
@@ -19,6 +21,8 @@ tests/test_device.py checks that a whole `aug_transforms` pipeline gives what fa
 import torch
 import torch.nn.functional as F
 from fastai.vision import augment
+
+from .device import copy_to
 
 
 def _grid_sample(x, coords, mode="bilinear", padding_mode="reflection", align_corners=None):
@@ -71,6 +75,17 @@ def lighting_before_call(self, b, split_idx):
     ORIGINALS[augment.SpaceTfm, "before_call"](self, plain(b), split_idx)
 
 
+def warp_before_call(self, x):
+    """fastai's `_WarpCoord.before_call` (the warp's random corners), its fixed corners copied without waiting."""
+    x_t = augment._draw_mask(x, self._def_draw, self.draw_x, p=self.p, batch=self.batch)
+    y_t = augment._draw_mask(x, self._def_draw, self.draw_y, p=self.p, batch=self.batch)
+    orig_pts = copy_to(torch.tensor([[-1, -1], [-1, 1], [1, -1], [1, 1]], dtype=x.dtype), x.device)
+    self.orig_pts = orig_pts.unsqueeze(0).expand(x.size(0), 4, 2)
+    targ_pts = torch.stack([torch.stack([-1 - y_t, -1 - x_t]), torch.stack([-1 + y_t, 1 + x_t]),
+                            torch.stack([1 + y_t, -1 + x_t]), torch.stack([1 - y_t, 1 - x_t])])
+    self.targ_pts = targ_pts.permute(2, 0, 1)
+
+
 def aug_transforms(**kwargs):
     """fastai's `aug_transforms`, which now run the functions above."""
     return augment.aug_transforms(**kwargs)
@@ -79,7 +94,7 @@ def aug_transforms(**kwargs):
 REPLACEMENTS = {(augment, "_grid_sample"): _grid_sample, (augment, "apply_perspective"): apply_perspective,
                 (augment, "solve"): solve, (augment, "affine_grid"): affine_grid, (augment, "_draw_mask"): _draw_mask,
                 (augment.AffineCoordTfm, "before_call"): affine_before_call,
-                (augment.SpaceTfm, "before_call"): lighting_before_call}
+                (augment.SpaceTfm, "before_call"): lighting_before_call, (augment._WarpCoord, "before_call"): warp_before_call}
 ORIGINALS = {(owner, name): getattr(owner, name) for owner, name in REPLACEMENTS}  # the tests compare
 for (owner, name), replacement in REPLACEMENTS.items():
     setattr(owner, name, replacement)

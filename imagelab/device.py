@@ -77,6 +77,15 @@ def pick_precision(name, device):
     return name
 
 
+def copy_to(t, device):
+    """A CPU tensor on `device`, the copy queued without waiting: a plain copy to a GPU makes the CPU wait for
+    everything queued before it there; one from pinned memory is queued behind it instead."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Autocast(MixedPrecision):
     """fastai's `MixedPrecision` on any device type: fastai's own autocasts on CUDA only.
 

@@ -21,6 +21,7 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.augment import RandomResizedCrop
 
+from .device import copy_to
 from .images import open_rgb
 
 # Share of the free memory (the GPU's, else the machine's) that the decoded images may take.
@@ -55,6 +56,22 @@ def pixels(x):
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def resampling(lengths, total, first, count, span):
+    """`resized`'s weights along one axis, for a batch: each crop's `lengths[b]` pixels resized to `total`, as
+    PyTorch's antialiased bilinear interpolate weighs them, for output pixels `first` to `first + count`:
+    a `len(lengths)` x `count` x `span` tensor, zero beyond each crop's length."""
+    scale = lengths / total
+    support = scale.clamp(min=1.0)  # the triangle filter widens with the downscaling factor
+    out = torch.arange(first, first + count, device=lengths.device)
+    centre = scale[:, None] * (out + 0.5)
+    low = (centre - support[:, None] + 0.5).trunc().clamp(min=0)
+    high = torch.minimum((centre + support[:, None] + 0.5).trunc(), lengths[:, None])
+    j = torch.arange(span, device=lengths.device)
+    w = (1 - ((j - centre[..., None] + 0.5) / support[:, None, None]).abs()).clamp(min=0)
+    w = w * ((j >= low[..., None]) & (j < high[..., None]))
+    return w / w.sum(-1, keepdim=True)
+
+
 class ImageStore:
     """Decoded images, each 3 x h x w uint8, in one flat tensor with their offsets and sizes."""
 
@@ -64,7 +81,9 @@ class ImageStore:
         self.shapes = [a.shape[:2] for a in arrays]
         sizes = [h * w * 3 for h, w in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-        flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)  # pinned: copies to the GPU overlap
+        self.widest = max(w for _, w in self.shapes)
+        # pinned: copies to the GPU overlap; a row's width of padding: `cut` reads whole rows of the widest crop
+        flat = torch.zeros(sum(sizes) + self.widest, dtype=torch.uint8, pin_memory=pin)
         for a, o, n in zip(arrays, self.offsets, sizes):
             flat[o:o + n] = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).reshape(-1)
         self.flat = flat.to(device)
@@ -75,6 +94,25 @@ class ImageStore:
     def image(self, i):
         h, w = self.shapes[i]
         return self.flat[self.offsets[i]:self.offsets[i] + 3 * h * w].view(3, h, w)
+
+    def cut(self, boxes, total, offset, size):
+        """`resized` for a whole batch in a few operations, however many images: `boxes` (image, left, top,
+        width, height) resized to `total` (h, w), of which the `size` (h, w) at `offset` (top, left) is kept.
+
+        Each crop's rows are read at the width of the widest crop into one batch (the columns past a crop's
+        own width weigh nothing), and resized by two matrix products with `resampling`'s weights. On a GPU,
+        where each operation is a kernel launched by the CPU, that replaces a few hundred per batch."""
+        device = self.flat.device
+        boxes_ = copy_to(torch.tensor([(self.offsets[i], *self.shapes[i], *box) for i, *box in boxes]), device)
+        start, h, w, left, top, cw, ch = boxes_.unbind(1)
+        span_h, span_w = int(max(b[4] for b in boxes)), int(max(b[3] for b in boxes))
+        rows = top[:, None] + torch.minimum(torch.arange(span_h, device=device), ch[:, None] - 1)  # the last row again
+        planes = start[:, None] + torch.arange(3, device=device)[None] * (h * w)[:, None]
+        starts = planes[:, :, None] + (rows * w[:, None] + left[:, None])[:, None, :]
+        x = self.flat.unfold(0, span_w, 1)[starts].float()  # B x 3 x span_h x span_w
+        wy = resampling(ch.float(), total[0], offset[0], size[0], span_h)
+        wx = resampling(cw.float(), total[1], offset[1], size[1], span_w)
+        return wy[:, None] @ x @ wx[:, None].transpose(-1, -2)
 
 
 def store_device(files, device):
@@ -102,18 +140,28 @@ class StoreDL(DataLoader):
         super().__init__(list(range(len(store))), after_batch=after_batch, device=device, **kwargs)
         self.store, self.labels, self.train = store, labels, train
         self.size, self.min_scale, self.ratio, self.val_xtra = crop.size, crop.min_scale, crop.ratio, crop.val_xtra
+        # one batched cut where every operation is a kernel to launch; a CPU computes less resizing image by image
+        self.batched = store.flat.device.type != "cpu"
 
-    def crop(self, i):
-        image = self.store.image(i)
-        h, w = image.shape[1:]
+    def boxes(self, idxs):
+        """Each image's (image, left, top, width, height) crop, the (h, w) it is resized to and the (top, left) of
+        the part of `size` kept: a random crop for training; for validation the whole image, squashed to the
+        size plus fastai's `val_xtra` margin, whose centre is kept."""
         sw, sh = self.size  # fastai's (width, height)
+        shapes = [self.store.shapes[i] for i in idxs]
         if self.train:
-            left, top, cw, ch = crop_box(w, h, self.min_scale, self.ratio)
-            return resized(image[:, top:top + ch, left:left + cw], (sh, sw))
+            return [(i, *crop_box(w, h, self.min_scale, self.ratio)) for i, (h, w) in zip(idxs, shapes)], (sh, sw), (0, 0)
         xtra = math.ceil(max(sw, sh) * self.val_xtra / 8) * 8
-        squashed = resized(image, (sh + xtra, sw + xtra))
-        top, left = xtra // 2, xtra // 2
-        return squashed[..., top:top + sh, left:left + sw]
+        return [(i, 0, 0, w, h) for i, (h, w) in zip(idxs, shapes)], (sh + xtra, sw + xtra), (xtra // 2, xtra // 2)
+
+    def cut(self, idxs):
+        """The batch's images as floats of uint8 values, B x 3 x h x w."""
+        boxes, total, (oy, ox) = self.boxes(idxs)
+        sh, sw = self.size[1], self.size[0]
+        if self.batched:
+            return self.store.cut(boxes, total, (oy, ox), (sh, sw))
+        return torch.cat([resized(self.store.image(i)[:, top:top + ch, left:left + cw], total)[..., oy:oy + sh, ox:ox + sw]
+                          for i, left, top, cw, ch in boxes])
 
     def create_batches(self, samples):
         chunk = []
@@ -126,9 +174,8 @@ class StoreDL(DataLoader):
             yield self.batch(chunk)
 
     def batch(self, idxs):
-        x = pixels(torch.cat([self.crop(i) for i in idxs])).to(self.device, non_blocking=True)
-        y = self.labels[idxs].to(self.device, non_blocking=True)
-        return TensorImage(x), TensorCategory(y)
+        x, y = pixels(self.cut(idxs)), self.labels[idxs]
+        return TensorImage(copy_to(x, self.device)), TensorCategory(copy_to(y, self.device))
 
 
 def store_loaders(dls, copies):
@@ -145,7 +192,7 @@ def store_loaders(dls, copies):
         return None
     loaders = []
     for dl, train, files in splits:
-        labels = torch.stack([torch.as_tensor(y) for y in dl.dataset.tls[1]]).long().to(where)
+        labels = torch.stack([torch.as_tensor(y) for y in dl.dataset.tls[1]]).long()  # indexed on the CPU
         store = ImageStore(files, where, pin=where.type == "cpu" and device.type == "cuda")
         loaders.append(StoreDL(store, labels, crop, train, dl.after_batch, device,
                                bs=dl.bs, shuffle=train, drop_last=train))

@@ -8,7 +8,7 @@ from fastai.vision.all import PILImage, RandomResizedCrop, set_seed
 from PIL import Image, ImageFilter
 
 from imagelab.data import Presized, classifier_dls, parent_label, presize
-from imagelab.store import StoreDL, crop_box, pixels, resized, store_loaders
+from imagelab.store import ImageStore, StoreDL, crop_box, pixels, resized, store_loaders
 from conftest import make_folder_dataset, write_image
 
 # Landscape, portrait, square, and shapes outside RandomResizedCrop's aspect range (its fallback crop).
@@ -88,3 +88,38 @@ def test_training_batches_follow_the_size_and_the_random_streams(loaders):
     train.size = (16, 16)  # progressive resizing changes the size between epochs
     assert next(iter(train))[0].shape == (4, 3, 16, 16)
     train.size = (32, 32)
+
+
+def test_a_batched_cut_is_the_per_image_resize_within_a_grey_level(tmp_path):
+    """The GPU's cut (one gather and two matrix products for a batch) against the CPU's (interpolate per image)."""
+    files = []
+    for i, (w, h) in enumerate(SHAPES):
+        files.append(tmp_path / f"{i}.png")
+        smooth_image(w, h, seed=i).save(files[-1])
+    store = ImageStore(files, torch.device("cpu"))
+    rng = random.Random(0)
+    for total, offset, size in [((64, 48), (0, 0), (64, 48)), ((24, 24), (0, 0), (24, 24)),  # down, and up, scaling
+                                ((600, 80), (0, 0), (600, 80)), ((40, 40), (4, 4), (32, 32))]:  # validation's centre
+        boxes = [(i, *crop_box(w, h, 0.08, (3 / 4, 4 / 3), rng)) for i, (w, h) in enumerate(SHAPES * 4)
+                 for i in [i % len(SHAPES)]]
+        one_by_one = pixels(torch.cat([
+            resized(store.image(i)[:, top:top + ch, left:left + cw], total)[..., offset[0]:offset[0] + size[0],
+                                                                           offset[1]:offset[1] + size[1]]
+            for i, left, top, cw, ch in boxes])).int()
+        batched = pixels(store.cut(boxes, total, offset, size)).int()
+        assert batched.shape == one_by_one.shape == (len(boxes), 3, *size)
+        assert (batched - one_by_one).abs().max() <= 1 and (batched != one_by_one).float().mean() < 0.01
+
+
+def test_batched_loaders_give_the_per_image_batches(loaders):
+    _, store = loaders
+    for dl in (store.train, store.valid):
+        batches = []
+        for batched in (False, True):
+            dl.batched = batched
+            random.seed(5)  # the crops' stream
+            batches.append(dl.batch(list(range(len(dl.store)))))
+        dl.batched = False
+        (x, y), (bx, by) = batches
+        assert torch.equal(y, by) and x.dtype == bx.dtype == torch.uint8
+        assert x.shape == bx.shape and (x.int() - bx.int()).abs().max() <= 1
