@@ -4,8 +4,9 @@
 # Here, first:   bash ../shared/gpu/prepare-wheels.sh && mkdir -p data && cp -r ../shared/data/catsdogs data/
 # There:         bash benchmarks/gpu_check.sh          (with .whl and data/catsdogs carried along)
 #
-# Writes train_speed.json, step_profile.json and device_check.json into $OUT (or ./build/gpu-check), one JSON line each, with
-# each step's stderr beside it. A step that fails or runs out of time does not stop the next one.
+# Writes batch_overhead.json, train_speed.json, step_profile.json and device_check.json into $OUT (or
+# ./build/gpu-check), one JSON line each, with each step's stderr beside it. A step that fails or runs out
+# of time does not stop the next one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-build/gpu-check}"
@@ -23,6 +24,7 @@ step() {  # step NAME SECONDS COMMAND...: the command's last stdout line into NA
   timeout "$seconds" "$@" 2>"$out/$name.err" | tail -1 | tee "$out/$name.json"
   echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/machine.txt"
 }
+step batch_overhead 60 python3 benchmarks/batch_overhead.py --device cuda --size 224
 step train_speed 300 python3 benchmarks/train_speed.py --data data/catsdogs --device cuda --size 224 --bs 64 \
   --epochs 8 --no-preset
 step step_profile 120 python3 benchmarks/step_profile.py --data data/catsdogs --device cuda --size 224 --bs 64

@@ -94,7 +94,8 @@ def aug_transforms(**kwargs):
 REPLACEMENTS = {(augment, "_grid_sample"): _grid_sample, (augment, "apply_perspective"): apply_perspective,
                 (augment, "solve"): solve, (augment, "affine_grid"): affine_grid, (augment, "_draw_mask"): _draw_mask,
                 (augment.AffineCoordTfm, "before_call"): affine_before_call,
-                (augment.SpaceTfm, "before_call"): lighting_before_call, (augment._WarpCoord, "before_call"): warp_before_call}
+                (augment.SpaceTfm, "before_call"): lighting_before_call,
+                (augment._WarpCoord, "before_call"): warp_before_call}
 ORIGINALS = {(owner, name): getattr(owner, name) for owner, name in REPLACEMENTS}  # the tests compare
 for (owner, name), replacement in REPLACEMENTS.items():
     setattr(owner, name, replacement)
