@@ -5,7 +5,8 @@ one by one in Python, is what keeps an accelerator waiting. When they fit in mem
 decoded once into one uint8 tensor (on the GPU when it fits there, else in pinned memory), and each
 batch is cut from it on the training device: fastai's `RandomResizedCrop` for training (the same crop
 boxes from the same random stream, resized with antialiased bilinear like Pillow's), its squash-and-centre
-crop for validation. fastai's batch transforms (`aug_transforms`, `Normalize`) follow as on the file path.
+crop for validation. A GPU resizes a batch's crops together (`ImageStore.cut`), a CPU one by one. fastai's
+batch transforms (`aug_transforms`, `Normalize`) follow as on the file path.
 """
 import math
 import random
@@ -81,9 +82,9 @@ class ImageStore:
         self.shapes = [a.shape[:2] for a in arrays]
         sizes = [h * w * 3 for h, w in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-        self.widest = max(w for _, w in self.shapes)
+        widest = max(w for _, w in self.shapes)
         # pinned: copies to the GPU overlap; a row's width of padding: `cut` reads whole rows of the widest crop
-        flat = torch.zeros(sum(sizes) + self.widest, dtype=torch.uint8, pin_memory=pin)
+        flat = torch.zeros(sum(sizes) + widest, dtype=torch.uint8, pin_memory=pin)
         for a, o, n in zip(arrays, self.offsets, sizes):
             flat[o:o + n] = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).reshape(-1)
         self.flat = flat.to(device)
@@ -150,7 +151,8 @@ class StoreDL(DataLoader):
         sw, sh = self.size  # fastai's (width, height)
         shapes = [self.store.shapes[i] for i in idxs]
         if self.train:
-            return [(i, *crop_box(w, h, self.min_scale, self.ratio)) for i, (h, w) in zip(idxs, shapes)], (sh, sw), (0, 0)
+            crops = [(i, *crop_box(w, h, self.min_scale, self.ratio)) for i, (h, w) in zip(idxs, shapes)]
+            return crops, (sh, sw), (0, 0)
         xtra = math.ceil(max(sw, sh) * self.val_xtra / 8) * 8
         return [(i, 0, 0, w, h) for i, (h, w) in zip(idxs, shapes)], (sh + xtra, sw + xtra), (xtra // 2, xtra // 2)
 
@@ -160,8 +162,8 @@ class StoreDL(DataLoader):
         sh, sw = self.size[1], self.size[0]
         if self.batched:
             return self.store.cut(boxes, total, (oy, ox), (sh, sw))
-        return torch.cat([resized(self.store.image(i)[:, top:top + ch, left:left + cw], total)[..., oy:oy + sh, ox:ox + sw]
-                          for i, left, top, cw, ch in boxes])
+        crops = [resized(self.store.image(i)[:, top:top + ch, left:left + cw], total) for i, left, top, cw, ch in boxes]
+        return torch.cat(crops)[..., oy:oy + sh, ox:ox + sw]
 
     def create_batches(self, samples):
         chunk = []

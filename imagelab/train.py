@@ -229,7 +229,8 @@ def learning_rate(learn, lr, default):
     if lr != "find":
         return float(lr)
     print("finding a learning rate (fastai's lr_find, 100 steps at growing rates)...")
-    with learn.removed_cbs(learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))), learn.no_logging():
+    bars = learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))  # fastai's no_bar puts back its own bar
+    with learn.removed_cbs(bars), learn.no_logging():
         found = float(learn.lr_find(show_plot=False).valley)
     print(f"lr_find chose {found:.2e}")
     return found
