@@ -129,6 +129,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     fails_with_one_line(res, "unknown timm architecture 'no_such_net'")
     res = run(["training/train_pets.py", "--data", data, "--size", "64", "--start-size", "96"])
     assert fails_with_one_line(res) == "error: need 8 <= --start-size <= --size (64)"
+    res = run(["training/train_pets.py", "--data", data, "--checkpoint-every", "-1"])
+    assert fails_with_one_line(res) == "error: need --checkpoint-every >= 0"
 
 
 def test_a_folder_with_one_class_is_told_so(tmp_path):
@@ -152,7 +154,7 @@ def test_help_lists_the_knobs():
     assert res.returncode == 0
     for flag in ["--data", "--labels", "--task", "--arch", "--no-pretrained", "--epochs", "--size", "--bs",
                  "--lr", "--valid-pct", "--seed", "--min-scale", "--out", "--resume", "--preset", "--presize",
-                 "--time-budget", "--wd", "--label-smoothing", "--start-size"]:
+                 "--time-budget", "--wd", "--label-smoothing", "--start-size", "--checkpoint-every"]:
         assert flag in res.stdout, flag
 
 
