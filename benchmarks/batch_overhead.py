@@ -17,6 +17,7 @@ import json
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from imagelab import run_cli, setup
@@ -25,7 +26,7 @@ setup()  # before PyTorch loads: OpenMP reads its wait policy once
 import torch  # noqa: E402
 from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, TensorImage, imagenet_stats  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from imagelab.augment import ORIGINALS, REPLACEMENTS, aug_transforms  # noqa: E402
+from imagelab.augment import aug_transforms, fastais_own  # noqa: E402
 from imagelab.data import find_images, presize  # noqa: E402
 from imagelab.device import pick_device  # noqa: E402
 from imagelab.store import ImageStore, crop_box, pixels, resized  # noqa: E402
@@ -60,11 +61,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def fastais_own(own):
-    for (owner, name), f in (ORIGINALS if own else REPLACEMENTS).items():
-        setattr(owner, name, f)
-
-
 def main(argv=None):
     args = parse(argv)
     device = pick_device(args.device)
@@ -81,28 +77,28 @@ def main(argv=None):
     normalize.mean, normalize.std = normalize.mean.to(device), normalize.std.to(device)
     aug = Pipeline([IntToFloatTensor(), *aug_transforms(), normalize])
     aug.split_idx = 0
-    runs = {
-        "cut_per_image": lambda: pixels(torch.cat([resized(store.image(i)[:, t:t + h, l:l + w], size)
-                                                   for i, l, t, w, h in boxes])),
-        "cut_batched": lambda: pixels(store.cut(boxes, size, (0, 0), size)),
-        "augment_fastai": lambda: (fastais_own(True), aug(batch)),
-        "augment_ours": lambda: (fastais_own(False), aug(batch)),
+    runs = {  # name: (the setting it runs in, one batch)
+        "cut_per_image": (nullcontext, lambda: pixels(torch.cat([resized(store.image(i)[:, t:t + h, l:l + w], size)
+                                                                 for i, l, t, w, h in boxes]))),
+        "cut_batched": (nullcontext, lambda: pixels(store.cut(boxes, size, (0, 0), size))),
+        "augment_fastai": (fastais_own, lambda: aug(batch)),
+        "augment_ours": (nullcontext, lambda: aug(batch)),
     }
     ms, ops = {name: [] for name in runs}, {}
     for _ in range(args.turns):
-        for name, fn in runs.items():
-            fn()
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.reps):
+        for name, (setting, fn) in runs.items():
+            with setting():
                 fn()
-            sync(device)
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(args.reps):
+                    fn()
+                sync(device)
             ms[name].append((time.perf_counter() - start) / args.reps * 1000)
-    for name, fn in runs.items():
-        with Ops() as counted:
+    for name, (setting, fn) in runs.items():
+        with setting(), Ops() as counted:
             fn()
         ops[name] = counted.count
-    fastais_own(False)
     best = {name: min(v) for name, v in ms.items()}
     out = {"device": str(device), "size": args.size, "bs": args.bs,
            "ms_per_batch": {name: round(v, 2) for name, v in best.items()}, "ops_per_batch": ops,

@@ -18,6 +18,8 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
 Importing this module installs the replacements in fastai; fastai itself could take them.
 tests/test_device.py checks that a whole `aug_transforms` pipeline gives what fastai's own gives.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from fastai.vision import augment
@@ -96,6 +98,22 @@ REPLACEMENTS = {(augment, "_grid_sample"): _grid_sample, (augment, "apply_perspe
                 (augment.AffineCoordTfm, "before_call"): affine_before_call,
                 (augment.SpaceTfm, "before_call"): lighting_before_call,
                 (augment._WarpCoord, "before_call"): warp_before_call}
-ORIGINALS = {(owner, name): getattr(owner, name) for owner, name in REPLACEMENTS}  # the tests compare
-for (owner, name), replacement in REPLACEMENTS.items():
-    setattr(owner, name, replacement)
+ORIGINALS = {(owner, name): getattr(owner, name) for owner, name in REPLACEMENTS}
+
+
+def install(functions):
+    for (owner, name), f in functions.items():
+        setattr(owner, name, f)
+
+
+@contextmanager
+def fastais_own():
+    """fastai's augmentation as fastai ships it, for the tests and benchmarks that compare."""
+    install(ORIGINALS)
+    try:
+        yield
+    finally:
+        install(REPLACEMENTS)
+
+
+install(REPLACEMENTS)

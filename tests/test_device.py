@@ -2,7 +2,7 @@
 import json
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -123,21 +123,9 @@ def test_training_steps_never_wait_for_the_device(tmp_path):
     assert 2 <= len(shown) <= 2 + seconds / Progress.every + 1, shown
 
 
-@contextmanager
-def fastais_own_augmentation():
-    from imagelab.augment import ORIGINALS, REPLACEMENTS
-    for (owner, name), original in ORIGINALS.items():
-        setattr(owner, name, original)
-    try:
-        yield
-    finally:
-        for (owner, name), replacement in REPLACEMENTS.items():
-            setattr(owner, name, replacement)
-
-
 def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
     from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, TensorCategory, TensorImage, imagenet_stats
-    from imagelab.augment import aug_transforms
+    from imagelab.augment import aug_transforms, fastais_own
 
     torch.manual_seed(0)
     batch = (TensorImage(torch.randint(0, 256, (16, 3, 40, 48), dtype=torch.uint8)), TensorCategory(torch.arange(16)))
@@ -145,7 +133,7 @@ def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
     for split in (0, 1):  # training, validation
         pipeline.split_idx = split
         outputs = []
-        for own in (nullcontext(), fastais_own_augmentation()):
+        for own in (nullcontext(), fastais_own()):
             with own:
                 torch.manual_seed(split)
                 outputs.append(pipeline(batch))
