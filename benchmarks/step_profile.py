@@ -45,6 +45,8 @@ def parse(argv=None):
     p.add_argument("--epochs", type=int, default=3, help="the first is left out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="the trainer's; 0 writes a checkpoint after every epoch, to time its cost in epoch_end")
     return p.parse_args(argv)
 
 
@@ -124,7 +126,7 @@ def main(argv=None):
         data = Path(args.data) if args.data else make_images(Path(tmp) / "data", args.images)
         cfg = ClassifierConfig(data=str(data), arch=args.arch, pretrained=False, size=args.size, start_size=args.size,
                                bs=args.bs, epochs=args.epochs, device=args.device, precision=args.precision,
-                               out=str(Path(tmp) / "model" / "pets.pkl"))
+                               checkpoint_every=args.checkpoint_every, out=str(Path(tmp) / "model" / "pets.pkl"))
         phases = Phases()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -4,8 +4,10 @@ A run killed at any point (Ctrl-C, SIGTERM, SIGKILL, a power cut) leaves the che
 saved epoch; `--resume` loads it and goes on with the same weights, optimizer moments, schedule
 position and random-number streams, so it ends where the uninterrupted run would have.
 """
+import copy
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -69,19 +71,78 @@ def restore(learn, state):
     learn.opt.load_state_dict(state["opt"])
 
 
+def snapshot(obj):
+    """`obj` as it is now, for a writer that works while training goes on: every tensor copied to the CPU,
+    every dict, list and tuple copied (the loss history grows, the optimizer's moments change in place).
+
+    A GPU's tensors are copied without waiting, in the order of the GPU's queue, so the copies hold the
+    values before the next step; the writer waits for them (`Writer.write`'s `ready`).
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", non_blocking=obj.is_cuda, copy=True)  # pinned memory, for a GPU's copies
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps a state dict's own attributes (its `_metadata`: the layers' versions)
+        out.update((k, snapshot(v)) for k, v in obj.items())
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Writes checkpoints in a background thread, one at a time, so an epoch's end does not wait for the disk.
+
+    The write is flushed to the disk before the file replaces the previous one, so even a power cut leaves
+    one whole checkpoint. A failed write is raised by the next `write` or `wait`.
+    """
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def write(self, state, path, ready=None):
+        """Write `state` (a `snapshot`) to `path`; `ready`: a CUDA event to wait for before reading it."""
+        self.wait()
+        self.thread = threading.Thread(target=self._write, args=(state, Path(path), ready), name="checkpoint")
+        self.thread.start()
+
+    def _write(self, state, path, ready):
+        try:
+            if ready is not None:
+                ready.synchronize()
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: a kill during the write leaves the previous checkpoint
+        except BaseException as e:
+            self.error = e
+
+    def wait(self):
+        """Wait for the write in progress; a `UserError` if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise UserError(f"cannot write the checkpoint: {error}") from error
+
+
 class Checkpoint(Callback):
     """Save everything a resumed run needs after a finished epoch; restore the random streams when resuming.
 
     An epoch is saved when `every` seconds have passed since the last save (or the fit's start), and the
-    last epoch of a fit always is. Writing weights and optimizer moments takes a fraction of a second:
-    after every epoch that would be a large share of epochs that take seconds on a GPU. `offset` is the
-    number of epochs of earlier fits of the same run (fine_tune's frozen epoch), so `epoch` in the file
-    counts the epochs of the whole run.
+    last epoch of a fit always is. The epoch's end only copies the state; `writer` (one per run: a fit's
+    last write may still be going when the next fit saves) puts it on the disk while training goes on.
+    Even copying weights and optimizer moments after every epoch would be a share of epochs that take
+    seconds on a GPU. `offset` is the number of epochs of earlier fits of the same run (fine_tune's frozen
+    epoch), so `epoch` in the file counts the epochs of the whole run.
     """
     order = 65  # after the Recorder and LossHistory have logged the epoch
 
-    def __init__(self, path, settings, extra, offset=0, start_epoch=0, resume_rng=None, every=0.0):
-        self.path, self.settings, self.extra = Path(path), settings, extra
+    def __init__(self, path, settings, extra, writer, offset=0, start_epoch=0, resume_rng=None, every=0.0):
+        self.path, self.settings, self.extra, self.writer = Path(path), settings, extra, writer
         self.offset, self.start_epoch, self.resume_rng, self.every = offset, start_epoch, resume_rng, every
 
     def before_fit(self):
@@ -99,13 +160,13 @@ class Checkpoint(Callback):
             return  # an epoch skipped to resume, or not the main process
         if self.epoch + 1 < self.n_epoch and time.perf_counter() - self.saved < self.every:
             return
-        state = {"epoch": self.offset + self.epoch + 1, "settings": self.settings,
-                 "model": get_model(self.model).state_dict(), "opt": self.opt.state_dict(),
-                 "rng": rng_states(self.learn), **self.extra()}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # atomic: a kill during the write leaves the previous checkpoint
+        model = get_model(self.model)
+        state = snapshot({"epoch": self.offset + self.epoch + 1, "settings": self.settings,
+                          "model": model.state_dict(), "opt": self.opt.state_dict(),
+                          "rng": rng_states(self.learn), **self.extra()})
+        device = next(model.parameters()).device
+        ready = torch.cuda.current_stream(device).record_event() if device.type == "cuda" else None
+        self.writer.write(state, self.path, ready)
         self.saved = time.perf_counter()
 
 

@@ -20,7 +20,7 @@ from fastai.torch_core import get_model, rank_distrib, to_detach
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
-from .checkpoint import Checkpoint, load_checkpoint, restore, saved_epoch
+from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import Autocast, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
@@ -282,7 +282,7 @@ class Run:
         return rng
 
 
-def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
+def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
     """Every fit of the schedule that is not finished yet, with checkpoints, the time budget and resizing."""
     schedule = task.fits(cfg, run.lr)
     resize = progressive_resize(learn.dls, cfg, start_size(task, cfg))
@@ -293,7 +293,8 @@ def fit(task, cfg, learn, run, ckpt, settings, extra_cbs):
                 first = run.done - offset
                 budget = [TimeBudget(cfg.time_budget, run.seconds())] \
                     if cfg.time_budget and fit_one is schedule[-1][1] else []  # the budget drives the last fit
-                checkpoint = Checkpoint(ckpt, settings, run.saved, offset, first, run.take_rng(), cfg.checkpoint_every)
+                checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset, first, run.take_rng(),
+                                        cfg.checkpoint_every)
                 fit_one(learn, start_epoch=first, cbs=[run.history, KeepBest(run, cfg.patience), checkpoint, resize,
                                                        *budget, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n
@@ -375,9 +376,11 @@ def train(task, cfg, cbs=()):
     if state:
         restore(learn, state)
         print(f"resuming after epoch {state['epoch']} of {sum(n for n, _ in task.fits(cfg, run.lr))} from {ckpt}")
+    writer = Writer()
     try:
-        fit(task, cfg, learn, run, ckpt, settings, cbs)
+        fit(task, cfg, learn, run, ckpt, writer, settings, cbs)
     except KeyboardInterrupt:
+        writer.wait()  # the checkpoint being written, if any, is the one to resume from
         if main_process and ckpt.exists():
             print(f"{ckpt} holds the run after epoch {saved_epoch(ckpt)}: rerun with --resume to continue from there",
                   file=sys.stderr)
@@ -398,7 +401,8 @@ def train(task, cfg, cbs=()):
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [str(f) for f, _ in skipped]}
-    metrics = export(task, cfg, learn, run.history, root, facts)
+    metrics = export(task, cfg, learn, run.history, root, facts)  # while the last checkpoint is written
+    writer.wait()
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(task.summary(metrics, cfg))
     return metrics

@@ -121,16 +121,54 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(data, tmp_path):
 def test_checkpoints_are_written_every_so_often_and_after_a_fits_last_epoch(tmp_path, every, saved):
     from fastai.callback.core import Callback
     from fastai.test_utils import synth_learner
-    from imagelab.checkpoint import Checkpoint
+    from imagelab.checkpoint import Checkpoint, Writer
 
-    ckpt, seen = tmp_path / "m.ckpt", []
+    ckpt, seen, writer = tmp_path / "m.ckpt", [], Writer()
 
     class Look(Callback):
         order = Checkpoint.order + 1
 
         def after_epoch(self):
+            writer.wait()
             seen.append(saved_epoch(ckpt))  # 0: none written
             ckpt.unlink(missing_ok=True)
 
-    synth_learner().fit(3, cbs=[Checkpoint(ckpt, {}, dict, every=every), Look()])
+    synth_learner().fit(3, cbs=[Checkpoint(ckpt, {}, dict, writer, every=every), Look()])
     assert seen == saved
+
+
+def test_a_checkpoint_written_while_training_goes_on_holds_its_epochs_state(tmp_path):
+    """The disk is written in the background: what lands there is the epoch's state, not what training made of it since."""
+    import threading
+
+    from fastai.test_utils import synth_learner
+    from imagelab import UserError
+    from imagelab.checkpoint import Checkpoint, Writer
+
+    class SlowDisk(Writer):
+        released = threading.Event()
+
+        def _write(self, *args):
+            self.released.wait(timeout=60)
+            super()._write(*args)
+
+    ckpt, writer, learn, history = tmp_path / "m.ckpt", SlowDisk(), synth_learner(), [1.0]
+    learn.fit(1, cbs=[Checkpoint(ckpt, {}, lambda: {"history": history}, writer)], lr=0.1)
+    weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    moments = [{k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for s in learn.opt.state_dict()["state"]]
+    learn.fit(2, lr=0.1)  # in place: the weights and the optimizer's moments change under the pending write
+    history.append(0.5)
+    assert not torch.equal(learn.model.a, weights["a"]) and not ckpt.exists()
+    SlowDisk.released.set()
+    writer.wait()
+    state = torch.load(ckpt, weights_only=False)
+    assert state["epoch"] == 1 and state["history"] == [1.0]
+    assert state["model"].keys() == weights.keys() and all(torch.equal(state["model"][k], v) for k, v in weights.items())
+    assert hasattr(state["model"], "_metadata")  # layers' versions, which load_state_dict reads
+    for saved, then in zip(state["opt"]["state"], moments):
+        assert all(torch.equal(saved[k], v) for k, v in then.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["m.ckpt"]  # no temporary file left
+
+    writer.write({"epoch": 1}, tmp_path / "m.ckpt" / "inside_a_file")
+    with pytest.raises(UserError, match="cannot write the checkpoint"):
+        writer.wait()
