@@ -146,7 +146,7 @@ def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
 
 def test_fastais_augmentation_functions_compute_what_they_did_without_reading_the_device():
     from fastai.vision import augment
-    from imagelab.augment import ORIGINALS, REPLACEMENTS, apply_perspective, solve, _grid_sample
+    from imagelab.augment import ORIGINALS, REPLACEMENTS, apply_perspective, fastais_own, find_coeffs, solve, _grid_sample
 
     assert all(getattr(owner, name) is new for (owner, name), new in REPLACEMENTS.items())
     fastai = {name: f for (owner, name), f in ORIGINALS.items() if owner is augment}
@@ -165,3 +165,9 @@ def test_fastais_augmentation_functions_compute_what_they_did_without_reading_th
     assert torch.equal(apply_perspective(coords, flat), coords)  # fastai's fallback: the batch unwarped
     A, B = torch.randn(4, 8, 8) + 8 * torch.eye(8), torch.randn(4, 8, 1)
     assert torch.allclose(solve(A, B), fastai["solve"](A, B))
+    corners = torch.tensor([[-1., -1], [-1, 1], [1, -1], [1, 1]]).expand(4, 4, 2)  # as the warp expands them
+    moved = corners + torch.rand(4, 4, 2) * 0.4 - 0.2
+    for p1, p2 in [(corners, moved), (moved, corners)]:  # the warp and its inverse
+        with fastais_own():
+            theirs = fastai["find_coeffs"](p1, p2)
+        assert torch.equal(find_coeffs(p1, p2), theirs)
