@@ -4,7 +4,7 @@
 # Here, first:   bash ../shared/gpu/prepare-wheels.sh && mkdir -p data && cp -r ../shared/data/catsdogs data/
 # There:         bash benchmarks/gpu_check.sh          (with .whl and data/catsdogs carried along)
 #
-# Writes batch_overhead.json, train_speed.json, step_profile.json and device_check.json into $OUT (or
+# Writes train_speed.json, device_check.json, step_profile.json and batch_overhead.json into $OUT (or
 # ./build/gpu-check), one JSON line each, with each step's stderr beside it. A step that fails or runs out
 # of time does not stop the next one.
 set -uo pipefail
@@ -24,8 +24,9 @@ step() {  # step NAME SECONDS COMMAND...: the command's last stdout line into NA
   timeout "$seconds" "$@" 2>"$out/$name.err" | tail -1 | tee "$out/$name.json"
   echo "$name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$out/machine.txt"
 }
-step batch_overhead 60 python3 benchmarks/batch_overhead.py --device cuda --size 224
-step train_speed 300 python3 benchmarks/train_speed.py --data data/catsdogs --device cuda --size 224 --bs 64 \
+# Most telling first; the limits add up to under the device tool's 600 s a call.
+step train_speed 240 python3 benchmarks/train_speed.py --data data/catsdogs --device cuda --size 224 --bs 64 \
   --epochs 8 --no-preset
-step step_profile 120 python3 benchmarks/step_profile.py --data data/catsdogs --device cuda --size 224 --bs 64
-step device_check 240 python3 benchmarks/device_check.py --device cuda
+step device_check 210 python3 benchmarks/device_check.py --device cuda
+step step_profile 80 python3 benchmarks/step_profile.py --data data/catsdogs --device cuda --size 224 --bs 64
+step batch_overhead 50 python3 benchmarks/batch_overhead.py --device cuda --size 224
