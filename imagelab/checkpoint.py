@@ -85,7 +85,8 @@ def snapshot(obj):
         out.update((k, snapshot(v)) for k, v in obj.items())
         return out
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        items = [snapshot(v) for v in obj]
+        return items if isinstance(obj, list) else tuple(items)
     return obj
 
 
