@@ -17,6 +17,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
+from .paths import staging_path
 
 
 def train_loader(learn):
@@ -110,7 +111,7 @@ class Writer:
         try:
             if ready is not None:
                 ready.synchronize()
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp = staging_path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(state, f)

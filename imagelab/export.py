@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .images import open_rgb
-from .paths import artifact_paths, report_dir
+from .paths import artifact_paths, report_dir, staging_path
 
 CONFIG_FORMAT = "imagelab-classifier/1"
 
@@ -25,7 +25,7 @@ def staged_export(model_path):
     """
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    stage = model_path.with_name(f".{model_path.stem}.{os.getpid()}.export")
+    stage = staging_path(model_path)
     shutil.rmtree(stage, ignore_errors=True)
     tmp_model, tmp_report = stage / model_path.name, stage / report_dir(model_path).name
     tmp_report.mkdir(parents=True)

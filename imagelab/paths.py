@@ -1,8 +1,11 @@
 """Where things live: the files beside a model, and which names in a dataset folder are images.
 
-Standard library only: the downloader, the cleaner and the apps use these rules without the training stack.
+Light (the standard library, and psutil for one check): the downloader, the cleaner and the apps use these
+rules without the training stack.
 """
+import glob
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -56,6 +59,20 @@ def staging_path(path):
     """A hidden sibling of `path`, unique to this process and thread: written first, then renamed onto `path`."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def remove_abandoned_staging(path):
+    """Delete the staging paths of `path` (files or folders) whose process has ended: left by a run killed mid-write."""
+    import psutil
+    path = Path(path)
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.*.tmp"):
+        pid = p.name[len(path.name) + 2:].split(".")[0]
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue  # not a staging path, or its writer may still be writing
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def hidden(name):

@@ -26,7 +26,7 @@ from .device import Autocast, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
-from .paths import checkpoint_path
+from .paths import checkpoint_path, remove_abandoned_staging
 from .reports import LossHistory
 from .store import StoreDL, store_loaders
 
@@ -361,6 +361,9 @@ def train(task, cfg, cbs=()):
     ckpt = checkpoint_path(cfg.out)
     if cfg.resume and not ckpt.exists():
         raise UserError(f"nothing to resume: no checkpoint at {ckpt}")
+    if main_process:  # what runs killed while writing these left behind
+        remove_abandoned_staging(ckpt)
+        remove_abandoned_staging(cfg.out)
     if not cfg.resume and ckpt.exists() and main_process:
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
     task.check(cfg)

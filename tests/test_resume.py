@@ -38,6 +38,25 @@ def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None):
     return proc.returncode, err, saved_epoch(ckpt)
 
 
+def ended_pid():
+    """The process ID of a process that has ended."""
+    proc = subprocess.Popen([PY, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_only_staging_paths_of_ended_processes_are_removed(tmp_path):
+    from imagelab.paths import remove_abandoned_staging, staging_path
+
+    model = tmp_path / "m[1].pkl"  # a name with glob characters matches itself only
+    mine, ended = staging_path(model), model.with_name(f".m[1].pkl.{ended_pid()}.7.tmp")
+    other = tmp_path / f".m.pkl.{ended_pid()}.7.tmp"  # another model's
+    for p in (mine, ended, other, model.with_name(".m[1].pkl.notes.tmp")):
+        p.write_text("x")
+    remove_abandoned_staging(model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name, ".m[1].pkl.notes.tmp"])
+
+
 def weights(model):
     return load_learner(model).model.state_dict()
 
@@ -66,6 +85,11 @@ def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tm
     assert f"holds the run after epoch {stopped_at}" in err
     assert out.read_bytes() == b"previous model"
 
+    # what a run killed mid-write would have left: a checkpoint's staging file and an export's staging folder
+    leftovers = [out.with_name(f".pets.ckpt.{ended_pid()}.1.tmp"), out.with_name(f".pets.pkl.{ended_pid()}.1.tmp")]
+    leftovers[0].write_bytes(b"half a checkpoint")
+    leftovers[1].mkdir()
+    (leftovers[1] / "pets.pkl").write_bytes(b"half a model")
     res = run(command(data, out, "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resuming after epoch {stopped_at} of {EPOCHS}" in res.stdout
