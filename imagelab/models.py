@@ -22,14 +22,34 @@ def pretrained_weights(arch):
         raise UserError(f"{e}{hint}") from None
 
 
-def adamw(params, **hypers):
-    """fastai's Adam (decoupled weight decay, its eps and second-moment decay) computed by PyTorch's AdamW.
+class FusedAdamW(OptimWrapper):
+    """fastai's Adam computed by PyTorch's fused AdamW, which updates every parameter in one pass over memory
+    (fastai's Adam runs several small kernels per parameter, which on a CPU costs more than the arithmetic:
+    benchmarks/README.md). fastai's schedules still drive the learning rate and momentum.
 
-    PyTorch's fused AdamW updates every parameter in one pass over memory; fastai's Adam runs several
-    small kernels per parameter, which on a CPU costs more than the arithmetic (benchmarks/README.md).
-    fastai's one-cycle schedule still drives the learning rate and momentum.
+    AdamW's own weight decay would hit every parameter; fastai decays only those its learner marks
+    (`wd_bn_bias=False`: not batch norm's, not the biases). So the decay, decoupled as in both, is applied
+    here to the marked parameters, and AdamW's is off for the step.
     """
-    return OptimWrapper(params, opt=partial(torch.optim.AdamW, fused=True, betas=(0.9, 0.99), eps=1e-5), **hypers)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decays = [pg["weight_decay"] for pg in self.opt.param_groups]
+        for pg, wd in zip(self.opt.param_groups, decays):
+            decayed = [p for p in pg["params"] if p.grad is not None and self.state[p].get("do_wd", True)]
+            if decayed and wd:
+                torch._foreach_mul_(decayed, 1 - pg["lr"] * wd)
+            pg["weight_decay"] = 0.0
+        try:
+            return self.opt.step(closure)
+        finally:
+            for pg, wd in zip(self.opt.param_groups, decays):
+                pg["weight_decay"] = wd
+
+
+def adamw(params, **hypers):
+    """fastai's Adam (decoupled weight decay, its eps and second-moment decay): `FusedAdamW`."""
+    return FusedAdamW(params, opt=partial(torch.optim.AdamW, fused=True, betas=(0.9, 0.99), eps=1e-5), **hypers)
 
 
 def check_arch(arch):

@@ -122,3 +122,33 @@ def test_presets_set_defaults_that_the_options_given_override(capsys):
     assert "a number or 'find', not 'fast'" in capsys.readouterr().err
     parser = ConfigParser(AutoencoderConfig, "test")
     assert parser.config_from(parser.parse_args(["--preset", "long"])).epochs == 12
+
+
+def test_the_trainers_adamw_computes_fastais_adam_sparing_batch_norm_and_biases():
+    """PyTorch's fused AdamW behind fastai's schedule (imagelab.models.adamw) trains as fastai's Adam does:
+    decoupled weight decay on the weights but, as fastai's default `wd_bn_bias=False` says, not on batch
+    norm's parameters or the biases."""
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.optimizer import Adam
+    from fastai.torch_core import set_seed
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from imagelab.models import adamw
+
+    def fit(opt_func, wd):
+        set_seed(0)
+        x = torch.randn(256, 8)
+        ds = TensorDataset(x, x[:, :1] * 3 + x[:, 1:2] ** 2)
+        model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+        learn = Learner(DataLoaders.from_dsets(ds, ds, bs=32, shuffle=False), model, loss_func=nn.MSELoss(),
+                        opt_func=opt_func, wd=wd)
+        with learn.no_logging(), learn.no_bar():
+            learn.fit_one_cycle(3, 0.05)
+        return model.state_dict()
+
+    start = fit(Adam, 0.0)
+    theirs, ours = fit(Adam, 0.5), fit(adamw, 0.5)
+    assert not torch.allclose(theirs["0.weight"], start["0.weight"], atol=1e-3)  # the decay mattered
+    for name, t in theirs.items():
+        assert torch.allclose(ours[name].float(), t.float(), rtol=1e-5, atol=1e-6), name
