@@ -146,7 +146,8 @@ def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
 
 def test_fastais_augmentation_functions_compute_what_they_did_without_reading_the_device():
     from fastai.vision import augment
-    from imagelab.augment import ORIGINALS, REPLACEMENTS, apply_perspective, fastais_own, find_coeffs, solve, _grid_sample
+    from imagelab.augment import (ORIGINALS, REPLACEMENTS, apply_perspective, fastais_own, find_coeffs, solve,
+                                  _grid_sample)
 
     assert all(getattr(owner, name) is new for (owner, name), new in REPLACEMENTS.items())
     fastai = {name: f for (owner, name), f in ORIGINALS.items() if owner is augment}

@@ -50,7 +50,7 @@ def test_only_staging_paths_of_ended_processes_are_removed(tmp_path):
 
     model = tmp_path / "m[1].pkl"  # a name with glob characters matches itself only
     mine, ended = staging_path(model), model.with_name(f".m[1].pkl.{ended_pid()}.7.tmp")
-    other = tmp_path / f".m.pkl.{ended_pid()}.7.tmp"  # another model's
+    other = tmp_path / f".m1.pkl.{ended_pid()}.7.tmp"  # another model's, which m[1] read as a pattern would match
     for p in (mine, ended, other, model.with_name(".m[1].pkl.notes.tmp")):
         p.write_text("x")
     remove_abandoned_staging(model)
@@ -162,7 +162,8 @@ def test_checkpoints_are_written_every_so_often_and_after_a_fits_last_epoch(tmp_
 
 
 def test_a_checkpoint_written_while_training_goes_on_holds_its_epochs_state(tmp_path):
-    """The disk is written in the background: what lands there is the epoch's state, not what training made of it since."""
+    """The disk is written in the background: what lands there is the epoch's state, not what training made
+    of it since."""
     import threading
 
     from fastai.test_utils import synth_learner
@@ -179,7 +180,8 @@ def test_a_checkpoint_written_while_training_goes_on_holds_its_epochs_state(tmp_
     ckpt, writer, learn, history = tmp_path / "m.ckpt", SlowDisk(), synth_learner(), [1.0]
     learn.fit(1, cbs=[Checkpoint(ckpt, {}, lambda: {"history": history}, writer)], lr=0.1)
     weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    moments = [{k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for s in learn.opt.state_dict()["state"]]
+    moments = [{k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+               for s in learn.opt.state_dict()["state"]]
     learn.fit(2, lr=0.1)  # in place: the weights and the optimizer's moments change under the pending write
     history.append(0.5)
     assert not torch.equal(learn.model.a, weights["a"]) and not ckpt.exists()
@@ -187,7 +189,8 @@ def test_a_checkpoint_written_while_training_goes_on_holds_its_epochs_state(tmp_
     writer.wait()
     state = torch.load(ckpt, weights_only=False)
     assert state["epoch"] == 1 and state["history"] == [1.0]
-    assert state["model"].keys() == weights.keys() and all(torch.equal(state["model"][k], v) for k, v in weights.items())
+    assert state["model"].keys() == weights.keys()
+    assert all(torch.equal(state["model"][k], v) for k, v in weights.items())
     assert hasattr(state["model"], "_metadata")  # layers' versions, which load_state_dict reads
     for saved, then in zip(state["opt"]["state"], moments):
         assert all(torch.equal(saved[k], v) for k, v in then.items())
