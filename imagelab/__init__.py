@@ -11,6 +11,14 @@ import warnings
 class UserError(Exception):
     """A problem the user can fix (bad path, no network, ...): shown as one line, no traceback."""
 
+    def __init__(self, line):
+        super().__init__(line)
+        self.line = line
+
+    def __str__(self):
+        # fastai rewrites the message of an exception raised in a callback to name the callback; the user's line stays
+        return self.line
+
 
 def setup():
     """The process-wide settings of an entry point; call it before torch is imported (run_cli does).

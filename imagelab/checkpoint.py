@@ -95,7 +95,8 @@ class Writer:
     """Writes checkpoints in a background thread, one at a time, so an epoch's end does not wait for the disk.
 
     The write is flushed to the disk before the file replaces the previous one, so even a power cut leaves
-    one whole checkpoint. A failed write is raised by the next `write` or `wait`.
+    one whole checkpoint. A failed write is raised by the next `write` or `wait`: the run stops at its next
+    checkpoint rather than go on with nothing to resume from.
     """
 
     def __init__(self):
@@ -121,12 +122,12 @@ class Writer:
         except BaseException as e:
             self.error = e
 
-    def wait(self):
-        """Wait for the write in progress; a `UserError` if it failed."""
+    def wait(self, check=True):
+        """Wait for the write in progress; a `UserError` if it failed (and `check`)."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
-        if self.error is not None:
+        if self.error is not None and check:
             error, self.error = self.error, None
             raise UserError(f"cannot write the checkpoint: {error}") from error
 

@@ -31,7 +31,9 @@ class LossHistory(Callback):
     def read_pending(self):
         if self.pending:
             steps, values = zip(*self.pending)
-            self.train += zip(steps, torch.stack(values).float().tolist())
+            # extended, not reassigned: assigning a callback attribute that the learner also has (its model's
+            # `train`) makes fastai warn
+            self.train.extend(zip(steps, torch.stack(values).float().tolist()))
             self.pending = []
 
     def after_epoch(self):

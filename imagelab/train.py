@@ -405,7 +405,7 @@ def train(task, cfg, cbs=()):
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [str(f) for f, _ in skipped]}
     metrics = export(task, cfg, learn, run.history, root, facts)  # while the last checkpoint is written
-    writer.wait()
+    writer.wait(check=False)  # the run is complete: a failed last write loses nothing
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(task.summary(metrics, cfg))
     return metrics

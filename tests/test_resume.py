@@ -129,6 +129,15 @@ def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path
     assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data, tmp_path):
+    out = tmp_path / "pets.pkl"
+    out.with_name("pets.ckpt").mkdir()  # where the checkpoint would go: its rename fails
+    res = run(command(data, out, "--epochs", "2", "--checkpoint-every", "0"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "Warning" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: cannot write the checkpoint: [Errno 21]")
+    assert not out.exists()
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoints(data, tmp_path):
     out = tmp_path / "pets.pkl"
     res = run(command(data, out, "--resume"))
