@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from . import UserError
+from .config import check_autoencoder_shape
 from .data import RGBImage, pets_images
 from .export import export_weights_only, save_examples
 from .images import read_image
@@ -92,7 +93,7 @@ class ConvAutoencoder(nn.Module):
 
     def __init__(self, size=64, code_size=64, depth=2, width=32, sparse=False, blocks=1):
         super().__init__()
-        self.check(size, code_size, depth, width, blocks)
+        check_autoencoder_shape(size, code_size, depth, width, blocks)
         self.size, self.code_size, self.depth, self.width, self.sparse = size, code_size, depth, width, sparse
         self.blocks = blocks
         ch = channels(depth, width)
@@ -118,12 +119,6 @@ class ConvAutoencoder(nn.Module):
         for layer in (self.to_code, self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    @staticmethod
-    def check(size, code_size, depth, width, blocks):
-        if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
-            raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
-                            "--code-size, --depth and --width must be at least 1, --blocks at least 0")
 
     @torch.no_grad()
     def set_pca(self, x):
@@ -370,10 +365,6 @@ class AutoencoderTask(Task):
     """The autoencoder as a task of the training loop: any folder of images in (labels ignored), a model that
     rebuilds them from a short code out, scored against PCA."""
     kind = "autoencoder"
-    progressive = False  # the code's linear layers are sized for --size
-
-    def check(self, cfg):
-        ConvAutoencoder.check(cfg.size, cfg.code_size, cfg.depth, cfg.width, cfg.blocks)
 
     def default_data(self):
         return pets_images()

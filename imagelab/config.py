@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import UserError
+from .paths import checkpoint_path
 
 
 def default_cache():
@@ -43,6 +44,8 @@ def knob(default, group, help, resume=True, **option):
 class TrainConfig:
     """The knobs of the training loop that every kind of model shares."""
     PRESETS: ClassVar[dict] = {}
+    # Whether early epochs may train on smaller inputs: not for a model whose layers are sized for --size.
+    PROGRESSIVE: ClassVar[bool] = True
 
     data: str | None = knob(None, "data", "local image folder; skips the download", metavar="DIR")
     valid_pct: float = knob(0.2, "data", "share of images held out for validation")
@@ -85,17 +88,30 @@ class TrainConfig:
                     resume=False)
 
     def check(self):
-        """One line for the first setting that cannot work."""
+        """One line for the first setting that cannot work (cheap checks: scripts call it before torch loads)."""
         if self.epochs < 1 or self.size < 8 or not 0 < self.valid_pct < 1:
             raise UserError("need --epochs >= 1, --size >= 8 and 0 < --valid-pct < 1")
         if self.start_size is not None and not 8 <= self.start_size <= self.size:
             raise UserError(f"need 8 <= --start-size <= --size ({self.size})")
+        if self.start_size is not None and self.start_size < self.size and not self.PROGRESSIVE:
+            raise UserError(f"this model trains at one size (its layers are sized for --size): drop --start-size "
+                            f"or set it to --size ({self.size})")
         if self.bs < 1 or (self.time_budget is not None and self.time_budget <= 0):
             raise UserError("need --bs >= 1 and --time-budget > 0")
         if self.patience is not None and self.patience < 1:
             raise UserError("need --patience >= 1")
         if self.checkpoint_every < 0:
             raise UserError("need --checkpoint-every >= 0")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise UserError(f"no such folder: {self.data}")
+        if self.resume and not checkpoint_path(self.out).exists():
+            raise UserError(f"nothing to resume: no checkpoint at {checkpoint_path(self.out)}")
+
+    def first_size(self):
+        """Progressive resizing's first input size: --start-size, else half of --size where the model allows."""
+        if self.start_size is not None:
+            return self.start_size
+        return self.size // 2 if self.PROGRESSIVE else self.size
 
     def settings(self):
         """What a checkpoint must have been made with to be resumed."""
@@ -138,6 +154,7 @@ class AutoencoderConfig(TrainConfig):
         # four times the default training, on a CPU in minutes
         "long": {"epochs": 12},
     }
+    PROGRESSIVE: ClassVar[bool] = False  # the code's linear layers are sized for --size
 
     size: int = knob(64, "training", "square input size in pixels")
     # Small batches: the model needs steps more than big batches; 8 scores as 4 did at twice the rate in less
@@ -155,8 +172,16 @@ class AutoencoderConfig(TrainConfig):
 
     def check(self):
         super().check()
+        check_autoencoder_shape(self.size, self.code_size, self.depth, self.width, self.blocks)
         if self.sparsity < 0:
             raise UserError("need --sparsity >= 0")
+
+
+def check_autoencoder_shape(size, code_size, depth, width, blocks):
+    """One line if imagelab.autoencoder.ConvAutoencoder cannot be built with these numbers."""
+    if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
+        raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
+                        "--code-size, --depth and --width must be at least 1, --blocks at least 0")
 
 
 def add_option(group, f):
@@ -206,6 +231,9 @@ class ConfigParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def config_from(self, args):
-        """The config of a parsed namespace (options a script added itself stay in the namespace)."""
-        return self.config(**{f.name: getattr(args, f.name) for f in fields(self.config)})
+        """The checked config of a parsed namespace (options a script added itself stay in the namespace): a
+        setting that cannot work, or a missing folder, answers at once, before the training stack loads."""
+        cfg = self.config(**{f.name: getattr(args, f.name) for f in fields(self.config)})
+        cfg.check()
+        return cfg
 

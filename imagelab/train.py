@@ -34,8 +34,6 @@ from .store import StoreDL, store_loaders
 class Task:
     """What a kind of model supplies to the loop. Subclasses set `kind` and implement the methods that raise."""
     kind = None
-    # Whether early epochs may train on smaller inputs: not for a model whose layers are sized for --size.
-    progressive = True
 
     def check(self, cfg):
         """One line for a setting this kind of model cannot take (before any work)."""
@@ -208,15 +206,6 @@ class KeepBest(Callback):
                              "model": {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}}
 
 
-def start_size(task, cfg):
-    if cfg.start_size is not None and cfg.start_size < cfg.size and not task.progressive:
-        raise UserError(f"the {task.kind} trains at one size (its layers are sized for --size): "
-                        f"drop --start-size or set it to --size ({cfg.size})")
-    if cfg.start_size is not None:
-        return cfg.start_size
-    return cfg.size // 2 if task.progressive else cfg.size
-
-
 def progressive_resize(dls, cfg, start):
     resize = dls.train if isinstance(dls.train, StoreDL) else \
         next(t for t in dls.train.after_item.fs if isinstance(t, (RandomResizedCrop, Resize)))
@@ -285,7 +274,7 @@ class Run:
 def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
     """Every fit of the schedule that is not finished yet, with checkpoints, the time budget and resizing."""
     schedule = task.fits(cfg, run.lr)
-    resize = progressive_resize(learn.dls, cfg, start_size(task, cfg))
+    resize = progressive_resize(learn.dls, cfg, cfg.first_size())
     offset = 0
     with distributed(learn):
         for n, fit_one in schedule:
@@ -359,15 +348,12 @@ def train(task, cfg, cbs=()):
     cfg.check()
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
-    if cfg.resume and not ckpt.exists():
-        raise UserError(f"nothing to resume: no checkpoint at {ckpt}")
     if main_process:  # what runs killed while writing these left behind
         remove_abandoned_staging(ckpt)
         remove_abandoned_staging(cfg.out)
     if not cfg.resume and ckpt.exists() and main_process:
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
     task.check(cfg)
-    start_size(task, cfg)  # settings that cannot work stop here, before any slow step
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     set_seed(cfg.seed, reproducible=True)
@@ -397,7 +383,7 @@ def train(task, cfg, cbs=()):
     kept = run.keep(learn, cfg.keep)  # judged on the loaders it trained with
     learn.dls = dls  # the report and the exported learner read files, as the app will
     presized.copies.clear()  # the report and the exported model read the original files, as the app will
-    facts = {**kept, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": start_size(task, cfg),
+    facts = {**kept, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": cfg.first_size(),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
              "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],

@@ -1,6 +1,8 @@
 """Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
 import os
+import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 # Under pytest-xdist the workers share the cores: each gets its share of math threads, so two trainings do
@@ -84,14 +87,29 @@ def train_tiny(data, out, *extra, timeout=300):
     return res
 
 
+def once_per_run(tmp_path_factory, name, build):
+    """`build(folder)`'s result, built once per test run: the pytest-xdist processes share it (the first to
+    ask builds it, the others wait for it). What it returns must pickle; tests copy what they change."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each process's own
+    folder, result = root / name, root / f"{name}.pickle"
+    with FileLock(root / f"{name}.lock"):
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            result.write_bytes(pickle.dumps(build(folder)))
+        return pickle.loads(result.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A resnet18 trained for one epoch on 32-px generated images, exported with its report."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    data = make_folder_dataset(tmp / "data")
-    out = tmp / "models" / "pets.pkl"
-    train_tiny(data, out)
-    return out
+    def build(tmp):
+        out = tmp / "models" / "pets.pkl"
+        train_tiny(make_folder_dataset(tmp / "data"), out)
+        return out
+    return once_per_run(tmp_path_factory, "tiny", build)
 
 
 def hub_cache_with_weights(home, arch="resnet18"):
@@ -119,14 +137,16 @@ AE_TINY = ["--size", "16", "--depth", "2", "--width", "8", "--code-size", "8", "
 @pytest.fixture(scope="session")
 def tiny_autoencoder(tmp_path_factory):
     """A tiny autoencoder trained for two epochs through the real CLI, on generated images plus one corrupt file."""
-    tmp = tmp_path_factory.mktemp("ae")
-    data = make_folder_dataset(tmp / "data")
-    (data / "cats" / "broken.jpg").write_text("not an image")
-    out = tmp / "models" / "ae.pkl"
-    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "2", "--lr", "1e-2", *AE_TINY, "--out", out])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "broken.jpg" in res.stdout and "PCA" in res.stdout
-    return out
+    def build(tmp):
+        data = make_folder_dataset(tmp / "data")
+        (data / "cats" / "broken.jpg").write_text("not an image")
+        out = tmp / "models" / "ae.pkl"
+        res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "2", "--lr", "1e-2", *AE_TINY,
+                   "--out", out])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "broken.jpg" in res.stdout and "PCA" in res.stdout
+        return out
+    return once_per_run(tmp_path_factory, "ae", build)
 
 
 def free_port():
@@ -213,14 +233,15 @@ def make_messy_bears(root, n=8):
 @pytest.fixture(scope="session")
 def tiny_bears(tmp_path_factory):
     """(model, data): a resnet18 trained one epoch on a messy generated bears folder through train_bears.py."""
-    tmp = tmp_path_factory.mktemp("bears")
-    data = make_messy_bears(tmp / "data")
-    # What the dataset tools leave beside the classes: never training images.
-    write_image(data / "quarantine" / "grizzly" / "q.jpg", (0, 255, 0))
-    write_image(data / "removed" / "black" / "r.jpg", (0, 255, 0))
-    (data / "download-summary.json").write_text("{}")
-    out = tmp / "models" / "bears.pkl"
-    res = run(["training/train_bears.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs", "1",
-               "--size", "32", "--bs", "8", "--workers", "0", "--out", out], timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out, data, res
+    def build(tmp):
+        data = make_messy_bears(tmp / "data")
+        # What the dataset tools leave beside the classes: never training images.
+        write_image(data / "quarantine" / "grizzly" / "q.jpg", (0, 255, 0))
+        write_image(data / "removed" / "black" / "r.jpg", (0, 255, 0))
+        (data / "download-summary.json").write_text("{}")
+        out = tmp / "models" / "bears.pkl"
+        res = run(["training/train_bears.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs",
+                   "1", "--size", "32", "--bs", "8", "--workers", "0", "--out", out], timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return out, data, res
+    return once_per_run(tmp_path_factory, "bears", build)

@@ -68,7 +68,7 @@ def test_autoencoder_killed_then_resumed_ends_like_an_uninterrupted_run(data, tm
 def test_autoencoder_refuses_progressive_resizing_in_one_line(data, tmp_path):
     res = run(command("autoencoder", data, tmp_path / "m.pkl", "--start-size", "8"))
     assert res.returncode == 2, res.stderr[-3000:]
-    assert res.stderr.strip() == "error: the autoencoder trains at one size (its layers are sized for --size): " \
+    assert res.stderr.strip() == "error: this model trains at one size (its layers are sized for --size): " \
         "drop --start-size or set it to --size (16)"
 
 

@@ -131,6 +131,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert fails_with_one_line(res) == "error: need 8 <= --start-size <= --size (64)"
     res = run(["training/train_pets.py", "--data", data, "--checkpoint-every", "-1"])
     assert fails_with_one_line(res) == "error: need --checkpoint-every >= 0"
+    # settings are checked before PyTorch loads: a typo costs no wait
+    res = run(["-X", "importtime", "training/train_pets.py", "--data", tmp_path / "typo", "--resume"])
+    imported = [line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
+    assert res.returncode == 2 and "imagelab.config" in imported and "torch" not in imported, res.stderr[-3000:]
+    assert res.stderr.splitlines()[-1] == f"error: no such folder: {tmp_path / 'typo'}"
 
 
 def test_a_folder_with_one_class_is_told_so(tmp_path):
@@ -141,7 +146,8 @@ def test_a_folder_with_one_class_is_told_so(tmp_path):
 
 def test_lr_find_says_which_rate_it_chose(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=8)
-    res = train_tiny(data, tmp_path / "m.pkl", "--lr", "find")
+    # timm's smallest ResNet: lr_find's 100 steps at resnet18's cost would make this the suite's slowest test
+    res = train_tiny(data, tmp_path / "m.pkl", "--lr", "find", "--arch", "test_resnet")
     chosen = [line for line in res.stdout.splitlines() if line.startswith("lr_find chose ")]
     assert len(chosen) == 1, res.stdout[-2000:]
     lr = float(chosen[0].split()[-1])
