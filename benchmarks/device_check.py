@@ -157,7 +157,8 @@ def main(argv=None):
         one = work / "torchrun" / "pets.pkl"
         steps["torchrun_1_process"] = trained(
             command("train_pets.py", data, one, args, "--device", args.device), one,
-            launcher=(PY, "-m", "torch.distributed.run", "--nproc_per_node", "1"))
+            # --standalone: a free port, not torchrun's fixed 29500, which another launch may hold
+            launcher=(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"))
     out = {**facts, "steps": steps, "passed": all(v == "pass" for v in steps.values())}
     print(json.dumps(out))
     return out
