@@ -7,8 +7,9 @@ On generated images (two classes of coloured noise, so any working model learns 
 as a user would run it, in its own process: both trainers for 2 epochs on the device, the exported
 learner and ONNX model loaded and used on the CPU in a fresh process that sees no GPU, a run killed
 after its first checkpoint and resumed on the device (and on the CPU when it trained on a GPU: checkpoints move
-between devices), and the classifier under `torchrun --nproc_per_node 1`. The last line printed is one
-JSON object: the device, the precision the trainer chose, and "pass" or the failure for each step.
+between devices), and the classifier under `torchrun --nproc_per_node 1`. Those four (each trainer with
+its loading, the kill and resume, torchrun) run side by side. The last line printed is one JSON object:
+the device, the precision the trainer chose, and "pass" or the failure for each step.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imagelab import run_cli
@@ -95,7 +97,8 @@ def run(cmd, env=None, launcher=(PY,), timeout=900):
     if res.returncode == 0:
         return "pass", res.stdout
     lines = [line for line in (res.stderr or res.stdout).splitlines() if line.strip()]
-    print(f"--- {' '.join(map(str, cmd))[:200]}: exit status {res.returncode}", *lines[-60:], sep="\n", file=sys.stderr)
+    head = f"--- {' '.join(map(str, cmd))[:200]}: exit status {res.returncode}"
+    print("\n".join([head, *lines[-60:]]), file=sys.stderr)  # one write: the steps run side by side
     # the error itself, not a launcher's closing banner
     errors = [line for line in lines if re.search(r"\w(Error|Exception): ", line)]
     return f"fail: {(errors or lines or [f'exit status {res.returncode}'])[-1]}", res.stdout
@@ -119,46 +122,60 @@ def kill_after_first_checkpoint(cmd, ckpt, timeout=600):
     return "pass" if ckpt.exists() else "fail: no checkpoint before the run ended"
 
 
+def metrics(model):
+    return json.loads((model.with_name(model.stem + ".report") / "metrics.json").read_text())
+
+
 def main(argv=None):
     args = parse(argv)
     no_gpu = {"CUDA_VISIBLE_DEVICES": ""}
-    steps, facts = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         data = make_images(work / "data", args.images)
         image = str(next((data / "red").iterdir()))
-        pets, ae = work / "pets" / "pets.pkl", work / "ae" / "ae.pkl"
 
-        steps["classifier"] = trained(command("train_pets.py", data, pets, args, "--device", args.device), pets)
-        if steps["classifier"] == "pass":
-            m = json.loads((pets.with_name("pets.report") / "metrics.json").read_text())
-            facts = {"device": m["device"], "precision": m["precision"], "images_per_second": m["images_per_second"]}
-            steps["classifier_on_cpu"] = run(["-c", LOAD_ON_CPU, str(pets), image, "red"], env=no_gpu)[0]
-        steps["autoencoder"] = trained(command("train_autoencoder.py", data, ae, args, "--device", args.device), ae)
-        if steps["autoencoder"] == "pass":
-            steps["autoencoder_on_cpu"] = run(["-c", AE_ON_CPU, str(ae), image], env=no_gpu)[0]
+        def train_and_load(kind, script, out, load, *load_args):
+            """A trainer's run on the device, then its exports used on the CPU in a fresh process."""
+            steps = {kind: trained(command(script, data, out, args, "--device", args.device), out)}
+            if steps[kind] == "pass":
+                steps[f"{kind}_on_cpu"] = run(["-c", load, str(out), image, *load_args], env=no_gpu)[0]
+            return steps
 
-        resumed = work / "resumed" / "pets.pkl"
-        ckpt = checkpoint_path(resumed)
-        steps["killed_after_a_checkpoint"] = kill_after_first_checkpoint(
-            command("train_pets.py", data, resumed, args, "--device", args.device, "--checkpoint-every", "0"), ckpt)
-        kept = shutil.copy(ckpt, work / "killed.ckpt") if ckpt.exists() else None  # resuming removes it
-        if steps["killed_after_a_checkpoint"] == "pass":
+        def kill_and_resume():
+            resumed = work / "resumed" / "pets.pkl"
+            ckpt = checkpoint_path(resumed)
+            cmd = command("train_pets.py", data, resumed, args, "--device", args.device, "--checkpoint-every", "0")
+            steps = {"killed_after_a_checkpoint": kill_after_first_checkpoint(cmd, ckpt)}
+            if steps["killed_after_a_checkpoint"] != "pass":
+                return steps
+            kept = shutil.copy(ckpt, work / "killed.ckpt")  # resuming removes it
             steps["resumed"] = trained(command("train_pets.py", data, resumed, args, "--resume", "--device",
                                                args.device), resumed)
-            if not facts.get("device", args.device).startswith("cpu"):  # trained on an accelerator
+            if steps["resumed"] == "pass" and not metrics(resumed)["device"].startswith("cpu"):
                 # a run interrupted on a GPU goes on on the CPU too: a checkpoint does not tie a run to its device
                 on_cpu = work / "resumed_on_cpu" / "pets.pkl"
                 on_cpu.parent.mkdir()
                 shutil.copy(kept, checkpoint_path(on_cpu))
                 steps["resumed_on_cpu"] = trained(command("train_pets.py", data, on_cpu, args, "--resume", "--device",
                                                           "cpu"), on_cpu, env=no_gpu)
+            return steps
 
-        one = work / "torchrun" / "pets.pkl"
-        steps["torchrun_1_process"] = trained(
-            command("train_pets.py", data, one, args, "--device", args.device), one,
-            # --standalone: a free port, not torchrun's fixed 29500, which another launch may hold
-            launcher=(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"))
+        def torchrun():
+            one = work / "torchrun" / "pets.pkl"
+            return {"torchrun_1_process": trained(
+                command("train_pets.py", data, one, args, "--device", args.device), one,
+                # --standalone: a free port, not torchrun's fixed 29500, which another launch may hold
+                launcher=(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"))}
+
+        # The four are independent: side by side, each in its own processes (a machine with a GPU has the cores)
+        chains = [lambda: train_and_load("classifier", "train_pets.py", work / "pets" / "pets.pkl", LOAD_ON_CPU, "red"),
+                  lambda: train_and_load("autoencoder", "train_autoencoder.py", work / "ae" / "ae.pkl", AE_ON_CPU),
+                  kill_and_resume, torchrun]
+        with ThreadPoolExecutor(len(chains)) as pool:
+            steps = {k: v for done in pool.map(lambda chain: chain(), chains) for k, v in done.items()}
+        pets = work / "pets" / "pets.pkl"
+        # what the trainer chose; its speed here, beside three other runs, says nothing (train_speed.py does)
+        facts = {k: metrics(pets)[k] for k in ("device", "precision")} if pets.exists() else {}
     out = {**facts, "steps": steps, "passed": all(v == "pass" for v in steps.values())}
     print(json.dumps(out))
     return out
