@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imagelab import run_cli
-from imagelab.paths import checkpoint_path
+from imagelab.paths import checkpoint_path, metrics_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -123,7 +123,7 @@ def kill_after_first_checkpoint(cmd, ckpt, timeout=600):
 
 
 def metrics(model):
-    return json.loads((model.with_name(model.stem + ".report") / "metrics.json").read_text())
+    return json.loads(metrics_path(model).read_text())
 
 
 def main(argv=None):

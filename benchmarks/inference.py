@@ -22,6 +22,7 @@ import numpy as np
 from imagelab import run_cli
 from imagelab.data import RGBImage, find_images
 from imagelab.inference import Predictor, overlay
+from imagelab.paths import examples_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def cold_start(model, timeout=180):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    example = next((Path(model).parent / (Path(model).stem + ".report") / "examples").glob("*.jpg"))
+    example = next(examples_dir(model).glob("*.jpg"))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT,
                             env={**os.environ, "PETS_MODEL": str(Path(model).resolve())},

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import UserError
 from .images import check_image, open_rgb
-from .paths import FLAGGED, check_class_name, hidden, plain_name, report_dir
+from .paths import FLAGGED, check_class_name, existing_folder, hidden, plain_name, report_dir
 
 LOG, REMOVED = "cleaning-log.jsonl", "removed"
 ACTIONS = ("keep", "relabel", "remove")
@@ -62,9 +62,7 @@ class Cleaner:
     def __init__(self, model, root):
         from .inference import Predictor
         from .loading import CLASSIFIER, open_model
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise UserError(f"no such folder: {root}")
+        self.root = existing_folder(root).resolve()
         self.predictor = model if isinstance(model, Predictor) else open_model(model, CLASSIFIER)
         self.classes = [check_class_name(str(c)) for c in self.predictor.vocab]
         split = report_dir(self.predictor.path) / "split.json"  # written by the trainer: which files were held out

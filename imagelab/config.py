@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import UserError
-from .paths import checkpoint_path
+from .paths import checkpoint_path, existing_folder
 
 
 def default_cache():
@@ -102,8 +102,8 @@ class TrainConfig:
             raise UserError("need --patience >= 1")
         if self.checkpoint_every < 0:
             raise UserError("need --checkpoint-every >= 0")
-        if self.data is not None and not Path(self.data).is_dir():
-            raise UserError(f"no such folder: {self.data}")
+        if self.data is not None:
+            existing_folder(self.data)
         if self.resume and not checkpoint_path(self.out).exists():
             raise UserError(f"nothing to resume: no checkpoint at {checkpoint_path(self.out)}")
 

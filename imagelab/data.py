@@ -16,7 +16,7 @@ from . import UserError
 from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .config import default_cache
-from .paths import FLAGGED, dataset_files, staging_path
+from .paths import FLAGGED, dataset_files, existing_folder, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -133,9 +133,7 @@ def find_images(root, workers=8, flagged=False):
     Scraped folders name files `x.jpg?width=3200&fit=crop` and hold stray non-images, so files are
     judged by decoding them, not by their extension.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"no such folder: {root}")
+    root = existing_folder(root)
     files = dataset_files(root, flagged)
     if not files:
         raise UserError(f"no files in {root}")

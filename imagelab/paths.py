@@ -25,6 +25,14 @@ def default_model(name, root=REPO, suffix=".pkl"):
     return Path(root) / "models" / f"{name}{suffix}"
 
 
+def existing_folder(root):
+    """`root` as a Path, or one line if it is not a folder (a mistyped --data)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"no such folder: {root}")
+    return root
+
+
 def report_dir(model):
     """The folder beside a model with its plots, metrics and example images: `pets.pkl` -> `pets.report/`."""
     model = Path(model)
