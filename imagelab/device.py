@@ -86,10 +86,12 @@ def copy_to(t, device):
     return t.pin_memory().to(device, non_blocking=True)
 
 
-class Autocast(MixedPrecision):
+class AnyDeviceMixedPrecision(MixedPrecision):
     """fastai's `MixedPrecision` on any device type: fastai's own autocasts on CUDA only.
 
-    The weights, the optimizer and every export stay fp32; bf16 needs no loss scaling, fp16 (CUDA) has it.
+    The weights, the optimizer and every export stay fp32; bf16 needs no loss scaling, fp16 has it (GradScaler
+    unscales the gradients, and on an overflow fastai skips the step and the scale halves). Not named
+    `Autocast`: fastai names a learner's attribute after each callback, and this one sets `self.autocast`.
     """
 
     def __init__(self, precision, device_type):

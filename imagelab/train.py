@@ -22,7 +22,7 @@ from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 from . import UserError
 from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
-from .device import Autocast, pick_device, pick_precision
+from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
@@ -332,7 +332,7 @@ def prepare(task, cfg, device, precision):
     if device.type in ("cpu", "cuda"):  # oneDNN (CPU) and cuDNN (GPU) convolutions run faster on channels-last tensors
         learn.add_cb(ChannelsLast())
     if precision != "fp32":
-        learn.add_cb(Autocast(precision, device.type))
+        learn.add_cb(AnyDeviceMixedPrecision(precision, device.type))
     if len(dls.train_ds) < cfg.bs:  # fastai drops incomplete training batches: nothing would be trained
         raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {cfg.bs}")
     return root, files, skipped, presized, dls, learn
@@ -400,7 +400,7 @@ def train(task, cfg, cbs=()):
 def export(task, cfg, learn, history, root, facts):
     """The learner, its weights-only artifacts and its report, moved into place together or not at all."""
     dls = learn.dls
-    learn.remove_cb(Autocast)  # the report judges the model as it is exported: fp32
+    learn.remove_cb(AnyDeviceMixedPrecision)  # the report judges the model as it is exported: fp32
     with staged_export(cfg.out) as (tmp_model, tmp_report):
         metrics = task.report(learn, history, tmp_report)
         described = task.describe(cfg, root, dls)
