@@ -9,12 +9,28 @@ Standard library only: `--help` answers at once and the environment is set befor
 """
 import argparse
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 from . import UserError
 from .paths import checkpoint_path, existing_folder
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_device_name(name):
+    """One line unless `name` is a `--device` this project trains on (whether the machine has it is imagelab.device's
+    question, which needs torch)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def check_precision_name(name):
+    if name not in PRECISIONS:
+        raise UserError(f"unknown --precision {name!r}: use {', '.join(PRECISIONS)}")
 
 
 def default_cache():
@@ -72,7 +88,7 @@ class TrainConfig:
                        "cpu, cuda, cuda:N or mps", resume=False)
     precision: str = knob("auto", "hardware", "auto: bf16 autocast on GPUs that have it, fp16 with loss scaling on "
                           "older ones, fp32 on a CPU; exports are fp32 whatever trained", resume=False,
-                          choices=["auto", "fp32", "bf16", "fp16"])
+                          choices=PRECISIONS)
     time_budget: float | None = knob(None, "training", "train for this long: the one-cycle schedule follows the "
                                      "clock, --epochs is a cap", metavar="SECONDS")
     keep: str = knob("best", "training", "which weights to export: those of the epoch with the lowest validation "
@@ -102,6 +118,8 @@ class TrainConfig:
             raise UserError("need --patience >= 1")
         if self.checkpoint_every < 0:
             raise UserError("need --checkpoint-every >= 0")
+        check_device_name(self.device)
+        check_precision_name(self.precision)
         if self.data is not None:
             existing_folder(self.data)
         if self.resume and not checkpoint_path(self.out).exists():

@@ -10,9 +10,7 @@ from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastcore.foundation import L
 
 from . import UserError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")  # cuda:N too
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from .config import check_device_name, check_precision_name
 
 
 def mps_available():
@@ -25,14 +23,10 @@ def pick_device(name="auto"):
     Under a distributed launcher (torchrun, accelerate launch) each process takes the GPU of its
     LOCAL_RANK, and makes it the current one: fastai and NCCL use the current device.
     """
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: PyTorch sees no CUDA GPU on this machine; use --device cpu "
@@ -60,8 +54,7 @@ def pick_precision(name, device):
     auto: bf16 autocast on GPUs that have it (same range as fp32, no loss scaling), fp16 with loss
     scaling on older GPUs, fp32 on a CPU (benchmarks/README.md says why) and on MPS.
     """
-    if name not in PRECISIONS:
-        raise UserError(f"unknown --precision {name!r}: use {', '.join(PRECISIONS)}")
+    check_precision_name(name)
     kind = device.type
     if name == "auto":
         if kind == "cuda":

@@ -132,10 +132,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     res = run(["training/train_pets.py", "--data", data, "--checkpoint-every", "-1"])
     assert fails_with_one_line(res) == "error: need --checkpoint-every >= 0"
     # settings are checked before PyTorch loads: a typo costs no wait
-    res = run(["-X", "importtime", "training/train_pets.py", "--data", tmp_path / "typo", "--resume"])
-    imported = [line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
-    assert res.returncode == 2 and "imagelab.config" in imported and "torch" not in imported, res.stderr[-3000:]
-    assert res.stderr.splitlines()[-1] == f"error: no such folder: {tmp_path / 'typo'}"
+    for args, says in [(["--data", tmp_path / "typo", "--resume"], f"no such folder: {tmp_path / 'typo'}"),
+                       (["--data", data, "--device", "gpu"], "unknown --device 'gpu': use auto, cpu, cuda, cuda:N or mps")]:
+        res = run(["-X", "importtime", "training/train_pets.py", *args])
+        imported = [line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
+        assert res.returncode == 2 and "imagelab.config" in imported and "torch" not in imported, res.stderr[-3000:]
+        assert res.stderr.splitlines()[-1] == f"error: {says}"
 
 
 def test_a_folder_with_one_class_is_told_so(tmp_path):
