@@ -23,10 +23,17 @@ class Classifier(Task):
         self.labels = cfg.labels or detect_labels(root, files)
         self.get_y = label_function(self.labels, cfg.task)
         self.splitter = folder_split(root, files)
-        return classifier_dls(files, self.get_y, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
-                              valid_pct=cfg.valid_pct, seed=cfg.seed, workers=workers,
-                              splitter=self.splitter or random_split(root, cfg.valid_pct, cfg.seed),
-                              get_x=get_x)
+        dls = classifier_dls(files, self.get_y, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
+                             valid_pct=cfg.valid_pct, seed=cfg.seed, workers=workers,
+                             splitter=self.splitter or random_split(root, cfg.valid_pct, cfg.seed), get_x=get_x)
+        self.counts = split_counts(dls, self.get_y)
+        unmeasured = [c for c, n in self.counts["valid"].items() if n == 0]
+        if unmeasured:  # the run goes on, but its report says nothing of these classes
+            print(f"note: no held-out images of {', '.join(map(str, unmeasured))} "
+                  f"({', '.join(str(self.counts['train'][c]) for c in unmeasured)} in training): the report cannot "
+                  f"measure {'it' if len(unmeasured) == 1 else 'them'}; "
+                  f"{'add some to valid/' if self.splitter else 'add photos or raise --valid-pct'}")
+        return dls
 
     def learner(self, dls, cfg):
         return classifier_learner(dls, cfg.arch, cfg.pretrained, wd=cfg.wd, label_smoothing=cfg.label_smoothing)
@@ -62,7 +69,7 @@ class Classifier(Task):
     def describe(self, cfg, root, dls):
         return {"task": cfg.task if self.labels == "filename" else "folder names", "labels": self.labels,
                 "split": "train/ and valid/ folders" if self.splitter else f"random {cfg.valid_pct:.0%}",
-                "counts": split_counts(dls, self.get_y)}
+                "counts": self.counts}
 
     def save_examples(self, dls, folder):
         save_examples(dls.valid_ds.items, self.get_y, folder)

@@ -3,6 +3,7 @@ import hashlib
 import io
 import os
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -221,5 +222,5 @@ def random_split(root, valid_pct, seed):
 
 def split_counts(dls, get_y):
     """Images per class in each split, for the report."""
-    return {name: {c: sum(get_y(f) == c for f in ds.items) for c in dls.vocab}
-            for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}
+    counts = {name: Counter(map(get_y, ds.items)) for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}
+    return {name: {c: n[c] for c in dls.vocab} for name, n in counts.items()}

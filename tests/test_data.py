@@ -122,3 +122,20 @@ def test_train_and_valid_folders_keep_their_split(tmp_path):
     assert all(f.relative_to(tmp_path).parts[0] == "valid" for f in dls.valid_ds.items) and len(dls.valid_ds) == 4
     assert len(dls.train_ds) == 12 and list(dls.vocab) == ["cats", "dogs"]
     assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None
+
+
+def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+
+    data = make_folder_dataset(tmp_path / "data", n=10)
+    write_image(data / "bears" / "bear_0.jpg", (90, 60, 30))  # one photo: it cannot be both trained and held out
+    files, _ = find_images(data)
+    task = Classifier()
+    cfg = ClassifierConfig(data=str(data), size=32, bs=4, pretrained=False, arch="resnet18")
+    dls = task.dataloaders(cfg, data, files, None, 0)
+    assert "bears" in {parent_label(f) for f in dls.train_ds.items}  # so it is not held out
+    assert capsys.readouterr().out.splitlines() == [
+        "note: no held-out images of bears (1 in training): the report cannot measure it; add photos or raise "
+        "--valid-pct"]
+    assert task.describe(cfg, data, dls)["counts"]["valid"] == {"bears": 0, "cats": 2, "dogs": 2}
