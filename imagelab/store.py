@@ -165,6 +165,12 @@ class StoreDL(DataLoader):
         crops = [resized(self.store.image(i)[:, top:top + ch, left:left + cw], total) for i, left, top, cw, ch in boxes]
         return torch.cat(crops)[..., oy:oy + sh, ox:ox + sw]
 
+    def before_iter(self):
+        super().before_iter()
+        # fastai's batch transforms take the split from their pipeline, which fastai's own loaders set at every
+        # pass (TfmdDL.before_iter): unset, the warps and flips would apply to validation and lighting nowhere.
+        self.after_batch.split_idx = 0 if self.train else 1
+
     def create_batches(self, samples):
         chunk = []
         for i in samples:

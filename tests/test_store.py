@@ -63,9 +63,13 @@ def loaders(tmp_path_factory):
 
 
 def test_validation_batches_are_the_file_paths(loaders):
+    """Unaugmented, as fastai validates: its batch transforms (warps and flips among them) take the split from
+    their pipeline, which the store shares with the file path and must set itself (it is unset until a pass)."""
     dls, store = loaders
     assert isinstance(store.valid, StoreDL) and len(store.valid) == len(dls.valid)
-    for (x_file, y_file), (x_store, y_store) in zip(dls.valid, store.valid):
+    store.valid.after_batch.split_idx = None  # as before the first pass
+    stored = list(store.valid)  # before the file path's pass, which would set the split for both
+    for (x_file, y_file), (x_store, y_store) in zip(dls.valid, stored):
         assert torch.equal(y_file, y_store)
         assert x_file.shape == x_store.shape
         assert (x_file - x_store).abs().max() <= 2 / 255 + 1e-6  # fastai's squash + centre crop, within 2 levels
@@ -82,7 +86,9 @@ def test_training_batches_follow_the_size_and_the_random_streams(loaders):
         set_seed(3)
         train.rng.setstate(shuffling)
         return [x for x, _ in train]
+    train.after_batch.split_idx = None  # as before the first pass
     first, again = epoch(), epoch()
+    assert train.after_batch.split_idx == 0  # fastai's training augmentation, lighting included, applies
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # a resumed run draws the same crops
     assert first[0].shape == (4, 3, 32, 32)
     train.size = (16, 16)  # progressive resizing changes the size between epochs
