@@ -96,6 +96,22 @@ def test_training_batches_follow_the_size_and_the_random_streams(loaders):
     train.size = (32, 32)
 
 
+def test_training_batches_are_the_file_paths_draw_for_draw(loaders):
+    """The same seed gives the same shuffle, crops, warps, flips and lighting on both paths: the store changes
+    where the pixels come from, not what training sees (within the resampling's two grey levels)."""
+    dls, store = loaders
+    passes = []
+    for dl in (store.train, dls.train):
+        dl.after_batch.split_idx = None  # as before the first pass: each path must set it
+        set_seed(11)  # the crops' and the augmentation's streams
+        dl.rng.seed(11)  # the shuffle's
+        passes.append(list(dl))
+    assert len(passes[0]) == len(passes[1]) == len(dls.train)
+    for (x_store, y_store), (x_file, y_file) in zip(*passes):
+        assert torch.equal(y_store, y_file)
+        assert (x_store - x_file).abs().max() <= 2 / 255 + 1e-6
+
+
 def test_a_batched_cut_is_the_per_image_resize_within_a_grey_level(tmp_path):
     """The GPU's cut (one gather and two matrix products for a batch) against the CPU's (interpolate per image)."""
     files = []
