@@ -10,7 +10,9 @@ batch size, epochs, learning rate and seed. The course recipe is `ImageDataLoade
 ours is `imagelab.train.train` of the classifier with its defaults (progressive resizing included, and
 batches cut from the images decoded in memory), `fixed` is the same trainer at the full size throughout
 (`--start-size` = `--size`), to show what progressive resizing adds, and `files` is ours reading the
-presized files batch by batch (`--workers`: the path taken when the images do not fit in memory). The
+presized files batch by batch (`--workers`: the path taken when the images do not fit in memory). When
+ours trains in mixed precision (`--precision`; auto picks it where the device computes bf16 natively), `fp32`
+is the same trainer in fp32, to show what the precision adds and whether it costs accuracy. The
 runs train at the same time in threads that take turns batch by batch (epoch by epoch on a GPU: `Turns`
 says why), so a busy machine slows them alike, and each is timed only while it holds its turn (the
 recipe's loader processes are paused outside its turns). Our held-out accuracy is measured by the
@@ -27,6 +29,7 @@ import signal
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from imagelab import UserError, run_cli, setup
@@ -40,7 +43,7 @@ from PIL import Image
 from imagelab.classifier import Classifier
 from imagelab.config import ClassifierConfig
 from imagelab.data import detect_labels, find_images, parent_label, presize
-from imagelab.device import pick_device
+from imagelab.device import pick_device, pick_precision
 from imagelab.train import loader_workers, train
 import torch  # noqa: E402
 
@@ -245,6 +248,7 @@ class Busy(threading.Thread):
 def main(argv=None):
     args = parse(argv)
     device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         split = workdir / "split"
@@ -259,22 +263,24 @@ def main(argv=None):
         # The file path: what the trainer does when the decoded images would not fit in memory.
         files = trainer_config(args, workdir, "files", **common, workers=args.workers if args.workers is not None
                                else loader_workers(ours, device))
+        configs = {"ours": ours, "fixed": fixed, "files": files}
+        if precision != "fp32":  # the same trainer without mixed precision: what the precision adds
+            configs["fp32"] = trainer_config(args, workdir, "fp32", **common, precision="fp32")
         start = time.perf_counter()
         presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
         cache_seconds = time.perf_counter() - start
 
         # Ours takes the first turn: the recipe forks its loader processes only while our threads wait,
         # never while it imports or holds a lock that a forked child would inherit locked.
-        turns = Turns(["ours", "recipe", "fixed", "files"], per="epoch" if device.type == "cuda" else "batch")
+        turns = Turns(["ours", "recipe", *list(configs)[1:]], per="epoch" if device.type == "cuda" else "batch")
+        jobs = {name: partial(train, Classifier(), cfg, cbs=[turns.callback(name, workers=name == "files")])
+                for name, cfg in configs.items()}
+        jobs["recipe"] = lambda: course_recipe(split, args, device, [turns.callback("recipe", workers=True)])
         load_before = os.getloadavg()[0]
         busy = Busy(turns, device)
         busy.start()
         set_seed(args.seed, reproducible=True)
-        res = turns.run({
-            "recipe": lambda: course_recipe(split, args, device, [turns.callback("recipe", workers=True)]),
-            "ours": lambda: train(Classifier(), ours, cbs=[turns.callback("ours")]),
-            "fixed": lambda: train(Classifier(), fixed, cbs=[turns.callback("fixed")]),
-            "files": lambda: train(Classifier(), files, cbs=[turns.callback("files", workers=True)])})
+        res = turns.run(jobs)
         busy.done.set()
         images = res["recipe"]["train_images"] * args.epochs
         ips = {name: images / turns.held[name] for name in turns.names}
@@ -296,6 +302,9 @@ def main(argv=None):
                "busy": {name: busy.share(name) for name in turns.names},
                "recipe_seconds": round(turns.held["recipe"], 1), "ours_seconds": round(turns.held["ours"], 1),
                "fixed_size_seconds": round(turns.held["fixed"], 1), "files_seconds": round(turns.held["files"], 1),
+               **({"fp32_images_per_s": round(ips["fp32"], 2), "precision_speedup": round(ips["ours"] / ips["fp32"], 2),
+                   "fp32_accuracy": round(res["fp32"]["accuracy"], 4), "fp32_seconds": round(turns.held["fp32"], 1)}
+                  if "fp32" in res else {}),
                "ours_cache_build_seconds": round(cache_seconds, 1),
                "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 

@@ -52,14 +52,15 @@ def pick_precision(name, device):
     """'fp32', 'bf16' or 'fp16' for `--precision` on `device`.
 
     auto: bf16 autocast on GPUs that have it (same range as fp32, no loss scaling), fp16 with loss
-    scaling on older GPUs, fp32 on a CPU (benchmarks/README.md says why) and on MPS.
+    scaling on older GPUs, bf16 on CPUs that compute it natively, fp32 on other CPUs (which emulate bf16,
+    slower than fp32) and on MPS. benchmarks/README.md has what each choice was measured to gain.
     """
     check_precision_name(name)
     kind = device.type
     if name == "auto":
         if kind == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
     if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or auto")
     if name == "bf16" and kind == "cpu" and not cpu_has_bf16():
@@ -82,17 +83,63 @@ def copy_to(t, device):
 class AnyDeviceMixedPrecision(MixedPrecision):
     """fastai's `MixedPrecision` on any device type: fastai's own autocasts on CUDA only.
 
-    The weights, the optimizer and every export stay fp32; bf16 needs no loss scaling, fp16 has it (GradScaler
-    unscales the gradients, and on an overflow fastai skips the step and the scale halves). Not named
-    `Autocast`: fastai names a learner's attribute after each callback, and this one sets `self.autocast`.
+    Only training batches are autocast. The weights, the optimizer and every export stay fp32; bf16 needs no
+    loss scaling, fp16 has it (GradScaler unscales the gradients, and on an overflow fastai skips the step and
+    the scale halves). Not named `Autocast`: fastai names a learner's attribute after each callback, and this
+    one sets `self.autocast`.
     """
 
     def __init__(self, precision, device_type):
         super().__init__(AMPMode(precision))
-        self.device_type = device_type
+        self.device_type, self.one_pixel = device_type, {}
 
     def before_fit(self):
         dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
         self.autocast = torch.autocast(self.device_type, dtype=dtype)
         self.learn.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
         self.scales = L()
+
+    def before_batch(self):
+        # Validation runs in fp32: each epoch is judged as the report judges the exported (fp32) model, so the
+        # epoch table's numbers are the report's and --keep best picks by them.
+        # PyTorch's CPU bf16 backward (oneDNN) leaves part of the weight gradient of a strided convolution that
+        # sees a one-pixel map uninitialised: garbage, often NaN (benchmarks/README.md). Such batches (the small
+        # first sizes of progressive resizing) train in fp32.
+        self.autocasting = self.training and not (self.device_type == "cpu" and self.amp_mode == AMPMode.BF16
+                                                  and self.one_pixel_conv(self.xb[0]))
+        if self.autocasting:
+            self.autocast.__enter__()
+
+    def after_loss(self):
+        if self.autocasting:
+            self.autocast.__exit__(None, None, None)
+
+    def one_pixel_conv(self, x):
+        """The first strided convolution that sees a map one pixel high or wide at `x`'s size (None if none),
+        found once per size by passing the model one blank image."""
+        size = tuple(x.shape[2:])
+        if size not in self.one_pixel:
+            self.one_pixel[size] = found = one_pixel_strided_conv(self.model, x[:1])
+            if found:  # on a line of its own, not after a progress bar's
+                print(f"\nnote: batches of {size[0]} x {size[1]} px train in fp32, not bf16: there {found} (a strided "
+                      "convolution) sees a one-pixel map, whose bf16 gradient PyTorch computes wrong on a CPU")
+        return self.one_pixel[size]
+
+
+def one_pixel_strided_conv(model, x):
+    """The name of `model`'s first strided convolution whose input is one pixel high or wide when `model` takes
+    `x` (None if there is none). `model` is run once in eval mode (nothing learned or drawn) without gradients."""
+    model = getattr(model, "module", model)  # not through DistributedDataParallel, which would synchronise
+    seen, modes = [], {m: m.training for m in model.modules()}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.append(name) if min(args[0].shape[2:]) == 1
+                                         else None)
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros_like(x))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for h in hooks:
+            h.remove()
+    return seen[0] if seen else None

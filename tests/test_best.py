@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from conftest import make_folder_dataset, run
 from test_resume import interrupt_after_an_epoch
 
-# With the `data` below the second epoch validates worse than the first (asserted below, not assumed).
+# With the `data` below the second epoch validates worse than the first (asserted below, not assumed). At a gentle
+# learning rate: at 0.01 the losses took other paths with 1 or 2 math threads, fp32 or bf16, and one path improved.
 WORSE_LAST = ["--no-pretrained", "--arch", "resnet18", "--epochs", "3", "--size", "32", "--bs", "4", "--workers", "0",
-              "--seed", "3", "--no-presize", "--lr", "0.01", "--patience", "1"]
+              "--seed", "3", "--no-presize", "--lr", "0.001", "--patience", "1"]
 
 
 def metrics(out):

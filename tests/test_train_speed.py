@@ -10,26 +10,30 @@ KEYS = {"recipe_images_per_s", "ours_images_per_s", "speedup", "recipe_accuracy"
         "recipe_seconds", "ours_seconds", "preset_accuracy", "preset_seconds", "preset_epochs",
         "fixed_size_images_per_s", "fixed_size_speedup", "fixed_size_accuracy", "fixed_size_seconds",
         "accuracy_standard_error", "ours_start_size", "files_images_per_s", "files_speedup", "files_accuracy",
-        "files_seconds", "busy", "device", "precision"}
+        "files_seconds", "busy", "device", "precision", "fp32_images_per_s", "precision_speedup", "fp32_accuracy",
+        "fp32_seconds"}
 
 
 def test_benchmark_prints_one_json_object_last(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=10)
     res = run(["benchmarks/train_speed.py", "--data", data, "--size", "32", "--epochs", "1", "--bs", "4",
-               "--device", "cpu", "--workdir", tmp_path / "work"])
+               "--device", "cpu", "--precision", "bf16", "--workdir", tmp_path / "work"])
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert KEYS <= set(out), KEYS - set(out)
     assert out["train_images"] + out["valid_images"] == 20 and out["valid_images"] == 4
     for key in ("recipe_images_per_s", "ours_images_per_s", "fixed_size_images_per_s", "files_images_per_s",
-                "recipe_seconds", "ours_seconds", "fixed_size_seconds", "files_seconds", "preset_seconds"):
+                "fp32_images_per_s", "recipe_seconds", "ours_seconds", "fixed_size_seconds", "files_seconds",
+                "fp32_seconds", "preset_seconds"):
         assert out[key] > 0, key
-    for key in ("recipe_accuracy", "ours_accuracy", "fixed_size_accuracy", "files_accuracy", "preset_accuracy"):
+    for key in ("recipe_accuracy", "ours_accuracy", "fixed_size_accuracy", "files_accuracy", "fp32_accuracy",
+                "preset_accuracy"):
         assert 0 <= out[key] <= 1, key
     assert out["speedup"] == round(out["ours_images_per_s"] / out["recipe_images_per_s"], 2) or \
         abs(out["speedup"] - out["ours_images_per_s"] / out["recipe_images_per_s"]) < 0.02
     assert out["ours_start_size"] == 16  # the trainer's default: half of --size
-    assert (out["device"], out["precision"]) == ("cpu", "fp32")
-    assert set(out["busy"]) == {"recipe", "ours", "fixed", "files"}
+    # ours in bf16, and beside it the same trainer in fp32
+    assert (out["device"], out["precision"]) == ("cpu", "bf16")
+    assert set(out["busy"]) == {"recipe", "ours", "fixed", "files", "fp32"}
     # the recipe and ours saw the same split: the links in work/split, train/ and valid/
     assert len(list((tmp_path / "work" / "split" / "valid").rglob("*.jpg"))) == 4
