@@ -272,7 +272,7 @@ def main(argv=None):
 
         # Ours takes the first turn: the recipe forks its loader processes only while our threads wait,
         # never while it imports or holds a lock that a forked child would inherit locked.
-        turns = Turns(["ours", "recipe", *list(configs)[1:]], per="epoch" if device.type == "cuda" else "batch")
+        turns = Turns(["ours", "recipe", *(n for n in configs if n != "ours")], per="epoch" if device.type == "cuda" else "batch")
         jobs = {name: partial(train, Classifier(), cfg, cbs=[turns.callback(name, workers=name == "files")])
                 for name, cfg in configs.items()}
         jobs["recipe"] = lambda: course_recipe(split, args, device, [turns.callback("recipe", workers=True)])
