@@ -25,6 +25,7 @@ from .export import export_weights_only, save_examples
 from .images import read_image
 from .models import adamw
 from .reports import plot_loss_curve, save_fig
+from .store import resize_box
 from .train import Task
 
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
@@ -449,11 +450,10 @@ class Autoencoder:
         """A path or PIL image as the model sees it: 1x3xSxS in [0, 1], S the model's size.
 
         fastai's `Resize` at validation, done in PIL so that a weights-only model needs no learner: the
-        centre square of the image (its side computed as fastai does), resized bilinearly.
+        centre square of the image (`resize_box`, as fastai computes it), resized bilinearly.
         """
         im, s = read_image(image), self.size
-        side = int(min(im.width / s, im.height / s) * s)
-        left, top = int(0.5 * (im.width - side)), int(0.5 * (im.height - side))
+        left, top, side, _ = resize_box(im.width, im.height, (s, s))
         im = im.crop((left, top, left + side, top + side)).resize((s, s), Image.BILINEAR)
         return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)[None] / 255
 

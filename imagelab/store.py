@@ -3,10 +3,11 @@
 With `--presize`, every training image is a small JPEG copy; decoding those copies again every epoch,
 one by one in Python, is what keeps an accelerator waiting. When they fit in memory, the copies are
 decoded once into one uint8 tensor (on the GPU when it fits there, else in pinned memory), and each
-batch is cut from it on the training device: fastai's `RandomResizedCrop` for training (the same crop
-boxes from the same random stream, resized with antialiased bilinear like Pillow's), its squash-and-centre
-crop for validation. A GPU resizes a batch's crops together (`ImageStore.cut`), a CPU one by one. fastai's
-batch transforms (`aug_transforms`, `Normalize`) follow as on the file path.
+batch is cut from it on the training device with the loaders' own crop item transform, computed per
+batch: fastai's `RandomResizedCrop` (the classifiers') or its `Resize` crop after `FlipItem` (the
+autoencoder's), the same boxes from the same random stream, resized with antialiased bilinear like
+Pillow's. A GPU resizes a batch's crops together (`ImageStore.cut`), a CPU one by one. fastai's batch
+transforms (`aug_transforms`, `Normalize`) follow as on the file path.
 """
 import math
 import random
@@ -20,7 +21,8 @@ from PIL import Image
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import TensorCategory, TensorImage
-from fastai.vision.augment import RandomResizedCrop
+from fastai.data.transforms import Categorize, ToTensor
+from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, ResizeMethod
 
 from .device import copy_to
 from .images import open_rgb
@@ -44,6 +46,15 @@ def crop_box(w, h, min_scale, ratio, rng=random):
     else:
         nw, nh = w, h
     return (w - nw) // 2, (h - nh) // 2, nw, nh
+
+
+def resize_box(w, h, size, pcts=(0.5, 0.5)):
+    """fastai's `Resize(size)` crop (left, top, width, height) of a w x h image: the largest box of `size`'s
+    (width, height) shape, placed at `pcts` of the room left (random in training, the centre otherwise),
+    in fastai's arithmetic to the pixel."""
+    m = w / size[0] if w / size[0] < h / size[1] else h / size[1]
+    cw, ch = int(m * size[0]), int(m * size[1])
+    return int(pcts[0] * (w - cw)), int(pcts[1] * (h - ch)), cw, ch
 
 
 def resized(image, size):
@@ -129,41 +140,92 @@ def store_device(files, device):
     return None
 
 
+class RandomResizedCrops:
+    """fastai's `RandomResizedCrop` for a batch: a random crop for training; for validation the whole image,
+    squashed to the size plus fastai's `val_xtra` margin, whose centre is kept."""
+
+    def __init__(self, crop):
+        self.min_scale, self.ratio, self.val_xtra = crop.min_scale, crop.ratio, crop.val_xtra
+
+    def boxes(self, shapes, size, train):
+        """Each (h, w) image's (left, top, width, height) crop, the (h, w) it is resized to, the (top, left) of the
+        part of `size` (fastai's (width, height)) kept, and which crops are mirrored (None: none)."""
+        sw, sh = size
+        if train:
+            return [crop_box(w, h, self.min_scale, self.ratio) for h, w in shapes], (sh, sw), (0, 0), None
+        xtra = math.ceil(max(sw, sh) * self.val_xtra / 8) * 8
+        return [(0, 0, w, h) for h, w in shapes], (sh + xtra, sw + xtra), (xtra // 2, xtra // 2), None
+
+
+class ResizeCrops:
+    """fastai's `Resize` (crop method) for a batch, after `FlipItem` when the loaders have one (its order puts the
+    flip first, so its draw comes first): a random box in training, mirrored with probability `flip`; the
+    centre box, unmirrored, for validation."""
+
+    def __init__(self, flip=None):
+        self.flip = flip
+
+    def boxes(self, shapes, size, train):
+        """As `RandomResizedCrops.boxes`."""
+        boxes, flips = [], []
+        for h, w in shapes:
+            flip = train and self.flip is not None and (self.flip == 1.0 or random.random() < self.flip)
+            left, top, cw, ch = resize_box(w, h, size, (random.random(), random.random()) if train else (0.5, 0.5))
+            boxes.append((w - left - cw if flip else left, top, cw, ch))  # the flipped image's box, in the original
+            flips.append(flip)
+        return boxes, (size[1], size[0]), (0, 0), flips if any(flips) else None
+
+
+def item_crops(tfms):
+    """The batch version of the loaders' item transforms `tfms` (a `RandomResizedCrops` or `ResizeCrops`) and the
+    size they crop to, or None when they do anything else (those loaders read files)."""
+    crops = [t for t in tfms if not isinstance(t, ToTensor)]  # in the order they run
+    kinds = [type(t) for t in crops]
+    if kinds == [RandomResizedCrop]:
+        return RandomResizedCrops(crops[0]), crops[0].size
+    if kinds in ([Resize], [FlipItem, Resize]) and crops[-1].method == ResizeMethod.Crop:
+        return ResizeCrops(crops[0].p if kinds[0] is FlipItem else None), crops[-1].size
+    return None
+
+
+def targets(ds):
+    """The labels of a classifier's dataset `ds` as one tensor; None where the target is the input image itself
+    (an autoencoder's). Raises ValueError for any other kind of target."""
+    x, y = ds.tls[0].tfms.fs, ds.tls[1].tfms.fs
+    if any(isinstance(t, Categorize) for t in y):
+        return torch.stack([torch.as_tensor(label) for label in ds.tls[1]]).long()  # indexed on the CPU
+    if len(x) == len(y) and x[0] is y[0] and [t.name for t in x] == [t.name for t in y]:
+        return None  # the same file, decoded the same way
+    raise ValueError("a target that is neither a label nor the input")
+
+
 class StoreDL(DataLoader):
     """A fastai DataLoader whose batches are cut from an `ImageStore` on the device (no item pipeline).
 
-    Training batches are `RandomResizedCrop`s of `size`; validation batches squash each image to size
-    plus fastai's `val_xtra` margin and take the centre, as fastai validates. `size` may change between
-    epochs (progressive resizing).
+    `crops` (`RandomResizedCrops`, `ResizeCrops`) says where each image's crop lies; `labels` are the targets,
+    or None for the input itself (the same crop and flip, as fastai gives an autoencoder). `size` may change
+    between epochs (progressive resizing).
     """
 
-    def __init__(self, store, labels, crop, train, after_batch, device, **kwargs):
+    def __init__(self, store, labels, crops, size, train, after_batch, device, **kwargs):
         super().__init__(list(range(len(store))), after_batch=after_batch, device=device, **kwargs)
-        self.store, self.labels, self.train = store, labels, train
-        self.size, self.min_scale, self.ratio, self.val_xtra = crop.size, crop.min_scale, crop.ratio, crop.val_xtra
+        self.store, self.labels, self.crops, self.size, self.train = store, labels, crops, size, train
         # one batched cut where every operation is a kernel to launch; a CPU computes less resizing image by image
         self.batched = store.flat.device.type != "cpu"
 
-    def boxes(self, idxs):
-        """Each image's (image, left, top, width, height) crop, the (h, w) it is resized to and the (top, left) of
-        the part of `size` kept: a random crop for training; for validation the whole image, squashed to the
-        size plus fastai's `val_xtra` margin, whose centre is kept."""
-        sw, sh = self.size  # fastai's (width, height)
-        shapes = [self.store.shapes[i] for i in idxs]
-        if self.train:
-            crops = [(i, *crop_box(w, h, self.min_scale, self.ratio)) for i, (h, w) in zip(idxs, shapes)]
-            return crops, (sh, sw), (0, 0)
-        xtra = math.ceil(max(sw, sh) * self.val_xtra / 8) * 8
-        return [(i, 0, 0, w, h) for i, (h, w) in zip(idxs, shapes)], (sh + xtra, sw + xtra), (xtra // 2, xtra // 2)
-
     def cut(self, idxs):
         """The batch's images as floats of uint8 values, B x 3 x h x w."""
-        boxes, total, (oy, ox) = self.boxes(idxs)
+        boxes, total, (oy, ox), flips = self.crops.boxes([self.store.shapes[i] for i in idxs], self.size, self.train)
         sh, sw = self.size[1], self.size[0]
         if self.batched:
-            return self.store.cut(boxes, total, (oy, ox), (sh, sw))
-        crops = [resized(self.store.image(i)[:, top:top + ch, left:left + cw], total) for i, left, top, cw, ch in boxes]
-        return torch.cat(crops)[..., oy:oy + sh, ox:ox + sw]
+            x = self.store.cut([(i, *box) for i, box in zip(idxs, boxes)], total, (oy, ox), (sh, sw))
+        else:
+            x = torch.cat([resized(self.store.image(i)[:, top:top + ch, left:left + cw], total)
+                           for i, (left, top, cw, ch) in zip(idxs, boxes)])[..., oy:oy + sh, ox:ox + sw]
+        if flips is None:
+            return x
+        mirrored = copy_to(torch.tensor(flips), x.device)[:, None, None, None]
+        return torch.where(mirrored, x.flip(-1), x)  # a mirrored crop, resized, is the resized crop mirrored
 
     def before_iter(self):
         super().before_iter()
@@ -182,15 +244,23 @@ class StoreDL(DataLoader):
             yield self.batch(chunk)
 
     def batch(self, idxs):
-        x, y = pixels(self.cut(idxs)), self.labels[idxs]
-        return TensorImage(copy_to(x, self.device)), TensorCategory(copy_to(y, self.device))
+        x = TensorImage(copy_to(pixels(self.cut(idxs)), self.device))
+        if self.labels is None:
+            return x, TensorImage(x)  # the target is the input; fastai's batch transforms make new tensors of each
+        return x, TensorCategory(copy_to(self.labels[idxs], self.device))
 
 
 def store_loaders(dls, copies):
-    """DataLoaders like `dls` (a classifier's, on their device) that cut their batches from the decoded
-    presized `copies` of their files, or None when the images do not fit in memory."""
-    crop = next((t for t in dls.train.after_item.fs if isinstance(t, RandomResizedCrop)), None)
-    if crop is None or not copies:
+    """DataLoaders like `dls` (on their device) that cut their batches from the decoded presized `copies` of their
+    files; None when the images do not fit in memory, or when the loaders transform items in a way the store
+    does not compute (they read files then)."""
+    found = item_crops(dls.train.after_item.fs)
+    if found is None or not copies:
+        return None
+    crops, size = found
+    try:
+        labels = [targets(dl.dataset) for dl in (dls.train, dls.valid)]
+    except ValueError:
         return None
     device = torch.device(dls.device or "cpu")
     splits = [(dls.train, True, [copies.get(f, f) for f in dls.train.dataset.items]),
@@ -199,9 +269,8 @@ def store_loaders(dls, copies):
     if where is None:
         return None
     loaders = []
-    for dl, train, files in splits:
-        labels = torch.stack([torch.as_tensor(y) for y in dl.dataset.tls[1]]).long()  # indexed on the CPU
+    for (dl, train, files), y in zip(splits, labels):
         store = ImageStore(files, where, pin=where.type == "cpu" and device.type == "cuda")
-        loaders.append(StoreDL(store, labels, crop, train, dl.after_batch, device,
+        loaders.append(StoreDL(store, y, crops, size, train, dl.after_batch, device,
                                bs=dl.bs, shuffle=train, drop_last=train))
     return DataLoaders(*loaders, device=device)

@@ -4,11 +4,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from fastai.vision.all import PILImage, RandomResizedCrop, set_seed
+from fastai.vision.all import PILImage, RandomResizedCrop, Resize, ResizeMethod, set_seed
 from PIL import Image, ImageFilter
 
+from imagelab.autoencoder import autoencoder_dls
 from imagelab.data import Presized, classifier_dls, parent_label, presize
-from imagelab.store import ImageStore, StoreDL, crop_box, pixels, resized, store_loaders
+from imagelab.store import ImageStore, StoreDL, crop_box, pixels, resize_box, resized, store_loaders
 from conftest import make_folder_dataset, write_image
 
 # Landscape, portrait, square, and shapes outside RandomResizedCrop's aspect range (its fallback crop).
@@ -133,8 +134,9 @@ def test_a_batched_cut_is_the_per_image_resize_within_a_grey_level(tmp_path):
         assert (batched - one_by_one).abs().max() <= 1 and (batched != one_by_one).float().mean() < 0.01
 
 
-def test_batched_loaders_give_the_per_image_batches(loaders):
-    _, store = loaders
+@pytest.mark.parametrize("which", ["loaders", "autoencoder_loaders"])
+def test_batched_loaders_give_the_per_image_batches(which, request):
+    _, store = request.getfixturevalue(which)
     for dl in (store.train, store.valid):
         batches = []
         for batched in (False, True):
@@ -143,5 +145,75 @@ def test_batched_loaders_give_the_per_image_batches(loaders):
             batches.append(dl.batch(list(range(len(dl.store)))))
         dl.batched = False
         (x, y), (bx, by) = batches
-        assert torch.equal(y, by) and x.dtype == bx.dtype == torch.uint8
+        if dl.labels is None:  # the autoencoder's target is its input
+            assert torch.equal(x, y) and torch.equal(bx, by)
+        else:
+            assert torch.equal(y, by)
+        assert x.dtype == bx.dtype == torch.uint8
         assert x.shape == bx.shape and (x.int() - bx.int()).abs().max() <= 1
+
+
+def test_resize_boxes_are_fastais_resize_crop():
+    """The autoencoder's crop: fastai's `Resize` box at any place, for any image and output shape."""
+    random.seed(3)
+    for w, h in SHAPES + [(97, 61), (61, 97), (145, 144)]:
+        for size in [(64, 64), (48, 32), (32, 48)]:  # fastai's (width, height)
+            resize = Resize(size[::-1])  # fastai takes (height, width)
+            for pcts in [(0.5, 0.5), (0.0, 1.0), (random.random(), random.random())]:
+                resize.pcts = pcts
+                image = PILImage.create(np.zeros((h, w, 3), np.uint8))
+                captured = {}
+                image.crop_pad = lambda sz, tl, **kw: captured.update(box=(*tl, *sz))
+                resize.encodes(image)
+                assert resize_box(w, h, size, pcts) == captured["box"]
+
+
+@pytest.fixture(scope="module")
+def autoencoder_loaders(tmp_path_factory):
+    root = make_folder_dataset(tmp_path_factory.mktemp("store_ae") / "data", n=10)
+    for i in range(6):  # wide and tall: the square's place along the long side is drawn
+        write_image(root / "cats" / f"wide_{i}.jpg", (220, 60, 60), size=(120, 50), seed=i)
+        write_image(root / "dogs" / f"tall_{i}.jpg", (60, 60, 220), size=(44, 110), seed=i)
+    files = sorted(root.rglob("*.jpg"))
+    presized = Presized(presize(files, 32))
+    dls = autoencoder_dls(files, size=32, bs=4, workers=0, get_x=presized)
+    return dls, store_loaders(dls, presized.copies)
+
+
+def test_autoencoder_batches_are_the_file_paths_draw_for_draw(autoencoder_loaders):
+    """fastai's `FlipItem` then `Resize` per item, on the file path and cut per batch from memory: the same
+    shuffle, squares and flips, on the input and on the target alike."""
+    dls, store = autoencoder_loaders
+    assert isinstance(store.train, StoreDL) and store.train.drop_last and store.train.shuffle
+    for file_dl, store_dl in ((dls.train, store.train), (dls.valid, store.valid)):
+        passes = []
+        for dl in (store_dl, file_dl):
+            set_seed(11)
+            dl.rng.seed(11)
+            passes.append(list(dl))
+        assert len(passes[0]) == len(passes[1]) == len(file_dl) > 0
+        for (x_store, y_store), (x_file, y_file) in zip(*passes):
+            assert x_store.shape == x_file.shape and x_store.shape[1:] == (3, 32, 32)
+            assert torch.equal(x_store, y_store) and torch.equal(x_file, y_file)  # the target is the input
+            assert (x_store - x_file).abs().max() <= 2 / 255 + 1e-6
+    set_seed(5)
+    flipped = store.train.crops.boxes([(48, 48)] * 400, (32, 32), True)[3]
+    assert 0.4 < np.mean(flipped) < 0.6  # FlipItem's half of the training crops
+    assert store.valid.crops.boxes([(48, 115)] * 4, (32, 32), False)[3] is None  # no flips in validation
+
+
+@pytest.mark.parametrize("item_tfms, own_target", [([Resize(32, method=ResizeMethod.Squish)], True),
+                                                   ([Resize(32), RandomResizedCrop(32)], True),
+                                                   ([Resize(32)], False)])
+def test_loaders_the_store_does_not_compute_read_files(tmp_path, item_tfms, own_target):
+    """Loaders whose item transforms are anything but the two crops the store computes, or whose target is
+    another image than the input, keep the file path."""
+    from fastai.vision.all import DataBlock, ImageBlock, RandomSplitter
+    from imagelab.data import RGBImage
+    root = make_folder_dataset(tmp_path / "data", n=4)
+    files = sorted(root.rglob("*.jpg"))
+    presized = Presized(presize(files, 32))
+    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)), get_x=presized,
+                      get_y=presized if own_target else Presized(presized.copies),
+                      splitter=RandomSplitter(0.25, seed=0), item_tfms=item_tfms)
+    assert store_loaders(block.dataloaders(files, bs=2, num_workers=0), presized.copies) is None

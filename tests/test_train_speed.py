@@ -37,3 +37,19 @@ def test_benchmark_prints_one_json_object_last(tmp_path):
     assert set(out["busy"]) == {"recipe", "ours", "fixed", "files", "fp32"}
     # the recipe and ours saw the same split: the links in work/split, train/ and valid/
     assert len(list((tmp_path / "work" / "split" / "valid").rglob("*.jpg"))) == 4
+
+
+def test_autoencoder_benchmark_times_both_data_paths(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n=10)
+    res = run(["benchmarks/autoencoder_speed.py", "--data", data, "--size", "16", "--epochs", "1", "--bs", "4",
+               "--code-size", "8", "--device", "cpu", "--precision", "fp32"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "decoded 20 presized images into memory" in res.stdout  # `memory` did, and only it
+    assert res.stdout.count("presized images into memory") == 1
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["train_images"] == 16 and out["valid_images"] == 4 and out["files_workers"] == 0
+    for key in ("memory_images_per_s", "files_images_per_s", "memory_seconds", "files_seconds", "speedup"):
+        assert out[key] > 0, key
+    for key in ("memory_ratio_to_pca", "files_ratio_to_pca"):
+        assert 0 < out[key] < 2, key
+    assert set(out["busy"]) == {"memory", "files"}

@@ -1,0 +1,91 @@
+"""The autoencoder's data paths side by side: batches cut from the images decoded in memory against the presized files.
+
+    python benchmarks/autoencoder_speed.py --data ../shared/data/catsdogs          # about 10 minutes on 2 cores
+    python benchmarks/autoencoder_speed.py --data ../shared/data/catsdogs --device cuda --bs 64 --epochs 8
+
+Both runs are `imagelab.train.train` of the autoencoder with the same settings and seed: `memory` with its
+defaults (the store of imagelab/store.py wherever the presized images fit), `files` reading the presized
+files item by item (`--workers`: the path taken when they do not fit). They train at the same time in
+threads that take turns (train_speed.py's `Turns`: batch by batch on a CPU, epoch by epoch on a GPU), each
+timed only while it holds its turn. The held-out MSE ratio to PCA of each says whether the paths train
+alike. The last line printed is one JSON object.
+"""
+import argparse
+import json
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+
+from imagelab import run_cli, setup
+
+setup()  # before PyTorch loads: OpenMP reads its wait policy once
+from fastai.callback.progress import ProgressCallback  # noqa: E402
+from fastai.vision.all import defaults, set_seed  # noqa: E402
+from imagelab.autoencoder import AutoencoderTask  # noqa: E402
+from imagelab.config import AutoencoderConfig  # noqa: E402
+from imagelab.data import find_images, presize  # noqa: E402
+from imagelab.device import pick_device  # noqa: E402
+from imagelab.train import loader_workers  # noqa: E402
+from imagelab.train import train  # noqa: E402
+from train_speed import Busy, Turns  # noqa: E402  (benchmarks/, the script's own folder)
+
+
+def parse(argv=None):
+    defaults_ = AutoencoderConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
+    p.add_argument("--size", type=int, default=defaults_.size)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--bs", type=int, default=defaults_.bs)
+    p.add_argument("--code-size", type=int, default=defaults_.code_size)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto", help="where both runs train: auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", help="both runs' --precision")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader processes of `files` (default: the trainer's choice for the device)")
+    p.add_argument("--cache", metavar="DIR", help="presized-image cache (default: the trainer's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        common = {"data": args.data, "size": args.size, "epochs": args.epochs, "bs": args.bs,
+                  "code_size": args.code_size, "seed": args.seed, "device": args.device,
+                  "precision": args.precision, "cache": args.cache}
+        memory = AutoencoderConfig(**common, out=str(Path(tmp) / "memory.pkl"))
+        workers = args.workers if args.workers is not None else loader_workers(memory, device)
+        configs = {"memory": memory,
+                   "files": AutoencoderConfig(**common, workers=workers, out=str(Path(tmp) / "files.pkl"))}
+        presize(find_images(Path(args.data))[0], args.size, args.cache)  # built once, outside the timed turns
+        defaults.callbacks = [cb for cb in defaults.callbacks if cb is not ProgressCallback]  # two runs, one terminal
+        turns = Turns(list(configs), per="epoch" if device.type == "cuda" else "batch")
+        jobs = {name: partial(train, AutoencoderTask(), cfg, cbs=[turns.callback(name, workers=name == "files")])
+                for name, cfg in configs.items()}
+        load_before = os.getloadavg()[0]
+        busy = Busy(turns, device)
+        busy.start()
+        set_seed(args.seed, reproducible=True)
+        res = turns.run(jobs)
+        busy.done.set()
+    ips = {name: res[name]["images_trained"] / turns.held[name] for name in configs}
+    out = {"data": str(args.data), "train_images": res["memory"]["counts"]["train"],
+           "valid_images": res["memory"]["counts"]["valid"], "size": args.size, "bs": args.bs,
+           "epochs": args.epochs, "code_size": args.code_size, "turns": turns.per,
+           "device": res["memory"]["device"], "precision": res["memory"]["precision"], "files_workers": workers,
+           "memory_images_per_s": round(ips["memory"], 2), "files_images_per_s": round(ips["files"], 2),
+           "speedup": round(ips["memory"] / ips["files"], 2),
+           "memory_ratio_to_pca": round(res["memory"]["mse_ratio_ae_to_pca"], 4),
+           "files_ratio_to_pca": round(res["files"]["mse_ratio_ae_to_pca"], 4),
+           "busy": {name: busy.share(name) for name in configs},
+           "memory_seconds": round(turns.held["memory"], 1), "files_seconds": round(turns.held["files"], 1),
+           "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)
