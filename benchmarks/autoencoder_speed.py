@@ -21,14 +21,13 @@ from imagelab import run_cli, setup
 
 setup()  # before PyTorch loads: OpenMP reads its wait policy once
 from fastai.callback.progress import ProgressCallback  # noqa: E402
-from fastai.vision.all import defaults, set_seed  # noqa: E402
+from fastai.vision.all import defaults  # noqa: E402
 from imagelab.autoencoder import AutoencoderTask  # noqa: E402
 from imagelab.config import AutoencoderConfig  # noqa: E402
 from imagelab.data import find_images, presize  # noqa: E402
 from imagelab.device import pick_device  # noqa: E402
-from imagelab.train import loader_workers  # noqa: E402
-from imagelab.train import train  # noqa: E402
-from train_speed import Busy, Turns  # noqa: E402  (benchmarks/, the script's own folder)
+from imagelab.train import loader_workers, train  # noqa: E402
+from train_speed import Turns, side_by_side  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def parse(argv=None):
@@ -65,12 +64,7 @@ def main(argv=None):
         turns = Turns(list(configs), per="epoch" if device.type == "cuda" else "batch")
         jobs = {name: partial(train, AutoencoderTask(), cfg, cbs=[turns.callback(name, workers=name == "files")])
                 for name, cfg in configs.items()}
-        load_before = os.getloadavg()[0]
-        busy = Busy(turns, device)
-        busy.start()
-        set_seed(args.seed, reproducible=True)
-        res = turns.run(jobs)
-        busy.done.set()
+        res, busy, load_before = side_by_side(turns, jobs, device, args.seed)
     ips = {name: res[name]["images_trained"] / turns.held[name] for name in configs}
     out = {"data": str(args.data), "train_images": res["memory"]["counts"]["train"],
            "valid_images": res["memory"]["counts"]["valid"], "size": args.size, "bs": args.bs,
@@ -80,7 +74,7 @@ def main(argv=None):
            "speedup": round(ips["memory"] / ips["files"], 2),
            "memory_ratio_to_pca": round(res["memory"]["mse_ratio_ae_to_pca"], 4),
            "files_ratio_to_pca": round(res["files"]["mse_ratio_ae_to_pca"], 4),
-           "busy": {name: busy.share(name) for name in configs},
+           "busy": busy,
            "memory_seconds": round(turns.held["memory"], 1), "files_seconds": round(turns.held["files"], 1),
            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(out))

@@ -245,6 +245,18 @@ class Busy(threading.Thread):
         return round(sum(values) / len(values), 3) if values else None
 
 
+def side_by_side(turns, jobs, device, seed):
+    """Run {name: function} in `turns` from one seed, sampling how busy the device is: (results, each run's busy
+    share, the load average before)."""
+    load_before = os.getloadavg()[0]
+    busy = Busy(turns, device)
+    busy.start()
+    set_seed(seed, reproducible=True)
+    res = turns.run(jobs)
+    busy.done.set()
+    return res, {name: busy.share(name) for name in turns.names}, load_before
+
+
 def main(argv=None):
     args = parse(argv)
     device = pick_device(args.device)
@@ -276,12 +288,7 @@ def main(argv=None):
         jobs = {name: partial(train, Classifier(), cfg, cbs=[turns.callback(name, workers=name == "files")])
                 for name, cfg in configs.items()}
         jobs["recipe"] = lambda: course_recipe(split, args, device, [turns.callback("recipe", workers=True)])
-        load_before = os.getloadavg()[0]
-        busy = Busy(turns, device)
-        busy.start()
-        set_seed(args.seed, reproducible=True)
-        res = turns.run(jobs)
-        busy.done.set()
+        res, busy, load_before = side_by_side(turns, jobs, device, args.seed)
         images = res["recipe"]["train_images"] * args.epochs
         ips = {name: images / turns.held[name] for name in turns.names}
         out = {"data": str(args.data), "train_images": n_train, "valid_images": n_valid, "arch": args.arch,
@@ -299,7 +306,7 @@ def main(argv=None):
                "fixed_size_accuracy": round(res["fixed"]["accuracy"], 4),
                "files_images_per_s": round(ips["files"], 2), "files_speedup": round(ips["files"] / ips["recipe"], 2),
                "files_accuracy": round(res["files"]["accuracy"], 4),
-               "busy": {name: busy.share(name) for name in turns.names},
+               "busy": busy,
                "recipe_seconds": round(turns.held["recipe"], 1), "ours_seconds": round(turns.held["ours"], 1),
                "fixed_size_seconds": round(turns.held["fixed"], 1), "files_seconds": round(turns.held["files"], 1),
                **({"fp32_images_per_s": round(ips["fp32"], 2), "precision_speedup": round(ips["ours"] / ips["fp32"], 2),
