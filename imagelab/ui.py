@@ -22,6 +22,14 @@ MAX_UPLOAD = "25mb"
 CONCURRENCY, QUEUE_SIZE = 2, 256
 # Where a visitor's image can come from: a file, the clipboard (paste), or the camera.
 SOURCES = ["upload", "webcam", "clipboard"]
+# Gradio shows an image smaller than its frame at its own size: a 64-pixel reconstruction would be a thumbnail in
+# the middle of an empty frame. Images marked `pixels` fill their frame instead, with their pixels kept square
+# and sharp (no smoothing that would hide what the model got wrong).
+CSS = """
+.block.pixels .image-frame img, .block.pixels .image-container:fullscreen img {
+  object-fit: contain; image-rendering: pixelated;
+}
+"""
 
 
 class ImageUpload(gr.Image):
@@ -174,7 +182,8 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     def interpolate(a, b, steps):
         return None if a is None or b is None else ae.interpolate(a, b, int(steps))
 
-    shown = dict(type="pil", format="png", height=256, interactive=False)  # PNG: the exact pixels, no webp loss
+    # PNG: the exact pixels, no webp loss; at the model's size, which `pixels` (CSS) scales up to the frame
+    shown = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])
     upload = dict(type="filepath", image_mode=None, sources=SOURCES)
     examples = sorted(map(str, examples_dir(ae.path).glob("*.jpg")))
     gr.Markdown(f"A code of {ae.model.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
@@ -204,4 +213,4 @@ def launch(demo, args):
     if args.mcp and importlib.util.find_spec("mcp") is None:
         raise UserError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]' (requirements.txt pins it)")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp, css=CSS)

@@ -1,7 +1,10 @@
 """The root app in a real browser (Debian's Chromium driven by Playwright), tab by tab, as a person uses it."""
+import io
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import ROOT, served, write_image
@@ -65,6 +68,9 @@ def test_autoencoder_tab_shows_a_reconstruction(site, tmp_path):
         shown = panel.locator(".block", has=page.get_by_text(label, exact=True)).last.locator("img")
         expect(shown.first).to_be_visible(timeout=30_000)
         assert shown.first.evaluate("img => img.naturalWidth") > 0, label
+        # The model-sized picture fills its frame: Gradio would draw it at its own size, a speck in the middle.
+        drawn = np.asarray(Image.open(io.BytesIO(shown.first.screenshot())).convert("L"))
+        assert (drawn < 240).mean() > 0.8, (label, (drawn < 240).mean())  # the upload is dark orange; the frame white
         sources.append(shown.first.get_attribute("src"))
     assert len(set(sources)) == 3, sources  # three different pictures, each in its own place
     screenshot(page, "autoencoder-tab")
