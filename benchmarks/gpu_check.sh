@@ -2,6 +2,7 @@
 # Every GPU check in one call, for a borrowed GPU machine that has torch but not fastai (../shared/gpu/README.md).
 #
 # Here, first:   bash ../shared/gpu/prepare-wheels.sh && mkdir -p data && cp -r ../shared/data/catsdogs data/
+#                (and bash benchmarks/gpu_stack_check.sh: the same code on that machine's torch, on this CPU)
 # There:         bash benchmarks/gpu_check.sh          (with .whl and data/catsdogs carried along)
 #
 # Writes train_speed.json, device_check.json, step_profile.json and batch_overhead.json into $OUT (or
