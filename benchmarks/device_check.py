@@ -7,8 +7,9 @@ On generated images (two classes of coloured noise, so any working model learns 
 as a user would run it, in its own process: both trainers for 2 epochs on the device, the exported
 learner and ONNX model loaded and used on the CPU in a fresh process that sees no GPU, a run killed
 after its first checkpoint and resumed on the device (and on the CPU when it trained on a GPU: checkpoints move
-between devices), and the classifier under `torchrun --nproc_per_node 1`. Those four (each trainer with
-its loading, the kill and resume, torchrun) run side by side. The last line printed is one JSON object:
+between devices), on an accelerator also a run killed on the CPU and resumed there, and the classifier under
+`torchrun --nproc_per_node 1`. Those chains (each trainer with its loading, each kill and resume, torchrun) run
+side by side. The last line printed is one JSON object:
 the device, the precision the trainer chose, and "pass" or the failure for each step.
 """
 import argparse
@@ -111,15 +112,22 @@ def trained(cmd, out, **kw):
     return verdict
 
 
-def kill_after_first_checkpoint(cmd, ckpt, timeout=600):
+def kill_after_first_checkpoint(cmd, ckpt, env=None, timeout=600):
     """Start a run and SIGKILL it once it has written a checkpoint: 'pass' if it did, else why not."""
-    proc = subprocess.Popen([PY, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([PY, *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return "pass" if ckpt.exists() else "fail: no checkpoint before the run ended"
+
+
+def on_accelerator(name):
+    """Whether `--device name` trains on something other than the CPU (a GPU, Apple's MPS)."""
+    from imagelab.device import pick_device
+    return pick_device(name).type != "cpu"
 
 
 def metrics(model):
@@ -160,6 +168,17 @@ def main(argv=None):
                                                           "cpu"), on_cpu, env=no_gpu)
             return steps
 
+        def from_cpu_to_device():
+            """A run killed on the CPU after its first checkpoint goes on on the device (the other way round from
+            `kill_and_resume`'s resume on the CPU)."""
+            moved = work / "from_cpu" / "pets.pkl"
+            cmd = command("train_pets.py", data, moved, args, "--device", "cpu", "--checkpoint-every", "0")
+            steps = {"killed_on_cpu": kill_after_first_checkpoint(cmd, checkpoint_path(moved), env=no_gpu)}
+            if steps["killed_on_cpu"] == "pass":
+                steps["resumed_on_device_from_cpu"] = trained(command("train_pets.py", data, moved, args, "--resume",
+                                                                      "--device", args.device), moved)
+            return steps
+
         def torchrun():
             one = work / "torchrun" / "pets.pkl"
             return {"torchrun_1_process": trained(
@@ -171,6 +190,8 @@ def main(argv=None):
         chains = [lambda: train_and_load("classifier", "train_pets.py", work / "pets" / "pets.pkl", LOAD_ON_CPU, "red"),
                   lambda: train_and_load("autoencoder", "train_autoencoder.py", work / "ae" / "ae.pkl", AE_ON_CPU),
                   kill_and_resume, torchrun]
+        if on_accelerator(args.device):
+            chains.append(from_cpu_to_device)
         with ThreadPoolExecutor(len(chains)) as pool:
             steps = {k: v for done in pool.map(lambda chain: chain(), chains) for k, v in done.items()}
         pets = work / "pets" / "pets.pkl"
