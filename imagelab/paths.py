@@ -29,7 +29,7 @@ def existing_folder(root):
     """`root` as a Path, or one line if it is not a folder (a mistyped --data)."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"no such folder: {root}")
+        raise UserError(f"not a folder: {root}" if root.exists() else f"no such folder: {root}")
     return root
 
 

@@ -125,6 +125,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=3)
     res = run(["training/train_pets.py", "--data", tmp_path / "missing"])
     assert fails_with_one_line(res) == f"error: no such folder: {tmp_path / 'missing'}"
+    res = run(["training/train_pets.py", "--data", data / "cats" / "cats_0.jpg"])  # a photo given for its folder
+    assert fails_with_one_line(res) == f"error: not a folder: {data / 'cats' / 'cats_0.jpg'}"
     res = run(["training/train_pets.py", "--data", data, "--arch", "no_such_net", "--no-pretrained"])
     fails_with_one_line(res, "unknown timm architecture 'no_such_net'")
     res = run(["training/train_pets.py", "--data", data, "--size", "64", "--start-size", "96"])
