@@ -38,5 +38,6 @@ step() {  # step NAME COMMAND...: the command's last line, its stderr into $out/
 }
 step device_check benchmarks/device_check.py --device cpu
 step step_profile benchmarks/step_profile.py --device cpu --size 32 --bs 16 --images 48 --epochs 2
+step model_step benchmarks/model_step.py --device cpu --size 32 --bs 8 --steps 2
 step batch_overhead benchmarks/batch_overhead.py --device cpu --size 32
 exit $failed

@@ -29,6 +29,15 @@ def test_device_check_passes_every_step_on_the_cpu():
     assert line["passed"] is True
 
 
+def test_model_step_benchmark_times_each_precision_on_the_cpu():
+    res = run(["benchmarks/model_step.py", "--size", "32", "--bs", "4", "--steps", "1"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    assert line["device"] == "cpu" and line["native_bf16"] == cpu_has_bf16()
+    assert line["fp32_images_per_s"] > 0 and line["bf16_images_per_s"] > 0
+    assert "cudnn_benchmark_images_per_s" not in line  # cuDNN's choices are a CUDA GPU's
+
+
 @pytest.mark.parametrize("device, precision, says", [
     ("tpu", "auto", "unknown --device 'tpu'"),
     ("cuda:99", "auto", "--device cuda:99: "),  # no such GPU on any machine
