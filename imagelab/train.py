@@ -132,8 +132,18 @@ class SmoothLoss(AvgSmoothLoss):
 
 class Progress(ProgressCallback):
     """fastai's progress bars, with the smoothed loss beside them read at most once a second and at the end
-    of each bar (fastai reads it after every batch, which makes the CPU wait for a GPU)."""
+    of each bar (fastai reads it after every batch, which makes the CPU wait for a GPU).
+
+    The epoch table's rows are numbered as the run's last line and metrics.json number epochs: from 1, over
+    every fit of the run (fastai numbers each fit's epochs from 0), so "the weights of epoch 7" is row 7.
+    """
     every = 1.0  # seconds
+    offset = 0  # epochs of the run's earlier fits (fine_tune's frozen one); `fit` sets it
+
+    def _write_stats(self, log):
+        if log and isinstance(log[0], int):  # an epoch's row, not the header
+            log = [self.offset + log[0] + 1, *log[1:]]
+        super()._write_stats(log)
 
     def before_fit(self):
         super().before_fit()
@@ -284,6 +294,8 @@ def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
                     if cfg.time_budget and fit_one is schedule[-1][1] else []  # the budget drives the last fit
                 checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset, first, run.take_rng(),
                                         cfg.checkpoint_every)
+                if isinstance(getattr(learn, "progress", None), Progress):
+                    learn.progress.offset = offset
                 fit_one(learn, start_epoch=first, cbs=[run.history, KeepBest(run, cfg.patience), checkpoint, resize,
                                                        *budget, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n

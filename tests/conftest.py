@@ -71,6 +71,12 @@ def fails_with_one_line(res, *fragments):
     return lines[0]
 
 
+def epoch_table(stdout):
+    """The epoch table a training run printed: {the row's epoch number: (train loss, valid loss)}."""
+    rows = [re.match(r"(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s", line) for line in stdout.splitlines()]
+    return {int(m[1]): (float(m[2]), float(m[3])) for m in rows if m}
+
+
 def in_fresh_process(code, *args, cwd, env=None, timeout=180):
     """Run Python `code` in a new interpreter started in `cwd` (not this repository); returns its last stdout line."""
     res = subprocess.run([PY, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True,

@@ -9,7 +9,7 @@ from fastai.learner import load_learner
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from conftest import make_folder_dataset, run
+from conftest import epoch_table, make_folder_dataset, run
 from test_resume import interrupt_after_an_epoch
 
 # With the `data` below the second epoch validates worse than the first (asserted below, not assumed). At a gentle
@@ -50,6 +50,9 @@ def test_early_stopping_exports_the_best_epoch_not_the_worse_last(stopped):
     assert "early stopping" in res.stdout
     assert 0 <= m["tta_accuracy"] <= 1 and m["tta_seconds"] > 0  # fastai's TTA beside the plain accuracy
     assert "with the weights of epoch 1 of 2 (lowest validation loss), stopped early" in res.stdout.splitlines()[-1]
+    # the table's rows are numbered as that line numbers epochs: "epoch 1" is the row that shows its loss
+    assert {n: valid for n, (_, valid) in epoch_table(res.stdout).items()} == {1: pytest.approx(first, abs=1e-5),
+                                                                              2: pytest.approx(second, abs=1e-5)}
     learner = load_learner(out).model.state_dict()  # the weights-only copy is the same kept model
     for name, t in load_file(out.with_suffix(".safetensors")).items():
         assert torch.equal(t, learner[name]), name

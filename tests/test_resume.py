@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastai.learner import load_learner
 
-from conftest import PY, ROOT, hub_cache_with_weights, interruptible, make_folder_dataset, run
+from conftest import PY, ROOT, epoch_table, hub_cache_with_weights, interruptible, make_folder_dataset, run
 
 EPOCHS = 4
 
@@ -118,11 +118,13 @@ def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path
     whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
     res = run(args(whole), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert list(epoch_table(res.stdout)) == [1, 2]  # numbered over both fits, as the run's last line counts them
     code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env)
     assert code == -signal.SIGKILL and killed_at == 1  # the frozen epoch, of 1 + 1
     res = run(args(out, "--resume"), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming after epoch 1 of 2" in res.stdout
+    assert list(epoch_table(res.stdout)) == [2]
     a = json.loads((tmp_path / "whole.report" / "metrics.json").read_text())
     b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
     assert a["pretrained"] and b["accuracy"] == a["accuracy"]
