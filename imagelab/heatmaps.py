@@ -47,12 +47,3 @@ class WithHeatmap(nn.Module):
         cam = torch.relu((alpha[:, :, None, None] * features).sum(1))
         peak = cam.flatten(1).max(dim=1).values[:, None, None]
         return logits, cam / (peak + 1e-8)
-
-
-def gradcam_autograd(model, x):
-    """Grad-CAM by autograd, the textbook way: what `WithHeatmap` must equal (tests)."""
-    features = model[0](x).detach().requires_grad_()
-    logits = model[1](features)
-    logits[0, logits[0].argmax()].backward()
-    cam = torch.relu((features.grad.mean((2, 3), keepdim=True) * features).sum(1))
-    return cam / (cam.max() + 1e-8)

@@ -96,8 +96,17 @@ def square_on_noise(path, color, seed, size=96, side=48):
     return Image.fromarray(mask)
 
 
+def gradcam_autograd(model, x):
+    """Grad-CAM by autograd, the textbook way: what the exported graph's closed form (`WithHeatmap`) must equal."""
+    features = model[0](x).detach().requires_grad_()
+    logits = model[1](features)
+    logits[0, logits[0].argmax()].backward()
+    cam = torch.relu((features.grad.mean((2, 3), keepdim=True) * features).sum(1))
+    return cam / (cam.max() + 1e-8)
+
+
 def test_heatmap_peak_lies_on_the_object_not_the_background(tmp_path):
-    from imagelab.heatmaps import WithHeatmap, gradcam_autograd
+    from imagelab.heatmaps import WithHeatmap
     from imagelab.inference import Predictor, model_view
     masks = {f"{label}/{i}.png": square_on_noise(tmp_path / "data" / label / f"{i}.png", color, seed=i + offset)
              for label, color, offset in (("red", (230, 30, 30), 0), ("blue", (30, 30, 230), 1000)) for i in range(24)}
