@@ -166,6 +166,18 @@ class ConvAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
 
+class WithPCA(nn.Module):
+    """The exported graph: an image's reconstruction, then PCA's from the model's own linear path (what the
+    static Space's page shows side by side)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x), self.model.pca(x)
+
+
 class CodeSparsity(Callback):
     """The sparse autoencoder: adds `lam * mean |code|` to the loss being minimised.
 
@@ -400,7 +412,7 @@ class AutoencoderTask(Task):
         m = learn.model
         config = {"format": CONFIG_FORMAT, "kind": self.kind, "size": m.size, "code_size": m.code_size,
                   "depth": m.depth, "width": m.width, "blocks": m.blocks, "sparse": m.sparse}
-        export_weights_only(m, config, model_path, outputs=["reconstruction"])
+        export_weights_only(m, config, model_path, outputs=["reconstruction", "pca"], graph=WithPCA(m))
 
     def summary(self, m, cfg):
         return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "

@@ -196,7 +196,8 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
         stage.mkdir(parents=True)
         copy_model(app, model, stage, kind.STATIC_FILES)
         write_runtime(stage / "onnxruntime-web")
-        shutil.copy2(WEB / "imagelab.js", stage)
+        for script in ("imagelab.js", "images.js"):
+            shutil.copy2(WEB / script, stage)
         config = json.loads((stage / f"{app}.config.json").read_text())
         template = app_readme(app)[0]
         fields = {**context(app, metrics, repo_id, space_id), "runtime": RUNTIME_VERSION,

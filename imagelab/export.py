@@ -105,13 +105,15 @@ def to_onnx(model, config, f, outputs=("logits",)):
                       input_names=["image"], output_names=list(outputs), verbose=False)
 
 
-def export_weights_only(model, config, model_path, outputs=("logits",)):
-    """Write the safetensors weights, the JSON config and the ONNX graph beside `model_path`."""
+def export_weights_only(model, config, model_path, outputs=("logits",), graph=None):
+    """Write the safetensors weights, the JSON config and the ONNX graph beside `model_path`.
+
+    `graph`: the module the ONNX graph computes, when it is not `model` itself (one with more outputs)."""
     from safetensors.torch import save_file
     paths = artifact_paths(model_path)
     save_file({k: v.contiguous() for k, v in cpu_copy(model).state_dict().items()}, paths["weights"])
     paths["config"].write_text(json.dumps(config, indent=2) + "\n")
-    to_onnx(model, config, paths["onnx"], outputs)
+    to_onnx(model if graph is None else graph, config, paths["onnx"], outputs)
 
 
 def save_examples(files, get_y, dest, per_class=2, max_side=512):

@@ -1,0 +1,137 @@
+// What the static Spaces' pages share: decoding and resizing as the Python side does them
+// (imagelab.images.open_rgb, Pillow's bilinear resize), so that the browser feeds a model what Python would,
+// and the page's sources of images.
+const MAX_PIXELS = 40_000_000; // as imagelab.images: a tiny file may claim a huge picture
+const PRECISION_BITS = 22; // Pillow's fixed point for 8-bit resampling
+
+// Bilinear weights exactly as Pillow computes them (Resample.c, precompute_coeffs and
+// normalize_coeffs_8bpc): the Python Predictor resizes with Pillow, and a browser's own canvas scaling
+// filters differently, enough to move the probabilities of a small model by several points.
+function coefficients(inSize, outSize) {
+  const scale = inSize / outSize;
+  const filterscale = Math.max(scale, 1);
+  const support = filterscale; // the bilinear filter's support is 1, stretched when shrinking
+  const ksize = Math.ceil(support) * 2 + 1;
+  const bounds = new Int32Array(outSize * 2);
+  const kk = new Int32Array(outSize * ksize);
+  const w = new Float64Array(ksize);
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale;
+    const xmin = Math.max(Math.trunc(center - support + 0.5), 0);
+    const xmax = Math.min(Math.trunc(center + support + 0.5), inSize) - xmin;
+    let ww = 0;
+    for (let x = 0; x < xmax; x++) {
+      const t = Math.abs((x + xmin - center + 0.5) / filterscale);
+      w[x] = t < 1 ? 1 - t : 0;
+      ww += w[x];
+    }
+    for (let x = 0; x < xmax; x++) {
+      kk[xx * ksize + x] = Math.trunc(0.5 + (ww !== 0 ? w[x] / ww : w[x]) * (1 << PRECISION_BITS));
+    }
+    bounds[2 * xx] = xmin;
+    bounds[2 * xx + 1] = xmax;
+  }
+  return { ksize, bounds, kk };
+}
+
+function clip8(ss) {
+  return Math.min(255, Math.max(0, Math.floor(ss / (1 << PRECISION_BITS))));
+}
+
+// RGBA pixels (width x height) -> RGB (outW x outH): Pillow's two passes, horizontal first, 8-bit between.
+export function resize(rgba, width, height, outW, outH) {
+  const h = coefficients(width, outW);
+  const tmp = new Uint8Array(outW * height * 3);
+  for (let y = 0; y < height; y++) {
+    for (let xx = 0; xx < outW; xx++) {
+      const xmin = h.bounds[2 * xx], xmax = h.bounds[2 * xx + 1], k = xx * h.ksize;
+      for (let c = 0; c < 3; c++) {
+        let ss = 1 << (PRECISION_BITS - 1);
+        for (let x = 0; x < xmax; x++) ss += rgba[(y * width + x + xmin) * 4 + c] * h.kk[k + x];
+        tmp[(y * outW + xx) * 3 + c] = clip8(ss);
+      }
+    }
+  }
+  const v = coefficients(height, outH);
+  const out = new Uint8Array(outW * outH * 3);
+  for (let yy = 0; yy < outH; yy++) {
+    const ymin = v.bounds[2 * yy], ymax = v.bounds[2 * yy + 1], k = yy * v.ksize;
+    for (let i = 0; i < outW * 3; i++) {
+      let ss = 1 << (PRECISION_BITS - 1);
+      for (let y = 0; y < ymax; y++) ss += tmp[(y + ymin) * outW * 3 + i] * v.kk[k + y];
+      out[yy * outW * 3 + i] = clip8(ss);
+    }
+  }
+  return out;
+}
+
+// Any image a page has (File or Blob, URL, <img>, <video>, <canvas>, ImageBitmap) as upright RGBA pixels,
+// transparency on white: the decoding of imagelab.images.open_rgb (EXIF rotation, no colour management).
+export async function pixels(image) {
+  const source = typeof image === "string" || image instanceof URL ? await (await fetch(image)).blob() : image;
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(source, { imageOrientation: "from-image", colorSpaceConversion: "none",
+                                               premultiplyAlpha: "none" });
+  } catch (e) {
+    throw new Error(`not a readable image (${e.message})`);
+  }
+  const { width, height } = bitmap;
+  if (width * height > MAX_PIXELS) throw new Error(`image too large: ${width}x${height} pixels`);
+  const ctx = new OffscreenCanvas(width, height).getContext("2d", { willReadFrequently: true });
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, width, height);
+  ctx.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  return { data: ctx.getImageData(0, 0, width, height).data, width, height };
+}
+
+// Where a page's images come from: the upload control, a drop, a paste, the examples and the webcam. Each is
+// shown in #preview and handed to `show(blob, name)`; `status(text)` says what went wrong.
+export function imageSources(show, status) {
+  const $ = (id) => document.getElementById(id);
+  const preview = (blob, name) => {
+    $("preview").src = URL.createObjectURL(blob);
+    return show(blob, name);
+  };
+  $("upload").addEventListener("change", (e) => { const f = e.target.files[0]; if (f) preview(f, f.name); });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const f = e.dataTransfer.files[0];
+    if (f) preview(f, f.name);
+  });
+  document.addEventListener("paste", (e) => {
+    const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
+    if (item) preview(item.getAsFile(), "pasted image");
+  });
+  for (const button of document.querySelectorAll("#examples button")) {
+    button.addEventListener("click", async () => {
+      const src = button.querySelector("img").getAttribute("src");
+      preview(await (await fetch(src)).blob(), src.split("/").pop());
+    });
+  }
+
+  let stream = null;
+  $("webcam").addEventListener("click", async () => {
+    const video = $("video");
+    if (stream) {
+      const canvas = document.createElement("canvas");
+      [canvas.width, canvas.height] = [video.videoWidth, video.videoHeight];
+      canvas.getContext("2d").drawImage(video, 0, 0);
+      canvas.toBlob((blob) => preview(blob, "webcam photo"), "image/png");
+      return;
+    }
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ video: true });
+      video.srcObject = stream;
+      video.hidden = false;
+      $("webcam").textContent = "Take photo";
+    } catch (e) {
+      status(`No webcam: ${e.message}`);
+    }
+  });
+}
