@@ -11,8 +11,8 @@ The model's kind (metrics.json "kind") picks the rest: imagelab/cards/<kind>.py 
 Space runs and the model repo carries) and imagelab/cards/<kind>.md (the model card).
 
 A Gradio Space runs on Hugging Face's paid CPU hardware (or ZeroGPU); a static Space (--static) is free for
-everyone: the page in imagelab/web/ runs the classifier's ONNX graph in the visitor's browser with
-onnxruntime-web, which is fetched once from the npm registry (imagelab.onnxruntime_web) and then cached.
+everyone: a page in imagelab/web/ runs the model's ONNX graph (a classifier's, or an autoencoder's) in the
+visitor's browser with onnxruntime-web, which is fetched once from the npm registry (imagelab.onnxruntime_web) and then cached.
 """
 import argparse
 import html
@@ -183,35 +183,46 @@ def build_space(app, model, out, space_id=None, repo_id=None):
     return Path(out)
 
 
+def check_outputs(graph, names):
+    """One line if the ONNX `graph` lacks an output its page reads (a model exported by an older version)."""
+    import onnx
+    have = [o.name for o in onnx.load(graph, load_external_data=False).graph.output]
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise UserError(f"the model's ONNX graph has no output {missing[0]!r} (it has {', '.join(have)}): retrain it "
+                        "with this version of training/ to publish it as a static Space")
+
+
 def build_static_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete static Space: the page, the model's ONNX graph and config, its report
     and examples, onnxruntime-web, README, LFS rules. Any file server serves it; nothing runs on a server."""
     metrics = load_metrics(model)
     kind = card_kind(metrics)
     if not hasattr(kind, "STATIC_FILES"):
-        raise UserError(f"a static Space runs classifiers, not a model of kind {metrics['kind']!r}: "
+        raise UserError(f"no static Space for a model of kind {metrics['kind']!r}: "
                         "publish it as a Gradio Space (leave out --static)")
+    page_template, script, readme = kind.STATIC_PAGE
     tarball()  # fetched and verified before anything is written: offline without a cached copy is one line
     with staged(out) as stage:
         stage.mkdir(parents=True)
         copy_model(app, model, stage, kind.STATIC_FILES)
+        check_outputs(stage / f"{app}.onnx", kind.STATIC_OUTPUTS)
         write_runtime(stage / "onnxruntime-web")
-        for script in ("imagelab.js", "images.js"):
-            shutil.copy2(WEB / script, stage)
+        for name in (script, "images.js"):
+            shutil.copy2(WEB / name, stage)
         config = json.loads((stage / f"{app}.config.json").read_text())
         template = app_readme(app)[0]
         fields = {**context(app, metrics, repo_id, space_id), "runtime": RUNTIME_VERSION,
                   "emoji": front_matter_value(template, "emoji"), "color_from": front_matter_value(template, "colorFrom"),
-                  "color_to": front_matter_value(template, "colorTo"), "first_label": config["vocab"][0],
-                  "resize": "x".join(map(str, config["resize"])), "crop": "x".join(map(str, config["crop"]))}
+                  "color_to": front_matter_value(template, "colorTo"), **kind.static_fields(config)}
         examples = sorted(p.relative_to(stage).as_posix() for p in (stage / f"{app}.report" / "examples").glob("*"))
         page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
                 "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
                 "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
                                       for i, e in enumerate(examples))}  # scraped names hold ? and #
-        (stage / "index.html").write_text(fill((WEB / "index.html").read_text(), page), encoding="utf-8")
+        (stage / "index.html").write_text(fill((WEB / page_template).read_text(), page), encoding="utf-8")
         write_lfs_rules(stage, extra=["*.wasm"])
-        (stage / "README.md").write_text(fill((CARDS / "static_space.md").read_text(),
+        (stage / "README.md").write_text(fill((CARDS / readme).read_text(),
                                               {**fields, "model_summary": model_summary(metrics, f"{app}.report", repo_id)}),
                                          encoding="utf-8")
     return Path(out)
@@ -264,7 +275,7 @@ def parser():
     p.add_argument("--model", help="trained model (default: models/<app>.pkl)")
     p.add_argument("--space", metavar="USER/SPACE", help="the Space's id: filled into its README; --push uploads there")
     p.add_argument("--static", action="store_true",
-                   help="a static Space: the classifier runs in the visitor's browser (onnxruntime-web), free to host")
+                   help="a static Space: the model runs in the visitor's browser (onnxruntime-web), free to host")
     p.add_argument("--space-out", "--out", metavar="DIR",
                    help="Space folder to write (default: build/<app>-space, with --static build/<app>-static)")
     p.add_argument("--model-repo", metavar="USER/REPO",

@@ -1,11 +1,20 @@
-"""Autoencoders: the Space runs the fastai learner; the model repo adds the weights-only export when there is one."""
+"""Autoencoders: the Space runs the fastai learner; the model repo adds the weights-only export when there is one;
+a static Space runs the ONNX graph (reconstruction and PCA's) in the browser."""
 from . import settings, table
 
 SPACE_FILES = ("pkl",)
+STATIC_FILES = ("onnx", "config")
+STATIC_PAGE = ("autoencoder.html", "autoencoder.js", "static_space_autoencoder.md")
+STATIC_OUTPUTS = ("reconstruction", "pca")  # what the page reads from the graph
 REPO_FILES = ("pkl",)
 OPTIONAL_FILES = ("weights", "config", "onnx")  # exported by newer training runs: the card's ONNX section needs them
 PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
             "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
+
+
+def static_fields(config):
+    """The static Space's page and README fields from the model's config.json."""
+    return {"size": config["size"], "code_size": config["code_size"]}
 
 
 def summary(metrics):

@@ -3,10 +3,18 @@ from . import pct, settings, table
 
 SPACE_FILES = ("onnx", "config")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
 STATIC_FILES = ("onnx", "config")  # a static Space: the browser runs the ONNX graph
+STATIC_PAGE = ("index.html", "imagelab.js", "static_space.md")  # its page (from imagelab/web/), script and README
+STATIC_OUTPUTS = ("logits",)  # what the page reads from the graph
 REPO_FILES = ("pkl", "weights", "config", "onnx")
 OPTIONAL_FILES = ()
 PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
             "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
+
+
+def static_fields(config):
+    """The static Space's page and README fields from the model's config.json."""
+    return {"first_label": config["vocab"][0], "resize": "x".join(map(str, config["resize"])),
+            "crop": "x".join(map(str, config["crop"]))}
 
 
 def summary(metrics):

@@ -1,0 +1,100 @@
+// The autoencoder of a static Space, run in the browser by onnxruntime-web: an image as the model sees it, its
+// reconstruction and PCA's, with their PSNRs. The page's upload, paste, webcam and examples all go through
+// `window.imagelab.reconstruct`, which scripts (and the tests) call too.
+import * as ort from "./onnxruntime-web/ort.wasm.bundle.min.js";
+import { imageSources, pixels, resize } from "./images.js";
+
+const MODEL = document.querySelector('meta[name="imagelab-model"]').content;
+
+// As imagelab.autoencoder.Autoencoder.prepare: fastai's validation Resize, the centre square (in fastai's
+// arithmetic, store.resize_box), resized to the model's size as Pillow does; 1x3xSxS in [0, 1], float32.
+export function prepare({ data, width, height }, size) {
+  const m = width / size < height / size ? width / size : height / size;
+  const side = Math.trunc(m * size);
+  const left = Math.trunc(0.5 * (width - side)), top = Math.trunc(0.5 * (height - side));
+  const square = new Uint8ClampedArray(side * side * 4);
+  for (let y = 0; y < side; y++) {
+    square.set(data.subarray(((y + top) * width + left) * 4, ((y + top) * width + left + side) * 4), y * side * 4);
+  }
+  const rgb = resize(square, side, side, size, size);
+  const x = new Float32Array(3 * size * size);
+  for (let c = 0; c < 3; c++) {
+    for (let i = 0; i < size * size; i++) x[c * size * size + i] = Math.fround(rgb[i * 3 + c] / 255);
+  }
+  return x;
+}
+
+function psnr(a, b) {
+  let sum = 0;
+  for (let i = 0; i < a.length; i++) sum += (a[i] - b[i]) ** 2;
+  const mse = sum / a.length;
+  return mse > 0 ? 10 * Math.log10(1 / mse) : Infinity;
+}
+
+async function load() {
+  const config = await (await fetch(`${MODEL}.config.json`)).json();
+  const session = await ort.InferenceSession.create(`${MODEL}.onnx`, { executionProviders: ["wasm"] });
+  for (const name of ["reconstruction", "pca"]) {
+    if (!session.outputNames.includes(name)) {
+      throw new Error(`${MODEL}.onnx has no output named "${name}" (it has ${session.outputNames.join(", ")}): ` +
+                      "retrain the model with this version of training/train_autoencoder.py");
+    }
+  }
+  return { config, session };
+}
+
+const model = load();
+let queue = Promise.resolve(); // one run at a time: a wasm session is not re-entrant
+
+// {size, view, reconstruction, pca, psnr, pcaPsnr}: the three pictures as 3xSxS floats in [0, 1], PSNRs in dB.
+async function reconstruct(image) {
+  const { config, session } = await model;
+  const size = config.size, view = prepare(await pixels(image), size);
+  const run = () => session.run({ image: new ort.Tensor("float32", view, [1, 3, size, size]) });
+  const result = queue.then(run);
+  queue = result.catch(() => {});
+  const out = await result;
+  const reconstruction = out.reconstruction.data, pca = out.pca.data;
+  return { size, view, reconstruction, pca, psnr: psnr(reconstruction, view), pcaPsnr: psnr(pca, view) };
+}
+
+window.imagelab = { reconstruct, ready: model.then(({ config }) => config.size) };
+
+// The page
+const $ = (id) => document.getElementById(id);
+const status = (text) => { $("status").textContent = text; };
+
+function draw(canvas, x, size) {
+  const image = canvas.getContext("2d").createImageData(size, size);
+  for (let i = 0; i < size * size; i++) {
+    for (let c = 0; c < 3; c++) image.data[i * 4 + c] = Math.round(Math.min(1, Math.max(0, x[c * size * size + i])) * 255);
+    image.data[i * 4 + 3] = 255;
+  }
+  canvas.getContext("2d").putImageData(image, 0, 0);
+}
+
+async function show(image, name) {
+  const figures = $("figures");
+  status(`Encoding ${name}...`);
+  try {
+    const r = await reconstruct(image);
+    for (const id of ["view", "reconstruction", "pca"]) draw($(id), r[id], r.size);
+    const gain = r.psnr - r.pcaPsnr;
+    $("psnr").innerHTML = `<b>Autoencoder: PSNR ${r.psnr.toFixed(2)} dB</b> · PCA with as many components: ` +
+      `PSNR ${r.pcaPsnr.toFixed(2)} dB (${gain >= 0 ? "+" : ""}${gain.toFixed(2)} dB)`;
+    Object.assign(figures.dataset, { source: name, psnr: r.psnr, pcaPsnr: r.pcaPsnr });
+    status("");
+  } catch (e) {
+    figures.dataset.source = "";
+    $("psnr").textContent = "";
+    status(`${name}: ${e.message}`);
+  }
+}
+
+imageSources(show, status);
+
+model.then(({ config }) => {
+  status("");
+  $("upload").disabled = false;
+  document.body.dataset.ready = String(config.size);
+}, (e) => status(`The model did not load: ${e.message}`));
