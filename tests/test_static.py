@@ -47,8 +47,8 @@ def file_server(folder):
         proc.wait(timeout=20)
 
 
-def deploy_static(model, out, cache=RUNTIME_CACHE, **env):
-    return run(["-m", "imagelab.deploy", "pets", "--model", model, "--static", "--out", out],
+def deploy_static(model, out, cache=RUNTIME_CACHE, app="pets", **env):
+    return run(["-m", "imagelab.deploy", app, "--model", model, "--static", "--out", out],
                env={**os.environ, **OFFLINE, "IMAGELAB_CACHE": str(cache), **env})
 
 
@@ -79,20 +79,27 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(tiny_model, tmp_path_factory):
-    """The pets static Space built from the session's tiny model, copied elsewhere and the original deleted,
-    served by a plain file server on 127.0.0.1 and open in Chromium."""
-    assert onnxruntime_web.cached_tarball(RUNTIME_CACHE).is_file(), (
-        "onnxruntime-web is not fetched: bash test.sh, or IMAGELAB_CACHE=build/test-cache python -m imagelab.onnxruntime_web")
-    tmp = tmp_path_factory.mktemp("static")
-    res = deploy_static(tiny_model, tmp / "build" / "pets-static")
-    assert res.returncode == 0, res.stderr[-2000:]
-    moved = shutil.copytree(tmp / "build" / "pets-static", tmp / "elsewhere" / "site")
-    shutil.rmtree(tmp / "build")
-    with file_server(moved) as url, sync_playwright() as p:
+def browser():
+    """Chromium, one for the module's pages (Playwright's sync API runs one instance at a time)."""
+    with sync_playwright() as p:
         # Chromium's own test camera (a moving pattern), allowed without asking: the webcam path runs for real.
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             *CHROMIUM_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        yield browser
+        browser.close()
+
+
+@contextmanager
+def static_page(browser, model, app, tmp):
+    """`app`'s static Space built from `model`, copied elsewhere and the original deleted, served by a plain file
+    server on 127.0.0.1 and open in Chromium."""
+    assert onnxruntime_web.cached_tarball(RUNTIME_CACHE).is_file(), (
+        "onnxruntime-web is not fetched: bash test.sh, or IMAGELAB_CACHE=build/test-cache python -m imagelab.onnxruntime_web")
+    res = deploy_static(model, tmp / "build" / f"{app}-static", app=app)
+    assert res.returncode == 0, res.stderr[-2000:]
+    moved = shutil.copytree(tmp / "build" / f"{app}-static", tmp / "elsewhere" / "site")
+    shutil.rmtree(tmp / "build")
+    with file_server(moved) as url:
         page = browser.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -101,7 +108,19 @@ def page(tiny_model, tmp_path_factory):
         page.wait_for_selector("body[data-ready]", timeout=60_000)
         page.folder, page.errors = moved, errors
         yield page
-        browser.close()
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, tiny_model, tmp_path_factory):
+    with static_page(browser, tiny_model, "pets", tmp_path_factory.mktemp("static")) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def autoencoder_page(browser, tiny_autoencoder, tmp_path_factory):
+    with static_page(browser, tiny_autoencoder, "autoencoder", tmp_path_factory.mktemp("ae-static")) as page:
+        yield page
 
 
 def expected(model, photos):
@@ -203,7 +222,8 @@ def test_deploy_static_stops_with_one_line_before_writing(tiny_model, tmp_path):
     shutil.copytree(tiny_model.parent, model.parent)
     metrics = model.with_name("pets.report") / "metrics.json"
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "kind": "autoencoder"}))
-    fails_with_one_line(deploy_static(model, tmp_path / "out"), "a static Space runs classifiers")
+    fails_with_one_line(deploy_static(model, tmp_path / "out"), "the model's ONNX graph has no output 'reconstruction'",
+                        "retrain it")  # the page would read outputs that this graph (a classifier's) lacks
     assert not (tmp_path / "out").exists()
 
 
@@ -230,4 +250,39 @@ def test_paste_and_webcam_are_classified(page, photos):
     page.click("#webcam")  # now "Take photo"
     page.wait_for_selector('#results[data-source="webcam photo"] li', timeout=30_000)
     assert page.eval_on_selector("#results li", "li => li.dataset.label") in ("cats", "dogs")
+    assert not page.errors
+
+
+def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny_autoencoder):
+    """The same preprocessing (the centre square, Pillow's resize) and the same graph: the PSNRs of the
+    reconstruction and of PCA's, through the script API and through the upload control, are Python's."""
+    from imagelab.autoencoder import Autoencoder
+    page, ae = autoencoder_page, Autoencoder(tiny_autoencoder)
+    names = {p.relative_to(page.folder).as_posix() for p in page.folder.rglob("*") if p.is_file()}
+    assert {"index.html", "autoencoder.js", "images.js", "autoencoder.onnx", "autoencoder.config.json"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".safetensors", ".py"))]
+    readme = (page.folder / "README.md").read_text()
+    assert yaml.safe_load(readme.split("---\n")[1])["sdk"] == "static" and "$" not in readme
+    assert "window.imagelab.reconstruct" in readme
+    some = photos[::3]  # sizes from 24x18 to 1600x1200, EXIF rotation, transparency
+    got = page.evaluate("""async (images) => {
+        const out = [];
+        for (const b64 of images) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const r = await window.imagelab.reconstruct(new Blob([bytes]));
+            out.push([r.psnr, r.pcaPsnr]);
+        }
+        return out;
+    }""", [base64.b64encode(p.read_bytes()).decode() for p in some])
+    want = [(ae.reconstruct(p)[2], ae.reconstruct(p, method="pca")[2]) for p in some]
+    assert np.allclose(got, want, atol=1e-3), (got, want)
+    page.set_input_files("#upload", str(some[0]))
+    page.wait_for_selector(f'#figures[data-source="{some[0].name}"]', timeout=30_000)
+    shown = page.eval_on_selector("#figures", "e => [Number(e.dataset.psnr), Number(e.dataset.pcaPsnr)]")
+    assert np.allclose(shown, want[0], atol=1e-3) and "PSNR" in page.inner_text("#psnr")
+    drawn = page.eval_on_selector("#reconstruction", "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, "
+                                  "c.height).data.filter((_, i) => i % 4 === 3)).every((a) => a === 255)")
+    assert drawn  # every pixel of the reconstruction's canvas painted
+    page.click("#examples button")
+    page.wait_for_selector('#figures[data-source$=".jpg"]', timeout=30_000)
     assert not page.errors
