@@ -201,7 +201,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
     if not hasattr(kind, "STATIC_FILES"):
         raise UserError(f"no static Space for a model of kind {metrics['kind']!r}: "
                         "publish it as a Gradio Space (leave out --static)")
-    page_template, script, readme = kind.STATIC_PAGE
+    part, script, readme = kind.STATIC_PAGE  # what its page shows beside the upload, the page's code, its README
     tarball()  # fetched and verified before anything is written: offline without a cached copy is one line
     with staged(out) as stage:
         stage.mkdir(parents=True)
@@ -219,8 +219,10 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
         page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
                 "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
                 "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
-                                      for i, e in enumerate(examples))}  # scraped names hold ? and #
-        (stage / "index.html").write_text(fill((WEB / page_template).read_text(), page), encoding="utf-8")
+                                      for i, e in enumerate(examples)),  # scraped names hold ? and #
+                "script": script}
+        page["main"] = fill((WEB / part).read_text(), page)
+        (stage / "index.html").write_text(fill((WEB / "page.html").read_text(), page), encoding="utf-8")
         write_lfs_rules(stage, extra=["*.wasm"])
         (stage / "README.md").write_text(fill((CARDS / readme).read_text(),
                                               {**fields, "model_summary": model_summary(metrics, f"{app}.report", repo_id)}),

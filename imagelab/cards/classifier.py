@@ -3,7 +3,7 @@ from . import pct, settings, table
 
 SPACE_FILES = ("onnx", "config")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
 STATIC_FILES = ("onnx", "config")  # a static Space: the browser runs the ONNX graph
-STATIC_PAGE = ("index.html", "imagelab.js", "static_space.md")  # its page (from imagelab/web/), script and README
+STATIC_PAGE = ("classifier.html", "imagelab.js", "static_space.md")  # its part of web/page.html, script, README
 STATIC_OUTPUTS = ("logits",)  # what the page reads from the graph
 REPO_FILES = ("pkl", "weights", "config", "onnx")
 OPTIONAL_FILES = ()
