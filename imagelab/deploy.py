@@ -12,7 +12,8 @@ Space runs and the model repo carries) and imagelab/cards/<kind>.md (the model c
 
 A Gradio Space runs on Hugging Face's paid CPU hardware (or ZeroGPU); a static Space (--static) is free for
 everyone: a page in imagelab/web/ runs the model's ONNX graph (a classifier's, or an autoencoder's) in the
-visitor's browser with onnxruntime-web, which is fetched once from the npm registry (imagelab.onnxruntime_web) and then cached.
+visitor's browser with onnxruntime-web, which is fetched once from the npm registry (imagelab.onnxruntime_web)
+and then cached.
 """
 import argparse
 import html
