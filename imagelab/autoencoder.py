@@ -21,9 +21,10 @@ from torch import nn
 from . import UserError
 from .config import check_autoencoder_shape
 from .data import RGBImage, pets_images
-from .export import export_weights_only, save_examples
+from .export import export_weights_only, save_examples, to_onnx
 from .images import read_image
 from .models import adamw
+from .paths import artifact_paths
 from .reports import plot_loss_curve, save_fig
 from .store import resize_box
 from .train import Task
@@ -166,16 +167,28 @@ class ConvAutoencoder(nn.Module):
         return self.decode(self.encode(x))
 
 
-class WithPCA(nn.Module):
-    """The exported graph: an image's reconstruction, then PCA's from the model's own linear path (what the
-    static Space's page shows side by side)."""
+class FromImage(nn.Module):
+    """The exported graph of an image: its reconstruction, PCA's from the model's own linear path, and its code
+    (what the static Space's page shows, and walks between)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        return self.model(x), self.model.pca(x)
+        code = self.model.encode(x)
+        return self.model.decode(code), self.model.pca(x), code
+
+
+class FromCode(nn.Module):
+    """The exported graph of a code: the image it decodes to."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, code):
+        return self.model.decode(code)
 
 
 class CodeSparsity(Callback):
@@ -412,7 +425,9 @@ class AutoencoderTask(Task):
         m = learn.model
         config = {"format": CONFIG_FORMAT, "kind": self.kind, "size": m.size, "code_size": m.code_size,
                   "depth": m.depth, "width": m.width, "blocks": m.blocks, "sparse": m.sparse}
-        export_weights_only(m, config, model_path, outputs=["reconstruction", "pca"], graph=WithPCA(m))
+        export_weights_only(m, config, model_path, outputs=["reconstruction", "pca", "code"], graph=FromImage(m))
+        to_onnx(FromCode(m), config, artifact_paths(model_path)["decoder"], outputs=["image"],
+                inputs={"code": torch.zeros(1, m.code_size)})
 
     def summary(self, m, cfg):
         return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "
@@ -429,7 +444,6 @@ class Autoencoder:
     """
 
     def __init__(self, path, learn=None):
-        from .paths import artifact_paths
         self.path = path = Path(path)
         if not path.is_file():
             raise UserError(f"no model at {path}")

@@ -90,8 +90,9 @@ def exportable(model):
     return model
 
 
-def to_onnx(model, config, f, outputs=("logits",)):
-    """The model as an ONNX graph for one image at a time (input `image`), into a path or file object.
+def to_onnx(model, config, f, outputs=("logits",), inputs=None):
+    """The model as an ONNX graph for one image at a time (input `image`), into a path or file object;
+    `inputs` ({name: an example}) for a graph that takes something else (an autoencoder's decoder: a code).
 
     A classifier's graph can also return the predicted class's Grad-CAM (outputs "logits", "heatmap").
 
@@ -101,8 +102,9 @@ def to_onnx(model, config, f, outputs=("logits",)):
     if "heatmap" in outputs:
         from .heatmaps import WithHeatmap
         model = WithHeatmap(model)
-    torch.onnx.export(exportable(cpu_copy(model)), (torch.zeros(input_shape(config)),), f, dynamo=True, external_data=False,
-                      input_names=["image"], output_names=list(outputs), verbose=False)
+    inputs = inputs or {"image": torch.zeros(input_shape(config))}
+    torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), f, dynamo=True, external_data=False,
+                      input_names=list(inputs), output_names=list(outputs), verbose=False)
 
 
 def export_weights_only(model, config, model_path, outputs=("logits",), graph=None):

@@ -48,13 +48,15 @@ def metrics_path(model):
 
 
 def artifact_paths(model):
-    """The weights-only artifacts beside a learner: `pets.pkl` -> `pets.safetensors`, `pets.config.json`, `pets.onnx`.
+    """The weights-only artifacts beside a learner: `pets.pkl` -> `pets.safetensors`, `pets.config.json`, `pets.onnx`
+    (and an autoencoder's `ae.decoder.onnx`, code to image).
 
     Loading them runs no pickle: safetensors and ONNX are plain data, the config is JSON.
     """
     model = Path(model)
     return {"weights": model.with_suffix(".safetensors"), "onnx": model.with_suffix(".onnx"),
-            "config": model.with_name(model.stem + ".config.json")}
+            "config": model.with_name(model.stem + ".config.json"),
+            "decoder": model.with_name(model.stem + ".decoder.onnx")}
 
 
 def checkpoint_path(model):

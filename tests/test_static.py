@@ -222,6 +222,8 @@ def test_deploy_static_stops_with_one_line_before_writing(tiny_model, tmp_path):
     shutil.copytree(tiny_model.parent, model.parent)
     metrics = model.with_name("pets.report") / "metrics.json"
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "kind": "autoencoder"}))
+    fails_with_one_line(deploy_static(model, tmp_path / "out"), "missing", "pets.decoder.onnx", "re-export")
+    shutil.copy(model.with_suffix(".onnx"), model.with_name("pets.decoder.onnx"))
     fails_with_one_line(deploy_static(model, tmp_path / "out"), "the model's ONNX graph has no output 'reconstruction'",
                         "retrain it")  # the page would read outputs that this graph (a classifier's) lacks
     assert not (tmp_path / "out").exists()
@@ -259,7 +261,8 @@ def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny
     from imagelab.autoencoder import Autoencoder
     page, ae = autoencoder_page, Autoencoder(tiny_autoencoder)
     names = {p.relative_to(page.folder).as_posix() for p in page.folder.rglob("*") if p.is_file()}
-    assert {"index.html", "autoencoder.js", "images.js", "autoencoder.onnx", "autoencoder.config.json"} <= names
+    assert {"index.html", "autoencoder.js", "images.js", "autoencoder.onnx", "autoencoder.decoder.onnx",
+            "autoencoder.config.json"} <= names
     assert not [n for n in names if n.endswith((".pkl", ".safetensors", ".py"))]
     readme = (page.folder / "README.md").read_text()
     assert yaml.safe_load(readme.split("---\n")[1])["sdk"] == "static" and "$" not in readme
@@ -285,4 +288,25 @@ def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny
     assert drawn  # every pixel of the reconstruction's canvas painted
     page.click("#examples button")
     page.wait_for_selector('#figures[data-source$=".jpg"]', timeout=30_000)
+    assert not page.errors
+
+
+def test_autoencoder_page_walks_between_two_codes_as_python_does(autoencoder_page, photos, tiny_autoencoder):
+    """The decoder graph on codes evenly spaced between two images' codes: Python's strip, pixel for pixel (within
+    one grey level), through the script API and the page's two inputs."""
+    from imagelab.autoencoder import Autoencoder
+    page, (a, b) = autoencoder_page, (photos[0], photos[5])
+    frames = page.evaluate("""async ([a, b]) => {
+        const blob = (b64) => new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]);
+        const r = await window.imagelab.interpolate(blob(a), blob(b), 5);
+        return r.frames.map((f) => Array.from(f));
+    }""", [base64.b64encode(p.read_bytes()).decode() for p in (a, b)])
+    want = np.asarray(Autoencoder(tiny_autoencoder).interpolate(a, b, steps=5)).astype(int)  # S x 5S x 3
+    size = want.shape[0]
+    got = np.concatenate([np.asarray(f).reshape(3, size, size).transpose(1, 2, 0) for f in frames], axis=1)
+    assert np.abs(np.round(np.clip(got, 0, 1) * 255) - want).max() <= 1
+    page.set_input_files("#from", str(a))
+    page.set_input_files("#to", str(b))
+    page.wait_for_selector(f'#walk[data-source="{a.name} -> {b.name} in 8"]', timeout=30_000)
+    assert page.eval_on_selector("#walk", "c => [c.width, c.height]") == [8 * size, size]
     assert not page.errors

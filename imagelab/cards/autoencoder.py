@@ -1,13 +1,14 @@
 """Autoencoders: the Space runs the fastai learner; the model repo adds the weights-only export when there is one;
-a static Space runs the ONNX graph (reconstruction and PCA's) in the browser."""
+a static Space runs its ONNX graphs (an image's reconstruction, PCA's and code; a code's image) in the browser."""
 from . import settings, table
 
 SPACE_FILES = ("pkl",)
-STATIC_FILES = ("onnx", "config")
+STATIC_FILES = ("onnx", "config", "decoder")
 STATIC_PAGE = ("autoencoder.html", "autoencoder.js", "static_space_autoencoder.md")
-STATIC_OUTPUTS = ("reconstruction", "pca")  # what the page reads from the graph
+STATIC_OUTPUTS = ("reconstruction", "pca", "code")  # what the page reads from the image's graph
 REPO_FILES = ("pkl",)
-OPTIONAL_FILES = ("weights", "config", "onnx")  # exported by newer training runs: the card's ONNX section needs them
+# exported by newer training runs: the card's ONNX section needs them (the decoder: a static Space's walk between codes)
+OPTIONAL_FILES = ("weights", "config", "onnx", "decoder")
 PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
             "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
 

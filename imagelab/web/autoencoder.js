@@ -1,6 +1,7 @@
 // The autoencoder of a static Space, run in the browser by onnxruntime-web: an image as the model sees it, its
-// reconstruction and PCA's, with their PSNRs. The page's upload, paste, webcam and examples all go through
-// `window.imagelab.reconstruct`, which scripts (and the tests) call too.
+// reconstruction and PCA's, with their PSNRs, and the images between two codes. The page's upload, paste, webcam
+// and examples all go through `window.imagelab.reconstruct`, its walk through `interpolate`, which scripts (and
+// the tests) call too.
 import * as ort from "./onnxruntime-web/ort.wasm.bundle.min.js";
 import { imageSources, pixels, resize } from "./images.js";
 
@@ -33,44 +34,66 @@ function psnr(a, b) {
 
 async function load() {
   const config = await (await fetch(`${MODEL}.config.json`)).json();
-  const session = await ort.InferenceSession.create(`${MODEL}.onnx`, { executionProviders: ["wasm"] });
-  for (const name of ["reconstruction", "pca"]) {
+  const options = { executionProviders: ["wasm"] };
+  const session = await ort.InferenceSession.create(`${MODEL}.onnx`, options);
+  for (const name of ["reconstruction", "pca", "code"]) {
     if (!session.outputNames.includes(name)) {
       throw new Error(`${MODEL}.onnx has no output named "${name}" (it has ${session.outputNames.join(", ")}): ` +
                       "retrain the model with this version of training/train_autoencoder.py");
     }
   }
-  return { config, session };
+  const decoder = await ort.InferenceSession.create(`${MODEL}.decoder.onnx`, options);
+  return { config, session, decoder };
 }
 
 const model = load();
 let queue = Promise.resolve(); // one run at a time: a wasm session is not re-entrant
 
-// {size, view, reconstruction, pca, psnr, pcaPsnr}: the three pictures as 3xSxS floats in [0, 1], PSNRs in dB.
+function inTurn(run) {
+  const result = queue.then(run);
+  queue = result.catch(() => {});
+  return result;
+}
+
+// {size, view, reconstruction, pca, code, psnr, pcaPsnr}: the three pictures as 3xSxS floats in [0, 1], the code,
+// PSNRs in dB.
 async function reconstruct(image) {
   const { config, session } = await model;
   const size = config.size, view = prepare(await pixels(image), size);
-  const run = () => session.run({ image: new ort.Tensor("float32", view, [1, 3, size, size]) });
-  const result = queue.then(run);
-  queue = result.catch(() => {});
-  const out = await result;
+  const out = await inTurn(() => session.run({ image: new ort.Tensor("float32", view, [1, 3, size, size]) }));
   const reconstruction = out.reconstruction.data, pca = out.pca.data;
-  return { size, view, reconstruction, pca, psnr: psnr(reconstruction, view), pcaPsnr: psnr(pca, view) };
+  return { size, view, reconstruction, pca, code: out.code.data, psnr: psnr(reconstruction, view),
+           pcaPsnr: psnr(pca, view) };
 }
 
-window.imagelab = { reconstruct, ready: model.then(({ config }) => config.size) };
+// As Autoencoder.interpolate: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, each 3xSxS.
+async function interpolate(a, b, steps = 8) {
+  const { decoder } = await model;
+  const [ra, rb] = [await reconstruct(a), await reconstruct(b)];
+  const frames = [];
+  for (let i = 0; i < steps; i++) {
+    const t = Math.fround(i / (steps - 1));
+    const code = ra.code.map((v, j) => Math.fround(Math.fround(1 - t) * v) + Math.fround(t * rb.code[j]));
+    const out = await inTurn(() => decoder.run({ code: new ort.Tensor("float32", code, [1, code.length]) }));
+    frames.push(out.image.data);
+  }
+  return { size: ra.size, frames };
+}
+
+window.imagelab = { reconstruct, interpolate, ready: model.then(({ config }) => config.size) };
 
 // The page
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $("status").textContent = text; };
 
-function draw(canvas, x, size) {
+// A 3xSxS picture in [0, 1] onto `canvas` at column `left`, rounded to 8 bits as to_pil does.
+function draw(canvas, x, size, left = 0) {
   const image = canvas.getContext("2d").createImageData(size, size);
   for (let i = 0; i < size * size; i++) {
     for (let c = 0; c < 3; c++) image.data[i * 4 + c] = Math.round(Math.min(1, Math.max(0, x[c * size * size + i])) * 255);
     image.data[i * 4 + 3] = 255;
   }
-  canvas.getContext("2d").putImageData(image, 0, 0);
+  canvas.getContext("2d").putImageData(image, left, 0);
 }
 
 async function show(image, name) {
@@ -93,8 +116,26 @@ async function show(image, name) {
 
 imageSources(show, status);
 
+async function walk() {
+  const [a, b] = [$("from").files[0], $("to").files[0]];
+  const steps = Math.min(12, Math.max(3, Math.round(Number($("steps").value)) || 8));
+  if (!a || !b) return;
+  const canvas = $("walk");
+  try {
+    const { size, frames } = await interpolate(a, b, steps);
+    [canvas.width, canvas.height] = [size * steps, size];
+    frames.forEach((frame, i) => draw(canvas, frame, size, i * size));
+    canvas.dataset.source = `${a.name} -> ${b.name} in ${steps}`;
+    status("");
+  } catch (e) {
+    canvas.dataset.source = "";
+    status(`${e.message}`);
+  }
+}
+for (const id of ["from", "to", "steps"]) $(id).addEventListener("change", walk);
+
 model.then(({ config }) => {
   status("");
-  $("upload").disabled = false;
+  for (const id of ["upload", "from", "to"]) $(id).disabled = false;
   document.body.dataset.ready = String(config.size);
 }, (e) => status(`The model did not load: ${e.message}`));
