@@ -270,8 +270,11 @@ class Run:
         if which == "last" or self.best is None:
             return kept
         best_loss = valid[self.best["epoch"] - 1][1]
-        if cut_short and learn.validate()[0] < best_loss:  # the unfinished epoch's weights were never validated
-            return kept
+        if cut_short:  # the unfinished epoch's weights were never validated: the table has no row for them
+            loss = learn.validate()[0]
+            print(f"epoch {last}, cut short by the time budget: valid_loss {loss:.6f}")
+            if loss < best_loss:
+                return kept
         get_model(learn.model).load_state_dict(self.best["model"])
         return {**kept, "kept_epoch": self.best["epoch"]}
 
