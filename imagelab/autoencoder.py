@@ -1,6 +1,7 @@
-"""The autoencoder that starts as PCA: the model, its data, the sparsity penalty, and its report against PCA.
+"""The autoencoder that starts as PCA: the model, its data, the sparsity penalty, its report against PCA, its export.
 
-The model lives here, not in a script, so an exported `.pkl` loads from any script, server or Space.
+The model lives here, not in a script, so an exported `.pkl` loads from any script, server or Space; the apps
+serve its ONNX graphs (imagelab.inference.Reconstructor).
 """
 import math
 from pathlib import Path
@@ -15,18 +16,16 @@ from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
 from fastai.torch_core import get_model
 from fastai.vision.all import DataBlock, FlipItem, ImageBlock, RandomSplitter, Resize
-from PIL import Image
 from torch import nn
 
 from . import UserError
 from .config import check_autoencoder_shape
 from .data import RGBImage, pets_images
 from .export import export_weights_only, save_examples, to_onnx
-from .images import read_image
+from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
 from .models import adamw
 from .paths import artifact_paths
 from .reports import plot_loss_curve, save_fig
-from .store import resize_box
 from .train import Task
 
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
@@ -322,16 +321,6 @@ def pca_reconstruct(x, mean, axes):
     return (((x - mean) @ axes.T) @ axes + mean).clamp(0, 1)
 
 
-def psnr(mse_value):
-    """Peak signal-to-noise ratio in dB for pixels on a [0, 1] scale."""
-    return 10 * math.log10(1 / mse_value) if mse_value > 0 else float("inf")
-
-
-def to_pil(x):
-    """A (3, H, W) tensor in [0, 1] as an 8-bit RGB image."""
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-
-
 def plot_reconstructions(rows, path, n=8):
     """A grid: held-out originals on top, each method's reconstruction below, per-image PSNR in the titles."""
     n = min(n, len(rows["original"]))
@@ -422,12 +411,8 @@ class AutoencoderTask(Task):
         save_examples(dls.valid_ds.items, lambda f: "example", folder, per_class=4)
 
     def export(self, learn, model_path):
-        m = learn.model
-        config = {"format": CONFIG_FORMAT, "kind": self.kind, "size": m.size, "code_size": m.code_size,
-                  "depth": m.depth, "width": m.width, "blocks": m.blocks, "sparse": m.sparse}
-        export_weights_only(m, config, model_path, outputs=["reconstruction", "pca", "code"], graph=FromImage(m))
-        to_onnx(FromCode(m), config, artifact_paths(model_path)["decoder"], outputs=["image"],
-                inputs={"code": torch.zeros(1, m.code_size)})
+        export_weights_only(learn.model, autoencoder_config(learn.model), model_path)
+        export_graphs(learn.model, artifact_paths(model_path)["onnx"], artifact_paths(model_path)["decoder"])
 
     def summary(self, m, cfg):
         return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "
@@ -435,68 +420,46 @@ class AutoencoderTask(Task):
                 f"trained in {m['train_seconds']:.0f} s; wrote {cfg.out} and its report")
 
 
-class Autoencoder:
-    """An exported autoencoder: reconstructions, and the images between two codes.
+def autoencoder_config(model):
+    """What rebuilds the model from its weights (`ae.config.json`), and what the apps read: size and code size."""
+    return {"format": CONFIG_FORMAT, "kind": AutoencoderTask.kind, "size": model.size, "code_size": model.code_size,
+            "depth": model.depth, "width": model.width, "blocks": model.blocks, "sparse": model.sparse}
 
-    `path` is its learner (`ae.pkl`, unpickled: only one you trust, or pass its `learn`) or its weights
-    (`ae.safetensors`), rebuilt without any pickle from the `ae.config.json` beside them. A learner with
-    those two beside it loads from them too.
-    """
 
-    def __init__(self, path, learn=None):
-        self.path = path = Path(path)
-        if not path.is_file():
-            raise UserError(f"no model at {path}")
-        weights = artifact_paths(path)["weights"]
-        if learn is None and weights.is_file() and artifact_paths(path)["config"].is_file():
-            self.model = self._from_weights(weights)
-        else:
-            from .loading import load_trusted_learner
-            self.model = (learn or load_trusted_learner(path)).model
-        if not hasattr(self.model, "pca_axes"):
-            raise UserError(f"{path} was trained by an older version of the autoencoder (no PCA path): "
-                            "retrain it with training/train_autoencoder.py")
-        self.model = self.model.cpu().float().eval()
-        self.size = self.model.size
+def export_graphs(model, image_graph=None, code_graph=None):
+    """The two ONNX graphs the apps and the static Space run, into paths (or returned as bytes): an image's
+    (`FromImage`: reconstruction, PCA's, code) and a code's (`FromCode`: the image it decodes to)."""
+    config, code = autoencoder_config(model), {"code": torch.zeros(1, model.code_size)}
+    return (to_onnx(FromImage(model), config, image_graph, outputs=AUTOENCODER_OUTPUTS),
+            to_onnx(FromCode(model), config, code_graph, outputs=DECODER_OUTPUTS, inputs=code))
 
-    @staticmethod
-    def _from_weights(weights):
-        from safetensors.torch import load_file
-        from .loading import read_config
-        c = read_config(weights)
-        if c.get("format") != CONFIG_FORMAT:
-            raise UserError(f"{weights} is an autoencoder of format {c.get('format')}, not {CONFIG_FORMAT}: "
-                            "retrain it with training/train_autoencoder.py")
-        model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"],
-                                blocks=c["blocks"])
-        model.load_state_dict(load_file(weights))
-        return model
 
-    def prepare(self, image):
-        """A path or PIL image as the model sees it: 1x3xSxS in [0, 1], S the model's size.
+def load_autoencoder(path, learn=None):
+    """The model of an exported autoencoder, float32 on the CPU: `learn`'s, or rebuilt from the weights and config
+    beside `path` (no pickle), or, when the learner `path` is all there is, unpickled (only one you trust)."""
+    paths = artifact_paths(path)
+    if learn is None and paths["weights"].is_file() and paths["config"].is_file():
+        model = from_weights(paths["weights"])
+    elif learn is not None or Path(path).suffix == ".pkl":
+        from .loading import load_trusted_learner
+        model = (learn or load_trusted_learner(path)).model
+    else:
+        raise UserError(f"{path} was exported by an older version of training/ (no decoder graph, or no code output) "
+                        "and has no weights beside it: retrain it with training/train_autoencoder.py")
+    if not hasattr(model, "pca_axes"):
+        raise UserError(f"{path} was trained by an older version of the autoencoder (no PCA path): "
+                        "retrain it with training/train_autoencoder.py")
+    return model.cpu().float().eval()
 
-        fastai's `Resize` at validation, done in PIL so that a weights-only model needs no learner: the
-        centre square of the image (`resize_box`, as fastai computes it), resized bilinearly.
-        """
-        im, s = read_image(image), self.size
-        left, top, side, _ = resize_box(im.width, im.height, (s, s))
-        im = im.crop((left, top, left + side, top + side)).resize((s, s), Image.BILINEAR)
-        return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)[None] / 255
 
-    @torch.no_grad()
-    def reconstruct(self, image, method="autoencoder"):
-        """(original, reconstruction, PSNR in dB), both images at the model's size.
-
-        `method="pca"`: PCA's reconstruction from the model's own linear path (PCA of its training images).
-        """
-        x = self.prepare(image)
-        y = self.model.pca(x) if method == "pca" else self.model(x)
-        return to_pil(x[0]), to_pil(y[0]), psnr(float(((y - x) ** 2).mean()))
-
-    @torch.no_grad()
-    def interpolate(self, a, b, steps=8):
-        """One image: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, left to right."""
-        code_a, code_b = self.model.encode(torch.cat([self.prepare(a), self.prepare(b)]))
-        t = torch.linspace(0, 1, steps)[:, None]
-        frames = self.model.decode((1 - t) * code_a + t * code_b)
-        return to_pil(torch.cat(list(frames), dim=2))
+def from_weights(weights):
+    """The model rebuilt from safetensors and the config beside them: no pickle involved."""
+    from safetensors.torch import load_file
+    from .loading import read_config
+    c = read_config(weights)
+    if c.get("format") != CONFIG_FORMAT:
+        raise UserError(f"{weights} is an autoencoder of format {c.get('format')}, not {CONFIG_FORMAT}: "
+                        "retrain it with training/train_autoencoder.py")
+    model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"], blocks=c["blocks"])
+    model.load_state_dict(load_file(weights))
+    return model

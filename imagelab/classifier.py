@@ -1,9 +1,11 @@
 """The image classifier as a task of the training loop: labelled folders in, a timm classifier out."""
 from .data import (classifier_dls, detect_labels, folder_split, label_function, pets_images, random_split,
                    split_counts)
-from .export import export_weights_only, learner_config, save_examples
+from .export import export_weights_only, learner_config, save_examples, to_onnx
+from .inference import CLASSIFIER_OUTPUTS
 from .models import check_arch, classifier_learner
 from .reports import classifier_report
+from .paths import artifact_paths
 from .train import Task
 
 # fastai's documented defaults: fine_tune's base_lr, and a one-cycle peak that suits from-scratch convnets.
@@ -75,7 +77,9 @@ class Classifier(Task):
         save_examples(dls.valid_ds.items, self.get_y, folder)
 
     def export(self, learn, model_path):
-        export_weights_only(learn.model, learner_config(learn), model_path, outputs=["logits", "heatmap"])
+        config = learner_config(learn)
+        export_weights_only(learn.model, config, model_path)
+        to_onnx(learn.model, config, artifact_paths(model_path)["onnx"], outputs=CLASSIFIER_OUTPUTS)
 
     def summary(self, metrics, cfg):
         kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"

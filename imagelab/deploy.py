@@ -174,24 +174,26 @@ def staged(out):
 def build_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete Space: app, library, requirements, model, examples, README, LFS rules."""
     metrics = load_metrics(model)
+    kind = card_kind(metrics)
     with staged(out) as stage:
         shutil.copytree(REPO / "apps" / app, stage, ignore=shutil.ignore_patterns("__pycache__"))
         copy_library(stage)
         (stage / "models").mkdir()
-        copy_model(app, model, stage / "models", card_kind(metrics).SPACE_FILES)
+        copy_model(app, model, stage / "models", kind.SPACE_FILES)
+        check_outputs(stage / "models" / f"{app}.onnx", kind.GRAPH_OUTPUTS, "a Space")
         write_lfs_rules(stage)
         (stage / "README.md").write_text(space_readme(app, metrics, space_id, repo_id))
     return Path(out)
 
 
-def check_outputs(graph, names):
-    """One line if the ONNX `graph` lacks an output its page reads (a model exported by an older version)."""
+def check_outputs(graph, names, what="a static Space"):
+    """One line if the ONNX `graph` lacks an output its app or page reads (a model exported by an older version)."""
     import onnx
     have = [o.name for o in onnx.load(graph, load_external_data=False).graph.output]
     missing = [n for n in names if n not in have]
     if missing:
         raise UserError(f"the model's ONNX graph has no output {missing[0]!r} (it has {', '.join(have)}): retrain it "
-                        "with this version of training/ to publish it as a static Space")
+                        f"with this version of training/ to publish it as {what}")
 
 
 def build_static_space(app, model, out, space_id=None, repo_id=None):
@@ -207,7 +209,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
     with staged(out) as stage:
         stage.mkdir(parents=True)
         copy_model(app, model, stage, kind.STATIC_FILES)
-        check_outputs(stage / f"{app}.onnx", kind.STATIC_OUTPUTS)
+        check_outputs(stage / f"{app}.onnx", kind.GRAPH_OUTPUTS)
         write_runtime(stage / "onnxruntime-web")
         for name in (script, "images.js"):
             shutil.copy2(WEB / name, stage)

@@ -90,8 +90,8 @@ def exportable(model):
     return model
 
 
-def to_onnx(model, config, f, outputs=("logits",), inputs=None):
-    """The model as an ONNX graph for one image at a time (input `image`), into a path or file object;
+def to_onnx(model, config, f=None, outputs=("logits",), inputs=None):
+    """The model as an ONNX graph for one image at a time (input `image`), into the path `f`, or returned as bytes;
     `inputs` ({name: an example}) for a graph that takes something else (an autoencoder's decoder: a code).
 
     A classifier's graph can also return the predicted class's Grad-CAM (outputs "logits", "heatmap").
@@ -103,19 +103,17 @@ def to_onnx(model, config, f, outputs=("logits",), inputs=None):
         from .heatmaps import WithHeatmap
         model = WithHeatmap(model)
     inputs = inputs or {"image": torch.zeros(input_shape(config))}
-    torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), f, dynamo=True, external_data=False,
-                      input_names=list(inputs), output_names=list(outputs), verbose=False)
+    program = torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), f, dynamo=True,
+                                external_data=False, input_names=list(inputs), output_names=list(outputs), verbose=False)
+    return program.model_proto.SerializeToString() if f is None else None
 
 
-def export_weights_only(model, config, model_path, outputs=("logits",), graph=None):
-    """Write the safetensors weights, the JSON config and the ONNX graph beside `model_path`.
-
-    `graph`: the module the ONNX graph computes, when it is not `model` itself (one with more outputs)."""
+def export_weights_only(model, config, model_path):
+    """Write the safetensors weights and the JSON config beside `model_path` (its ONNX graph is the task's to write)."""
     from safetensors.torch import save_file
     paths = artifact_paths(model_path)
     save_file({k: v.contiguous() for k, v in cpu_copy(model).state_dict().items()}, paths["weights"])
     paths["config"].write_text(json.dumps(config, indent=2) + "\n")
-    to_onnx(model if graph is None else graph, config, paths["onnx"], outputs)
 
 
 def save_examples(files, get_y, dest, per_class=2, max_side=512):

@@ -7,6 +7,7 @@ from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_f
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from . import UserError
+from .paths import artifact_paths
 
 HF_PREFIX = "hf://"
 
@@ -36,13 +37,13 @@ def hub_file(repo_id, filename, revision=None, what="file"):
         raise UserError(f"cannot download the {what} {where}: {str(e).splitlines()[0]}") from None
 
 
-def resolve_model(spec, prefer=(".onnx", ".safetensors")):
+def resolve_model(spec, prefer=(".onnx", ".safetensors"), needs=None):
     """A local path for a model: a path as given, or `hf://USER/REPO/FILE[@REVISION]` fetched once into the Hub cache.
 
-    For a Hub model the weights-only artifacts beside FILE (`<stem>.config.json` and the first of
-    `<stem><suffix>` for the suffixes in `prefer` that the repo has: a classifier runs its ONNX graph or
-    its safetensors weights, an autoencoder its weights) are fetched instead of FILE: they load without
-    running any pickle.
+    For a Hub model the weights-only artifacts beside FILE (its config and the first of `<stem><suffix>`
+    for the suffixes in `prefer` that the repo has, with the artifacts `needs[suffix]` names: an
+    autoencoder's graph of an image comes with its graph of a code) are fetched instead of FILE: they load
+    without running any pickle.
     """
     spec = str(spec)
     if not spec.startswith(HF_PREFIX):
@@ -51,18 +52,20 @@ def resolve_model(spec, prefer=(".onnx", ".safetensors")):
     parts = body.split("/")
     if len(parts) < 3 or not all(parts):
         raise UserError(f"expected hf://USER/REPO/FILE[@REVISION], got {spec}")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    stem = filename.rsplit(".", 1)[0]
+    repo_id, filename, revision = "/".join(parts[:2]), "/".join(parts[2:]), revision or None
+    beside = artifact_paths(filename)
     try:
-        hub_file(repo_id, f"{stem}.config.json", revision or None, what="model config")
+        hub_file(repo_id, beside["config"].as_posix(), revision, what="model config")
     except UserError:
-        return Path(hub_file(repo_id, filename, revision or None, what="model"))
+        return Path(hub_file(repo_id, filename, revision, what="model"))
     for suffix in prefer:
         try:
-            return Path(hub_file(repo_id, f"{stem}{suffix}", revision or None, what="model"))
+            for artifact in (needs or {}).get(suffix, ()):
+                hub_file(repo_id, beside[artifact].as_posix(), revision, what="model")
+            return Path(hub_file(repo_id, Path(filename).with_suffix(suffix).as_posix(), revision, what="model"))
         except UserError:
             pass
-    return Path(hub_file(repo_id, filename, revision or None, what="model"))
+    return Path(hub_file(repo_id, filename, revision, what="model"))
 
 
 def require_hub_login():

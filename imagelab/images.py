@@ -1,4 +1,5 @@
-"""Decoding image files, the same way for training and serving, and refusing the ones that cannot be used.
+"""Decoding image files, the same way for training and serving, and refusing the ones that cannot be used;
+fastai's `Resize` crop, which training and serving cut alike.
 
 No fastai or torch here: a served app decodes uploads without importing the training stack.
 """
@@ -29,6 +30,15 @@ def open_rgb(src):
         im = Image.new("RGB", rgba.size, "white")
         im.paste(rgba, mask=rgba.getchannel("A"))
     return im.convert("RGB")
+
+
+def resize_box(w, h, size, pcts=(0.5, 0.5)):
+    """fastai's `Resize(size)` crop (left, top, width, height) of a w x h image: the largest box of `size`'s
+    (width, height) shape, placed at `pcts` of the room left (random in training, the centre otherwise),
+    in fastai's arithmetic to the pixel."""
+    m = w / size[0] if w / size[0] < h / size[1] else h / size[1]
+    cw, ch = int(m * size[0]), int(m * size[1])
+    return int(pcts[0] * (w - cw)), int(pcts[1] * (h - ch)), cw, ch
 
 
 def check_image(path):

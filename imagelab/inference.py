@@ -1,12 +1,13 @@
-"""Classifying images with an exported model: one predictor for every app and the batch CLI.
+"""Running an exported model with ONNX Runtime, for every app and the batch CLI: a classifier's `Predictor`,
+an autoencoder's `Reconstructor`.
 
-It runs the model with ONNX Runtime on the learner's exact validation preprocessing, done in NumPy and
-PIL: several times faster than fastai's `learn.predict` on a CPU, with the same probabilities (checked
-by tests and `benchmarks/inference.py`). It needs neither fastai nor torch when the weights-only
-artifacts are beside the model, so an app starts quickly and never unpickles anything.
+Each runs the model's ONNX graph on the learner's exact validation preprocessing, done in NumPy and PIL:
+several times faster than fastai's `learn.predict` on a CPU, with the same results (checked by tests and
+`benchmarks/inference.py`). Neither needs fastai nor torch when the weights-only artifacts are beside the
+model, so an app starts quickly and never unpickles anything.
 """
-import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,26 @@ from PIL import Image
 from . import UserError
 from .paths import artifact_paths
 from .hub import resolve_model
-from .images import read_image
-from .loading import load_trusted_learner
+from .images import read_image, resize_box
+from .loading import load_trusted_learner, read_config
+
+# What the apps read from each exported graph: a classifier's (its heatmap: models exported before it lack it),
+# an autoencoder's graph of an image, and its graph of a code (`.decoder.onnx`).
+CLASSIFIER_OUTPUTS = ("logits", "heatmap")
+AUTOENCODER_OUTPUTS = ("reconstruction", "pca", "code")
+DECODER_OUTPUTS = ("image",)
+
+
+def onnx_session(graph):
+    """A quiet ONNX Runtime session on the CPU for a graph file (a Path) or the graph's bytes."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts, providers=["CPUExecutionProvider"])
+
+
+def output_names(session):
+    return [o.name for o in session.get_outputs()]
 
 
 def model_view(im, config):
@@ -33,8 +52,13 @@ def preprocess(im, config):
 
 
 def as_input(view, config):
+    mean, std = (np.asarray(config[k], np.float32)[:, None, None] for k in ("mean", "std"))
+    return (unit_pixels(view) - mean) / std
+
+
+def unit_pixels(view):
+    """An RGB PIL image as 1x3xHxW float32 in [0, 1], as fastai's `ToTensor` and `IntToFloatTensor` make it."""
     x = np.asarray(view, dtype=np.float32) / np.float32(255)
-    x = (x - np.asarray(config["mean"], np.float32)) / np.asarray(config["std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
@@ -82,7 +106,6 @@ class Predictor:
     """
 
     def __init__(self, path, learn=None, tta=False):
-        import onnxruntime as ort
         self.path = path = resolve_model(path)
         paths = artifact_paths(path)
         if paths["config"].is_file() and (paths["onnx"].is_file() or paths["weights"].is_file()):
@@ -95,20 +118,15 @@ class Predictor:
             graph = self._onnx(learn.model)
         else:
             raise UserError(f"no model at {path}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(graph)
         self.vocab, self.tta = self.config["vocab"], tta
-        self.has_heatmap = "heatmap" in [o.name for o in self.session.get_outputs()]  # models exported before it lack it
+        self.has_heatmap = "heatmap" in output_names(self.session)
         w, h = self.config["crop"]
         self.session.run(None, {"image": np.zeros((1, 3, h, w), np.float32)})  # warm up now, not on a request
 
     def _onnx(self, model):
         from .export import to_onnx
-        buf = io.BytesIO()
-        to_onnx(model, self.config, buf, outputs=("logits", "heatmap"))
-        return buf.getvalue()
+        return to_onnx(model, self.config, outputs=CLASSIFIER_OUTPUTS)
 
     def probabilities(self, images):
         """Class probabilities, one row per image (paths or PIL images)."""
@@ -137,3 +155,74 @@ class Predictor:
         logits, heat = self.session.run(["logits", "heatmap"], {"image": x})
         probs = self._probabilities(x) if self.tta else softmax(logits)
         return self.top(probs[0], k), view, heat[0]
+
+
+def square_view(im, size):
+    """What an autoencoder sees of an RGB PIL image: fastai's `Resize` at validation, the centre square
+    (`resize_box`, fastai's arithmetic) resized bilinearly to size x size."""
+    left, top, side, _ = resize_box(im.width, im.height, (size, size))
+    return im.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+
+
+def square_input(image, size):
+    """A path or PIL image as an autoencoder of `size` takes it: 1x3xSxS float32 in [0, 1], S = `size`."""
+    return unit_pixels(square_view(read_image(image), size))
+
+
+def to_image(x):
+    """A 3xHxW array in [0, 1] as an 8-bit RGB PIL image."""
+    return Image.fromarray((np.clip(x, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0))
+
+
+def psnr(mse):
+    """Peak signal-to-noise ratio in dB for pixels on a [0, 1] scale."""
+    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+
+
+class Reconstructor:
+    """Loads an exported autoencoder once: an image's reconstruction beside PCA's, and the images between two codes.
+
+    `path` is the model's graph of an image (`ae.onnx`, with its graph of a code `ae.decoder.onnx` and
+    `ae.config.json` beside it), its weights (`ae.safetensors`) or its learner (`ae.pkl`), or
+    `hf://USER/REPO/FILE[@REVISION]`. The two graphs are used whenever they are beside it; otherwise (a model
+    exported by an older version) they are made in memory from the weights or, only when that is all there
+    is, from the unpickled learner (`learn`, when the caller has loaded it): both need torch.
+    """
+
+    def __init__(self, path, learn=None):
+        self.path = path = resolve_model(path)
+        paths, config = artifact_paths(path), read_config(path)
+        graphs = paths["onnx"], paths["decoder"]
+        sessions = None
+        if learn is None and config is not None and all(g.is_file() for g in graphs):
+            sessions = [onnx_session(g) for g in graphs]
+            if not set(AUTOENCODER_OUTPUTS) <= set(output_names(sessions[0])):
+                sessions = None  # exported before the graph returned PCA's reconstruction and the code
+        if sessions is None:
+            from .autoencoder import autoencoder_config, export_graphs, load_autoencoder
+            model = load_autoencoder(path, learn)
+            config, sessions = autoencoder_config(model), [onnx_session(g) for g in export_graphs(model)]
+        self.image_graph, self.code_graph = sessions
+        self.size, self.code_size = config["size"], config["code_size"]
+        self.code_graph.run(None, {"code": np.zeros((1, self.code_size), np.float32)})  # warm up now, not on a request
+
+    def run(self, x):
+        return dict(zip(AUTOENCODER_OUTPUTS, self.image_graph.run(AUTOENCODER_OUTPUTS, {"image": x})))
+
+    def reconstruct(self, image, method="autoencoder"):
+        """(original, reconstruction, PSNR in dB), both images at the model's size.
+
+        `method="pca"`: PCA's reconstruction from the model's own linear path (PCA of its training images).
+        """
+        x = square_input(image, self.size)
+        y = self.run(x)["pca" if method == "pca" else "reconstruction"]
+        return to_image(x[0]), to_image(y[0]), psnr(float(((y - x) ** 2).mean()))
+
+    def interpolate(self, a, b, steps=8):
+        """One image: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, left to right."""
+        code_a, code_b = (self.run(square_input(im, self.size))["code"] for im in (a, b))
+        frames = []
+        for t in np.linspace(0, 1, steps, dtype=np.float32):
+            code = (1 - t) * code_a + t * code_b
+            frames.append(self.code_graph.run(DECODER_OUTPUTS, {"code": code})[0][0])
+        return to_image(np.concatenate(frames, axis=2))

@@ -12,9 +12,11 @@ from .hub import resolve_model
 from .paths import artifact_paths
 
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
-# What each kind is served from, besides the learner: the classifier runs its ONNX graph, the autoencoder
-# needs its encoder and decoder apart (torch), rebuilt from the safetensors weights.
-SERVED_FROM = {CLASSIFIER: (".pkl", ".onnx", ".safetensors"), AUTOENCODER: (".pkl", ".safetensors")}
+# What each kind is served from: its learner, its ONNX graph, or its weights (from which the graph is made).
+SERVED_FROM = {CLASSIFIER: (".pkl", ".onnx", ".safetensors"), AUTOENCODER: (".pkl", ".onnx", ".safetensors")}
+# What a weights-only form needs beside it besides its config (imagelab.paths.artifact_paths' names): an
+# autoencoder's graph of an image is served with its graph of a code.
+SERVED_WITH = {CLASSIFIER: {}, AUTOENCODER: {".onnx": ("decoder",)}}
 FORMS = {kind: ", ".join(suffixes) + " or hf://USER/REPO/FILE[@REVISION]" for kind, suffixes in SERVED_FROM.items()}
 
 
@@ -49,12 +51,12 @@ def learner_kind(learn):
 
 
 def open_model(spec, kind, train=None):
-    """The served object for model `spec` (a path or hf://...): a `Predictor` or an `Autoencoder`.
+    """The served object for model `spec` (a path or hf://...): a `Predictor` or a `Reconstructor`.
 
     A UserError says in one line what is wrong: no such file (with `train`, the command that makes
     it), a form this kind cannot be served from, a file that does not load, a model of another kind.
     """
-    path = resolve_model(spec, prefer=SERVED_FROM[kind][1:])
+    path = resolve_model(spec, prefer=SERVED_FROM[kind][1:], needs=SERVED_WITH[kind])
     if not path.is_file():
         raise UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
     if path.suffix not in SERVED_FROM[kind]:
@@ -78,11 +80,8 @@ def open_model(spec, kind, train=None):
 
 
 def _serve(kind, path, learn):
-    if kind == CLASSIFIER:
-        from .inference import Predictor
-        return Predictor(path, learn=learn)
-    from .autoencoder import Autoencoder
-    return Autoencoder(path, learn=learn)
+    from .inference import Predictor, Reconstructor
+    return (Predictor if kind == CLASSIFIER else Reconstructor)(path, learn=learn)
 
 
 def article(word):

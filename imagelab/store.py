@@ -25,7 +25,7 @@ from fastai.data.transforms import Categorize, ToTensor
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, ResizeMethod
 
 from .device import copy_to
-from .images import open_rgb
+from .images import open_rgb, resize_box
 
 # Share of the free memory (the GPU's, else the machine's) that the decoded images may take.
 MEMORY_SHARE = 0.4
@@ -46,15 +46,6 @@ def crop_box(w, h, min_scale, ratio, rng=random):
     else:
         nw, nh = w, h
     return (w - nw) // 2, (h - nh) // 2, nw, nh
-
-
-def resize_box(w, h, size, pcts=(0.5, 0.5)):
-    """fastai's `Resize(size)` crop (left, top, width, height) of a w x h image: the largest box of `size`'s
-    (width, height) shape, placed at `pcts` of the room left (random in training, the centre otherwise),
-    in fastai's arithmetic to the pixel."""
-    m = w / size[0] if w / size[0] < h / size[1] else h / size[1]
-    cw, ch = int(m * size[0]), int(m * size[1])
-    return int(pcts[0] * (w - cw)), int(pcts[1] * (h - ch)), cw, ch
 
 
 def resized(image, size):

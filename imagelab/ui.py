@@ -186,7 +186,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     shown = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])
     upload = dict(type="filepath", image_mode=None, sources=SOURCES)
     examples = sorted(map(str, examples_dir(ae.path).glob("*.jpg")))
-    gr.Markdown(f"A code of {ae.model.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
+    gr.Markdown(f"A code of {ae.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
     with gr.Row():
         image = ImageUpload(label="Image", **upload)
         original = gr.Image(label="Original (as the model sees it)", **shown)

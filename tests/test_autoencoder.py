@@ -17,9 +17,10 @@ from PIL import Image
 from checkouts import repo_app_without_models
 from conftest import PY, make_folder_dataset, run, served, write_image
 from imagelab import UserError
-from imagelab.autoencoder import (Autoencoder, CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner,
-                                  preprocessed, psnr)
+from imagelab.autoencoder import (CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, load_autoencoder,
+                                  preprocessed)
 from imagelab.data import find_images
+from imagelab.inference import psnr
 from imagelab.ui import autoencoder_panel
 
 @pytest.fixture(scope="module")
@@ -101,10 +102,10 @@ def test_report_and_pca_on_the_same_images(ae_model):
 
 def test_model_loads_in_a_fresh_process_elsewhere(ae_model, tmp_path):
     img = write_image(tmp_path / "red.png", (220, 60, 60), size=(60, 30))
-    code = ("import sys; from imagelab.autoencoder import Autoencoder\n"
-            "ae = Autoencoder(sys.argv[1]); original, rebuilt, db = ae.reconstruct(sys.argv[2])\n"
+    code = ("import sys; from imagelab.loading import open_model\n"
+            "ae = open_model(sys.argv[1], 'autoencoder'); original, rebuilt, db = ae.reconstruct(sys.argv[2])\n"
             "_, pca, pca_db = ae.reconstruct(sys.argv[2], method='pca')\n"
-            "print(ae.model.code_size, original.size, rebuilt.size, db > 0,"
+            "print(ae.code_size, original.size, rebuilt.size, db > 0,"
             " ae.interpolate(sys.argv[2], sys.argv[2], 5).size, pca.size, pca_db > 0)")
     res = subprocess.run([PY, "-c", code, str(ae_model), str(img)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
@@ -119,7 +120,7 @@ def test_weights_of_the_format_before_the_pca_path_are_refused_in_one_line(ae_mo
     assert config["format"] == "imagelab-autoencoder/2"
     (tmp_path / "old.config.json").write_text(json.dumps({**config, "format": "imagelab-autoencoder/1"}))
     with pytest.raises(UserError, match="format imagelab-autoencoder/1, not imagelab-autoencoder/2: retrain"):
-        Autoencoder(tmp_path / "old.safetensors")
+        load_autoencoder(tmp_path / "old.safetensors")
 
 
 def test_app_reconstructs_over_http(ae_model, tmp_path):

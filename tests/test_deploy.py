@@ -107,8 +107,8 @@ def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):
     assert f"| PCA, {metrics['pca_components']} components | {metrics['pca_mse']:.5f} |" in card
     assert f"{metrics['mse_ratio_ae_to_pca']:.3f}" in card and "autoencoder.report/reconstructions.png" in card
     assert (repo / "autoencoder.pkl").is_file() and (repo / "autoencoder.report" / "reconstructions.png").is_file()
-    code = ("import sys; from imagelab.autoencoder import Autoencoder\n"
-            "print(Autoencoder(sys.argv[1]).reconstruct(sys.argv[2])[1].size)")
+    code = ("import sys; from imagelab.loading import open_model\n"
+            "print(open_model(sys.argv[1], 'autoencoder').reconstruct(sys.argv[2])[1].size)")
     res = run(["-c", code, repo / "autoencoder.pkl", write_image(tmp_path / "x.png", (200, 90, 40))])
     assert res.returncode == 0 and res.stdout.strip() == "(16, 16)", res.stderr[-2000:]
 
@@ -188,14 +188,30 @@ def test_autoencoder_space_runs_alone(tiny_autoencoder, tmp_path):
     out = tmp_path / "build" / "autoencoder-space"
     res = run(["-m", "imagelab.deploy", "autoencoder", "--model", tiny_autoencoder, "--space-out", out])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (out / "models" / "autoencoder.pkl").is_file() and (out / "apps").exists() is False
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"models/autoencoder.onnx", "models/autoencoder.decoder.onnx", "models/autoencoder.config.json"} <= names
+    assert not [n for n in names if n.endswith((".pkl", ".safetensors"))] and (out / "apps").exists() is False
+    reqs = [line for line in (out / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
+    assert "onnxruntime==1.31.1" in reqs and not [r for r in reqs if r.startswith(("torch", "fastai", "timm"))]
     meta = front_matter((out / "README.md").read_text())
     assert meta["sdk_version"] == gradio.__version__ and "/reconstruct" in (out / "README.md").read_text()
     alone = shutil.copytree(out, tmp_path / "alone")
+    a, b = write_image(tmp_path / "a.png", (200, 90, 40)), write_image(tmp_path / "b.png", (40, 90, 200))
     with served([alone / "app.py"], cwd=alone, env={"PYTHONPATH": None, "MODEL_PATH": None}) as url:
-        rebuilt = Client(url, verbose=False).predict(handle_file(str(write_image(tmp_path / "x.png", (200, 90, 40)))),
-                                                     api_name="/reconstruct")
-        assert Image.open(rebuilt).size == (16, 16)  # the tiny model's size
+        client = Client(url, verbose=False)
+        assert Image.open(client.predict(handle_file(str(a)), api_name="/reconstruct")).size == (16, 16)
+        strip = client.predict(handle_file(str(a)), handle_file(str(b)), 4, api_name="/interpolate")
+        assert Image.open(strip).size == (64, 16)  # four of the tiny model's 16-px images
+        assert "libtorch" not in open(f"/proc/{url.proc.pid}/maps").read()  # ONNX Runtime only: no torch, no fastai
+
+
+def test_a_space_refuses_a_graph_without_what_its_app_reads(tiny_autoencoder, tmp_path):
+    model = tmp_path / "models" / "ae.pkl"
+    shutil.copytree(tiny_autoencoder.parent, model.parent)
+    shutil.copy(tiny_autoencoder.with_name("ae.decoder.onnx"), model.with_suffix(".onnx"))  # its output: "image"
+    res = run(["-m", "imagelab.deploy", "autoencoder", "--model", model, "--space-out", tmp_path / "space"])
+    fails_with_one_line(res, "no output 'reconstruction'", "retrain it", "as a Space")
+    assert not (tmp_path / "space").exists()
 
 
 def only_lfs_rules(path):
@@ -316,26 +332,20 @@ def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tm
     assert lines[1].startswith("(16, 16) PSNR ") and (tmp_path / "here" / "rebuilt.png").is_file()
 
 
-def test_autoencoder_card_shows_onnx_code_when_the_repo_has_the_export(tiny_autoencoder, tmp_path):
-    """The training side's coming export (config.json + ONNX, input `image` in [0, 1], output `reconstruction`),
-    made here from the learner: the card then gives ONNX Runtime code, and it matches the learner's PSNR."""
-    import torch
-    from imagelab.autoencoder import Autoencoder
-    model = tmp_path / "models" / "ae.pkl"
-    shutil.copytree(tiny_autoencoder.parent, model.parent)
-    ae = Autoencoder(model)
-    torch.onnx.export(ae.model.eval(), (torch.zeros(1, 3, ae.size, ae.size),), model.with_suffix(".onnx"),
-                      dynamo=True, external_data=False, input_names=["image"], output_names=["reconstruction"])
-    model.with_name("ae.config.json").write_text(json.dumps({"kind": "autoencoder", "size": ae.size, "code_size": 8}))
-    repo = build_model_repo("autoencoder", model, tmp_path / "repo", "bob/ae")
+def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_path):
+    """The card's ONNX Runtime code, on the repo's own export, gives the app's PSNR (its own centre square)."""
+    from imagelab.loading import open_model
+    repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo", "bob/ae")
     card = (repo / "README.md").read_text()
     assert (repo / "autoencoder.onnx").is_file() and (repo / "autoencoder.config.json").is_file()
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
     photo = write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
     onnx_code, pkl_code = python_blocks(card)
+    assert "torch" not in onnx_code and "fastai" not in onnx_code
     lines = run_card_code(onnx_code, tmp_path / "hf", tmp_path / "here")
     assert lines[1].startswith("(16, 16) PSNR ")
-    assert abs(float(lines[1].split()[-2]) - ae.reconstruct(photo)[2]) < 0.5  # the learner's own preprocessing
+    assert float(lines[1].split()[-2]) == pytest.approx(open_model(tiny_autoencoder, "autoencoder").reconstruct(photo)[2],
+                                                        abs=0.01)
 
 
 def test_an_unknown_kind_fails_with_one_line(tiny_model, tmp_path):

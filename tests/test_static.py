@@ -22,6 +22,7 @@ from conftest import PY, ROOT, fails_with_one_line, free_port, run
 from test_browser import CHROMIUM, CHROMIUM_ARGS
 from uploads import valid_uploads
 from imagelab import onnxruntime_web
+from imagelab.loading import open_model
 
 RUNTIME_CACHE = ROOT / "build" / "test-cache"  # where test.sh fetches onnxruntime-web
 OFFLINE = {"HF_TOKEN": "", "HF_HUB_OFFLINE": "1"}
@@ -258,8 +259,7 @@ def test_paste_and_webcam_are_classified(page, photos):
 def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny_autoencoder):
     """The same preprocessing (the centre square, Pillow's resize) and the same graph: the PSNRs of the
     reconstruction and of PCA's, through the script API and through the upload control, are Python's."""
-    from imagelab.autoencoder import Autoencoder
-    page, ae = autoencoder_page, Autoencoder(tiny_autoencoder)
+    page, ae = autoencoder_page, open_model(tiny_autoencoder, "autoencoder")
     names = {p.relative_to(page.folder).as_posix() for p in page.folder.rglob("*") if p.is_file()}
     assert {"index.html", "autoencoder.js", "images.js", "autoencoder.onnx", "autoencoder.decoder.onnx",
             "autoencoder.config.json"} <= names
@@ -294,14 +294,13 @@ def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny
 def test_autoencoder_page_walks_between_two_codes_as_python_does(autoencoder_page, photos, tiny_autoencoder):
     """The decoder graph on codes evenly spaced between two images' codes: Python's strip, pixel for pixel (within
     one grey level), through the script API and the page's two inputs."""
-    from imagelab.autoencoder import Autoencoder
     page, (a, b) = autoencoder_page, (photos[0], photos[5])
     frames = page.evaluate("""async ([a, b]) => {
         const blob = (b64) => new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]);
         const r = await window.imagelab.interpolate(blob(a), blob(b), 5);
         return r.frames.map((f) => Array.from(f));
     }""", [base64.b64encode(p.read_bytes()).decode() for p in (a, b)])
-    want = np.asarray(Autoencoder(tiny_autoencoder).interpolate(a, b, steps=5)).astype(int)  # S x 5S x 3
+    want = np.asarray(open_model(tiny_autoencoder, "autoencoder").interpolate(a, b, steps=5)).astype(int)  # S x 5S x 3
     size = want.shape[0]
     got = np.concatenate([np.asarray(f).reshape(3, size, size).transpose(1, 2, 0) for f in frames], axis=1)
     assert np.abs(np.round(np.clip(got, 0, 1) * 255) - want).max() <= 1

@@ -9,7 +9,8 @@ from PIL import Image, ImageFilter
 
 from imagelab.autoencoder import autoencoder_dls
 from imagelab.data import Presized, classifier_dls, parent_label, presize
-from imagelab.store import ImageStore, StoreDL, crop_box, pixels, resize_box, resized, store_loaders
+from imagelab.images import resize_box
+from imagelab.store import ImageStore, StoreDL, crop_box, pixels, resized, store_loaders
 from conftest import make_folder_dataset, write_image
 
 # Landscape, portrait, square, and shapes outside RandomResizedCrop's aspect range (its fallback crop).

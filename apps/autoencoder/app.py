@@ -2,7 +2,7 @@
 from imagelab import run_cli
 from imagelab.app_options import app_model, app_parser, default_model
 
-MODEL = default_model(__file__, "autoencoder", suffix=".pkl")
+MODEL = default_model(__file__, "autoencoder")
 TRAIN = "python training/train_autoencoder.py   # offline: --data ../shared/data/catsdogs"
 
 

@@ -1,11 +1,13 @@
-"""Autoencoders: the Space runs the fastai learner; the model repo adds the weights-only export when there is one;
-a static Space runs its ONNX graphs (an image's reconstruction, PCA's and code; a code's image) in the browser."""
+"""Autoencoders: the Space runs ONNX Runtime on the two graphs (an image's reconstruction, PCA's and code; a code's
+image), and so does a static Space's page in the browser; the model repo adds the weights-only export when there
+is one."""
+from ..inference import AUTOENCODER_OUTPUTS
 from . import settings, table
 
-SPACE_FILES = ("pkl",)
+SPACE_FILES = ("onnx", "config", "decoder")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
 STATIC_FILES = ("onnx", "config", "decoder")
 STATIC_PAGE = ("autoencoder.html", "autoencoder.js", "static_space_autoencoder.md")
-STATIC_OUTPUTS = ("reconstruction", "pca", "code")  # what the page reads from the image's graph
+GRAPH_OUTPUTS = AUTOENCODER_OUTPUTS  # what the apps and the page read from the image's graph
 REPO_FILES = ("pkl",)
 # exported by newer training runs: the card's ONNX section needs them (the decoder: a static Space's walk between codes)
 OPTIONAL_FILES = ("weights", "config", "onnx", "decoder")

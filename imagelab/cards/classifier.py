@@ -4,7 +4,7 @@ from . import pct, settings, table
 SPACE_FILES = ("onnx", "config")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
 STATIC_FILES = ("onnx", "config")  # a static Space: the browser runs the ONNX graph
 STATIC_PAGE = ("classifier.html", "imagelab.js", "static_space.md")  # its part of web/page.html, script, README
-STATIC_OUTPUTS = ("logits",)  # what the page reads from the graph
+GRAPH_OUTPUTS = ("logits",)  # what the apps and the page need from the graph (the heatmap is optional)
 REPO_FILES = ("pkl", "weights", "config", "onnx")
 OPTIONAL_FILES = ()
 PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
