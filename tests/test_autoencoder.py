@@ -17,10 +17,10 @@ from PIL import Image
 from checkouts import repo_app_without_models
 from conftest import PY, make_folder_dataset, run, served, write_image
 from imagelab import UserError
-from imagelab.autoencoder import (CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, load_autoencoder,
-                                  preprocessed)
+from imagelab.autoencoder import CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, preprocessed
 from imagelab.data import find_images
 from imagelab.inference import psnr
+from imagelab.loading import open_model
 from imagelab.ui import autoencoder_panel
 
 @pytest.fixture(scope="module")
@@ -106,11 +106,11 @@ def test_model_loads_in_a_fresh_process_elsewhere(ae_model, tmp_path):
             "ae = open_model(sys.argv[1], 'autoencoder'); original, rebuilt, db = ae.reconstruct(sys.argv[2])\n"
             "_, pca, pca_db = ae.reconstruct(sys.argv[2], method='pca')\n"
             "print(ae.code_size, original.size, rebuilt.size, db > 0,"
-            " ae.interpolate(sys.argv[2], sys.argv[2], 5).size, pca.size, pca_db > 0)")
+            " ae.interpolate(sys.argv[2], sys.argv[2], 5).size, pca.size, pca_db > 0, 'torch' in sys.modules)")
     res = subprocess.run([PY, "-c", code, str(ae_model), str(img)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "8 (16, 16) (16, 16) True (80, 16) (16, 16) True"
+    assert res.stdout.strip() == "8 (16, 16) (16, 16) True (80, 16) (16, 16) True False"  # served without torch
 
 
 def test_weights_of_the_format_before_the_pca_path_are_refused_in_one_line(ae_model, tmp_path):
@@ -120,7 +120,17 @@ def test_weights_of_the_format_before_the_pca_path_are_refused_in_one_line(ae_mo
     assert config["format"] == "imagelab-autoencoder/2"
     (tmp_path / "old.config.json").write_text(json.dumps({**config, "format": "imagelab-autoencoder/1"}))
     with pytest.raises(UserError, match="format imagelab-autoencoder/1, not imagelab-autoencoder/2: retrain"):
-        load_autoencoder(tmp_path / "old.safetensors")
+        open_model(tmp_path / "old.safetensors", "autoencoder")
+
+
+def test_serving_benchmark_runs_torch_and_onnxruntime_alike(ae_model):
+    res = run(["benchmarks/autoencoder_serving.py", "--model", ae_model, "--images", ae_model.parents[1] / "data",
+               "--limit", "4", "--starts", "1"], timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["images"] == 4 and out["max_grey_levels_apart"] <= 1 and out["max_psnr_db_apart"] < 1e-3
+    assert all(out[k] > 0 for k in ("torch_reconstruct_ms", "onnxruntime_reconstruct_ms", "torch_start_s",
+                                    "onnxruntime_start_s", "reconstruct_speedup", "interpolate_speedup"))
 
 
 def test_app_reconstructs_over_http(ae_model, tmp_path):
