@@ -4,8 +4,8 @@ from .data import (classifier_dls, detect_labels, folder_split, label_function, 
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
 from .models import check_arch, classifier_learner
-from .reports import classifier_report
 from .paths import artifact_paths
+from .reports import classifier_report
 from .train import Task
 
 # fastai's documented defaults: fine_tune's base_lr, and a one-cycle peak that suits from-scratch convnets.
