@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import gradio
+import numpy as np
 import pytest
 import yaml
 from gradio_client import Client, handle_file
@@ -193,15 +194,18 @@ def test_autoencoder_space_runs_alone(tiny_autoencoder, tmp_path):
     assert not [n for n in names if n.endswith((".pkl", ".safetensors"))] and (out / "apps").exists() is False
     reqs = [line for line in (out / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     assert "onnxruntime==1.31.1" in reqs and not [r for r in reqs if r.startswith(("torch", "fastai", "timm"))]
-    meta = front_matter((out / "README.md").read_text())
-    assert meta["sdk_version"] == gradio.__version__ and "/reconstruct" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert front_matter(readme)["sdk_version"] == gradio.__version__
     alone = shutil.copytree(out, tmp_path / "alone")
-    a, b = write_image(tmp_path / "a.png", (200, 90, 40)), write_image(tmp_path / "b.png", (40, 90, 200))
+    caller = tmp_path / "caller"  # the README's client code, run where its photos are
+    for name, rgb in (("photo.jpg", (200, 90, 40)), ("a.jpg", (200, 90, 40)), ("b.jpg", (40, 90, 200))):
+        write_image(caller / name, rgb)
     with served([alone / "app.py"], cwd=alone, env={"PYTHONPATH": None, "MODEL_PATH": None}) as url:
-        client = Client(url, verbose=False)
-        assert Image.open(client.predict(handle_file(str(a)), api_name="/reconstruct")).size == (16, 16)
-        strip = client.predict(handle_file(str(a)), handle_file(str(b)), 4, api_name="/interpolate")
-        assert Image.open(strip).size == (64, 16)  # four of the tiny model's 16-px images
+        [code] = python_blocks(readme)
+        res = run(["-c", code.replace('"USER/SPACE"', repr(str(url)))], cwd=caller)
+        assert res.returncode == 0, res.stderr[-2000:]
+        rebuilt, walk = res.stdout.strip().splitlines()[-2:]  # after the client's "Loaded as API" line
+        assert Image.open(rebuilt).size == (16, 16) and Image.open(walk).size == (128, 16)  # the tiny model's 16 px
         assert "libtorch" not in open(f"/proc/{url.proc.pid}/maps").read()  # ONNX Runtime only: no torch, no fastai
 
 
@@ -333,19 +337,23 @@ def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tm
 
 
 def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_path):
-    """The card's ONNX Runtime code, on the repo's own export, gives the app's PSNR (its own centre square)."""
+    """The card's ONNX Runtime code, on the repo's own export, gives the app's PSNR (its own centre square), and its
+    decoder code the app's walk between two photos."""
     from imagelab.loading import open_model
     repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo", "bob/ae")
     card = (repo / "README.md").read_text()
-    assert (repo / "autoencoder.onnx").is_file() and (repo / "autoencoder.config.json").is_file()
+    assert {"autoencoder.onnx", "autoencoder.decoder.onnx", "autoencoder.config.json"} <= {p.name for p in repo.iterdir()}
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
     photo = write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
-    onnx_code, pkl_code = python_blocks(card)
-    assert "torch" not in onnx_code and "fastai" not in onnx_code
-    lines = run_card_code(onnx_code, tmp_path / "hf", tmp_path / "here")
-    assert lines[1].startswith("(16, 16) PSNR ")
-    assert float(lines[1].split()[-2]) == pytest.approx(open_model(tiny_autoencoder, "autoencoder").reconstruct(photo)[2],
-                                                        abs=0.01)
+    other = write_image(tmp_path / "here" / "other.jpg", (40, 90, 200), size=(24, 48), seed=1)
+    onnx_code, walk_code, pkl_code = python_blocks(card)
+    assert not [code for code in (onnx_code, walk_code) if "torch" in code or "fastai" in code]
+    lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here")
+    ae = open_model(tiny_autoencoder, "autoencoder")
+    assert lines[1].startswith("(16, 16) PSNR ") and lines[2] == "walk (128, 16)"
+    assert float(lines[1].split()[-2]) == pytest.approx(ae.reconstruct(photo)[2], abs=0.01)
+    walk = np.asarray(Image.open(tmp_path / "here" / "walk.png"), int)
+    assert np.abs(walk - np.asarray(ae.interpolate(photo, other, 8), int)).max() <= 1
 
 
 def test_an_unknown_kind_fails_with_one_line(tiny_model, tmp_path):
