@@ -2,9 +2,10 @@
 an autoencoder's `Reconstructor`.
 
 Each runs the model's ONNX graph on the learner's exact validation preprocessing, done in NumPy and PIL:
-several times faster than fastai's `learn.predict` on a CPU, with the same results (checked by tests and
-`benchmarks/inference.py`). Neither needs fastai nor torch when the weights-only artifacts are beside the
-model, so an app starts quickly and never unpickles anything.
+several times faster than fastai's `learn.predict` (or the torch model) on a CPU, with the same results
+(checked by tests, `benchmarks/inference.py` and `benchmarks/autoencoder_serving.py`). Neither needs fastai
+nor torch when the weights-only artifacts are beside the model, so an app starts quickly and never unpickles
+anything.
 """
 import json
 import math
@@ -14,10 +15,10 @@ import numpy as np
 from PIL import Image
 
 from . import UserError
-from .paths import artifact_paths
 from .hub import resolve_model
 from .images import read_image, resize_box
 from .loading import load_trusted_learner, read_config
+from .paths import artifact_paths
 
 # What the apps read from each exported graph: a classifier's (its heatmap: models exported before it lack it),
 # an autoencoder's graph of an image, and its graph of a code (`.decoder.onnx`).
@@ -31,7 +32,8 @@ def onnx_session(graph):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
+                                providers=["CPUExecutionProvider"])
 
 
 def output_names(session):
@@ -204,9 +206,11 @@ class Reconstructor:
             config, sessions = autoencoder_config(model), [onnx_session(g) for g in export_graphs(model)]
         self.image_graph, self.code_graph = sessions
         self.size, self.code_size = config["size"], config["code_size"]
-        self.code_graph.run(None, {"code": np.zeros((1, self.code_size), np.float32)})  # warm up now, not on a request
+        self.run(np.zeros((1, 3, self.size, self.size), np.float32))  # warm up now, not on a request
+        self.code_graph.run(None, {"code": np.zeros((1, self.code_size), np.float32)})
 
     def run(self, x):
+        """The graph of an image on `x` (`square_input`'s): {"reconstruction", "pca", "code"}, each a batch of one."""
         return dict(zip(AUTOENCODER_OUTPUTS, self.image_graph.run(AUTOENCODER_OUTPUTS, {"image": x})))
 
     def reconstruct(self, image, method="autoencoder"):

@@ -342,7 +342,8 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     from imagelab.loading import open_model
     repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo", "bob/ae")
     card = (repo / "README.md").read_text()
-    assert {"autoencoder.onnx", "autoencoder.decoder.onnx", "autoencoder.config.json"} <= {p.name for p in repo.iterdir()}
+    names = {p.name for p in repo.iterdir()}
+    assert {"autoencoder.onnx", "autoencoder.decoder.onnx", "autoencoder.config.json"} <= names
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
     photo = write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
     other = write_image(tmp_path / "here" / "other.jpg", (40, 90, 200), size=(24, 48), seed=1)

@@ -97,7 +97,7 @@ def test_root_app_stops_on_a_model_it_was_given_but_cannot_serve(tiny_model, tin
 # --- every offered form works ------------------------------------------------------------------------------
 
 def test_the_help_offers_exactly_the_forms_tested_here():
-    assert SERVED_FROM == {"classifier": (".pkl", ".onnx", ".safetensors"), "autoencoder": (".pkl", ".onnx", ".safetensors")}
+    assert SERVED_FROM == {kind: (".pkl", ".onnx", ".safetensors") for kind in ("classifier", "autoencoder")}
     for app, kind in [("apps/pets/app.py", "classifier"), ("apps/cleaner/app.py", "classifier"),
                       ("apps/autoencoder/app.py", "autoencoder"), ("-m imagelab.predict", "classifier")]:
         out = " ".join(run([*app.split(), "--help"], timeout=60).stdout.split())
@@ -139,9 +139,9 @@ def test_autoencoder_forms_run_the_torch_models_function(tiny_autoencoder, tmp_p
         out = got.run(x)
         for name, value in want.items():
             np.testing.assert_allclose(out[name], value.numpy(), atol=1e-5, err_msg=name)
-        for method in ("reconstruction", "pca"):
-            db = psnr(float(((want[method].numpy() - x) ** 2).mean()))
-            assert got.reconstruct(image, method="pca" if method == "pca" else "autoencoder")[2] == pytest.approx(db, abs=1e-4)
+        for output, method in (("reconstruction", "autoencoder"), ("pca", "pca")):
+            db = psnr(float(((want[output].numpy() - x) ** 2).mean()))
+            assert got.reconstruct(image, method=method)[2] == pytest.approx(db, abs=1e-4)
     with torch.no_grad():
         codes = model.encode(torch.from_numpy(np.concatenate([square_input(im, model.size) for im in images[:2]])))
         t = torch.linspace(0, 1, 5)[:, None]
@@ -160,7 +160,8 @@ def test_an_autoencoder_exported_before_its_decoder_serves_from_its_weights_or_s
     image = write_image(tmp_path / "x.jpg", (200, 90, 40), size=(40, 30))
     reference = open_model(tiny_autoencoder, "autoencoder").reconstruct(image)[2]
     for form in (".pkl", ".onnx"):  # the graphs are made again from the weights beside
-        assert open_model(tmp_path / "old" / f"ae{form}", "autoencoder").reconstruct(image)[2] == pytest.approx(reference)
+        ae = open_model(tmp_path / "old" / f"ae{form}", "autoencoder")
+        assert ae.reconstruct(image)[2] == pytest.approx(reference)
     for f in old[:2]:  # the learner and the weights: the old graph and its config are all there is
         f.unlink()
     res = run(["apps/autoencoder/app.py", "--model", tmp_path / "old" / "ae.onnx", "--port", "1"], timeout=120)
