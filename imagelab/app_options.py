@@ -31,10 +31,11 @@ def app_parser(description, default_model=None, kind="classifier", flagging=Fals
     return p
 
 
-def default_model(app_file, name, suffix=".onnx"):
-    """A Space bundle keeps its model beside app.py (`models/<name><suffix>`); the repository in `models/<name>.pkl`."""
+def default_model(app_file, name):
+    """A Space bundle keeps its model's graph beside app.py (`models/<name>.onnx`); the repository its learner in
+    `models/<name>.pkl`."""
     here = Path(app_file).resolve().parent
-    bundled = paths.default_model(name, here, suffix)
+    bundled = paths.default_model(name, here, ".onnx")
     return bundled if bundled.exists() else paths.default_model(name, here.parents[1])
 
 
