@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import gradio as gr
 import numpy as np
@@ -15,6 +16,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from checkouts import repo_app_without_models
+from uploads import invalid_uploads, valid_uploads
 from conftest import PY, make_folder_dataset, run, served, write_image
 from imagelab import UserError
 from imagelab.autoencoder import CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, preprocessed
@@ -142,10 +144,16 @@ def test_app_reconstructs_over_http(ae_model, tmp_path):
         with Image.open(client.predict(handle_file(str(photo)), handle_file(str(other)), 4,
                                        api_name="/interpolate")) as im:
             assert im.size == (64, 16)
-        bad = tmp_path / "notes.jpg"
-        bad.write_text("not a picture")
-        with pytest.raises(AppError, match="not a readable image"):
-            client.predict(handle_file(str(bad)), api_name="/reconstruct")
+        for name, path in valid_uploads(tmp_path / "valid").items():  # 1x1, 4000x3, CMYK, 16-bit, EXIF-rotated, ...
+            with Image.open(client.predict(handle_file(str(path)), api_name="/reconstruct")) as im:
+                assert im.size == (16, 16), name
+        for name, (path, message) in invalid_uploads(tmp_path / "invalid").items():
+            start = time.monotonic()
+            with pytest.raises(AppError, match=message):
+                client.predict(handle_file(str(path)), api_name="/reconstruct")
+            with pytest.raises(AppError, match=message):
+                client.predict(handle_file(str(photo)), handle_file(str(path)), 4, api_name="/interpolate")
+            assert time.monotonic() - start < 6, name
         assert client.predict(handle_file(str(other)), api_name="/reconstruct")  # still serving
 
 
