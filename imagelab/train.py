@@ -397,8 +397,8 @@ def train(task, cfg, cbs=()):
     if not main_process:
         return None
     kept = run.keep(learn, cfg.keep)  # judged on the loaders it trained with
-    learn.dls = dls  # the report and the exported learner read files, as the app will
-    presized.copies.clear()  # the report and the exported model read the original files, as the app will
+    learn.dls = dls  # the report and the exported learner read files, as the app will:
+    presized.copies.clear()  # the original files, not their presized copies
     facts = {**kept, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": cfg.first_size(),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
