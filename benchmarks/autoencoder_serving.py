@@ -16,11 +16,8 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from imagelab import run_cli
-from imagelab.autoencoder import load_autoencoder
-from imagelab.data import find_images
 from imagelab.inference import psnr, square_input, to_image
 from imagelab.loading import open_model
 
@@ -35,20 +32,23 @@ class TorchSide:
     """What the app computes, with the trained torch model on the CPU."""
 
     def __init__(self, path):
-        self.model = load_autoencoder(path)
+        import torch
+        from imagelab.autoencoder import load_autoencoder
+        self.torch, self.model = torch, load_autoencoder(path)
 
-    @torch.no_grad()
     def reconstruct(self, image):
-        x = torch.from_numpy(square_input(image, self.model.size))
-        y, pca = self.model(x), self.model.pca(x)
-        return [(to_image(r[0].numpy()), psnr(float(((r - x) ** 2).mean()))) for r in (y, pca)]
+        x = self.torch.from_numpy(square_input(image, self.model.size))
+        with self.torch.no_grad():
+            rebuilt = [self.model(x), self.model.pca(x)]
+        return [(to_image(r[0].numpy()), psnr(float(((r - x) ** 2).mean()))) for r in rebuilt]
 
-    @torch.no_grad()
     def interpolate(self, a, b, steps=STEPS):
-        x = np.concatenate([square_input(im, self.model.size) for im in (a, b)])
-        codes = self.model.encode(torch.from_numpy(x))
+        torch, x = self.torch, np.concatenate([square_input(im, self.model.size) for im in (a, b)])
         t = torch.linspace(0, 1, steps)[:, None]
-        return to_image(torch.cat(list(self.model.decode((1 - t) * codes[0] + t * codes[1])), dim=2).numpy())
+        with torch.no_grad():
+            code_a, code_b = self.model.encode(torch.from_numpy(x))
+            frames = self.model.decode((1 - t) * code_a + t * code_b)
+        return to_image(torch.cat(list(frames), dim=2).numpy())
 
 
 class OnnxSide:
@@ -79,6 +79,7 @@ def main(argv=None):
     p.add_argument("--starts", type=int, default=3, help="fresh processes started per side")
     args = p.parse_args(argv)
 
+    from imagelab.data import find_images  # the training stack: after --help
     sides = {"torch": TorchSide(args.model), "onnxruntime": OnnxSide(args.model)}
     files = find_images(args.images)[0]
     files = [files[i] for i in np.linspace(0, len(files) - 1, min(args.limit, len(files))).astype(int)]
