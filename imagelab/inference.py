@@ -2,10 +2,9 @@
 an autoencoder's `Reconstructor`.
 
 Each runs the model's ONNX graph on the learner's exact validation preprocessing, done in NumPy and PIL:
-several times faster than fastai's `learn.predict` (or the torch model) on a CPU, with the same results
-(checked by tests, `benchmarks/inference.py` and `benchmarks/autoencoder_serving.py`). Neither needs fastai
-nor torch when the weights-only artifacts are beside the model, so an app starts quickly and never unpickles
-anything.
+faster than fastai's `learn.predict` or the torch model on a CPU, with the same results (checked by tests;
+timed by `benchmarks/inference.py` and `benchmarks/autoencoder_serving.py`). Neither needs fastai nor torch
+when the weights-only artifacts are beside the model, so an app starts quickly and never unpickles anything.
 """
 import json
 import math
