@@ -165,7 +165,6 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     if ae is None:
         return
 
-    @user_errors
     def reconstruct(image):
         return None if image is None else ae.reconstruct(image)[1]
 
@@ -178,9 +177,20 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         return original, pca, (f"**Autoencoder: PSNR {db:.2f} dB** · PCA with as many components: "
                                f"PSNR {pca_db:.2f} dB ({db - pca_db:+.2f} dB; all at {ae.size}x{ae.size})")
 
-    @user_errors
     def interpolate(a, b, steps):
         return None if a is None or b is None else ae.interpolate(a, b, int(steps))
+
+    # What an AI assistant reads to decide when to call each tool (--mcp), and what it gets back.
+    square = f"{ae.size}x{ae.size}"
+    reconstruct_doc = (f"Rebuild an image through an autoencoder: squeeze its centre square into a code of "
+                       f"{ae.code_size} numbers and decode that code back into an image.\n\nArgs:\n    image: the "
+                       f"image to rebuild (JPEG, PNG, WEBP, ...)\n\nReturns:\n    the reconstruction, a {square} PNG")
+    interpolate_doc = (f"Blend two images through an autoencoder: decode codes evenly spaced from the first image's "
+                       f"code to the second's.\n\nArgs:\n    a: the first image\n    b: the second image\n    "
+                       f"steps: how many images, from 3 to 12\n\nReturns:\n    one PNG: the {square} decodings "
+                       f"side by side, from the first image to the second")
+    reconstruct = user_errors(reconstruct, doc=reconstruct_doc)
+    interpolate = user_errors(interpolate, doc=interpolate_doc)
 
     # PNG: the exact pixels, no webp loss; at the model's size, which `pixels` (CSS) scales up to the frame
     shown = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])

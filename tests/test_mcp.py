@@ -1,9 +1,12 @@
-"""`--mcp`: an AI assistant's MCP client (the `mcp` package) lists the app's tools and classifies images."""
+"""`--mcp`: an AI assistant's MCP client (the `mcp` package) lists the app's tools, classifies images and rebuilds them."""
 import ast
 import asyncio
 import base64
+import io
 
+import numpy as np
 import pytest
+from PIL import Image
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
@@ -40,3 +43,31 @@ def test_mcp_client_lists_predict_and_gets_the_models_label(tiny_model, tmp_path
         want = expected.predict(image, k=3)
         assert answer["label"] == max(want, key=want.get)
         assert {c["label"]: c["confidence"] for c in answer["confidences"]} == pytest.approx(want, abs=1e-5)
+
+
+def test_mcp_client_rebuilds_and_blends_images_through_the_autoencoder(tiny_autoencoder, tmp_path):
+    """The autoencoder's tools say what they do (the code's size, the pictures' size) and answer with the app's
+    pictures, as PNG image content an assistant can show."""
+    from imagelab.loading import open_model
+    a = write_image(tmp_path / "a.jpg", (220, 60, 60), size=(120, 90))
+    b = write_image(tmp_path / "b.png", (60, 60, 220), size=(90, 120))
+
+    async def calls(url):
+        async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                tools = {t.name: t for t in (await session.list_tools()).tools}
+                return tools, [await session.call_tool("reconstruct", {"image": data_url(a)}),
+                               await session.call_tool("interpolate", {"a": data_url(a), "b": data_url(b), "steps": 4})]
+
+    with served(["apps/autoencoder/app.py", "--model", tiny_autoencoder, "--mcp"]) as url:
+        tools, results = asyncio.run(calls(url))
+    assert "a code of 8 numbers" in tools["reconstruct"].description and "16x16" in tools["reconstruct"].description
+    assert "evenly spaced" in tools["interpolate"].description
+    ae = open_model(tiny_autoencoder, "autoencoder")
+    for result, want in zip(results, [ae.reconstruct(a)[1], ae.interpolate(a, b, 4)]):
+        assert not result.isError, result.content
+        [picture] = [c for c in result.content if c.type == "image"]
+        assert picture.mimeType == "image/png"
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(picture.data))).convert("RGB"), int)
+        assert got.shape == np.asarray(want).shape and np.abs(got - np.asarray(want, int)).max() == 0
