@@ -14,8 +14,8 @@ from .paths import artifact_paths
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
 # What each kind is served from: its learner, its ONNX graph, or its weights (from which the graph is made).
 SERVED_FROM = {CLASSIFIER: (".pkl", ".onnx", ".safetensors"), AUTOENCODER: (".pkl", ".onnx", ".safetensors")}
-# What a weights-only form needs beside it besides its config (imagelab.paths.artifact_paths' names): an
-# autoencoder's graph of an image is served with its graph of a code.
+# The artifacts (imagelab.paths.artifact_paths' names) a form is served with, its config apart: an autoencoder's
+# graph of an image needs its graph of a code.
 SERVED_WITH = {CLASSIFIER: {}, AUTOENCODER: {".onnx": ("decoder",)}}
 FORMS = {kind: ", ".join(suffixes) + " or hf://USER/REPO/FILE[@REVISION]" for kind, suffixes in SERVED_FROM.items()}
 
