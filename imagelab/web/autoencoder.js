@@ -7,8 +7,8 @@ import { imageSources, pixels, resize } from "./images.js";
 
 const MODEL = document.querySelector('meta[name="imagelab-model"]').content;
 
-// As imagelab.autoencoder.Autoencoder.prepare: fastai's validation Resize, the centre square (in fastai's
-// arithmetic, store.resize_box), resized to the model's size as Pillow does; 1x3xSxS in [0, 1], float32.
+// As imagelab.inference.square_input: fastai's validation Resize, the centre square (in fastai's arithmetic,
+// images.resize_box), resized to the model's size as Pillow does; 1x3xSxS in [0, 1], float32.
 export function prepare({ data, width, height }, size) {
   const m = width / size < height / size ? width / size : height / size;
   const side = Math.trunc(m * size);
@@ -66,7 +66,7 @@ async function reconstruct(image) {
            pcaPsnr: psnr(pca, view) };
 }
 
-// As Autoencoder.interpolate: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, each 3xSxS.
+// As imagelab.inference.Reconstructor.interpolate: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, each 3xSxS.
 async function interpolate(a, b, steps = 8) {
   const { decoder } = await model;
   const [ra, rb] = [await reconstruct(a), await reconstruct(b)];
