@@ -103,8 +103,8 @@ def to_onnx(model, config, f=None, outputs=("logits",), inputs=None):
         from .heatmaps import WithHeatmap
         model = WithHeatmap(model)
     inputs = inputs or {"image": torch.zeros(input_shape(config))}
-    program = torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), f, dynamo=True,
-                                external_data=False, input_names=list(inputs), output_names=list(outputs), verbose=False)
+    program = torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), f, dynamo=True, verbose=False,
+                                external_data=False, input_names=list(inputs), output_names=list(outputs))
     return program.model_proto.SerializeToString() if f is None else None
 
 

@@ -71,8 +71,8 @@ class Task:
         raise NotImplementedError
 
     def export(self, learn, model_path):
-        """Write the weights-only artifacts beside `model_path`: weights and config (imagelab.export.export_weights_only)
-        and the ONNX graphs the apps serve."""
+        """Write the weights-only artifacts beside `model_path`: the weights and config
+        (imagelab.export.export_weights_only) and the ONNX graphs the apps serve."""
         raise NotImplementedError
 
     def summary(self, metrics, cfg):
