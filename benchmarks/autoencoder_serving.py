@@ -56,7 +56,8 @@ class OnnxSide:
         self.ae = open_model(path, "autoencoder")
 
     def reconstruct(self, image):
-        return [self.ae.reconstruct(image, method)[1:] for method in ("autoencoder", "pca")]
+        r = self.ae.reconstruct(image)
+        return [(r.image, r.psnr), (r.pca, r.pca_psnr)]
 
     def interpolate(self, a, b, steps=STEPS):
         return self.ae.interpolate(a, b, steps)

@@ -9,6 +9,7 @@ when the weights-only artifacts are beside the model, so an app starts quickly a
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -180,6 +181,16 @@ def psnr(mse):
     return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
 
 
+class Reconstruction(NamedTuple):
+    """An image as the autoencoder sees it, its reconstruction and PCA's (PIL images at the model's size), and the
+    PSNRs in dB of both."""
+    original: Image.Image
+    image: Image.Image
+    psnr: float
+    pca: Image.Image
+    pca_psnr: float
+
+
 class Reconstructor:
     """Loads an exported autoencoder once: an image's reconstruction beside PCA's, and the images between two codes.
 
@@ -212,14 +223,14 @@ class Reconstructor:
         """The graph of an image on `x` (`square_input`'s): {"reconstruction", "pca", "code"}, each a batch of one."""
         return dict(zip(AUTOENCODER_OUTPUTS, self.image_graph.run(AUTOENCODER_OUTPUTS, {"image": x})))
 
-    def reconstruct(self, image, method="autoencoder"):
-        """(original, reconstruction, PSNR in dB), both images at the model's size.
-
-        `method="pca"`: PCA's reconstruction from the model's own linear path (PCA of its training images).
-        """
+    def reconstruct(self, image):
+        """A `Reconstruction` of a path or PIL image, from one run of the graph: the autoencoder's, and PCA's from the
+        model's own linear path (PCA of its training images)."""
         x = square_input(image, self.size)
-        y = self.run(x)["pca" if method == "pca" else "reconstruction"]
-        return to_image(x[0]), to_image(y[0]), psnr(float(((y - x) ** 2).mean()))
+        out = self.run(x)
+        y, pca = out["reconstruction"], out["pca"]
+        return Reconstruction(to_image(x[0]), to_image(y[0]), psnr(float(((y - x) ** 2).mean())),
+                              to_image(pca[0]), psnr(float(((pca - x) ** 2).mean())))
 
     def interpolate(self, a, b, steps=8):
         """One image: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, left to right."""

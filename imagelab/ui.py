@@ -166,16 +166,15 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         return
 
     def reconstruct(image):
-        return None if image is None else ae.reconstruct(image)[1]
+        return None if image is None else ae.reconstruct(image).image
 
     @user_errors
     def compare(image):
         if image is None:
             return None, None, ""
-        original, _, db = ae.reconstruct(image)
-        _, pca, pca_db = ae.reconstruct(image, method="pca")
-        return original, pca, (f"**Autoencoder: PSNR {db:.2f} dB** · PCA with as many components: "
-                               f"PSNR {pca_db:.2f} dB ({db - pca_db:+.2f} dB; all at {ae.size}x{ae.size})")
+        r = ae.reconstruct(image)
+        return r.original, r.pca, (f"**Autoencoder: PSNR {r.psnr:.2f} dB** · PCA with as many components: PSNR "
+                                   f"{r.pca_psnr:.2f} dB ({r.psnr - r.pca_psnr:+.2f} dB; all at {ae.size}x{ae.size})")
 
     def interpolate(a, b, steps):
         return None if a is None or b is None else ae.interpolate(a, b, int(steps))

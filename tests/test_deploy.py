@@ -109,7 +109,7 @@ def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):
     assert f"{metrics['mse_ratio_ae_to_pca']:.3f}" in card and "autoencoder.report/reconstructions.png" in card
     assert (repo / "autoencoder.pkl").is_file() and (repo / "autoencoder.report" / "reconstructions.png").is_file()
     code = ("import sys; from imagelab.loading import open_model\n"
-            "print(open_model(sys.argv[1], 'autoencoder').reconstruct(sys.argv[2])[1].size)")
+            "print(open_model(sys.argv[1], 'autoencoder').reconstruct(sys.argv[2]).image.size)")
     res = run(["-c", code, repo / "autoencoder.pkl", write_image(tmp_path / "x.png", (200, 90, 40))])
     assert res.returncode == 0 and res.stdout.strip() == "(16, 16)", res.stderr[-2000:]
 
@@ -353,7 +353,7 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here")
     ae = open_model(tiny_autoencoder, "autoencoder")
     assert lines[1].startswith("(16, 16) PSNR ") and lines[2] == "walk (128, 16)"
-    assert float(lines[1].split()[-2]) == pytest.approx(ae.reconstruct(photo)[2], abs=0.005)  # printed to 0.01 dB
+    assert float(lines[1].split()[-2]) == pytest.approx(ae.reconstruct(photo).psnr, abs=0.005)  # printed to 0.01 dB
     walk = np.asarray(Image.open(tmp_path / "here" / "walk.png"), int)
     assert np.array_equal(walk, np.asarray(ae.interpolate(photo, other, 8), int))
 

@@ -277,7 +277,7 @@ def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny
         }
         return out;
     }""", [base64.b64encode(p.read_bytes()).decode() for p in some])
-    want = [(ae.reconstruct(p)[2], ae.reconstruct(p, method="pca")[2]) for p in some]
+    want = [(r.psnr, r.pca_psnr) for r in map(ae.reconstruct, some)]
     assert np.allclose(got, want, atol=1e-3), (got, want)
     page.set_input_files("#upload", str(some[0]))
     page.wait_for_selector(f'#figures[data-source="{some[0].name}"]', timeout=30_000)
@@ -309,3 +309,19 @@ def test_autoencoder_page_walks_between_two_codes_as_python_does(autoencoder_pag
     page.wait_for_selector(f'#walk[data-source="{a.name} -> {b.name} in 8"]', timeout=30_000)
     assert page.eval_on_selector("#walk", "c => [c.width, c.height]") == [8 * size, size]
     assert not page.errors
+
+
+@pytest.mark.parametrize("app", ["pets", "autoencoder"])
+def test_the_benchmark_runs_the_page_and_python_alike(tiny_model, tiny_autoencoder, photos, tmp_path, app):
+    model = tiny_autoencoder if app == "autoencoder" else tiny_model
+    for p in photos[:3]:  # JPEG photos, of three sizes
+        shutil.copy(p, tmp_path / p.name)
+    res = run(["benchmarks/static_space.py", "--app", app, "--model", model, "--images", tmp_path, "--n", "3"],
+              env={**os.environ, **OFFLINE, "IMAGELAB_CACHE": str(RUNTIME_CACHE)}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["photos"] == 3 and out["browser_ms_per_photo"] > 0 and out["python_ms_per_photo"] > 0
+    if app == "autoencoder":
+        assert out["kind"] == "autoencoder" and out["max_abs_psnr_db_diff"] < 1e-3
+    else:
+        assert out["kind"] == "classifier" and out["top1_agree"] == 3 and out["max_abs_prob_diff"] < 1e-4

@@ -139,9 +139,9 @@ def test_autoencoder_forms_run_the_torch_models_function(tiny_autoencoder, tmp_p
         out = got.run(x)
         for name, value in want.items():
             np.testing.assert_allclose(out[name], value.numpy(), atol=1e-5, err_msg=name)
-        for output, method in (("reconstruction", "autoencoder"), ("pca", "pca")):
-            db = psnr(float(((want[output].numpy() - x) ** 2).mean()))
-            assert got.reconstruct(image, method=method)[2] == pytest.approx(db, abs=1e-4)
+        r = got.reconstruct(image)
+        for output, db in (("reconstruction", r.psnr), ("pca", r.pca_psnr)):
+            assert db == pytest.approx(psnr(float(((want[output].numpy() - x) ** 2).mean())), abs=1e-4)
     with torch.no_grad():
         codes = model.encode(torch.from_numpy(np.concatenate([square_input(im, model.size) for im in images[:2]])))
         t = torch.linspace(0, 1, 5)[:, None]
@@ -158,10 +158,10 @@ def test_an_autoencoder_exported_before_its_decoder_serves_from_its_weights_or_s
     model = load_autoencoder(tiny_autoencoder)
     to_onnx(model, autoencoder_config(model), tmp_path / "old" / "ae.onnx", outputs=["reconstruction"])
     image = write_image(tmp_path / "x.jpg", (200, 90, 40), size=(40, 30))
-    reference = open_model(tiny_autoencoder, "autoencoder").reconstruct(image)[2]
+    reference = open_model(tiny_autoencoder, "autoencoder").reconstruct(image).psnr
     for form in (".pkl", ".onnx"):  # the graphs are made again from the weights beside
         ae = open_model(tmp_path / "old" / f"ae{form}", "autoencoder")
-        assert ae.reconstruct(image)[2] == pytest.approx(reference)
+        assert ae.reconstruct(image).psnr == pytest.approx(reference)
     for f in old[:2]:  # the learner and the weights: the old graph and its config are all there is
         f.unlink()
     res = run(["apps/autoencoder/app.py", "--model", tmp_path / "old" / "ae.onnx", "--port", "1"], timeout=120)
@@ -193,7 +193,7 @@ def test_pets_app_serves_a_hub_model_offline(tiny_model, tmp_path):
 def test_autoencoder_loads_a_hub_model_offline(tiny_autoencoder, tmp_path):
     """Its graph of an image is fetched with its graph of a code; from a repo without the latter, the weights."""
     code = ("import sys; from imagelab.loading import open_model; ae = open_model(sys.argv[1], 'autoencoder'); "
-            "print(ae.path.name, *ae.reconstruct(sys.argv[2])[1].size)")
+            "print(ae.path.name, *ae.reconstruct(sys.argv[2]).image.size)")
     image = write_image(tmp_path / "x.jpg", (200, 90, 40), size=(40, 30))
     for suffixes, served_from in [((".pkl", ".onnx", ".decoder.onnx", ".config.json", ".safetensors"), "ae.onnx"),
                                   ((".pkl", ".onnx", ".config.json", ".safetensors"), "ae.safetensors")]:
