@@ -57,7 +57,7 @@ class OnnxSide:
 
     def reconstruct(self, image):
         r = self.ae.reconstruct(image)
-        return [(r.image, r.psnr), (r.pca, r.pca_psnr)]
+        return [(r.reconstruction, r.psnr), (r.pca, r.pca_psnr)]
 
     def interpolate(self, a, b, steps=STEPS):
         return self.ae.interpolate(a, b, steps)

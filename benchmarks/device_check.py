@@ -54,7 +54,7 @@ from imagelab.loading import open_model
 assert not torch.cuda.is_available()
 model, image = sys.argv[1:]
 for path in (model, model.replace(".pkl", ".safetensors")):
-    reconstruction = open_model(path, "autoencoder").reconstruct(image).image
+    reconstruction = open_model(path, "autoencoder").reconstruct(image).reconstruction
     assert np.asarray(reconstruction).std() > 0, path
 print("pass")
 """

@@ -185,7 +185,7 @@ class Reconstruction(NamedTuple):
     """An image as the autoencoder sees it, its reconstruction and PCA's (PIL images at the model's size), and the
     PSNRs in dB of both."""
     original: Image.Image
-    image: Image.Image
+    reconstruction: Image.Image
     psnr: float
     pca: Image.Image
     pca_psnr: float

@@ -166,7 +166,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         return
 
     def reconstruct(image):
-        return None if image is None else ae.reconstruct(image).image
+        return None if image is None else ae.reconstruct(image).reconstruction
 
     @user_errors
     def compare(image):

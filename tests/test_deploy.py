@@ -109,7 +109,7 @@ def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):
     assert f"{metrics['mse_ratio_ae_to_pca']:.3f}" in card and "autoencoder.report/reconstructions.png" in card
     assert (repo / "autoencoder.pkl").is_file() and (repo / "autoencoder.report" / "reconstructions.png").is_file()
     code = ("import sys; from imagelab.loading import open_model\n"
-            "print(open_model(sys.argv[1], 'autoencoder').reconstruct(sys.argv[2]).image.size)")
+            "print(open_model(sys.argv[1], 'autoencoder').reconstruct(sys.argv[2]).reconstruction.size)")
     res = run(["-c", code, repo / "autoencoder.pkl", write_image(tmp_path / "x.png", (200, 90, 40))])
     assert res.returncode == 0 and res.stdout.strip() == "(16, 16)", res.stderr[-2000:]
 
@@ -348,7 +348,8 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     photo = write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
     other = write_image(tmp_path / "here" / "other.jpg", (40, 90, 200), size=(24, 48), seed=1)
     onnx_code, walk_code, pkl_code = python_blocks(card)
-    imports = [line.split()[1] for line in (onnx_code + walk_code).splitlines() if line.startswith(("import ", "from "))]
+    code_lines = (onnx_code + walk_code).splitlines()
+    imports = [line.split()[1] for line in code_lines if line.startswith(("import ", "from "))]
     assert imports and not [m for m in imports if m.split(".")[0] in ("torch", "fastai", "imagelab")], imports
     lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here")
     ae = open_model(tiny_autoencoder, "autoencoder")

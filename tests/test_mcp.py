@@ -65,7 +65,7 @@ def test_mcp_client_rebuilds_and_blends_images_through_the_autoencoder(tiny_auto
     assert "a code of 8 numbers" in tools["reconstruct"].description and "16x16" in tools["reconstruct"].description
     assert "evenly spaced" in tools["interpolate"].description
     ae = open_model(tiny_autoencoder, "autoencoder")
-    for result, want in zip(results, [ae.reconstruct(a).image, ae.interpolate(a, b, 4)]):
+    for result, want in zip(results, [ae.reconstruct(a).reconstruction, ae.interpolate(a, b, 4)]):
         assert not result.isError, result.content
         [picture] = [c for c in result.content if c.type == "image"]
         assert picture.mimeType == "image/png"

@@ -193,7 +193,7 @@ def test_pets_app_serves_a_hub_model_offline(tiny_model, tmp_path):
 def test_autoencoder_loads_a_hub_model_offline(tiny_autoencoder, tmp_path):
     """Its graph of an image is fetched with its graph of a code; from a repo without the latter, the weights."""
     code = ("import sys; from imagelab.loading import open_model; ae = open_model(sys.argv[1], 'autoencoder'); "
-            "print(ae.path.name, *ae.reconstruct(sys.argv[2]).image.size)")
+            "print(ae.path.name, *ae.reconstruct(sys.argv[2]).reconstruction.size)")
     image = write_image(tmp_path / "x.jpg", (200, 90, 40), size=(40, 30))
     for suffixes, served_from in [((".pkl", ".onnx", ".decoder.onnx", ".config.json", ".safetensors"), "ae.onnx"),
                                   ((".pkl", ".onnx", ".config.json", ".safetensors"), "ae.safetensors")]:
