@@ -46,6 +46,25 @@ class ImageUpload(gr.Image):
         return super().preprocess(payload)
 
 
+class Handoff:
+    """What a request's first step computed for an upload, kept for the step Gradio runs after it (`.then`,
+    `.success`) so that the model runs once per upload. API calls run only the first step and never take their
+    entry: the oldest go once more than `keep` are waiting."""
+
+    def __init__(self, keep=8):
+        self.keep, self.waiting = keep, {}
+
+    def put(self, upload, value):
+        self.waiting[upload] = value
+        while len(self.waiting) > self.keep:
+            self.waiting.pop(next(iter(self.waiting)))
+        return value
+
+    def take(self, upload, compute):
+        """The value put for `upload`, or `compute(upload)` when there is none (the first step ran elsewhere)."""
+        return self.waiting.pop(upload, None) or compute(upload)
+
+
 def missing_model(model_path, train_command):
     gr.Markdown(f"**No model at `{model_path}` yet.** Train one first:\n\n```\n{train_command}\n```\n\n"
                 "then restart this app.")
@@ -87,22 +106,19 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
         return
     classes = ", ".join(clf.vocab)
 
-    heatmaps = {}  # upload -> (view, heatmap) of its prediction, for the heatmap step that follows it
+    explained = Handoff()  # an upload's labels, view and heatmap, for the heatmap step
 
     def classify(image):
         if image is None:
             return None
         if not clf.has_heatmap:
             return clf.predict(image, k=3)
-        labels, *heatmaps[image] = clf.explain(image, k=3)
-        while len(heatmaps) > 8:  # API calls never run the heatmap step that pops their entry
-            heatmaps.pop(next(iter(heatmaps)))
-        return labels
+        return explained.put(image, clf.explain(image, k=3))[0]
 
     def heatmap(image):
         if image is None or not clf.has_heatmap:
             return None
-        view, heat = heatmaps.pop(image, None) or clf.explain(image)[1:]
+        _, view, heat = explained.take(image, clf.explain)
         return overlay(view, heat)
 
     # An AI assistant reads this to decide when to call the tool: it must say what the model can tell apart.
@@ -165,14 +181,16 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     if ae is None:
         return
 
+    reconstructions = Handoff()  # an upload's Reconstruction, for the comparison step
+
     def reconstruct(image):
-        return None if image is None else ae.reconstruct(image).reconstruction
+        return None if image is None else reconstructions.put(image, ae.reconstruct(image)).reconstruction
 
     @user_errors
     def compare(image):
         if image is None:
             return None, None, ""
-        r = ae.reconstruct(image)
+        r = reconstructions.take(image, ae.reconstruct)
         return r.original, r.pca, (f"**Autoencoder: PSNR {r.psnr:.2f} dB** · PCA with as many components: PSNR "
                                    f"{r.pca_psnr:.2f} dB ({r.psnr - r.pca_psnr:+.2f} dB; all at {ae.size}x{ae.size})")
 

@@ -39,3 +39,14 @@ def test_root_app_tabs(tiny_model, tmp_path):
         with urllib.request.urlopen(url + "config", timeout=10) as r:
             config = json.dumps(json.load(r))
         assert "No model at" in config and "training/train_pets.py" in config
+
+
+def test_a_handoff_gives_the_next_step_what_the_first_computed_once_and_forgets_the_oldest():
+    from imagelab.ui import Handoff
+    handoff = Handoff(keep=2)
+    assert handoff.put("a.jpg", ("labels", "view", "heat")) == ("labels", "view", "heat")
+    handoff.put("b.jpg", "b's"), handoff.put("c.jpg", "c's")  # a.jpg's next step never came (an API call): it goes
+    assert handoff.take("b.jpg", lambda upload: "computed again") == "b's"
+    assert handoff.take("b.jpg", lambda upload: f"computed for {upload}") == "computed for b.jpg"  # taken once
+    assert handoff.take("a.jpg", lambda upload: f"computed for {upload}") == "computed for a.jpg"
+    assert handoff.take("c.jpg", lambda upload: "computed again") == "c's"
