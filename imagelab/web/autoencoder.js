@@ -66,7 +66,8 @@ async function reconstruct(image) {
            pcaPsnr: psnr(pca, view) };
 }
 
-// As imagelab.inference.Reconstructor.interpolate: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, each 3xSxS.
+// As imagelab.inference.Reconstructor.interpolate: the decodings of `steps` codes evenly spaced from `a`'s code
+// to `b`'s, each 3xSxS.
 async function interpolate(a, b, steps = 8) {
   const { decoder } = await model;
   const [ra, rb] = [await reconstruct(a), await reconstruct(b)];
@@ -86,7 +87,7 @@ window.imagelab = { reconstruct, interpolate, ready: model.then(({ config }) => 
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $("status").textContent = text; };
 
-// A 3xSxS picture in [0, 1] onto `canvas` at column `left`, rounded to 8 bits as to_pil does.
+// A 3xSxS picture in [0, 1] onto `canvas` at column `left`, rounded to 8 bits as imagelab.inference.to_image does.
 function draw(canvas, x, size, left = 0) {
   const image = canvas.getContext("2d").createImageData(size, size);
   for (let i = 0; i < size * size; i++) {
