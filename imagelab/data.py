@@ -51,7 +51,7 @@ def presized_path(src, side, cache):
     """The cache file for `src` at `side` pixels; the key changes when the file does (path, mtime, size)."""
     st = Path(src).stat()
     key = f"{PRESIZE_VERSION}|{Path(src).resolve()}|{st.st_mtime_ns}|{st.st_size}|{side}"
-    digest = hashlib.sha1(key.encode()).hexdigest()
+    digest = hashlib.sha1(os.fsencode(key)).hexdigest()  # fsencode: any name a disk holds, UTF-8 or not
     return Path(cache) / f"{side}px" / digest[:2] / f"{digest}.jpg"
 
 

@@ -5,18 +5,21 @@
 A path that cannot be classified (missing, empty, not an image, truncated...) gets a row with the reason
 in its `error` column. The exit status is 0 when at least one image was classified; when none was (say,
 every path was mistyped), the rows are still written and the program ends with one line and status 2.
+The CSV is UTF-8; a file name that is not (as a disk may hold) is written as the bytes it has. `--csv OUT`
+appears whole when the run ends: an interrupted run leaves no half-written file, and an earlier OUT as it was.
 """
 import argparse
 import csv
+import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from . import UserError, run_cli
 from .loading import CLASSIFIER, FORMS, open_model
-from .paths import visible_files
+from .paths import staging_path, visible_files
 
 
 def expand(paths):
@@ -49,6 +52,31 @@ def classify(predictor, items, top_k, writer, progress):
     return errors
 
 
+def check_output(path):
+    """One line, before the model loads, for a --csv that cannot be written there."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--csv {path}: that is a folder; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"--csv {path}: no such folder: {path.parent}")
+
+
+@contextmanager
+def output(path):
+    """Standard output, or `path` written whole: rows go to a hidden sibling renamed onto `path` at the end."""
+    if path is None:
+        sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
+        yield sys.stdout
+        return
+    tmp = staging_path(path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m imagelab.predict", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -59,15 +87,24 @@ def main(argv=None):
     p.add_argument("--tta", action="store_true", help="average each image's probabilities with its mirror image's "
                    "(test-time augmentation): twice the time per image")
     args = p.parse_args(argv)
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.csv:
+        check_output(args.csv)
     predictor = open_model(args.model, CLASSIFIER)
     predictor.tta = args.tta
     items = list(expand(args.paths))
     header = ["path"] + [f"{c}{i}" for i in range(1, args.top_k + 1) for c in ("label", "prob")] + ["error"]
-    with open(args.csv, "w", newline="") if args.csv else nullcontext(sys.stdout) as out:
-        writer = csv.writer(out)
-        writer.writerow(header)
-        errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
-    if errors and len(errors) == len(items):
+    try:
+        with output(args.csv) as out:
+            writer = csv.writer(out)
+            writer.writerow(header)
+            errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
+    except OSError as e:  # a full disk, a folder that went away
+        raise UserError(f"could not write {args.csv or 'standard output'}: {e.strerror or e}") from None
+    if not items:
+        raise UserError(f"nothing classified: no files in {' '.join(args.paths)}")
+    if len(errors) == len(items):
         raise UserError(f"nothing classified: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
     print(f"{len(items) - len(errors)} classified, {len(errors)} unreadable", file=sys.stderr)
 

@@ -1,5 +1,7 @@
 """Label functions, the Oxford file-name parser, label-scheme detection and the image checks."""
 import io
+import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -105,6 +107,10 @@ def test_presized_copies_are_small_upright_and_follow_their_file(tmp_path):
     write_image(photo, (30, 200, 30), size=(400, 300), seed=1)  # the file changes: so does its copy
     assert presize([photo], size=32, cache=cache)[photo] != copies[photo]
     assert presize([photo], size=64, cache=cache)[photo].parent.parent.name == "96px"
+    latin1 = photo.with_name(os.fsdecode(b"\xe9t\xe9.jpg"))  # a name a disk may hold that is not UTF-8
+    shutil.copy(photo, latin1)
+    with Image.open(presize([latin1], size=32, cache=cache)[latin1]) as im:
+        assert im.size == (64, 48)
     get_x = Presized(copies)
     assert get_x(photo) == copies[photo] and Presized()(photo) == photo
     im = Image.new("RGB", (5, 5))

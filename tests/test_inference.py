@@ -1,11 +1,12 @@
 """The predictor: same answers as fastai's learn.predict, weights-only loading, odd images, the batch CLI."""
 import csv
+import os
 import shutil
 
 import numpy as np
 import pytest
 
-from conftest import run, write_image
+from conftest import fails_with_one_line, run, write_image
 from imagelab import UserError
 from imagelab.images import read_image
 from uploads import invalid_uploads, valid_uploads
@@ -80,6 +81,28 @@ def test_batch_cli_reports_bad_files_per_row(tiny_model, tmp_path):
     assert "2 classified, 1 unreadable" in res.stderr
     res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "missing"])
     assert res.returncode == 2 and "no such file or folder" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_model, tmp_path):
+    """A name that is not UTF-8 (a disk may hold one) gets its row, as the bytes it is; a --csv that cannot be
+    written, a --top-k below 1 and a folder without files stop with one line, leaving an earlier CSV as it was."""
+    folder = tmp_path / "photos"
+    odd = folder / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 "café": not UTF-8
+    write_image(odd, (220, 60, 60))
+    out = tmp_path / "out.csv"
+    for to_file in (True, False):
+        res = run(["-m", "imagelab.predict", tiny_model, folder, *(["--csv", out] if to_file else [])],
+                  env={**os.environ, "PYTHONIOENCODING": "utf-8"},  # strict (a C locale's stdout escapes)
+                  errors="surrogateescape")
+        assert res.returncode == 0 and "1 classified, 0 unreadable" in res.stderr, res.stderr[-2000:]
+    row = out.read_bytes().splitlines()[1]
+    assert row.startswith(os.fsencode(odd) + b",") and row.split(b",")[1] in (b"cats", b"dogs")
+    before = out.read_bytes()
+    (tmp_path / "empty").mkdir()
+    for args, message in ((["--csv", tmp_path], "that is a folder"), (["--csv", tmp_path / "no" / "x.csv"], "no such folder"),
+                          (["--top-k", "0"], "must be at least 1"), ([], "no files in")):
+        fails_with_one_line(run(["-m", "imagelab.predict", tiny_model, tmp_path / "empty", *args]), message)
+    assert out.read_bytes() == before and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
 
 
 def test_exported_graphs_pool_without_adaptive_max_pool():
