@@ -46,4 +46,6 @@ class WithHeatmap(nn.Module):
         alpha = grad / (features.shape[2] * features.shape[3])
         cam = torch.relu((alpha[:, :, None, None] * features).sum(1))
         peak = cam.flatten(1).max(dim=1).values[:, None, None]
-        return logits, cam / (peak + 1e-8)
+        # A map with no evidence anywhere is all zeros: 0/0. Clamped, not `peak + 1e-8`: the ONNX exporter's
+        # optimizer drops the addition of so small a constant as if it added nothing.
+        return logits, cam / peak.clamp_min(1e-8)

@@ -156,7 +156,8 @@ class Predictor:
         x = as_input(view, self.config)
         logits, heat = self.session.run(["logits", "heatmap"], {"image": x})
         probs = self._probabilities(x) if self.tta else softmax(logits)
-        return self.top(probs[0], k), view, heat[0]
+        # Graphs exported before heatmaps.py clamped the peak give NaN where the map has no evidence at all.
+        return self.top(probs[0], k), view, np.nan_to_num(heat[0])
 
 
 def square_view(im, size):

@@ -105,6 +105,25 @@ def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_mo
     assert out.read_bytes() == before and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
 
 
+def test_exported_heatmap_of_a_map_without_evidence_is_zero_not_nan():
+    """When the predicted class's Grad-CAM is zero everywhere (small inputs give a 1x1 map, where that is common),
+    the graph's heatmap must be zeros, as torch's: the overlay cannot draw NaN."""
+    import onnxruntime as ort
+    import torch
+    from fastai.vision.all import create_head
+    from imagelab.export import to_onnx
+    from imagelab.heatmaps import WithHeatmap
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=32), torch.nn.ReLU())
+    torch.nn.init.zeros_(body[0].weight), torch.nn.init.constant_(body[0].bias, -1.0)  # every feature 0 after ReLU
+    model = torch.nn.Sequential(body, create_head(8, 2)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert WithHeatmap(model)(x)[1].eq(0).all()
+    graph = to_onnx(model, {"size": 32}, outputs=("logits", "heatmap"))
+    heat = ort.InferenceSession(graph).run(["heatmap"], {"image": x.numpy()})[0]
+    assert heat.shape == (1, 1, 1) and np.array_equal(heat, np.zeros_like(heat))
+
+
 def test_exported_graphs_pool_without_adaptive_max_pool():
     """torch 2.11's ONNX exporter has no adaptive_max_pool2d: fastai's head exports as the plain maximum it is."""
     import torch
