@@ -18,8 +18,10 @@ from .paths import FLAGGED, examples_dir
 # A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying.
 MAX_UPLOAD = "25mb"
 # Two requests run at once on a 2-core CPU Space (ONNX Runtime uses the cores within each); the rest wait
-# in a bounded queue instead of piling up in memory.
+# in a bounded queue instead of piling up in memory. Gradio counts them per event: every event that decodes an
+# upload or runs a model takes its turn in one group, so that an app's endpoints together run two.
 CONCURRENCY, QUEUE_SIZE = 2, 256
+TURNS = dict(concurrency_id="model")
 # Where a visitor's image can come from: a file, the clipboard (paste), or the camera.
 SOURCES = ["upload", "webcam", "clipboard"]
 # Gradio shows an image smaller than its frame at its own size: a 64-pixel reconstruction would be a thumbnail in
@@ -63,6 +65,26 @@ class Handoff:
     def take(self, upload, compute):
         """The value put for `upload`, or `compute(upload)` when there is none (the first step ran elsewhere)."""
         return self.waiting.pop(upload, None) or compute(upload)
+
+
+def on_new_picture(image, examples=None):
+    """The listeners that fire once whenever `image` gets another picture: the visitor's (an upload, the camera,
+    a paste, or clearing it) and a clicked example's. Not `change`, which Gradio fires twice when one upload
+    replaces another: the model would run twice, and a bad upload's message show twice."""
+    return [image.input] + ([examples.load_input_event.then] if examples else [])
+
+
+def listen(listeners, fn, inputs, outputs, api_name, clear=None, then=None):
+    """`fn` on each of `listeners` (the first one's is the API endpoint `api_name`), in the app's turns; `then`,
+    (fn, outputs), after it succeeds; `clear`: outputs emptied in the browser when it fails, so that a bad
+    upload's message is not shown beside the last good upload's results."""
+    for i, listener in enumerate(listeners):
+        public = dict(api_name=api_name) if i == 0 else dict(api_visibility="private")
+        step = listener(fn, inputs, outputs, **public, **TURNS)
+        if then:
+            step.success(then[0], inputs, then[1], api_visibility="private", **TURNS)
+        if clear:
+            step.failure(None, None, clear, js=f"() => [{', '.join(['null'] * len(clear))}]")
 
 
 def missing_model(model_path, train_command):
@@ -131,13 +153,12 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
         label = gr.Label(num_top_classes=3, label="Prediction")
         heat = gr.Image(label="Where it looked (Grad-CAM of the predicted class)", type="pil", interactive=False,
                         visible=clf.has_heatmap)
-    image.change(user_errors(classify, api_name, doc), image, label, api_name=api_name).then(
-        user_errors(heatmap), image, heat, api_visibility="private")
     if flag_data:
         flag_panel(clf, image, flag_data, api_name.removesuffix("predict") + "flag")
     examples = sorted(map(str, examples_dir(clf.path).glob("*.jpg")))
-    if examples:
-        gr.Examples(examples, inputs=image)
+    examples = gr.Examples(examples, inputs=image) if examples else None
+    listen(on_new_picture(image, examples), user_errors(classify, api_name, doc), image, label, api_name,
+           clear=[heat], then=(user_errors(heatmap), heat))
     gr.Markdown(f"Classes: {classes}")
 
 
@@ -158,7 +179,7 @@ def flag_panel(clf, image, root, api_name):
         right = gr.Dropdown(clf.vocab, value=clf.vocab[0], label="Wrong answer? The right class is", scale=2)
         button = gr.Button("Flag as wrong", scale=1)
     status = gr.Markdown()
-    button.click(user_errors(flag, api_name, doc), [image, right], status, api_name=api_name)
+    button.click(user_errors(flag, api_name, doc), [image, right], status, api_name=api_name, **TURNS)
     gr.Markdown(f"Flagged images are kept, as a re-encoded JPEG only, in the owner's dataset folder "
                 f"(`{FLAGGED}/<class>/`) for the next training run.")
 
@@ -220,19 +241,17 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         rebuilt = gr.Image(label="Autoencoder", **shown)
         pca = gr.Image(label="PCA, same code size", **shown)
     psnr = gr.Markdown()
-    image.change(reconstruct, image, rebuilt, api_name=f"{api_prefix}reconstruct").success(
-        compare, image, [original, pca, psnr], api_visibility="private")
-    if examples:
-        gr.Examples(examples, inputs=image)
+    listen(on_new_picture(image, gr.Examples(examples, inputs=image) if examples else None), reconstruct, image,
+           rebuilt, f"{api_prefix}reconstruct", clear=[original, pca, psnr], then=(compare, [original, pca, psnr]))
 
     gr.Markdown("### Between two images\nDecode codes evenly spaced from the first image's code to the second's.")
     with gr.Row():
         a, b = ImageUpload(label="From", **upload), ImageUpload(label="To", **upload)
         steps = gr.Slider(3, 12, value=8, step=1, label="Steps")
     strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
-    gr.on([a.change, b.change, steps.release], interpolate, [a, b, steps], strip, api_name=f"{api_prefix}interpolate")
-    if len(examples) >= 2:
-        gr.Examples([examples[:2], examples[-2:]], inputs=[a, b])
+    pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
+    listen([*on_new_picture(a, pairs), b.input, steps.release], interpolate, [a, b, steps], strip,
+           f"{api_prefix}interpolate")
 
 
 def launch(demo, args):

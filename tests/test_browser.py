@@ -1,5 +1,6 @@
 """The root app in a real browser (Debian's Chromium driven by Playwright), tab by tab, as a person uses it."""
 import io
+import re
 import shutil
 
 import numpy as np
@@ -76,14 +77,30 @@ def test_autoencoder_tab_shows_a_reconstruction(site, tmp_path):
     screenshot(page, "autoencoder-tab")
 
 
-def test_invalid_upload_shows_the_error(site, tmp_path):
+def test_a_replaced_upload_runs_once_and_an_invalid_one_clears_the_last_results(site, tmp_path):
+    """Gradio fires `change` twice when an upload replaces another: the apps listen to the visitor's upload
+    instead, so the model runs once, and a bad upload's message shows once, without the last image's heatmap."""
     page, _ = site
     panel = open_tab(page, "Pets")
+    upload = panel.locator("input[type=file]").first
+    heatmap = panel.locator(".block", has=page.get_by_text("Where it looked")).locator("img")
+    upload.set_input_files(str(write_image(tmp_path / "first.jpg", (220, 60, 60), size=(200, 160))))
+    expect(heatmap.first).to_be_visible(timeout=30_000)
+    steps = []  # the requests that run a step of the app: its predict, then its heatmap
+    count = lambda request: steps.append(request.url) if "/queue/join" in request.url else None  # noqa: E731
+    page.on("request", count)
+    upload.set_input_files(str(write_image(tmp_path / "second.jpg", (60, 60, 220), size=(200, 160))))
+    expect(heatmap.first).to_have_attribute("src", re.compile("."), timeout=30_000)
+    page.wait_for_timeout(1500)  # a second run, if any, would have been asked for by now
+    assert len(steps) == 2, steps
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not a picture")
-    panel.locator("input[type=file]").first.set_input_files(str(bad))
+    upload.set_input_files(str(bad))
     toast = page.get_by_test_id("toast-text").filter(has_text="not a readable image")
     expect(toast.first).to_be_visible(timeout=30_000)
+    expect(heatmap).to_have_count(0, timeout=10_000)  # the last good image's heatmap is gone
+    page.remove_listener("request", count)
+    assert len(steps) == 3 and toast.count() == 1, (steps, toast.all_inner_texts())
     screenshot(page, "pets-invalid-upload")
 
 

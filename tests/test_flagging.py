@@ -3,10 +3,12 @@ retrain with --flagged includes it; hostile uploads are refused or stored only a
 import json
 import re
 import shutil
+import time
 
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 from PIL import Image
 
 from conftest import BEARS, fails_with_one_line, run, served, write_image
@@ -74,6 +76,26 @@ def test_flag_in_the_app_then_clean_then_retrain_with_flagged(tiny_bears, tmp_pa
     assert set(flagged) <= used and len(used) == 24 + len(flagged)
     metrics = json.loads(out.with_name("bears.report").joinpath("metrics.json").read_text())
     assert metrics["flagged"] is True
+
+
+def test_an_apps_endpoints_take_turns_together(tiny_model, tmp_path):
+    """Two requests run at once in the whole app, not two per endpoint: with two predictions running, flags wait."""
+    big = tmp_path / "big.png"  # 36 megapixels: each request decodes it for a while
+    Image.new("RGB", (6000, 6000), (200, 100, 50)).save(big)
+    (tmp_path / "data").mkdir()
+    with served(["apps/pets/app.py", "--model", tiny_model, "--flag-data", tmp_path / "data"]) as url:
+        client = Client(url, verbose=False)
+        jobs = [client.submit(handle_file(str(big)), api_name="/predict") for _ in range(2)]
+        jobs += [client.submit(handle_file(str(big)), "cats", api_name="/flag") for _ in range(2)]
+        seen = set()
+        for _ in range(3000):  # at most a minute
+            if all(job.done() for job in jobs):
+                break
+            seen.add(tuple(job.status().code for job in jobs))
+            time.sleep(0.02)
+        assert [job.result()["label"] in ("cats", "dogs") for job in jobs[:2]] == [True, True]
+        assert all(SAVED.search(job.result()) for job in jobs[2:])
+    assert any(Status.IN_QUEUE in codes for codes in seen), seen  # 4 requests, 2 turns: some waited
 
 
 def test_flags_are_rate_limited_and_the_folder_is_capped(tmp_path):
