@@ -9,25 +9,20 @@ import os
 from pathlib import Path
 
 from imagelab import UserError, run_cli
-from imagelab.app_options import app_parser
+from imagelab.app_options import APPS, app_parser
 from imagelab.paths import default_model
 
 ROOT = Path(__file__).resolve().parent
-TABS = {  # tab: (environment variable, kind, default model, how to train it)
-    "Pets": ("PETS_MODEL", "classifier", default_model("pets", ROOT), "python training/train_pets.py"),
-    "Bears": ("BEARS_MODEL", "classifier", default_model("bears", ROOT), "python training/train_bears.py"),
-    "Autoencoder": ("AUTOENCODER_MODEL", "autoencoder", default_model("autoencoder", ROOT),
-                    "python training/train_autoencoder.py"),
-}
 
 
-def tab_model(variable, kind, default):
-    """The tab's opened model, or its default path when that model is not trained yet."""
+def tab_model(app):
+    """The opened model of `app`'s tab (`<APP>_MODEL`, else models/<app>.pkl), or that default's path when it is
+    not trained yet."""
     from imagelab.loading import open_model
-    given = os.environ.get(variable)
+    given, default = os.environ.get(f"{app.upper()}_MODEL"), default_model(app, ROOT)
     if given is None and not default.exists():
         return default
-    return open_model(given or default, kind)
+    return open_model(given or default, APPS[app].kind)
 
 
 def cleaner():
@@ -41,19 +36,19 @@ def cleaner():
 
 def build():
     """The page: every model opened and checked before the first tab is drawn."""
-    models = {tab: tab_model(*spec[:3]) for tab, spec in TABS.items()}
+    models = {app: tab_model(app) for app in APPS}
     clean = cleaner()
     import gradio as gr
     from imagelab.cleaner_ui import cleaner_panel
     from imagelab.ui import autoencoder_panel, classifier_panel
     with gr.Blocks(title="Image apps") as demo:
         gr.Markdown("# Image apps\nfastai models trained on your own machine.")
-        for tab in ("Pets", "Bears"):
-            with gr.Tab(tab):
-                classifier_panel(models[tab], TABS[tab][3], api_name=f"{tab.lower()}_predict",
-                                 flag_data=os.environ.get(f"{tab.upper()}_FLAG_DATA") or None)
+        for app in ("pets", "bears"):
+            with gr.Tab(app.title()):
+                classifier_panel(models[app], APPS[app].train, api_name=f"{app}_predict",
+                                 flag_data=os.environ.get(f"{app.upper()}_FLAG_DATA") or None)
         with gr.Tab("Autoencoder"):
-            autoencoder_panel(models["Autoencoder"], TABS["Autoencoder"][3], api_prefix="autoencoder_")
+            autoencoder_panel(models["autoencoder"], APPS["autoencoder"].train, api_prefix="autoencoder_")
         with gr.Tab("Cleaner"):
             if clean:
                 cleaner_panel(clean, api_prefix="cleaner_")

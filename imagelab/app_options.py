@@ -5,21 +5,47 @@ Standard library only, like `imagelab.paths`.
 import argparse
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from . import paths
 from .loading import FORMS
 
 
-def app_parser(description, default_model=None, kind="classifier", flagging=False):
-    """Options every app takes; `--model` (a `kind` model, `default_model` unless given) when it serves one;
-    `--flag-data` where visitors may flag wrong answers (a classifier app)."""
+
+class AppModel(NamedTuple):
+    kind: str  # what the app serves: a "classifier" or an "autoencoder"
+    train: str  # how to train one, shown where it is missing: online (the Hub's data and weights), then offline
+
+
+APPS = {  # the model each app serves (named after it: models/<app>.pkl)
+    "pets": AppModel("classifier", "python training/train_pets.py   # offline: --data ../shared/data/catsdogs "
+                                   "--preset scratch"),
+    "bears": AppModel("classifier", "python training/train_bears.py   # offline: --data ../shared/data/bears "
+                                    "--preset scratch"),
+    "autoencoder": AppModel("autoencoder", "python training/train_autoencoder.py   # offline: --data "
+                                           "../shared/data/catsdogs"),
+}
+
+
+def port(text):
+    """A TCP port number, for argparse."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (1 to 65535): {text!r}")
+    return int(text)
+
+
+def app_parser(description, app=None, default_model=None, flagging=False):
+    """Options every app takes; `--model` (a model of the kind `app` serves, `default_model` unless given) when it
+    serves one; `--flag-data` where visitors may flag wrong answers (a classifier app)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if default_model is not None:
         p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
-                       help=f"exported {kind} ({FORMS[kind]}); also the MODEL_PATH environment variable")
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+                       help=f"exported {APPS[app].kind} ({FORMS[APPS[app].kind]}); also the MODEL_PATH environment "
+                            "variable")
+    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+                   help="port to listen on; also GRADIO_SERVER_PORT")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                   help="address to listen on (0.0.0.0 to share on your network)")
+                   help="address to listen on (0.0.0.0 to share on your network); also GRADIO_SERVER_NAME")
     p.add_argument("--mcp", action="store_true", default=os.environ.get("GRADIO_MCP_SERVER", "").lower() == "true",
                    help="also serve the app's endpoints as MCP tools at /gradio_api/mcp/, for AI assistants; "
                         "also GRADIO_MCP_SERVER=true")
@@ -39,10 +65,11 @@ def default_model(app_file, name):
     return bundled if bundled.exists() else paths.default_model(name, here.parents[1])
 
 
-def app_model(args, kind, default, train):
-    """Open the model the app serves, once, before anything is built: a UserError if it cannot be served.
+def app_model(args, app, default):
+    """Open the model `app` serves, once, before anything is built: a UserError if it cannot be served.
 
     The train command is named only when the model missing is the default one, not a path the user gave.
     """
     from .loading import open_model
+    kind, train = APPS[app]
     return open_model(args.model, kind, train if args.model == str(default) else None)

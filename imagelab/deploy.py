@@ -30,6 +30,7 @@ from string import Template
 from urllib.parse import quote
 
 from . import UserError, run_cli
+from .app_options import APPS
 from .hub import require_hub_login
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
@@ -46,11 +47,17 @@ def apps():
     return sorted(p.parent.name for p in (REPO / "apps").glob("*/README.md"))
 
 
-def load_metrics(model):
+def load_metrics(model, app):
+    """The run's metrics.json, for a model of the kind `app` serves."""
     path = metrics_path(model)
     if not path.is_file():
         raise UserError(f"no report at {path}: train the model with training/ first")
-    return json.loads(path.read_text())
+    metrics = json.loads(path.read_text())
+    card_kind(metrics)  # a kind this version knows
+    if app in APPS and metrics["kind"] != APPS[app].kind:
+        raise UserError(f"the {app} app serves {APPS[app].kind} models, and {model} is of kind "
+                        f"{metrics['kind']!r}: publish it with its own app")
+    return metrics
 
 
 def card_kind(metrics):
@@ -173,7 +180,7 @@ def staged(out):
 
 def build_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete Space: app, library, requirements, model, examples, README, LFS rules."""
-    metrics = load_metrics(model)
+    metrics = load_metrics(model, app)
     kind = card_kind(metrics)
     with staged(out) as stage:
         shutil.copytree(REPO / "apps" / app, stage, ignore=shutil.ignore_patterns("__pycache__"))
@@ -199,7 +206,7 @@ def check_outputs(graph, names, what="a static Space"):
 def build_static_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete static Space: the page, the model's ONNX graph and config, its report
     and examples, onnxruntime-web, README, LFS rules. Any file server serves it; nothing runs on a server."""
-    metrics = load_metrics(model)
+    metrics = load_metrics(model, app)
     kind = card_kind(metrics)
     if not hasattr(kind, "STATIC_FILES"):
         raise UserError(f"no static Space for a model of kind {metrics['kind']!r}: "
@@ -235,7 +242,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
 
 def build_model_repo(app, model, out, repo_id=None):
     """A folder for a Hub model repo: the model files, the report, the library the `.pkl` needs, and the card."""
-    metrics = load_metrics(model)
+    metrics = load_metrics(model, app)
     kind = card_kind(metrics)
     with staged(out) as stage:
         stage.mkdir(parents=True)

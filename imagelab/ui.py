@@ -68,23 +68,29 @@ class Handoff:
 
 
 def on_new_picture(image, examples=None):
-    """The listeners that fire once whenever `image` gets another picture: the visitor's (an upload, the camera,
-    a paste, or clearing it) and a clicked example's. Not `change`, which Gradio fires twice when one upload
-    replaces another: the model would run twice, and a bad upload's message show twice."""
-    return [image.input] + ([examples.load_input_event.then] if examples else [])
+    """The listeners that fire once whenever `image` gets another picture: a visitor's (a file, the camera or a
+    paste: Gradio's `upload`) or a clicked example's. Not `change`, which Gradio fires twice when one upload
+    replaces another (the model would run twice, a bad upload's message show twice), nor `input`, which a paste
+    fires twice."""
+    return [image.upload] + ([examples.load_input_event.then] if examples else [])
+
+
+def emptied(outputs):
+    """Code run in the browser that empties `outputs`."""
+    return f"() => [{', '.join(['null'] * len(outputs))}]"
 
 
 def listen(listeners, fn, inputs, outputs, api_name, clear=None, then=None):
     """`fn` on each of `listeners` (the first one's is the API endpoint `api_name`), in the app's turns; `then`,
-    (fn, outputs), after it succeeds; `clear`: outputs emptied in the browser when it fails, so that a bad
-    upload's message is not shown beside the last good upload's results."""
+    (fn, outputs), after it succeeds; `clear`: outputs emptied when it fails, so that a bad upload's message is
+    not shown beside the last good upload's results."""
     for i, listener in enumerate(listeners):
         public = dict(api_name=api_name) if i == 0 else dict(api_visibility="private")
         step = listener(fn, inputs, outputs, **public, **TURNS)
         if then:
             step.success(then[0], inputs, then[1], api_visibility="private", **TURNS)
         if clear:
-            step.failure(None, None, clear, js=f"() => [{', '.join(['null'] * len(clear))}]")
+            step.failure(None, None, clear, js=emptied(clear))
 
 
 def missing_model(model_path, train_command):
@@ -159,6 +165,7 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
     examples = gr.Examples(examples, inputs=image) if examples else None
     listen(on_new_picture(image, examples), user_errors(classify, api_name, doc), image, label, api_name,
            clear=[heat], then=(user_errors(heatmap), heat))
+    image.clear(None, None, [label, heat], js=emptied([label, heat]))
     gr.Markdown(f"Classes: {classes}")
 
 
@@ -243,6 +250,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     psnr = gr.Markdown()
     listen(on_new_picture(image, gr.Examples(examples, inputs=image) if examples else None), reconstruct, image,
            rebuilt, f"{api_prefix}reconstruct", clear=[original, pca, psnr], then=(compare, [original, pca, psnr]))
+    image.clear(None, None, [rebuilt, original, pca, psnr], js=emptied([rebuilt, original, pca, psnr]))
 
     gr.Markdown("### Between two images\nDecode codes evenly spaced from the first image's code to the second's.")
     with gr.Row():
@@ -250,8 +258,9 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         steps = gr.Slider(3, 12, value=8, step=1, label="Steps")
     strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
     pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
-    listen([*on_new_picture(a, pairs), b.input, steps.release], interpolate, [a, b, steps], strip,
+    listen([*on_new_picture(a, pairs), b.upload, steps.release], interpolate, [a, b, steps], strip,
            f"{api_prefix}interpolate")
+    gr.on([a.clear, b.clear], None, None, strip, js=emptied([strip]))
 
 
 def launch(demo, args):
@@ -259,4 +268,9 @@ def launch(demo, args):
     if args.mcp and importlib.util.find_spec("mcp") is None:
         raise UserError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]' (requirements.txt pins it)")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp, css=CSS)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
+                    css=CSS)
+    except OSError:  # Gradio's message names only the port, though the address may be what is wrong
+        raise UserError(f"cannot listen on {args.host}:{args.port}: the port is in use (choose another with --port) "
+                        f"or {args.host} is not an address of this machine") from None

@@ -1,5 +1,7 @@
 """The apps as real servers on 127.0.0.1, called the way README shows: gradio_client."""
 import json
+import os
+import socket
 import urllib.request
 
 import pytest
@@ -7,7 +9,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from checkouts import repo_app_without_models
-from conftest import served, write_image
+from conftest import fails_with_one_line, run, served, write_image
 
 
 def test_pets_app_predicts(pets_app, tmp_path):
@@ -38,7 +40,21 @@ def test_root_app_tabs(tiny_model, tmp_path):
     with served([app], env={**env, "PETS_MODEL": None}) as url:
         with urllib.request.urlopen(url + "config", timeout=10) as r:
             config = json.dumps(json.load(r))
-        assert "No model at" in config and "training/train_pets.py" in config
+        assert "No model at" in config and "training/train_pets.py" in config and "--preset scratch" in config
+
+
+def test_a_port_that_cannot_be_served_stops_the_app_with_one_line(tiny_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fails_with_one_line(run(["apps/pets/app.py", "--model", tiny_model, "--port", port], timeout=120),
+                            f"cannot listen on 127.0.0.1:{port}", "choose another with --port")
+    for args, env in ((["--port", "99999"], {}), ([], {"GRADIO_SERVER_PORT": "abc"})):
+        res = run(["apps/pets/app.py", "--model", tiny_model, *args], env={**os.environ, **env})
+        assert res.returncode == 2 and "argument --port: not a port number" in res.stderr, res.stderr[-2000:]
+    res = run(["apps/pets/app.py", "--help"], env={**os.environ, "GRADIO_SERVER_PORT": "abc"})
+    assert res.returncode == 0 and "GRADIO_SERVER_PORT" in res.stdout
 
 
 def test_a_handoff_gives_the_next_step_what_the_first_computed_once_and_forgets_the_oldest():

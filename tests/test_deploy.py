@@ -359,6 +359,13 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     assert np.array_equal(walk, np.asarray(ae.interpolate(photo, other, 8), int))
 
 
+def test_a_model_of_another_kind_than_the_apps_fails_with_one_line(tiny_autoencoder, tiny_model, tmp_path):
+    for app, model, kind in (("pets", tiny_autoencoder, "'autoencoder'"), ("autoencoder", tiny_model, "'classifier'")):
+        res = run(["-m", "imagelab.deploy", app, "--model", model, "--space-out", tmp_path / app])
+        fails_with_one_line(res, f"the {app} app serves", f"is of kind {kind}")
+        assert not (tmp_path / app).exists()
+
+
 def test_an_unknown_kind_fails_with_one_line(tiny_model, tmp_path):
     model = tmp_path / "models" / "pets.pkl"
     shutil.copytree(tiny_model.parent, model.parent)

@@ -1,19 +1,18 @@
 """Autoencoder: upload a photo, see it rebuilt from a code of a few numbers, and walk between two photos' codes."""
 from imagelab import run_cli
-from imagelab.app_options import app_model, app_parser, default_model
+from imagelab.app_options import APPS, app_model, app_parser, default_model
 
 MODEL = default_model(__file__, "autoencoder")
-TRAIN = "python training/train_autoencoder.py   # offline: --data ../shared/data/catsdogs"
 
 
 def main(argv=None):
-    args = app_parser(__doc__, MODEL, kind="autoencoder").parse_args(argv)
-    model = app_model(args, "autoencoder", MODEL, TRAIN)
+    args = app_parser(__doc__, "autoencoder", MODEL).parse_args(argv)
+    model = app_model(args, "autoencoder", MODEL)
     import gradio as gr  # not needed for --help or a refused model
     from imagelab.ui import autoencoder_panel, launch
     with gr.Blocks(title="Autoencoder") as demo:
         gr.Markdown("# Autoencoder\nUpload a photo: it is squeezed into a short code and rebuilt from it.")
-        autoencoder_panel(model, TRAIN)
+        autoencoder_panel(model, APPS["autoencoder"].train)
     launch(demo, args)
 
 

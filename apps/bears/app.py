@@ -3,12 +3,11 @@ from imagelab import run_cli
 from imagelab.app_options import app_model, app_parser, default_model
 
 MODEL = default_model(__file__, "bears")
-TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
 
 
 def main(argv=None):
-    args = app_parser(__doc__, MODEL, flagging=True).parse_args(argv)
-    model = app_model(args, "classifier", MODEL, TRAIN)
+    args = app_parser(__doc__, "bears", MODEL, flagging=True).parse_args(argv)
+    model = app_model(args, "bears", MODEL)
     from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
     launch(classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.", model,
                            args.flag_data), args)

@@ -7,16 +7,15 @@ from imagelab.app_options import app_model, app_parser
 from imagelab.paths import default_model
 
 MODEL = default_model("bears", Path(__file__).resolve().parents[2])
-TRAIN = "python training/train_bears.py   # offline: --data ../shared/data/bears --no-pretrained"
 
 
 def main(argv=None):
-    parser = app_parser(__doc__, MODEL)
+    parser = app_parser(__doc__, "bears", MODEL)
     parser.add_argument("--data", default=os.environ.get("CLEANER_DATA"), required="CLEANER_DATA" not in os.environ,
                         help="the dataset folder (one sub-folder per class) to clean; also CLEANER_DATA")
     args = parser.parse_args(argv)
     from imagelab.cleaning import Cleaner
-    cleaner = Cleaner(app_model(args, "classifier", MODEL, TRAIN), args.data)
+    cleaner = Cleaner(app_model(args, "bears", MODEL), args.data)
     import gradio as gr  # not needed for --help or a refused model
     from imagelab.cleaner_ui import cleaner_panel
     from imagelab.ui import launch

@@ -3,12 +3,11 @@ from imagelab import run_cli
 from imagelab.app_options import app_model, app_parser, default_model
 
 MODEL = default_model(__file__, "pets")
-TRAIN = "python training/train_pets.py   # offline: --data ../shared/data/catsdogs --no-pretrained"
 
 
 def main(argv=None):
-    args = app_parser(__doc__, MODEL, flagging=True).parse_args(argv)
-    model = app_model(args, "classifier", MODEL, TRAIN)
+    args = app_parser(__doc__, "pets", MODEL, flagging=True).parse_args(argv)
+    model = app_model(args, "pets", MODEL)
     from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
     launch(classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", model, args.flag_data), args)
 
