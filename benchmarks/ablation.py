@@ -14,7 +14,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 
 # The preset before this table changed it: resnet18 with 20 epochs at most.
 BEFORE = {"arch": "resnet18", "epochs": 20}
@@ -31,7 +31,7 @@ VARIANTS = [("resnet18, last epoch", {**BEFORE, "keep": "last"}),
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="image folder, one sub-folder per class")
     p.add_argument("--time-budget", type=float, default=200, metavar="SECONDS", help="training time of every variant")
     p.add_argument("--only", nargs="*", metavar="N", type=int, help="run only these rows of the table (from 0)")

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 from imagelab.inference import psnr, square_input, to_image
 from imagelab.loading import open_model
 
@@ -73,7 +73,7 @@ def start_seconds(model, side, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="exported autoencoder (.pkl with its graphs beside it)")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--limit", type=int, default=60, help="images to time")

@@ -17,7 +17,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from imagelab import run_cli, setup
+from imagelab import HelpFormatter, run_cli, setup
 
 setup()  # before PyTorch loads: OpenMP reads its wait policy once
 from fastai.callback.progress import ProgressCallback  # noqa: E402
@@ -33,7 +33,7 @@ from train_speed import Turns, side_by_side  # noqa: E402  (benchmarks/, the scr
 def parse(argv=None):
     defaults_ = AutoencoderConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
     p.add_argument("--size", type=int, default=defaults_.size)
     p.add_argument("--epochs", type=int, default=2)

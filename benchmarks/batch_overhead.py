@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from imagelab import run_cli, setup
+from imagelab import HelpFormatter, run_cli, setup
 
 setup()  # before PyTorch loads: OpenMP reads its wait policy once
 import torch  # noqa: E402
@@ -36,7 +36,7 @@ from device_check import make_images  # noqa: E402
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", help="image folder (default: generated images)")
     p.add_argument("--size", type=int, default=16, help="batch image size; tiny leaves the CPU's per-operation work")
     p.add_argument("--bs", type=int, default=64)

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 from imagelab.paths import checkpoint_path, metrics_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ print("pass")
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", help="the trainers' --precision")
     p.add_argument("--size", type=int, default=32, help="training size of both models")

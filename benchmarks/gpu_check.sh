@@ -8,6 +8,7 @@
 # Writes train_speed.json, device_check.json, step_profile.json, model_step.json and batch_overhead.json into $OUT (or
 # ./build/gpu-check), one JSON line each, every step's stderr in stderr.log. A step that fails or runs out
 # of time does not stop the next one.
+case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0;; esac
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-build/gpu-check}"

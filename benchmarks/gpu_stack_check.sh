@@ -9,6 +9,7 @@
 # Prints each step's JSON line and exit status; exits non-zero if any step failed. train_speed.py is left out:
 # torch 2.11's CUDA build on a machine without a GPU crashes (SIGSEGV, in torch.export's FakeTensorMode) when a
 # second thread exports to ONNX, which train_speed's side-by-side runs do; with a GPU, or on torch 2.14, it does not.
+case "${1:-}" in -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0;; esac
 set -uo pipefail
 cd "$(dirname "$0")/.."
 env=build/gpu-stack

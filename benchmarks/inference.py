@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 from imagelab.data import RGBImage, find_images
 from imagelab.inference import Predictor, overlay
 from imagelab.paths import examples_dir
@@ -59,7 +59,7 @@ def cold_start(model, timeout=180):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="exported learner (.pkl)")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--limit", type=int, default=100, help="images to time")

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gradio_client import Client, handle_file
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 
 
 def client_session(url, image, api_name, n, timeout):
@@ -31,7 +31,7 @@ def client_session(url, image, api_name, n, timeout):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--url", required=True)
     p.add_argument("--image", required=True, help="image file every request sends")
     p.add_argument("--api-name", default="/predict")

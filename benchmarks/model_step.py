@@ -16,12 +16,12 @@ import argparse
 import json
 import time
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--bs", type=int, default=16)

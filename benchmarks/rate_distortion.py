@@ -12,12 +12,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from imagelab import run_cli
+from imagelab import HelpFormatter, run_cli
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
     p.add_argument("--code-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--epochs", type=int, default=3)

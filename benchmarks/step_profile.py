@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from imagelab import run_cli, setup
+from imagelab import HelpFormatter, run_cli, setup
 
 setup()  # before PyTorch loads: OpenMP reads its wait policy once
 import torch  # noqa: E402
@@ -36,7 +36,7 @@ STEP = [("forward", "after_pred"), ("loss", "after_loss"), ("backward", "after_b
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: generated images)")
     p.add_argument("--images", type=int, default=320, help="generated images per class, without --data")
     p.add_argument("--arch", default="resnet18")

@@ -32,7 +32,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from imagelab import UserError, run_cli, setup
+from imagelab import HelpFormatter, UserError, run_cli, setup
 
 setup()  # before PyTorch loads: OpenMP reads its wait policy once (both runs)
 import psutil  # noqa: E402
@@ -52,7 +52,7 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BM
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="image folder, one sub-folder per class")
     p.add_argument("--arch", default="resnet18", help="timm architecture for both runs")
     p.add_argument("--size", type=int, default=128)

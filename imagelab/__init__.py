@@ -3,6 +3,7 @@
 Everything an exported learner refers to (label functions, image types, custom models) lives here,
 never in a script's `__main__`, so a `.pkl` loads from any script, server or Space.
 """
+import argparse
 import os
 import sys
 import warnings
@@ -18,6 +19,16 @@ class UserError(Exception):
     def __str__(self):
         # fastai rewrites the message of an exception raised in a callback to name the callback; the user's line stays
         return self.line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's `--help` with each option's default, except where there is none (None, or False: a flag not
+    given) or its help says it in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def setup():

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from . import paths
+from . import HelpFormatter, paths
 from .loading import FORMS
 
 
@@ -37,7 +37,7 @@ def port(text):
 def app_parser(description, app=None, default_model=None, flagging=False):
     """Options every app takes; `--model` (a model of the kind `app` serves, `default_model` unless given) when it
     serves one; `--flag-data` where visitors may flag wrong answers (a classifier app)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     if default_model is not None:
         p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
                        help=f"exported {APPS[app].kind} ({FORMS[APPS[app].kind]}); also the MODEL_PATH environment "

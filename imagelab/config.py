@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from . import UserError
+from . import HelpFormatter, UserError
 from .paths import checkpoint_path, existing_folder
 
 
@@ -87,7 +87,8 @@ class TrainConfig:
     device: str = knob("auto", "hardware", "where to train: auto (a CUDA GPU, else Apple's MPS, else the CPU), "
                        "cpu, cuda, cuda:N or mps", resume=False)
     precision: str = knob("auto", "hardware", "auto: bf16 autocast on GPUs that have it, fp16 with loss scaling on "
-                          "older ones, fp32 on a CPU; exports are fp32 whatever trained", resume=False,
+                          "older ones, bf16 on CPUs that compute it natively (AVX512-BF16 or AMX), fp32 on other "
+                          "CPUs and MPS; exports are fp32 whatever trained", resume=False,
                           choices=PRECISIONS)
     time_budget: float | None = knob(None, "training", "train for this long: the one-cycle schedule follows the "
                                      "clock, --epochs is a cap", metavar="SECONDS")
@@ -105,19 +106,23 @@ class TrainConfig:
 
     def check(self):
         """One line for the first setting that cannot work (cheap checks: scripts call it before torch loads)."""
-        if self.epochs < 1 or self.size < 8 or not 0 < self.valid_pct < 1:
-            raise UserError("need --epochs >= 1, --size >= 8 and 0 < --valid-pct < 1")
-        if self.start_size is not None and not 8 <= self.start_size <= self.size:
-            raise UserError(f"need 8 <= --start-size <= --size ({self.size})")
+        require([
+            ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
+            ("--size", self.size, self.size >= 8, "at least 8"),
+            ("--valid-pct", self.valid_pct, 0 < self.valid_pct < 1, "between 0 and 1"),
+            ("--bs", self.bs, self.bs >= 1, "at least 1"),
+            ("--start-size", self.start_size, self.start_size is None or 8 <= self.start_size <= self.size,
+             f"between 8 and --size ({self.size})"),
+            ("--lr", self.lr, not isinstance(self.lr, float) or self.lr > 0, "more than 0 (or find)"),
+            ("--wd", self.wd, self.wd is None or self.wd >= 0, "0 or more"),
+            ("--workers", self.workers, self.workers is None or self.workers >= 0, "0 or more"),
+            ("--time-budget", self.time_budget, self.time_budget is None or self.time_budget > 0, "more than 0"),
+            ("--patience", self.patience, self.patience is None or self.patience >= 1, "at least 1"),
+            ("--checkpoint-every", self.checkpoint_every, self.checkpoint_every >= 0, "0 or more"),
+        ])
         if self.start_size is not None and self.start_size < self.size and not self.PROGRESSIVE:
             raise UserError(f"this model trains at one size (its layers are sized for --size): drop --start-size "
                             f"or set it to --size ({self.size})")
-        if self.bs < 1 or (self.time_budget is not None and self.time_budget <= 0):
-            raise UserError("need --bs >= 1 and --time-budget > 0")
-        if self.patience is not None and self.patience < 1:
-            raise UserError("need --patience >= 1")
-        if self.checkpoint_every < 0:
-            raise UserError("need --checkpoint-every >= 0")
         check_device_name(self.device)
         check_precision_name(self.precision)
         if self.data is not None:
@@ -164,6 +169,11 @@ class ClassifierConfig(TrainConfig):
                     "images and their labels, CutMix pastes a patch of one into the other",
                     choices=["none", "mixup", "cutmix"])
 
+    def check(self):
+        super().check()
+        require([("--min-scale", self.min_scale, 0 < self.min_scale <= 1, "more than 0 and at most 1"),
+                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "at least 0 and less than 1")])
+
 
 @dataclass
 class AutoencoderConfig(TrainConfig):
@@ -191,15 +201,30 @@ class AutoencoderConfig(TrainConfig):
     def check(self):
         super().check()
         check_autoencoder_shape(self.size, self.code_size, self.depth, self.width, self.blocks)
-        if self.sparsity < 0:
-            raise UserError("need --sparsity >= 0")
+        require([("--sparsity", self.sparsity, self.sparsity >= 0, "0 or more")])
 
 
 def check_autoencoder_shape(size, code_size, depth, width, blocks):
     """One line if imagelab.autoencoder.ConvAutoencoder cannot be built with these numbers."""
-    if size % 2 ** depth or code_size < 1 or depth < 1 or width < 1 or blocks < 0:
-        raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth}; "
-                        "--code-size, --depth and --width must be at least 1, --blocks at least 0")
+    pixels = 3 * size * size
+    require([
+        # a code as long as the image compresses nothing, and its layers would take memory by the gigabyte
+        ("--code-size", code_size, 1 <= code_size < pixels, f"at least 1 and less than the image's {pixels:,} "
+                                                            f"numbers (3 x --size {size} squared)"),
+        ("--depth", depth, depth >= 1, "at least 1"),
+        ("--width", width, width >= 1, "at least 1"),
+        ("--blocks", blocks, blocks >= 0, "0 or more"),
+    ])
+    if size % 2 ** depth:
+        raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth} (each of the --depth {depth} "
+                        "blocks halves the image)")
+
+
+def require(rules):
+    """One line for the first of `rules` (option, value, whether it holds, what the value must be) that fails."""
+    for option, value, holds, must in rules:
+        if not holds:
+            raise UserError(f"{option} must be {must}, not {value}")
 
 
 def add_option(group, f):
@@ -226,7 +251,7 @@ class ConfigParser(argparse.ArgumentParser):
     """The options of a config class in groups; `--preset NAME` sets defaults that the options given override."""
 
     def __init__(self, config, description, **defaults):
-        super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(description=description, formatter_class=HelpFormatter)
         self.config = config
         if config.PRESETS:
             self.add_argument("--preset", choices=list(config.PRESETS), help="defaults for a kind of run, which "

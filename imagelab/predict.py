@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import UserError, run_cli
+from . import HelpFormatter, UserError, run_cli
 from .loading import CLASSIFIER, FORMS, open_model
 from .paths import staging_path, visible_files
 
@@ -79,7 +79,7 @@ def output(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m imagelab.predict", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("model", help=f"exported classifier: {FORMS[CLASSIFIER]} (a .pkl alone is unpickled: trusted only)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--top-k", type=int, default=1, help="labels per image")

@@ -130,9 +130,17 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     res = run(["training/train_pets.py", "--data", data, "--arch", "no_such_net", "--no-pretrained"])
     fails_with_one_line(res, "unknown timm architecture 'no_such_net'")
     res = run(["training/train_pets.py", "--data", data, "--size", "64", "--start-size", "96"])
-    assert fails_with_one_line(res) == "error: need 8 <= --start-size <= --size (64)"
+    assert fails_with_one_line(res) == "error: --start-size must be between 8 and --size (64), not 96"
     res = run(["training/train_pets.py", "--data", data, "--checkpoint-every", "-1"])
-    assert fails_with_one_line(res) == "error: need --checkpoint-every >= 0"
+    assert fails_with_one_line(res) == "error: --checkpoint-every must be 0 or more, not -1.0"
+    for script, args, says in [("train_pets", ["--lr", "-1"], "--lr must be more than 0 (or find), not -1.0"),
+                               ("train_pets", ["--min-scale", "2"], "--min-scale must be more than 0 and at most 1"),
+                               ("train_pets", ["--label-smoothing", "1.5"], "--label-smoothing must be at least 0"),
+                               ("train_pets", ["--workers", "-2"], "--workers must be 0 or more, not -2"),
+                               # a code longer than the image would be gigabytes of layers, and compress nothing
+                               ("train_autoencoder", ["--code-size", "100000"], "less than the image's 12,288 numbers"),
+                               ("train_autoencoder", ["--width", "0"], "--width must be at least 1, not 0")]:
+        fails_with_one_line(run([f"training/{script}.py", "--data", data, *args]), says)
     # settings are checked before PyTorch loads: a typo costs no wait
     for args, says in [(["--data", tmp_path / "typo", "--resume"], f"no such folder: {tmp_path / 'typo'}"),
                        (["--data", data, "--device", "gpu"], "unknown --device 'gpu': use auto, cpu, cuda, cuda:N or mps")]:

@@ -2,6 +2,7 @@
 import csv
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,17 @@ def test_help_answers_at_once_and_loads_no_model(app):
            "PETS_MODEL": "never-loaded.pkl", "CLEANER_DATA": "."}
     seconds, loaded = in_fresh_process(code, app, cwd=ROOT, env=env).split(" ", 1)
     assert loaded == "[]" and float(seconds) < 3, (app, seconds, loaded)
+
+
+def test_the_shell_scripts_answer_help_and_start_nothing():
+    """quickstart.sh passes its arguments to train_pets.py: with --help it shows that help and serves nothing."""
+    made = sorted((ROOT / "build").glob("*")) if (ROOT / "build").exists() else []
+    for script, says in [("quickstart.sh", "--time-budget"), ("benchmarks/gpu_check.sh", "Every GPU check in one call"),
+                         ("benchmarks/gpu_stack_check.sh", "with the GPU machine's software")]:
+        res = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0 and says in res.stdout, (script, res.stdout[-2000:], res.stderr[-2000:])
+        assert "Running on" not in res.stdout + res.stderr
+    assert (sorted((ROOT / "build").glob("*")) if (ROOT / "build").exists() else []) == made  # no check was started
 
 
 # --- one check at start ------------------------------------------------------------------------------------
