@@ -90,10 +90,18 @@ def hidden(name):
 
 
 def visible_files(folder):
-    """Every file under `folder` (recursive), none hidden or inside a hidden folder, in a stable order."""
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and not any(hidden(part) for part in p.relative_to(folder).parts))
+    """Every file under `folder` (recursive, through links to folders: a class folder is often one), none hidden or
+    inside a hidden folder, in a stable order. A folder reached twice (a link back up) is read once."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not hidden(d))
+        found += [p for p in (Path(top) / f for f in files if not hidden(f)) if p.is_file()]
+    return sorted(found)
 
 
 def dataset_files(root, flagged=False):

@@ -46,6 +46,16 @@ def test_detect_labels(tmp_path, oxford_dir):
         detect_labels(loose, find_images(loose)[0])
 
 
+def test_linked_class_folders_are_read_once_each(tmp_path):
+    """A class folder is often a link to where the photos are; a link back up must not loop."""
+    from imagelab.paths import visible_files
+    write_image(tmp_path / "elsewhere" / "cats" / "c.jpg", (220, 60, 60))
+    write_image(tmp_path / "data" / "dogs" / "d.jpg", (60, 60, 220))
+    (tmp_path / "data" / "cats").symlink_to(tmp_path / "elsewhere" / "cats", target_is_directory=True)
+    (tmp_path / "data" / "dogs" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
+    assert visible_files(tmp_path / "data") == [tmp_path / "data" / "cats" / "c.jpg", tmp_path / "data" / "dogs" / "d.jpg"]
+
+
 def test_bad_files_are_skipped_with_reasons(tmp_path):
     good = write_image(tmp_path / "a" / "ok.jpg", (10, 200, 10), size=(300, 200))
     odd = write_image(tmp_path / "a" / "00000005.jpg?width=3200&height=1680&fit=crop", (10, 200, 10), fmt="JPEG")
