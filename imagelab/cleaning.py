@@ -69,6 +69,9 @@ class Cleaner:
         self.split = json.loads(split.read_text()) if split.is_file() else {}
         self.splits = (["valid", "train", "all"] if self.split else ["all"]) + [FLAGGED]
         self.log = self.root / LOG
+        if not any((self.root / c).is_dir() or (self.root / FLAGGED / c).is_dir() for c in self.classes):
+            raise UserError(f"{self.root} has no folder named after a class of the model ({', '.join(self.classes)}): "
+                            "clean the dataset folder the model was trained on")
 
     def files(self, label, split="all"):
         """Relative paths of the readable images of class `label` in `split` (a plain file each, no links);
@@ -90,7 +93,10 @@ class Cleaner:
         return [r for r in rels if check_image(self.root / r) is None]
 
     def rank(self, label, split="all", limit=None):
-        """The images of `label` in `split`, highest loss first, each with the model's prediction."""
+        """The `limit` (None or 0: all) images of `label` in `split` with the highest loss, each with the model's
+        prediction."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise UserError(f"limit must be a number of images, 0 for all: not {limit!r}")
         rels = self.files(label, split)
         if not rels:
             return []
@@ -141,8 +147,8 @@ class Cleaner:
     def undo(self):
         """Move the files of the last batch not yet undone back where they were."""
         batches = self.history()
-        undone = {b["undoes"] for b in batches if b["kind"] == "undo"}
-        todo = [b for b in batches if b["kind"] == "clean" and b["batch"] not in undone]
+        undone = {b.get("undoes") for b in batches if b.get("kind") == "undo"}
+        todo = [b for b in batches if b.get("kind") == "clean" and b["batch"] not in undone]
         if not todo:
             raise UserError("nothing to undo")
         last = todo[-1]
@@ -156,9 +162,19 @@ class Cleaner:
         return self._move(plan, "undo", undoes=last["batch"])
 
     def history(self):
+        """The logged batches. A line that is not one (a write cut short by a crash or a full disk) is passed over:
+        the rest of the log still undoes."""
         if not self.log.is_file():
             return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        batches = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                batch = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(batch, dict) and isinstance(batch.get("batch"), int) and isinstance(batch.get("moves"), list):
+                batches.append(batch)
+        return batches
 
     def _move(self, plan, kind, **extra):
         """Move each (file, folder, name) (name None: the file's own, or a free variant), never overwriting;
@@ -177,9 +193,11 @@ class Cleaner:
             raise UserError(f"moved {len(moves)} of {len(plan)} files, then: {e.strerror}: {e.filename}") from None
         finally:
             if moves:  # the log says exactly what moved, even when a move failed half-way
+                cut_short = self.log.is_file() and self.log.stat().st_size and not self.log.read_bytes().endswith(b"\n")
                 with open(self.log, "a") as f:
-                    f.write(json.dumps({"batch": batch, "kind": kind, **extra,
-                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "moves": moves}) + "\n")
+                    f.write("\n" * bool(cut_short) + json.dumps({  # a line of its own after one cut short
+                        "batch": batch, "kind": kind, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "moves": moves}) + "\n")
         return moves
 
     def rel(self, path):

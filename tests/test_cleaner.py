@@ -54,6 +54,26 @@ def test_images_are_ranked_by_loss_per_class_and_split(dataset):
         cleaner.rank("../grizzly")
     with pytest.raises(UserError, match="split must be"):
         cleaner.rank("teddy", "test")
+    with pytest.raises(UserError, match="limit must be a number of images, 0 for all"):
+        cleaner.rank("teddy", "all", limit=-3)
+    elsewhere = root.parent / "elsewhere"
+    write_image(elsewhere / "cats" / "c.jpg", (220, 60, 60))
+    with pytest.raises(UserError, match="no folder named after a class of the model"):
+        Cleaner(model, elsewhere)  # not the folder the model was trained on
+
+
+def test_a_log_line_cut_short_is_passed_over(dataset):
+    """A crash or a full disk in the middle of logging a batch leaves half a line: the rest still undoes."""
+    model, root, _ = dataset
+    cleaner = Cleaner(model, root)
+    before = snapshot(root)
+    first = cleaner.apply([{"file": "grizzly/00000003.webp", "action": "remove"}])
+    with open(root / "cleaning-log.jsonl", "a") as log:
+        log.write('{"batch": 2, "kind": "clean", "moves": [')  # cut short
+    second = cleaner.apply([{"file": "teddy/00000000.jpg", "action": "relabel", "to": "black"}])
+    assert cleaner.undo() == [{"from": m["to"], "to": m["from"]} for m in second]
+    assert cleaner.undo() == [{"from": m["to"], "to": m["from"]} for m in first]
+    assert snapshot(root) == before
 
 
 def test_apply_moves_exactly_the_chosen_files_and_undo_puts_them_back(dataset):
