@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 from . import UserError, run_cli
 from .app_options import APPS
+from .cards import trained
 from .hub import require_hub_login
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
@@ -99,9 +100,7 @@ def context(app, metrics, repo_id=None, space_id=None):
         "name": app, "title": title, "about": about, "license": LICENSE, "sdk_version": version("gradio"),
         "repo_id": repo_id or PLACEHOLDERS["repo_id"], "space_id": space_id or PLACEHOLDERS["space_id"],
         "data": Path(metrics["data"]).name,  # the folder's name: the trainer's disk layout is nobody's business
-        "seed": metrics["seed"], "train_seconds": metrics["train_seconds"],
-        "images_per_second": metrics["images_per_second"],
-        "versions": ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items()),
+        "seed": metrics["seed"], "trained": trained(metrics),
         **{f"pip_{route}": pip_pins(packages) for route, packages in kind.PACKAGES.items()},
         **kind.fields(metrics),
     }

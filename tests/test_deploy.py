@@ -95,6 +95,10 @@ def test_model_card_renders_every_field(tiny_model):
     assert f"Trained on a folder named `{Path(metrics['data']).name}`" in card
     assert metrics["data"] not in card and str(Path(metrics["data"]).parent) not in card  # no local paths
     assert "USER/REPO" in card  # no id given: a placeholder the reader sees as one
+    # what ran, not only what was asked: a time budget or early stopping ends a run before --epochs
+    budgeted = {**metrics, "epochs": 40, "epochs_trained": 9, "time_budget": 60.0, "kept_epoch": 7, "kept": "best"}
+    assert ("Trained 9 epochs in a time budget of 60 s (at most 40); the weights are epoch 7's (the lowest validation "
+            "loss).") in model_card("pets", budgeted)
 
 
 def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):

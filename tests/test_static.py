@@ -219,13 +219,16 @@ def test_deploy_static_stops_with_one_line_before_writing(tiny_model, tmp_path):
     closed = f"http://127.0.0.1:{free_port()}/"
     res = deploy_static(tiny_model, tmp_path / "out", cache=tmp_path / "empty", npm_config_registry=closed)
     fails_with_one_line(res, "cannot fetch onnxruntime-web", "python -m imagelab.onnxruntime_web")
-    model = tmp_path / "ae" / "pets.pkl"  # a report that says autoencoder: no static page for it
+    model = tmp_path / "ae" / "pets.pkl"  # a report that says autoencoder, of a classifier's files
     shutil.copytree(tiny_model.parent, model.parent)
     metrics = model.with_name("pets.report") / "metrics.json"
     metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "kind": "autoencoder"}))
-    fails_with_one_line(deploy_static(model, tmp_path / "out"), "missing", "pets.decoder.onnx", "re-export")
+    fails_with_one_line(deploy_static(model, tmp_path / "out"), "the pets app serves classifier models")
+    fails_with_one_line(deploy_static(model, tmp_path / "out", app="autoencoder"), "missing", "pets.decoder.onnx",
+                        "re-export")
     shutil.copy(model.with_suffix(".onnx"), model.with_name("pets.decoder.onnx"))
-    fails_with_one_line(deploy_static(model, tmp_path / "out"), "the model's ONNX graph has no output 'reconstruction'",
+    fails_with_one_line(deploy_static(model, tmp_path / "out", app="autoencoder"),
+                        "the model's ONNX graph has no output 'reconstruction'",
                         "retrain it")  # the page would read outputs that this graph (a classifier's) lacks
     assert not (tmp_path / "out").exists()
 

@@ -17,5 +17,23 @@ def settings(metrics, keys):
     return table([(k, metrics[k]) for k in keys if k in metrics], ["setting", "value"])
 
 
+def trained(metrics):
+    """How the run went, in a sentence: the epochs it trained (the cap, when a time budget or early stopping ended
+    it sooner), whose weights were kept, the time, the speed and the versions."""
+    done, cap = metrics.get("epochs_trained", metrics["epochs"]), metrics["epochs"]
+    text = f"Trained {done} epoch{'s' * (done != 1)}"
+    if metrics.get("time_budget"):
+        text += f" in a time budget of {metrics['time_budget']:g} s (at most {cap})"
+    elif done != cap:
+        text += f" of {cap}"
+    if metrics.get("stopped_early"):
+        text += ", stopped early (no lower validation loss)"
+    if metrics.get("kept_epoch"):
+        why = "the lowest validation loss" if metrics.get("kept") == "best" else "the last"
+        text += f"; the weights are epoch {metrics['kept_epoch']}'s ({why})"
+    versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
+    return text + f". {metrics['train_seconds']} s ({metrics['images_per_second']} images/s) with {versions}."
+
+
 def pct(x, digits=1):
     return "n/a" if x is None else f"{x:.{digits}%}"

@@ -26,7 +26,8 @@ def fields(metrics):
     per_class = [(c, counts["train"].get(c, 0), counts["valid"].get(c, 0), pct(metrics["per_class"][c]["precision"]),
                   pct(metrics["per_class"][c]["recall"])) for c in vocab]
     return {
-        "labels": metrics["labels"], "task": metrics["task"], "skipped": counts["skipped"],
+        "labels": "a sub-folder per class" if metrics["labels"] == "folder" else
+                  f"labels from Oxford-style file names, task {metrics['task']}", "skipped": counts["skipped"],
         "split": f"{1 - metrics['valid_pct']:.0%} / {metrics['valid_pct']:.0%}",
         "class_table": table(per_class, ["class", "train images", "held-out images", "precision", "recall"]),
         "settings": settings(metrics, ("arch", "pretrained", "size", "start_size", "min_scale", "epochs", "bs", "lr",
