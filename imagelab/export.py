@@ -110,9 +110,10 @@ def to_onnx(model, config, f=None, outputs=("logits",), inputs=None):
 
 def export_weights_only(model, config, model_path):
     """Write the safetensors weights and the JSON config beside `model_path` (its ONNX graph is the task's to write)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     paths = artifact_paths(model_path)
-    save_file({k: v.contiguous() for k, v in cpu_copy(model).state_dict().items()}, paths["weights"])
+    # written as bytes, like every other file: safetensors' save_file makes its file readable by its owner alone
+    paths["weights"].write_bytes(save({k: v.contiguous() for k, v in cpu_copy(model).state_dict().items()}))
     paths["config"].write_text(json.dumps(config, indent=2) + "\n")
 
 

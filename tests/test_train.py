@@ -35,6 +35,8 @@ def test_report_beside_the_model(tiny_model):
     examples = sorted(p.name for p in (report / "examples").iterdir())
     assert examples and all(n.endswith(".jpg") for n in examples)
     assert not [p for p in tiny_model.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    modes = {p.suffix: p.stat().st_mode & 0o777 for p in tiny_model.parent.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # each as the user's umask has it (safetensors' own: owner only)
 
 
 def test_model_loads_in_a_fresh_process_elsewhere(tiny_model, tmp_path):
