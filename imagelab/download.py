@@ -173,8 +173,11 @@ def make_dataset(classes, dest, per_class=150, query="{}", workers=16, timeout=1
         raise UserError("no classes to download")
     if "{}" not in query:
         raise UserError(f"--query must contain {{}} where the class name goes, e.g. '{{}} bear' (got {query!r})")
-    if per_class < 1:
-        raise UserError("--per-class must be at least 1")
+    for option, value in (("--per-class", per_class), ("--download-workers", workers)):
+        if value < 1:
+            raise UserError(f"{option} must be at least 1, not {value}")
+    if not timeout > 0:
+        raise UserError(f"--timeout must be more than 0 seconds, not {timeout}")
     if not search_reachable():
         proxy = search_proxy()
         raise UserError(f"cannot reach the image search ({SEARCH_HOST}{' via proxy ' + proxy if proxy else ''}): "

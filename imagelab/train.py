@@ -203,7 +203,8 @@ class KeepBest(Callback):
         self.validated = len(self.run.history.valid)
         if self.patience and self.run.epochs_since_best() >= self.patience:
             if not self.run.stopped_early:
-                print(f"early stopping: no lower validation loss in {self.patience} epochs")
+                print(f"early stopping: no lower validation loss in {self.patience} "
+                      f"epoch{'s' * (self.patience != 1)}")
             self.run.stopped_early = True
             raise CancelFitException  # also ends a later fit of the schedule before it trains
 

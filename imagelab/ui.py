@@ -266,7 +266,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
 def launch(demo, args):
     """Serve `demo` as the app's options say; with `--mcp`, also as an MCP server at /gradio_api/mcp/."""
     if args.mcp and importlib.util.find_spec("mcp") is None:
-        raise UserError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]' (requirements.txt pins it)")
+        raise UserError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]'")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     try:
         demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,

@@ -28,13 +28,19 @@ def main(argv=None):
 
     if args.data and (args.download or args.download_only):
         raise UserError("--data trains on a folder you have; --download fills --dest: use one of them")
-    if args.download or args.download_only or not (args.data or Path(args.dest).is_dir()):
+    download = args.download or args.download_only or not (args.data or Path(args.dest).is_dir())
+    cfg = None
+    if not args.download_only:  # every training setting checked before the downloads, not after them
+        if download and len(set(args.classes)) < 2:
+            raise UserError(f"--classes: a classifier needs at least two, not {args.classes}")
+        cfg = parser.config_from(args)
+    if download:
         make_dataset(args.classes, args.dest, args.per_class, args.query, args.download_workers, args.timeout)
-    if not args.download_only:
+    if cfg:
         from imagelab.classifier import Classifier
         from imagelab.train import train
-        args.data = args.data or args.dest
-        train(Classifier(), parser.config_from(args))
+        cfg.data = args.data or args.dest
+        train(Classifier(), cfg)
 
 
 if __name__ == "__main__":
