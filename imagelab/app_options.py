@@ -11,7 +11,6 @@ from . import HelpFormatter, paths
 from .loading import FORMS
 
 
-
 class AppModel(NamedTuple):
     kind: str  # what the app serves: a "classifier" or an "autoencoder"
     train: str  # how to train one, shown where it is missing: online (the Hub's data and weights), then offline

@@ -113,7 +113,7 @@ class TrainConfig:
             ("--bs", self.bs, self.bs >= 1, "at least 1"),
             ("--start-size", self.start_size, self.start_size is None or 8 <= self.start_size <= self.size,
              f"between 8 and --size ({self.size})"),
-            ("--lr", self.lr, not isinstance(self.lr, float) or self.lr > 0, "more than 0 (or find)"),
+            ("--lr", self.lr, self.lr in (None, "find") or self.lr > 0, "more than 0 (or find)"),
             ("--wd", self.wd, self.wd is None or self.wd >= 0, "0 or more"),
             ("--workers", self.workers, self.workers is None or self.workers >= 0, "0 or more"),
             ("--time-budget", self.time_budget, self.time_budget is None or self.time_budget > 0, "more than 0"),

@@ -106,6 +106,20 @@ def test_a_replaced_upload_runs_once_and_an_invalid_one_clears_the_last_results(
     screenshot(page, "pets-invalid-upload")
 
 
+def test_an_example_clicked_is_classified_once(site):
+    page, _ = site
+    panel = open_tab(page, "Pets")
+    heatmap = panel.locator(".block", has=page.get_by_text("Where it looked")).locator("img")
+    steps = []
+    count = lambda request: steps.append(request.url) if "/queue/join" in request.url else None  # noqa: E731
+    page.on("request", count)
+    panel.locator(".gallery-item, [data-testid=examples] button, .examples button").last.click()
+    expect(heatmap.first).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(1500)
+    page.remove_listener("request", count)
+    assert len(steps) == 2, steps  # its labels, then its heatmap
+
+
 def test_cleaner_tab_removes_and_undoes_a_file(site):
     page, data = site
     panel = open_tab(page, "Cleaner")
