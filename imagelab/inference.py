@@ -32,8 +32,14 @@ def onnx_session(graph):
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
-                                providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # the graph beside a .pkl or .safetensors given is read too: name the file at fault
+        if not isinstance(graph, Path):
+            raise
+        raise UserError(f"cannot load the ONNX graph {graph} ({type(e).__name__}): a damaged file? Train or "
+                        "export the model again") from None
 
 
 def output_names(session):

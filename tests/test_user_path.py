@@ -75,7 +75,11 @@ def test_models_that_cannot_be_served_stop_every_entry_point_with_one_line(tiny_
     typo = tmp_path / "pest.pkl"
     data = tmp_path / "data"
     data.mkdir()
+    damaged = tmp_path / "damaged" / "pets.safetensors"  # its weights are whole, the graph served with them is not
+    shutil.copytree(tiny_model.parent, damaged.parent)
+    damaged.with_suffix(".onnx").write_bytes(tiny_model.with_suffix(".onnx").read_bytes()[:1000])
     cases = [
+        (["-m", "imagelab.predict", damaged, data], ["cannot load the ONNX graph", str(damaged.with_suffix(".onnx"))]),
         (["apps/pets/app.py", "--model", typo], ["no model at", str(typo)]),
         (["apps/bears/app.py", "--model", corrupt], ["cannot load the model", str(corrupt)]),
         (["apps/pets/app.py", "--model", tiny_autoencoder], ["is an autoencoder model, not a classifier"]),
