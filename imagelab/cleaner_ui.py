@@ -10,6 +10,7 @@ import gradio as gr
 from . import UserError
 from .cleaning import LOG
 from .paths import FLAGGED
+from .ui import TURNS
 
 
 def guarded(fn, *args):
@@ -50,9 +51,9 @@ def cleaner_api(cleaner, api_prefix=""):
         """Move the files of the last applied batch back; returns those moves."""
         return guarded(cleaner.undo)
 
-    gr.api(list_images, api_name=f"{api_prefix}list")
-    gr.api(apply, api_name=f"{api_prefix}apply")
-    gr.api(undo, api_name=f"{api_prefix}undo")
+    gr.api(list_images, api_name=f"{api_prefix}list", **TURNS)
+    gr.api(apply, api_name=f"{api_prefix}apply", **TURNS)
+    gr.api(undo, api_name=f"{api_prefix}undo", **TURNS)
 
 
 def cleaner_panel(cleaner, api_prefix=""):
@@ -77,13 +78,14 @@ def cleaner_panel(cleaner, api_prefix=""):
         total = len(cleaner.files(label, split))
         return f"{message}{len(recs)} of {total} images of **{label}** ({split}), highest loss first.", recs
 
-    show.click(refresh, [label, split, limit], [status, records], api_visibility="private")
+    show.click(refresh, [label, split, limit], [status, records], api_visibility="private", **TURNS)
 
     def undo_and_refresh(label, split, limit):
         moves = guarded(cleaner.undo)
         return refresh(label, split, limit, f"Undid {len(moves)} moves. ")
 
-    undo_button.click(undo_and_refresh, [label, split, limit], [status, records], api_visibility="private")
+    undo_button.click(undo_and_refresh, [label, split, limit], [status, records], api_visibility="private",
+                      **TURNS)
     image_grid(cleaner, records, [label, split, limit], status, refresh)
 
 
@@ -108,4 +110,5 @@ def image_grid(cleaner, records, view, status, refresh):
             moves = guarded(cleaner.apply, [action(r, c) for r, c in zip(recs, chosen) if c != "keep"])
             return refresh(label, split, limit, f"Moved {len(moves)} files. ")
 
-        apply_button.click(apply_and_refresh, [*view, *decisions], [status, records], api_visibility="private")
+        apply_button.click(apply_and_refresh, [*view, *decisions], [status, records], api_visibility="private",
+                           **TURNS)

@@ -7,6 +7,7 @@ in the log), each part a plain name, no symlinks, and the resolved result must s
 """
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +73,11 @@ class Cleaner:
         if not any((self.root / c).is_dir() or (self.root / FLAGGED / c).is_dir() for c in self.classes):
             raise UserError(f"{self.root} has no folder named after a class of the model ({', '.join(self.classes)}): "
                             "clean the dataset folder the model was trained on")
+        linked = [c for c in self.classes if (self.root / c).is_symlink()]
+        if linked:  # training reads through it; the cleaner moves files only where they really are
+            raise UserError(f"{self.root / linked[0]} is a link to a folder elsewhere: clean the folder it links to, "
+                            f"{(self.root / linked[0]).resolve()}, or a copy of the dataset")
+        self.moving = threading.Lock()  # one apply or undo at a time: each takes the next batch number of the log
 
     def files(self, label, split="all"):
         """Relative paths of the readable images of class `label` in `split` (a plain file each, no links);
@@ -142,10 +148,15 @@ class Cleaner:
                 plan.append((src, self.root / REMOVED / src.parent.name, None))
             elif a["action"] == "relabel" and src.parent != self.root / a["to"]:
                 plan.append((src, self.root / a["to"], None))
-        return self._move(plan, "clean")
+        with self.moving:
+            return self._move(plan, "clean")
 
     def undo(self):
         """Move the files of the last batch not yet undone back where they were."""
+        with self.moving:
+            return self._undo()
+
+    def _undo(self):
         batches = self.history()
         undone = {b.get("undoes") for b in batches if b.get("kind") == "undo"}
         todo = [b for b in batches if b.get("kind") == "clean" and b["batch"] not in undone]

@@ -8,6 +8,7 @@ Each field is one knob: its default, its help and its option group live on the f
 Standard library only: `--help` answers at once and the environment is set before torch loads.
 """
 import argparse
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -113,8 +114,8 @@ class TrainConfig:
             ("--bs", self.bs, self.bs >= 1, "at least 1"),
             ("--start-size", self.start_size, self.start_size is None or 8 <= self.start_size <= self.size,
              f"between 8 and --size ({self.size})"),
-            ("--lr", self.lr, self.lr in (None, "find") or self.lr > 0, "more than 0 (or find)"),
-            ("--wd", self.wd, self.wd is None or self.wd >= 0, "0 or more"),
+            ("--lr", self.lr, self.lr in (None, "find") or 0 < self.lr < math.inf, "more than 0 (or find)"),
+            ("--wd", self.wd, self.wd is None or 0 <= self.wd < math.inf, "0 or more"),
             ("--workers", self.workers, self.workers is None or self.workers >= 0, "0 or more"),
             ("--time-budget", self.time_budget, self.time_budget is None or self.time_budget > 0, "more than 0"),
             ("--patience", self.patience, self.patience is None or self.patience >= 1, "at least 1"),

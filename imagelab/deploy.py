@@ -5,8 +5,9 @@
     python -m imagelab.deploy pets --space USER/SPACE --model-repo USER/REPO --push   # ... and upload both
     python -m imagelab.deploy pets --static --out build/pets-static --push USER/SPACE  # free: runs in the browser
 
-Nothing is uploaded without --push. An app is a folder apps/<app>/ with a README.md: the Space's README
-as a template (title and emoji in its front matter; the first paragraph after the title says what it does).
+Nothing is uploaded without --push. An app is an entry of imagelab.app_options.APPS and a folder
+apps/<app>/ with a README.md: the Space's README as a template (title and emoji in its front matter; the first
+paragraph after the title says what it does).
 The model's kind (metrics.json "kind") picks the rest: imagelab/cards/<kind>.py (which model files the
 Space runs and the model repo carries) and imagelab/cards/<kind>.md (the model card).
 
@@ -45,20 +46,21 @@ PLACEHOLDERS = {"repo_id": "USER/REPO", "space_id": "USER/SPACE"}
 
 
 def apps():
-    return sorted(p.parent.name for p in (REPO / "apps").glob("*/README.md"))
+    """The apps that publish: each serves a model (`app_options.APPS`) and has a Space README (`apps/<app>/README.md`)."""
+    return sorted(app for app in APPS if (REPO / "apps" / app / "README.md").is_file())
 
 
 def load_metrics(model, app):
-    """The run's metrics.json, for a model of the kind `app` serves."""
+    """The run's metrics.json and the module of its kind (imagelab/cards/), for a model of the kind `app` serves."""
     path = metrics_path(model)
     if not path.is_file():
         raise UserError(f"no report at {path}: train the model with training/ first")
     metrics = json.loads(path.read_text())
-    card_kind(metrics)  # a kind this version knows
-    if app in APPS and metrics["kind"] != APPS[app].kind:
+    kind = card_kind(metrics)
+    if metrics["kind"] != APPS[app].kind:
         raise UserError(f"the {app} app serves {APPS[app].kind} models, and {model} is of kind "
                         f"{metrics['kind']!r}: publish it with its own app")
-    return metrics
+    return metrics, kind
 
 
 def card_kind(metrics):
@@ -179,8 +181,7 @@ def staged(out):
 
 def build_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete Space: app, library, requirements, model, examples, README, LFS rules."""
-    metrics = load_metrics(model, app)
-    kind = card_kind(metrics)
+    metrics, kind = load_metrics(model, app)
     with staged(out) as stage:
         shutil.copytree(REPO / "apps" / app, stage, ignore=shutil.ignore_patterns("__pycache__"))
         copy_library(stage)
@@ -205,8 +206,7 @@ def check_outputs(graph, names, what="a static Space"):
 def build_static_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete static Space: the page, the model's ONNX graph and config, its report
     and examples, onnxruntime-web, README, LFS rules. Any file server serves it; nothing runs on a server."""
-    metrics = load_metrics(model, app)
-    kind = card_kind(metrics)
+    metrics, kind = load_metrics(model, app)
     if not hasattr(kind, "STATIC_FILES"):
         raise UserError(f"no static Space for a model of kind {metrics['kind']!r}: "
                         "publish it as a Gradio Space (leave out --static)")
@@ -241,8 +241,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
 
 def build_model_repo(app, model, out, repo_id=None):
     """A folder for a Hub model repo: the model files, the report, the library the `.pkl` needs, and the card."""
-    metrics = load_metrics(model, app)
-    kind = card_kind(metrics)
+    metrics, kind = load_metrics(model, app)
     with staged(out) as stage:
         stage.mkdir(parents=True)
         files = copy_model(app, model, stage, kind.REPO_FILES, kind.OPTIONAL_FILES)

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError
+from .config import require
 from .images import check_image
 from .metadata import write_json
 from .paths import check_class_name, hidden, visible_files
@@ -173,11 +174,9 @@ def make_dataset(classes, dest, per_class=150, query="{}", workers=16, timeout=1
         raise UserError("no classes to download")
     if "{}" not in query:
         raise UserError(f"--query must contain {{}} where the class name goes, e.g. '{{}} bear' (got {query!r})")
-    for option, value in (("--per-class", per_class), ("--download-workers", workers)):
-        if value < 1:
-            raise UserError(f"{option} must be at least 1, not {value}")
-    if not timeout > 0:
-        raise UserError(f"--timeout must be more than 0 seconds, not {timeout}")
+    require([("--per-class", per_class, per_class >= 1, "at least 1"),
+             ("--download-workers", workers, workers >= 1, "at least 1"),
+             ("--timeout", timeout, timeout > 0, "more than 0 seconds")])
     if not search_reachable():
         proxy = search_proxy()
         raise UserError(f"cannot reach the image search ({SEARCH_HOST}{' via proxy ' + proxy if proxy else ''}): "

@@ -38,8 +38,9 @@ def onnx_session(graph):
     except Exception as e:  # the graph beside a .pkl or .safetensors given is read too: name the file at fault
         if not isinstance(graph, Path):
             raise
-        raise UserError(f"cannot load the ONNX graph {graph} ({type(e).__name__}): a damaged file? Train or "
-                        "export the model again") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot load the ONNX graph {graph} ({reason}): a damaged file, or one this onnxruntime "
+                        "cannot run? Train or export the model again") from None
 
 
 def output_names(session):

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import HelpFormatter, UserError, run_cli
+from .config import require
 from .loading import CLASSIFIER, FORMS, open_model
 from .paths import staging_path, visible_files
 
@@ -63,11 +64,14 @@ def check_output(path):
 
 @contextmanager
 def output(path):
-    """Standard output, or `path` written whole: rows go to a hidden sibling renamed onto `path` at the end."""
+    """Standard output, or `path` written whole: rows go to a hidden sibling renamed onto `path` (the file a link
+    names, not the link) at the end."""
     if path is None:
-        sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
+        if hasattr(sys.stdout, "reconfigure"):  # not a notebook's or a test's stand-in
+            sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
         yield sys.stdout
         return
+    path = Path(os.path.realpath(path))
     tmp = staging_path(path)
     try:
         with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
@@ -87,13 +91,14 @@ def main(argv=None):
     p.add_argument("--tta", action="store_true", help="average each image's probabilities with its mirror image's "
                    "(test-time augmentation): twice the time per image")
     args = p.parse_args(argv)
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, not {args.top_k}")
+    require([("--top-k", args.top_k, args.top_k >= 1, "at least 1")])
     if args.csv:
         check_output(args.csv)
     predictor = open_model(args.model, CLASSIFIER)
     predictor.tta = args.tta
     items = list(expand(args.paths))
+    if not items:  # before --csv is written: an earlier OUT stays as it was
+        raise UserError(f"nothing classified: no files in {' '.join(args.paths)}")
     header = ["path"] + [f"{c}{i}" for i in range(1, args.top_k + 1) for c in ("label", "prob")] + ["error"]
     try:
         with output(args.csv) as out:
@@ -102,8 +107,6 @@ def main(argv=None):
             errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
     except OSError as e:  # a full disk, a folder that went away
         raise UserError(f"could not write {args.csv or 'standard output'}: {e.strerror or e}") from None
-    if not items:
-        raise UserError(f"nothing classified: no files in {' '.join(args.paths)}")
     if len(errors) == len(items):
         raise UserError(f"nothing classified: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
     print(f"{len(items) - len(errors)} classified, {len(errors)} unreadable", file=sys.stderr)

@@ -143,8 +143,8 @@ class Progress(ProgressCallback):
 
     def _write_stats(self, log):
         if log and isinstance(log[0], int):  # an epoch's row, not the header
-            if len(log) <= 2:
-                return  # an epoch skipped to resume: its number and no time, nothing to show
+            if len(log) < len(self.learn.recorder.metric_names):
+                return  # an epoch skipped to resume: its number and its time, no losses to show
             log = [self.offset + log[0] + 1, *log[1:]]
         super()._write_stats(log)
 

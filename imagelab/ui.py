@@ -271,6 +271,6 @@ def launch(demo, args):
     try:
         demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
                     css=CSS)
-    except OSError:  # Gradio's message names only the port, though the address may be what is wrong
+    except OSError as e:  # Gradio's message names only the port, though the address may be what is wrong
         raise UserError(f"cannot listen on {args.host}:{args.port}: the port is in use (choose another with --port) "
-                        f"or {args.host} is not an address of this machine") from None
+                        f"or {args.host} is not an address of this machine ({str(e).split('.')[0]})") from None

@@ -60,6 +60,12 @@ def test_images_are_ranked_by_loss_per_class_and_split(dataset):
     write_image(elsewhere / "cats" / "c.jpg", (220, 60, 60))
     with pytest.raises(UserError, match="no folder named after a class of the model"):
         Cleaner(model, elsewhere)  # not the folder the model was trained on
+    linked = root.parent / "linked"  # training reads through links; the cleaner moves files only where they are
+    linked.mkdir()
+    for label in CLASSES:
+        (linked / label).symlink_to(root / label, target_is_directory=True)
+    with pytest.raises(UserError, match="is a link to a folder elsewhere: clean the folder it links to"):
+        Cleaner(model, linked)
 
 
 def test_a_log_line_cut_short_is_passed_over(dataset):

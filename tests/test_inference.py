@@ -100,9 +100,13 @@ def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_mo
     before = out.read_bytes()
     (tmp_path / "empty").mkdir()
     for args, message in ((["--csv", tmp_path], "that is a folder"), (["--csv", tmp_path / "no" / "x.csv"], "no such folder"),
-                          (["--top-k", "0"], "must be at least 1"), ([], "no files in")):
+                          (["--top-k", "0"], "must be at least 1"), (["--csv", out], "no files in")):
         fails_with_one_line(run(["-m", "imagelab.predict", tiny_model, tmp_path / "empty", *args]), message)
     assert out.read_bytes() == before and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+    out.write_text("old rows\n")
+    (tmp_path / "link.csv").symlink_to(out)  # --csv names a link: the file it links to gets the rows
+    assert run(["-m", "imagelab.predict", tiny_model, folder, "--csv", tmp_path / "link.csv"]).returncode == 0
+    assert (tmp_path / "link.csv").is_symlink() and out.read_bytes() == before
 
 
 def test_exported_heatmap_of_a_map_without_evidence_is_zero_not_nan():

@@ -3,7 +3,7 @@
     python training/train_bears.py                       # search + download into data/bears (once), then train
     python training/train_bears.py --download --per-class 200                # fetch more, then train
     python training/train_bears.py --download-only --classes cat dog --query "{} photo" --dest data/pets2
-    python training/train_bears.py --data ../shared/data/bears --no-pretrained   # offline
+    python training/train_bears.py --data ../shared/data/bears --preset scratch   # offline
 """
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 
     python training/train_pets.py                                 # downloads Oxford-IIIT Pet
     python training/train_pets.py --task breed --epochs 4
-    python training/train_pets.py --data ../shared/data/catsdogs --no-pretrained   # offline
+    python training/train_pets.py --data ../shared/data/catsdogs --preset scratch     # offline
 """
 from imagelab import run_cli
 from imagelab.config import ClassifierConfig, ConfigParser
