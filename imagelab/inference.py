@@ -242,6 +242,8 @@ class Reconstructor:
 
     def interpolate(self, a, b, steps=8):
         """One image: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, left to right."""
+        if not isinstance(steps, int) or steps < 1:
+            raise UserError(f"steps must be a whole number, at least 1: not {steps!r}")
         code_a, code_b = (self.run(square_input(im, self.size))["code"] for im in (a, b))
         frames = []
         for t in np.linspace(0, 1, steps, dtype=np.float32):

@@ -86,10 +86,12 @@ def listen(listeners, fn, inputs, outputs, api_name, clear=None, then=None):
     not shown beside the last good upload's results."""
     for i, listener in enumerate(listeners):
         public = dict(api_name=api_name) if i == 0 else dict(api_visibility="private")
-        step = listener(fn, inputs, outputs, **public, **TURNS)
+        # always_last: a picture given while the last one's run is pending runs next (Gradio's default for an
+        # upload drops it, and the panels would show two pictures' results)
+        step = listener(fn, inputs, outputs, **public, **TURNS, trigger_mode="always_last")
         if then:
             step.success(then[0], inputs, then[1], api_visibility="private", **TURNS)
-        if clear:
+        if clear:  # not the failing step's own outputs: Gradio shows its error there, and then clears nothing
             step.failure(None, None, clear, js=emptied(clear))
 
 
@@ -223,7 +225,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
                                    f"{r.pca_psnr:.2f} dB ({r.psnr - r.pca_psnr:+.2f} dB; all at {ae.size}x{ae.size})")
 
     def interpolate(a, b, steps):
-        return None if a is None or b is None else ae.interpolate(a, b, int(steps))
+        return None if a is None or b is None else ae.interpolate(a, b, round(steps))
 
     # What an AI assistant reads to decide when to call each tool (--mcp), and what it gets back.
     square = f"{ae.size}x{ae.size}"
@@ -258,7 +260,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         steps = gr.Slider(3, 12, value=8, step=1, label="Steps")
     strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
     pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
-    listen([*on_new_picture(a, pairs), b.upload, steps.release], interpolate, [a, b, steps], strip,
+    listen([*on_new_picture(a, pairs), b.upload, steps.input], interpolate, [a, b, steps], strip,
            f"{api_prefix}interpolate")
     gr.on([a.clear, b.clear], None, None, strip, js=emptied([strip]))
 

@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 
 from conftest import PY, ROOT, fails_with_one_line, free_port, run
 from test_browser import CHROMIUM, CHROMIUM_ARGS
-from uploads import valid_uploads
+from uploads import invalid_uploads, valid_uploads
 from imagelab import onnxruntime_web
 from imagelab.loading import open_model
 
@@ -193,6 +193,27 @@ def test_an_unreadable_upload_says_so(page, tmp_path):
     page.set_input_files("#upload", str(bad))
     page.wait_for_selector('#results[data-source=""]', state="attached", timeout=30_000)
     assert "notes.jpg: not a readable image" in page.inner_text("#status")
+    # a small file that claims a huge picture: refused from its header, as in Python, before anything decodes it
+    for name, (path, _) in invalid_uploads(tmp_path / "bad").items():
+        if name.startswith("bomb"):
+            start = time.monotonic()
+            page.set_input_files("#upload", str(path))
+            page.wait_for_function("document.querySelector('#status').textContent.includes('image too large')",
+                                   timeout=30_000)
+            assert time.monotonic() - start < 5, name
+
+
+def test_only_the_latest_upload_is_answered(page, photos, tmp_path):
+    """A large image then a small one at once: the small one's answer comes first, the large one's later, and
+    the later must not be drawn beside the small one."""
+    big = tmp_path / "big.png"
+    Image.effect_noise((3000, 3000), 64).convert("RGB").save(big)  # slow to decode and to shrink
+    small = photos[0]
+    page.set_input_files("#upload", str(big))
+    page.set_input_files("#upload", str(small))
+    page.wait_for_selector(f'#results[data-source="{small.name}"]', state="attached", timeout=60_000)
+    page.wait_for_timeout(3000)  # the large image's run has ended by now
+    assert page.get_attribute("#results", "data-source") == small.name and page.inner_text("#status") == ""
 
 
 def test_runtime_comes_checked_from_the_registry_then_from_the_cache(tmp_path):

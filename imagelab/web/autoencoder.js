@@ -69,11 +69,12 @@ async function reconstruct(image) {
 // As imagelab.inference.Reconstructor.interpolate: the decodings of `steps` codes evenly spaced from `a`'s code
 // to `b`'s, each 3xSxS.
 async function interpolate(a, b, steps = 8) {
+  if (!Number.isInteger(steps) || steps < 1) throw new Error(`steps must be a whole number, at least 1: not ${steps}`);
   const { decoder } = await model;
   const [ra, rb] = [await reconstruct(a), await reconstruct(b)];
   const frames = [];
   for (let i = 0; i < steps; i++) {
-    const t = Math.fround(i / (steps - 1));
+    const t = Math.fround(steps > 1 ? i / (steps - 1) : 0); // NumPy's linspace(0, 1, steps)
     const code = ra.code.map((v, j) => Math.fround(Math.fround(1 - t) * v) + Math.fround(t * rb.code[j]));
     const out = await inTurn(() => decoder.run({ code: new ort.Tensor("float32", code, [1, code.length]) }));
     frames.push(out.image.data);
@@ -97,11 +98,17 @@ function draw(canvas, x, size, left = 0) {
   canvas.getContext("2d").putImageData(image, left, 0);
 }
 
-async function show(image, name) {
+// Empties the pictures of `ids`: a refused image must not stand beside the last one's results.
+function blank(...ids) {
+  for (const id of ids) $(id).getContext("2d").clearRect(0, 0, $(id).width, $(id).height);
+}
+
+async function show(image, name, current = () => true) {
   const figures = $("figures");
   status(`Encoding ${name}...`);
   try {
     const r = await reconstruct(image);
+    if (!current()) return; // a later image is shown: its result is the one to show
     for (const id of ["view", "reconstruction", "pca"]) draw($(id), r[id], r.size);
     const gain = r.psnr - r.pcaPsnr;
     $("psnr").innerHTML = `<b>Autoencoder: PSNR ${r.psnr.toFixed(2)} dB</b> · PCA with as many components: ` +
@@ -109,6 +116,8 @@ async function show(image, name) {
     Object.assign(figures.dataset, { source: name, psnr: r.psnr, pcaPsnr: r.pcaPsnr });
     status("");
   } catch (e) {
+    if (!current()) return;
+    blank("view", "reconstruction", "pca");
     figures.dataset.source = "";
     $("psnr").textContent = "";
     status(`${name}: ${e.message}`);
@@ -117,20 +126,30 @@ async function show(image, name) {
 
 imageSources(show, status);
 
+let walks = 0; // as the upload's turns: only the latest walk is drawn
+
 async function walk() {
   const [a, b] = [$("from").files[0], $("to").files[0]];
   const steps = Math.min(12, Math.max(3, Math.round(Number($("steps").value)) || 8));
-  if (!a || !b) return;
-  const canvas = $("walk");
+  $("steps").value = steps; // the number of images drawn, when the box held another
+  const canvas = $("walk"), turn = ++walks;
+  if (!a || !b) {
+    blank("walk");
+    canvas.dataset.source = "";
+    return;
+  }
   try {
     const { size, frames } = await interpolate(a, b, steps);
+    if (turn !== walks) return;
     [canvas.width, canvas.height] = [size * steps, size];
     frames.forEach((frame, i) => draw(canvas, frame, size, i * size));
     canvas.dataset.source = `${a.name} -> ${b.name} in ${steps}`;
     status("");
   } catch (e) {
+    if (turn !== walks) return;
+    blank("walk");
     canvas.dataset.source = "";
-    status(`${e.message}`);
+    status(`${a.name} -> ${b.name}: ${e.message}`);
   }
 }
 for (const id of ["from", "to", "steps"]) $(id).addEventListener("change", walk);

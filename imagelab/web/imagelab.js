@@ -60,11 +60,12 @@ window.imagelab = { classify, ready: model.then(({ config }) => config.vocab) };
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $("status").textContent = text; };
 
-async function show(image, name) {
+async function show(image, name, current = () => true) {
   const results = $("results");
   status(`Classifying ${name}...`);
   try {
     const top = (await classify(image)).slice(0, 3);
+    if (!current()) return; // a later image is shown: its result is the one to show
     results.replaceChildren(...top.map(({ label, confidence }) => {
       const li = document.createElement("li");
       li.dataset.label = label;
@@ -78,6 +79,7 @@ async function show(image, name) {
     results.dataset.source = name;
     status("");
   } catch (e) {
+    if (!current()) return;
     results.replaceChildren();
     results.dataset.source = "";
     status(`${name}: ${e.message}`);

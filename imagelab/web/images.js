@@ -65,10 +65,44 @@ export function resize(rgba, width, height, outW, outH) {
   return out;
 }
 
+// The width and height a PNG, GIF, BMP, WebP or JPEG file's header claims (null for other formats or a header
+// that does not say), read without decoding the picture.
+async function claimedSize(blob) {
+  const b = new DataView(await blob.slice(0, 65536).arrayBuffer()), n = b.byteLength;
+  const ascii = (at, length) => n >= at + length ?
+    String.fromCharCode(...new Uint8Array(b.buffer, at, length)) : "";
+  if (ascii(1, 3) === "PNG" && n >= 24) return [b.getUint32(16), b.getUint32(20)];
+  if (ascii(0, 3) === "GIF" && n >= 10) return [b.getUint16(6, true), b.getUint16(8, true)];
+  if (ascii(0, 2) === "BM" && n >= 26) return [Math.abs(b.getInt32(18, true)), Math.abs(b.getInt32(22, true))];
+  if (ascii(0, 4) === "RIFF" && ascii(8, 4) === "WEBP" && n >= 30) {
+    const kind = ascii(12, 4);
+    if (kind === "VP8X") return [1 + (b.getUint32(24, true) & 0xffffff), 1 + (b.getUint32(27, true) & 0xffffff)];
+    if (kind === "VP8L") { const v = b.getUint32(21, true); return [1 + (v & 0x3fff), 1 + ((v >> 14) & 0x3fff)]; }
+    if (kind === "VP8 ") return [b.getUint16(26, true) & 0x3fff, b.getUint16(28, true) & 0x3fff];
+  }
+  if (n >= 4 && b.getUint16(0) === 0xffd8) { // JPEG: walk the markers to the frame header
+    for (let at = 2; at + 9 <= n && b.getUint8(at) === 0xff;) {
+      const marker = b.getUint8(at + 1);
+      if (marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker)) {
+        return [b.getUint16(at + 7), b.getUint16(at + 5)];
+      }
+      at += 2 + b.getUint16(at + 2);
+    }
+  }
+  return null;
+}
+
+// One line, before any decoding, for a file whose header claims more than MAX_PIXELS (as imagelab.images).
+export async function checkSize(blob) {
+  const size = blob instanceof Blob ? await claimedSize(blob) : null;
+  if (size && size[0] * size[1] > MAX_PIXELS) throw new Error(`image too large: ${size[0]}x${size[1]} pixels`);
+}
+
 // Any image a page has (File or Blob, URL, <img>, <video>, <canvas>, ImageBitmap) as upright RGBA pixels,
 // transparency on white: the decoding of imagelab.images.open_rgb (EXIF rotation, no colour management).
 export async function pixels(image) {
   const source = typeof image === "string" || image instanceof URL ? await (await fetch(image)).blob() : image;
+  await checkSize(source);
   let bitmap;
   try {
     bitmap = await createImageBitmap(source, { imageOrientation: "from-image", colorSpaceConversion: "none",
@@ -87,12 +121,22 @@ export async function pixels(image) {
 }
 
 // Where a page's images come from: the upload control, a drop, a paste, the examples and the webcam. Each is
-// shown in #preview and handed to `show(blob, name)`; `status(text)` says what went wrong.
+// shown in #preview and handed to `show(blob, name, current)`, where `current()` says whether it is still the
+// latest image (an earlier one's result may arrive after a later image is shown: it must not be drawn beside
+// it); `status(text)` says what went wrong.
 export function imageSources(show, status) {
   const $ = (id) => document.getElementById(id);
-  const preview = (blob, name) => {
+  let latest = 0;
+  const preview = async (blob, name) => {
+    const turn = ++latest, current = () => turn === latest;
+    try {
+      await checkSize(blob); // before the preview decodes it: a tiny file may claim a huge picture
+    } catch (e) {
+      $("preview").removeAttribute("src");
+      return show(blob, name, current); // the page says why, as for any unreadable image
+    }
     $("preview").src = URL.createObjectURL(blob);
-    return show(blob, name);
+    return show(blob, name, current);
   };
   $("upload").addEventListener("change", (e) => { const f = e.target.files[0]; if (f) preview(f, f.name); });
   const drop = $("drop");
