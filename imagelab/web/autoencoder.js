@@ -126,7 +126,7 @@ async function show(image, name, current = () => true) {
 
 imageSources(show, status);
 
-let walks = 0; // as the upload's turns: only the latest walk is drawn
+let walks = 0, walkFailed = false; // as the upload's turns: only the latest walk is drawn
 
 async function walk() {
   const [a, b] = [$("from").files[0], $("to").files[0]];
@@ -144,12 +144,14 @@ async function walk() {
     [canvas.width, canvas.height] = [size * steps, size];
     frames.forEach((frame, i) => draw(canvas, frame, size, i * size));
     canvas.dataset.source = `${a.name} -> ${b.name} in ${steps}`;
-    status("");
+    if (walkFailed) status(""); // its own message only: the upload's stays
+    walkFailed = false;
   } catch (e) {
     if (turn !== walks) return;
     blank("walk");
     canvas.dataset.source = "";
     status(`${a.name} -> ${b.name}: ${e.message}`);
+    walkFailed = true;
   }
 }
 for (const id of ["from", "to", "steps"]) $(id).addEventListener("change", walk);
