@@ -173,7 +173,8 @@ class ClassifierConfig(TrainConfig):
     def check(self):
         super().check()
         require([("--min-scale", self.min_scale, 0 < self.min_scale <= 1, "more than 0 and at most 1"),
-                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "at least 0 and less than 1")])
+                 ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1,
+                  "at least 0 and less than 1")])
 
 
 @dataclass

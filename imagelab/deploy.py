@@ -46,7 +46,8 @@ PLACEHOLDERS = {"repo_id": "USER/REPO", "space_id": "USER/SPACE"}
 
 
 def apps():
-    """The apps that publish: each serves a model (`app_options.APPS`) and has a Space README (`apps/<app>/README.md`)."""
+    """The apps that publish: each serves a model (`app_options.APPS`) and has a Space README
+    (`apps/<app>/README.md`)."""
     return sorted(app for app in APPS if (REPO / "apps" / app / "README.md").is_file())
 
 

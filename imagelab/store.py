@@ -88,7 +88,8 @@ class ImageStore:
         # pinned: copies to the GPU overlap; a row's width of padding: `cut` reads whole rows of the widest crop
         flat = torch.zeros(sum(sizes) + widest, dtype=torch.uint8, pin_memory=pin)
         for a, o, n in zip(arrays, self.offsets, sizes):
-            flat[o:o + n] = torch.from_numpy(np.array(a.transpose(2, 0, 1))).reshape(-1)  # copied: PIL's arrays are read-only
+            # copied: PIL's arrays are read-only, which torch.from_numpy warns of
+            flat[o:o + n] = torch.from_numpy(np.array(a.transpose(2, 0, 1))).reshape(-1)
         self.flat = flat.to(device)
 
     def __len__(self):

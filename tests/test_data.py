@@ -53,7 +53,8 @@ def test_linked_class_folders_are_read_once_each(tmp_path):
     write_image(tmp_path / "data" / "dogs" / "d.jpg", (60, 60, 220))
     (tmp_path / "data" / "cats").symlink_to(tmp_path / "elsewhere" / "cats", target_is_directory=True)
     (tmp_path / "data" / "dogs" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
-    assert visible_files(tmp_path / "data") == [tmp_path / "data" / "cats" / "c.jpg", tmp_path / "data" / "dogs" / "d.jpg"]
+    data = tmp_path / "data"
+    assert visible_files(data) == [data / "cats" / "c.jpg", data / "dogs" / "d.jpg"]
 
 
 def test_bad_files_are_skipped_with_reasons(tmp_path):

@@ -99,7 +99,8 @@ def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_mo
     assert row.startswith(os.fsencode(odd) + b",") and row.split(b",")[1] in (b"cats", b"dogs")
     before = out.read_bytes()
     (tmp_path / "empty").mkdir()
-    for args, message in ((["--csv", tmp_path], "that is a folder"), (["--csv", tmp_path / "no" / "x.csv"], "no such folder"),
+    for args, message in ((["--csv", tmp_path], "that is a folder"), (["--csv", tmp_path / "no" / "x.csv"],
+                                                                       "no such folder"),
                           (["--top-k", "0"], "must be at least 1"), (["--csv", out], "no files in")):
         fails_with_one_line(run(["-m", "imagelab.predict", tiny_model, tmp_path / "empty", *args]), message)
     assert out.read_bytes() == before and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
