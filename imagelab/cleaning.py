@@ -43,6 +43,14 @@ def safe_path(root, rel, classes, under=()):
     return path
 
 
+def ends_mid_line(f):
+    """Whether the binary file `f` ends with a line that lacks its newline (a write cut short by a crash)."""
+    if f.seek(0, os.SEEK_END) == 0:
+        return False
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
+
+
 def free_name(folder, name):
     """`name` in `folder`, or `stem_1.ext`, `stem_2.ext`... if taken: a move never overwrites a file."""
     path, stem, suffix = folder / name, Path(name).stem, name[len(Path(name).stem):]
@@ -204,11 +212,10 @@ class Cleaner:
             raise UserError(f"moved {len(moves)} of {len(plan)} files, then: {e.strerror}: {e.filename}") from None
         finally:
             if moves:  # the log says exactly what moved, even when a move failed half-way
-                cut_short = self.log.is_file() and self.log.stat().st_size and not self.log.read_bytes().endswith(b"\n")
-                with open(self.log, "a") as f:
-                    f.write("\n" * bool(cut_short) + json.dumps({  # a line of its own after one cut short
+                with open(self.log, "a+b") as f:  # a line of its own after one cut short
+                    f.write((("\n" if ends_mid_line(f) else "") + json.dumps({
                         "batch": batch, "kind": kind, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "moves": moves}) + "\n")
+                        "moves": moves}) + "\n").encode())
         return moves
 
     def rel(self, path):
