@@ -10,6 +10,7 @@ from pathlib import Path
 
 from imagelab import UserError, run_cli
 from imagelab.app_options import APPS, app_parser
+from imagelab.loading import open_model
 from imagelab.paths import default_model
 
 ROOT = Path(__file__).resolve().parent
@@ -18,7 +19,6 @@ ROOT = Path(__file__).resolve().parent
 def tab_model(app):
     """The opened model of `app`'s tab (`<APP>_MODEL`, else models/<app>.pkl), or that default's path when it is
     not trained yet."""
-    from imagelab.loading import open_model
     given, default = os.environ.get(f"{app.upper()}_MODEL"), default_model(app, ROOT)
     if given is None and not default.exists():
         return default
@@ -62,7 +62,7 @@ def build():
 def main(argv=None):
     args = app_parser(__doc__).parse_args(argv)
     from imagelab.ui import launch
-    launch(build(), args)
+    launch(build(), args.host, args.port, args.mcp)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def main(argv=None):
               f"| {r['train_seconds']:.0f} |")
     plot(rows, workdir / "rate_distortion.png")
     print(f"wrote {workdir / 'rate_distortion.png'}")
-    print(json.dumps({"epochs": args.epochs, "size": args.size, "bs": cfg.bs, "lr": cfg.lr, "rows": rows}))
+    print(json.dumps({"epochs": args.epochs, "size": args.size, "bs": cfg.bs, "lr": m["lr"], "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training speed and accuracy: the fastai course recipe against this project's trainer, on the same data.
 
-    python benchmarks/train_speed.py --data ../shared/data/catsdogs            # about 25 minutes on 2 cores
+    python benchmarks/train_speed.py --data ../shared/data/catsdogs
     python benchmarks/train_speed.py --data DIR --size 224 --epochs 3 --arch resnet34
     python benchmarks/train_speed.py --data ../shared/data/catsdogs --device cuda --size 224 --bs 64 --epochs 8
 

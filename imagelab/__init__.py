@@ -21,6 +21,12 @@ class UserError(Exception):
         return self.line
 
 
+def first_line(error, limit=200):
+    """An exception in one line of at most `limit` characters: its type, and its message's first line if any."""
+    message = str(error).strip()
+    return (f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__)[:limit]
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's `--help` with each option's default, except where there is none (None, or False: a flag not
     given) or its help says it in words."""

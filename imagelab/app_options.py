@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import HelpFormatter, paths
-from .loading import FORMS
+from .loading import FORMS, open_model
 
 
 class AppModel(NamedTuple):
@@ -64,11 +64,10 @@ def default_model(app_file, name):
     return bundled if bundled.exists() else paths.default_model(name, here.parents[1])
 
 
-def app_model(args, app, default):
-    """Open the model `app` serves, once, before anything is built: a UserError if it cannot be served.
+def app_model(model, app, default):
+    """Open `model`, which `app` serves, once, before anything is built: a UserError if it cannot be served.
 
-    The train command is named only when the model missing is the default one, not a path the user gave.
+    The train command is named only when the model missing is `default`, not a path the user gave.
     """
-    from .loading import open_model
     kind, train = APPS[app]
-    return open_model(args.model, kind, train if args.model == str(default) else None)
+    return open_model(model, kind, train if model == str(default) else None)

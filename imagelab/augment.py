@@ -14,8 +14,8 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
   `TensorImage`, so the few hundred small operations that build the matrices go through fastai's
   Python `__torch_function__` one by one. Drawn from a plain view of the same batch, they are the same
   draws on the same device, in the same order, at the cost of plain PyTorch operations.
-- Its warp builds each batch's 8 x 8 perspective systems corner by corner, entry by entry: about 170 of
-  those operations, where a dozen build the same systems.
+- Its warp builds each batch's 8 x 8 perspective systems corner by corner, entry by entry, each entry an
+  operation of its own, where a few stacked operations build the same systems.
 
 Importing this module installs the replacements in fastai; fastai itself could take them.
 tests/test_device.py checks that a whole `aug_transforms` pipeline gives what fastai's own gives.
@@ -55,7 +55,7 @@ def solve(A, B):
 
 def find_coeffs(p1, p2):
     """fastai's `find_coeffs` (the warp's perspective from the corners `p1` to `p2`): the same 8 x 8 systems,
-    built in a dozen operations instead of about 170."""
+    stacked whole instead of entry by entry."""
     u, v, x, y = p1[..., 0], p1[..., 1], p2[..., 0], p2[..., 1]  # (batch, 4 corners)
     one, zero = torch.ones_like(u), torch.zeros_like(u)
     rows = torch.stack([torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1),

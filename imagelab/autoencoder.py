@@ -124,9 +124,9 @@ class ConvAutoencoder(nn.Module):
     @torch.no_grad()
     def set_pca(self, x):
         """Make the linear path PCA of the images `x` (N x 3 x size x size in [0, 1], N > 1), on the model's device."""
-        k = min(self.code_size, len(x) - 1)  # centred, n images span at most n - 1 dimensions
         x = x.to(self.pca_mean.device)
-        mean, axes = fit_pca(x.flatten(1), k)
+        mean, axes = fit_pca(x.flatten(1), self.code_size)
+        k = len(axes)
         scale = ((x.flatten(1) - mean) @ axes.T).std(0).clamp_min(1e-6)
         self.pca_mean.copy_(mean)
         self.pca_axes.zero_()[:k] = axes
@@ -258,8 +258,7 @@ def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, 
     """
     block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)), get_x=get_x, get_y=get_x,
                       splitter=RandomSplitter(valid_pct, seed=seed), item_tfms=[Resize(size), FlipItem(0.5)])
-    kwargs = {} if workers is None else {"num_workers": workers}
-    dls = block.dataloaders(list(files), bs=bs, seed=seed, **kwargs)
+    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise UserError(f"need images for training and validation: {len(files)} images with --valid-pct {valid_pct}")
     return dls
@@ -300,11 +299,13 @@ def encode(model, x):
 
 
 def fit_pca(x, k):
-    """Mean and top-`k` principal axes of the rows of `x`: the best linear code of size `k` (k < len(x)).
+    """Mean and top principal axes of the rows of `x`: the best linear code of size `k`, or of len(x) - 1, all
+    that n centred rows span, if fewer.
 
-    Exact, in float64, from the eigenvectors of the smaller of the Gram and covariance matrices:
-    with fewer images than pixels that is seconds where a full SVD takes minutes on a CPU.
+    Exact, in float64, from the eigenvectors of the smaller of the Gram and covariance matrices: with fewer
+    images than pixels, an eigendecomposition of n x n instead of an SVD of n x pixels.
     """
+    k = min(k, len(x) - 1)
     x = x.double()
     mean = x.mean(0)
     xc = x - mean
@@ -357,8 +358,8 @@ def autoencoder_report(learn, history, report_dir, curve=()):
     """
     dls, model = learn.dls, learn.model
     train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
-    k = min(model.code_size, len(train_x) - 1)  # centred, n images span at most n - 1 dimensions
-    mean, axes = fit_pca(train_x.flatten(1), k)
+    mean, axes = fit_pca(train_x.flatten(1), model.code_size)
+    k = len(axes)
     pca_x = pca_reconstruct(valid_x.flatten(1), mean, axes).view_as(valid_x)
     ae_x, codes = reconstruct(model, valid_x), encode(model, valid_x)
     ae_mse, pca_mse = float(((ae_x - valid_x) ** 2).mean()), float(((pca_x - valid_x) ** 2).mean())

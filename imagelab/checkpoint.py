@@ -55,7 +55,7 @@ def load_checkpoint(path, settings):
                if state["settings"].get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "
-                        "rerun with the same options, or without --resume to start afresh")
+                        "rerun with the same options and images, or without --resume to start afresh")
     return state
 
 

@@ -7,18 +7,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import UserError
-from .cleaning import LOG
-from .paths import FLAGGED
-from .ui import TURNS
-
-
-def guarded(fn, *args):
-    """Run a cleaning step; a refused request becomes a one-line message in the page, not a crash."""
-    try:
-        return fn(*args)
-    except UserError as e:
-        raise gr.Error(str(e)) from None
+from .paths import CLEANING_LOG, FLAGGED, REMOVED
+from .ui import TURNS, user_errors
 
 
 def choices(record, classes):
@@ -40,16 +30,16 @@ def cleaner_api(cleaner, api_prefix=""):
     def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
         """A class's images in a split (valid, train, all, or flagged: those flagged in the apps), highest loss first:
         [{path, label, predicted, probability, loss}]; limit 0 means all of them."""
-        return guarded(cleaner.rank, label, split, limit or None)
+        return user_errors(cleaner.rank)(label, split, limit or None)
 
     def apply(actions: list[dict]) -> list[dict]:
         """Carry out [{file: '<class>/<file>', action: 'keep'|'remove'|'relabel', to: '<class>'}]; returns the
         moves made [{from, to}]. One invalid entry refuses the whole request: nothing moves."""
-        return guarded(cleaner.apply, actions)
+        return user_errors(cleaner.apply)(actions)
 
     def undo() -> list[dict]:
         """Move the files of the last applied batch back; returns those moves."""
-        return guarded(cleaner.undo)
+        return user_errors(cleaner.undo)()
 
     gr.api(list_images, api_name=f"{api_prefix}list", **TURNS)
     gr.api(apply, api_name=f"{api_prefix}apply", **TURNS)
@@ -61,7 +51,7 @@ def cleaner_panel(cleaner, api_prefix=""):
     Blocks: a class's images by loss with a choice under each, and the same operations as API endpoints."""
     cleaner_api(cleaner, api_prefix)
     gr.Markdown(f"Cleaning `{cleaner.root}` with `{cleaner.predictor.path}`. Applying moves files to another class "
-                f"folder or to `removed/`; nothing is deleted, every move is logged in `{LOG}` and can be undone. "
+                f"folder or to `{REMOVED}/`; nothing is deleted, every move is logged in `{CLEANING_LOG}` and can be undone. "
                 f"The `{FLAGGED}` split holds the images the apps' visitors flagged as wrongly classified.")
     with gr.Row():
         label = gr.Dropdown(cleaner.classes, value=cleaner.classes[0], label="Class")
@@ -74,14 +64,14 @@ def cleaner_panel(cleaner, api_prefix=""):
     records = gr.State([])
 
     def refresh(label, split, limit, message=""):
-        recs = guarded(cleaner.rank, label, split, int(limit))
-        total = len(cleaner.files(label, split))
-        return f"{message}{len(recs)} of {total} images of **{label}** ({split}), highest loss first.", recs
+        ranked = user_errors(cleaner.rank)(label, split)
+        recs = ranked[:int(limit)]
+        return f"{message}{len(recs)} of {len(ranked)} images of **{label}** ({split}), highest loss first.", recs
 
     show.click(refresh, [label, split, limit], [status, records], api_visibility="private", **TURNS)
 
     def undo_and_refresh(label, split, limit):
-        moves = guarded(cleaner.undo)
+        moves = user_errors(cleaner.undo)()
         return refresh(label, split, limit, f"Undid {len(moves)} moves. ")
 
     undo_button.click(undo_and_refresh, [label, split, limit], [status, records], api_visibility="private",
@@ -107,7 +97,7 @@ def image_grid(cleaner, records, view, status, refresh):
         apply_button = gr.Button("Apply", variant="primary")
 
         def apply_and_refresh(label, split, limit, *chosen):
-            moves = guarded(cleaner.apply, [action(r, c) for r, c in zip(recs, chosen) if c != "keep"])
+            moves = user_errors(cleaner.apply)([action(r, c) for r, c in zip(recs, chosen) if c != "keep"])
             return refresh(label, split, limit, f"Moved {len(moves)} files. ")
 
         apply_button.click(apply_and_refresh, [*view, *decisions], [status, records], api_visibility="private",

@@ -16,9 +16,8 @@ from PIL import Image
 
 from . import UserError
 from .images import check_image, open_rgb
-from .paths import FLAGGED, check_class_name, existing_folder, hidden, plain_name, report_dir
+from .paths import CLEANING_LOG, FLAGGED, REMOVED, check_class_name, existing_folder, hidden, plain_name, split_path
 
-LOG, REMOVED = "cleaning-log.jsonl", "removed"
 ACTIONS = ("keep", "relabel", "remove")
 
 
@@ -74,13 +73,13 @@ class Cleaner:
         self.root = existing_folder(root).resolve()
         self.predictor = model if isinstance(model, Predictor) else open_model(model, CLASSIFIER)
         self.classes = [check_class_name(str(c)) for c in self.predictor.vocab]
-        split = report_dir(self.predictor.path) / "split.json"  # written by the trainer: which files were held out
+        split = split_path(self.predictor.path)
         self.split = json.loads(split.read_text()) if split.is_file() else {}
         self.splits = (["valid", "train", "all"] if self.split else ["all"]) + [FLAGGED]
-        self.log = self.root / LOG
-        if not any((self.root / c).is_dir() or (self.root / FLAGGED / c).is_dir() for c in self.classes):
+        self.log = self.root / CLEANING_LOG
+        if not any((self.root / c).is_dir() for c in self.classes):  # files labelled by name have nowhere to move
             raise UserError(f"{self.root} has no folder named after a class of the model ({', '.join(self.classes)}): "
-                            "clean the dataset folder the model was trained on")
+                            "the cleaner sorts a dataset of one sub-folder per class, the one the model was trained on")
         linked = [c for c in self.classes if (self.root / c).is_symlink()]
         if linked:  # training reads through it; the cleaner moves files only where they really are
             raise UserError(f"{self.root / linked[0]} is a link to a folder elsewhere: clean the folder it links to, "

@@ -80,7 +80,7 @@ class TrainConfig:
     wd: float | None = knob(None, "training", "decoupled weight decay (default: fastai's, 0.01)")
     workers: int | None = knob(None, "training", "read the images from files with this many loader processes "
                                "(default: with --presize, batches are cut from the images decoded in memory when "
-                               "they fit; else files, with none on a CPU, up to 8 on a GPU)", resume=False)
+                               "they fit; else files, with none on a CPU, or one a core with --no-presize; up to 8 on a GPU)", resume=False)
     presize: bool = knob(True, "training", "decode and shrink every image once into a cache, then train from the "
                          "small copies", resume=False)
     cache: str | None = knob(None, "training", f"folder of presized copies (default: $IMAGELAB_CACHE or "
@@ -91,8 +91,8 @@ class TrainConfig:
                           "older ones, bf16 on CPUs that compute it natively (AVX512-BF16 or AMX), fp32 on other "
                           "CPUs and MPS; exports are fp32 whatever trained", resume=False,
                           choices=PRECISIONS)
-    time_budget: float | None = knob(None, "training", "train for this long: the one-cycle schedule follows the "
-                                     "clock, --epochs is a cap", metavar="SECONDS")
+    time_budget: float | None = knob(None, "training", "train for this long or --epochs, whichever ends "
+                                     "first: the one-cycle schedule follows the nearer end", metavar="SECONDS")
     keep: str = knob("best", "training", "which weights to export: those of the epoch with the lowest validation "
                      "loss, or the last", resume=False, choices=["best", "last"])
     patience: int | None = knob(None, "training", "early stopping: end training after this many epochs without a "
@@ -187,11 +187,8 @@ class AutoencoderConfig(TrainConfig):
     PROGRESSIVE: ClassVar[bool] = False  # the code's linear layers are sized for --size
 
     size: int = knob(64, "training", "square input size in pixels")
-    # Small batches: the model needs steps more than big batches; 8 scores as 4 did at twice the rate in less
-    # time (benchmarks/README.md).
+    # Small batches: the model needs steps more than big ones (benchmarks/README.md, "Autoencoder against PCA").
     bs: int = knob(8, "training", "batch size")
-    lr: float | str | None = knob(2e-3, "training", "peak learning rate of the one-cycle schedule, or 'find'",
-                                  type=learning_rate)
     code_size: int = knob(64, "model", "numbers in the code (the bottleneck); PCA gets as many components")
     depth: int = knob(2, "model", "stride-2 blocks in the encoder (upsampling blocks in the decoder)")
     width: int = knob(32, "model", "channels of the first block, doubling each block")
@@ -232,11 +229,9 @@ def require(rules):
 def add_option(group, f):
     flag = "--" + f.name.replace("_", "-")
     kwargs = {"default": f.default, "help": f.metadata["help"], **f.metadata["option"]}
-    if "type" in kwargs:
-        pass
-    elif f.type is bool:
+    if f.type is bool:
         kwargs["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
-    elif f.type in (int, float, int | None, float | None):
+    elif f.type in (int, float, int | None, float | None) and "type" not in kwargs:
         kwargs["type"] = float if float in getattr(f.type, "__args__", (f.type,)) else int
     group.add_argument(flag, **kwargs)
 

@@ -17,7 +17,7 @@ from . import UserError
 from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .config import default_cache
-from .paths import FLAGGED, dataset_files, existing_folder, staging_path
+from .paths import FLAGGED, dataset_files, existing_folder, is_flagged, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -44,7 +44,7 @@ class RGBImage(PILImage):
 # Presized copies keep this many times the training size on their short side: RandomResizedCrop's
 # crops (a third of the image or more) then come from about as many pixels as they end up with.
 PRESIZE = 1.5
-PRESIZE_VERSION = 1  # part of every cache key: bump it when the way copies are made changes
+PRESIZE_VERSION = 2  # part of every cache key: bump it when the way copies are made changes
 
 
 def presized_path(src, side, cache):
@@ -127,6 +127,18 @@ def parent_label(path):
     return Path(path).parent.name
 
 
+class FlaggedOr:
+    """An Oxford-style label function that reads a flagged image's class from its folder (`flagged/<class>/`):
+    the apps name a flagged upload after its content, so its name says nothing of its class."""
+
+    def __init__(self, get_y):
+        self.get_y = get_y
+
+    def __call__(self, path):
+        path = Path(path)
+        return path.parent.name if path.parent.parent.name == FLAGGED else self.get_y(path)
+
+
 def find_images(root, workers=8, flagged=False):
     """Every decodable image under `root` and the files skipped with why (recursive; hidden files and the
     tools' BOOKKEEPING, such as quarantined or removed images, are left out; flagged ones too unless `flagged`).
@@ -149,8 +161,10 @@ def find_images(root, workers=8, flagged=False):
 
 
 def detect_labels(root, files):
-    """'folder' when the images sit in one sub-folder per class, 'filename' for Oxford-style names."""
+    """'folder' when the images sit in one sub-folder per class, 'filename' for Oxford-style names (flagged images,
+    `flagged/<class>/`, go with either)."""
     root = Path(root)
+    files = [f for f in files if not is_flagged(root, f)] or files
     parents = {f.parent for f in files}
     if root not in parents and len(parents) >= 2:
         return "folder"
@@ -163,11 +177,11 @@ def detect_labels(root, files):
                     "or Oxford-style file names like Abyssinian_12.jpg")
 
 
-def label_function(labels, task=None):
+def label_function(labels, task):
     """`task` ('is_cat' or 'breed') only applies to Oxford-style file names; folders name their own classes."""
     if labels == "folder":
         return parent_label
-    return {"is_cat": is_cat, "breed": breed}[task or "breed"]
+    return FlaggedOr({"is_cat": is_cat, "breed": breed}[task])
 
 
 def pets_images():
@@ -198,8 +212,7 @@ def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2,
     block = DataBlock(blocks=(ImageBlock(cls=RGBImage), CategoryBlock), get_x=get_x, get_y=get_y,
                       splitter=splitter or RandomSplitter(valid_pct, seed=seed),
                       item_tfms=RandomResizedCrop(size, min_scale=min_scale), batch_tfms=aug_transforms())
-    kwargs = {} if workers is None else {"num_workers": workers}
-    dls = block.dataloaders(list(files), bs=bs, seed=seed, **kwargs)
+    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default
     if len(dls.valid_ds) == 0:
         raise UserError(f"no validation images: {len(files)} images with --valid-pct {valid_pct}")
     if len(dls.vocab) < 2:
@@ -213,7 +226,7 @@ def random_split(root, valid_pct, seed):
     root = Path(root)
 
     def split(items):
-        own = [i for i, f in enumerate(items) if Path(f).relative_to(root).parts[0] != FLAGGED]
+        own = [i for i, f in enumerate(items) if not is_flagged(root, f)]
         _, valid = RandomSplitter(valid_pct, seed=seed)([items[i] for i in own])
         held_out = {own[i] for i in valid}
         return [i for i in range(len(items)) if i not in held_out], sorted(held_out)

@@ -32,11 +32,12 @@ from urllib.parse import quote
 
 from . import UserError, run_cli
 from .app_options import APPS
-from .cards import trained
+from .cards import PACKAGES, trained
 from .hub import require_hub_login
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
-from .paths import REPO, artifact_paths, default_model, metrics_path, report_dir
+from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging, report_dir,
+                    staging_path)
 
 CARDS = Path(__file__).with_name("cards")
 WEB = Path(__file__).with_name("web")
@@ -104,7 +105,7 @@ def context(app, metrics, repo_id=None, space_id=None):
         "repo_id": repo_id or PLACEHOLDERS["repo_id"], "space_id": space_id or PLACEHOLDERS["space_id"],
         "data": Path(metrics["data"]).name,  # the folder's name: the trainer's disk layout is nobody's business
         "seed": metrics["seed"], "trained": trained(metrics),
-        **{f"pip_{route}": pip_pins(packages) for route, packages in kind.PACKAGES.items()},
+        **{f"pip_{route}": pip_pins(packages) for route, packages in PACKAGES.items()},
         **kind.fields(metrics),
     }
 
@@ -147,7 +148,7 @@ def copy_model(app, model, dest, required, optional=()):
     copied = [*required, *(k for k in optional if src[k].is_file())]
     for kind in copied:
         shutil.copy2(src[kind], dst[kind])
-    shutil.copytree(report_dir(model), dest / f"{app}.report")
+    shutil.copytree(report_dir(model), report_dir(dst["pkl"]))
     return copied
 
 
@@ -169,8 +170,8 @@ def write_lfs_rules(dest, extra=()):
 def staged(out):
     """A folder built beside `out` and renamed into place: an interrupted build never leaves half of one."""
     out = Path(out)
-    stage = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(stage, ignore_errors=True)
+    remove_abandoned_staging(out)  # a build killed before its end
+    stage = staging_path(out)
     try:
         yield stage
         if out.exists():
@@ -225,7 +226,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
         fields = {**context(app, metrics, repo_id, space_id), "runtime": RUNTIME_VERSION,
                   "emoji": front_matter_value(template, "emoji"), "color_from": front_matter_value(template, "colorFrom"),
                   "color_to": front_matter_value(template, "colorTo"), **kind.static_fields(config)}
-        examples = sorted(p.relative_to(stage).as_posix() for p in (stage / f"{app}.report" / "examples").glob("*"))
+        examples = sorted(p.relative_to(stage).as_posix() for p in examples_dir(stage / f"{app}.pkl").glob("*"))
         page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
                 "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
                 "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
@@ -320,7 +321,7 @@ def main(argv=None):
         require_hub_login()  # before building anything: offline or logged out is one line, not a half upload
     model = Path(args.model or default_model(args.app))
     if not model.is_file():
-        raise UserError(f"no model at {model}: train it first (training/train_{args.app}.py)")
+        raise UserError(f"no model at {model}: train it first: {APPS[args.app].train}")
     if args.static:
         space = build_static_space(args.app, model, args.space_out or Path("build") / f"{args.app}-static",
                                    args.space, args.model_repo)

@@ -23,14 +23,14 @@ from uuid import uuid4
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import UserError
+from . import UserError, first_line
 from .config import require
 from .images import check_image
 from .metadata import write_json
-from .paths import check_class_name, hidden, visible_files
+from .paths import DOWNLOAD_SUMMARY, QUARANTINE, check_class_name, hidden, visible_files
 
 SEARCH_HOST = "duckduckgo.com"  # ddgs's image search asks duckduckgo.com (and www.bing.com)
-SUMMARY, REASONS = "download-summary.json", "reasons.tsv"
+REASONS = "reasons.tsv"
 MAX_BYTES = 20_000_000  # a bigger "image" is not a photo worth training on
 SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif"}  # else the format's name: .png, .webp, .gif ...
 # Some image hosts refuse Python's default User-Agent.
@@ -115,7 +115,7 @@ class Downloader:
             digest = fetch(url, part, self.timeout)
         except Exception as e:  # network, HTTP, size and time limits: each is a reason, none a crash
             part.unlink(missing_ok=True)
-            return None, None, f"{type(e).__name__}: {e}"[:200]
+            return None, None, first_line(e)  # one line: reasons.tsv keeps one a line
         return part, digest, check_image(part)
 
     def settle(self, url, label, part, digest, reason):
@@ -128,7 +128,7 @@ class Downloader:
             return "duplicate", url, label, None
         self.seen.add(digest)
         if reason:
-            bad = self.dest / "quarantine" / label / f"{digest[:16]}{url_suffix(url)}"
+            bad = self.dest / QUARANTINE / label / f"{digest[:16]}{url_suffix(url)}"
             bad.parent.mkdir(parents=True, exist_ok=True)
             os.replace(part, bad)
             return "quarantined", url, label, f"{bad.relative_to(self.dest)}\t{reason}"
@@ -204,19 +204,19 @@ def summarise(dest, query, found, outcomes, seconds):
                  for c in found}
     quarantined = [(url, label, info) for outcome, url, label, info in outcomes if outcome == "quarantined"]
     if quarantined:
-        with open(dest / "quarantine" / REASONS, "a") as f:
+        with open(dest / QUARANTINE / REASONS, "a") as f:
             f.writelines(f"{info}\t{label}\t{url}\n" for url, label, info in quarantined)
     summary = {"query": query, "dest": str(dest), "seconds": round(seconds, 2), "classes": per_class,
                "total": {k: sum(v[k] for v in per_class.values()) for k in ("found", *kinds, "images")},
-               "quarantine": str(dest / "quarantine") if quarantined else None,
+               "quarantine": str(dest / QUARANTINE) if quarantined else None,
                "failed": [{"url": url, "class": label, "reason": why}
                           for outcome, url, label, why in outcomes if outcome == "failed"]}
-    write_json(summary, dest / SUMMARY)
+    write_json(summary, dest / DOWNLOAD_SUMMARY)
     print(f"{'class':<16}{'found':>7}{'saved':>7}{'dupes':>7}{'quarantined':>13}{'failed':>8}{'images':>8}")
     for c, v in [*per_class.items(), ("total", summary["total"])]:
         print(f"{c:<16}{v['found']:>7}{v['saved']:>7}{v['duplicate']:>7}{v['quarantined']:>13}{v['failed']:>8}"
               f"{v['images']:>8}")
     if quarantined:
         print(f"{len(quarantined)} files that are not readable images are in {dest / 'quarantine'} ({REASONS})")
-    print(f"wrote {dest / SUMMARY}")
+    print(f"wrote {dest / DOWNLOAD_SUMMARY}")
     return summary

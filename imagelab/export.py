@@ -1,7 +1,6 @@
 """Putting a trained model on disk: all or nothing, with a weights-only copy that loads without pickle."""
 import copy
 import json
-import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -9,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .images import open_rgb
+from .images import open_rgb, val_margin
+from .loading import CLASSIFIER, CLASSIFIER_FORMAT
 from .paths import artifact_paths, report_dir, staging_path
-
-CONFIG_FORMAT = "imagelab-classifier/1"
 
 
 @contextmanager
@@ -52,9 +50,9 @@ def learner_config(learn):
     crop = next(t for t in learn.dls.after_item.fs if isinstance(t, RandomResizedCrop))
     norm = next(t for t in learn.dls.after_batch.fs if isinstance(t, Normalize))
     w, h = crop.size
-    xtra = math.ceil(max(w, h) * crop.val_xtra / 8) * 8
+    xtra = val_margin(crop.size, crop.val_xtra)
     arch = learn.model[0].model.pretrained_cfg["architecture"]  # fastai's TimmBody wraps the timm model
-    return {"format": CONFIG_FORMAT, "kind": "classifier", "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
+    return {"format": CLASSIFIER_FORMAT, "kind": CLASSIFIER, "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
             "resize": [w + xtra, h + xtra], "crop": [w, h],
             "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
 

@@ -28,10 +28,19 @@ MAX_FILES = 2000
 PER_MINUTE = 30
 
 
-class Flagger:
-    """Saves flagged uploads of a classifier with classes `classes` into `<root>/flagged/<class>/`."""
+def picture(im):
+    """What identifies a decoded picture, whatever file it came in."""
+    return hashlib.sha256(f"{im.size}".encode() + im.tobytes()).hexdigest()
 
-    def __init__(self, root, classes, per_minute=PER_MINUTE, max_files=MAX_FILES):
+
+class Flagger:
+    """Saves flagged uploads of a classifier with classes `classes` into `<root>/flagged/<class>/`.
+
+    `held_out`: image files never to keep (the app's examples): a held-out image flagged would train the next
+    model on what it is measured on.
+    """
+
+    def __init__(self, root, classes, per_minute=PER_MINUTE, max_files=MAX_FILES, held_out=()):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise UserError(f"no such folder to keep flagged images in: {root}")
@@ -39,6 +48,7 @@ class Flagger:
         self.folder = self.root / FLAGGED
         self.per_minute, self.max_files = per_minute, max_files
         self.recent, self.lock = deque(), threading.Lock()
+        self.held_out = {picture(read_image(f)) for f in held_out}
 
     def flag(self, image, label):
         """Keep `image` (an uploaded file's path) as an example of class `label`; returns its path relative to
@@ -47,6 +57,9 @@ class Flagger:
             raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
         self.take_turn()
         im = read_image(image)
+        if picture(im) in self.held_out:
+            raise UserError("this is one of the app's examples, a held-out image the model is measured on: "
+                            "training on it would make that measure wrong")
         im.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90)

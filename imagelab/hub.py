@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from . import UserError
+from . import UserError, first_line
 from .paths import artifact_paths
 
 HF_PREFIX = "hf://"
@@ -34,7 +34,7 @@ def hub_file(repo_id, filename, revision=None, what="file"):
     try:
         return hf_hub_download(repo_id, filename, revision=revision)
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        raise UserError(f"cannot download the {what} {where}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot download the {what} {where}: {first_line(e)}") from None
 
 
 def resolve_model(spec, prefer=(".onnx", ".safetensors"), needs=None):

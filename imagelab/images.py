@@ -3,12 +3,13 @@ fastai's `Resize` crop, which training and serving cut alike.
 
 No fastai or torch here: a served app decodes uploads without importing the training stack.
 """
+import math
 import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import UserError
+from . import UserError, first_line
 
 # Refuse images whose header claims more pixels than this before decoding them: a 40000x40000 PNG
 # of a few KB would otherwise take gigabytes of memory.
@@ -19,12 +20,14 @@ def open_rgb(src):
     """Any image (path, file or PIL) as upright 8-bit RGB: the one decoder used by training and serving."""
     im = src if isinstance(src, Image.Image) else Image.open(src)
     if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)  # animations: the first frame
+        im.seek(0)  # a model sees one picture: an animation is its first frame, as a still of it would be
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale: convert("RGB") would clip everything above 255 to white
+        # 16-bit greyscale: convert("RGB") would clip everything above 255 to white. A 32-bit "I" image does
+        # not say its range: one whose values all fit in 8 bits is read as 8-bit.
         a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(a / 257 if a.max() > 255 else a, 0, 255).astype(np.uint8))
+        sixteen = im.mode != "I" or a.max() > 255
+        im = Image.fromarray(np.clip(np.rint(a / 257) if sixteen else a, 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.new("RGB", rgba.size, "white")
@@ -41,6 +44,11 @@ def resize_box(w, h, size, pcts=(0.5, 0.5)):
     return int(pcts[0] * (w - cw)), int(pcts[1] * (h - ch)), cw, ch
 
 
+def val_margin(size, val_xtra):
+    """What fastai's `RandomResizedCrop` adds to `size` (width, height) before its validation centre crop."""
+    return math.ceil(max(size) * val_xtra / 8) * 8
+
+
 def check_image(path):
     """None if `path` decodes fully as an image, else the reason it does not."""
     try:
@@ -49,7 +57,7 @@ def check_image(path):
             im.load()
         return None
     except Exception as e:  # PIL raises many types for bad files; each one is a reason to skip
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return first_line(e)
 
 
 def read_image(src):

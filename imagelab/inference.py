@@ -6,7 +6,6 @@ faster than fastai's `learn.predict` or the torch model on a CPU, with the same 
 timed by `benchmarks/inference.py` and `benchmarks/autoencoder_serving.py`). Neither needs fastai nor torch
 when the weights-only artifacts are beside the model, so an app starts quickly and never unpickles anything.
 """
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -14,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from . import UserError
+from . import UserError, first_line
 from .hub import resolve_model
 from .images import read_image, resize_box
 from .loading import load_trusted_learner, read_config
@@ -38,8 +37,7 @@ def onnx_session(graph):
     except Exception as e:  # the graph beside a .pkl or .safetensors given is read too: name the file at fault
         if not isinstance(graph, Path):
             raise
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"cannot load the ONNX graph {graph} ({reason}): a damaged file, or one this onnxruntime "
+        raise UserError(f"cannot load the ONNX graph {graph} ({first_line(e)}): a damaged file, or one this onnxruntime "
                         "cannot run? Train or export the model again") from None
 
 
@@ -116,10 +114,11 @@ class Predictor:
 
     def __init__(self, path, learn=None, tta=False):
         self.path = path = resolve_model(path)
-        paths = artifact_paths(path)
-        if paths["config"].is_file() and (paths["onnx"].is_file() or paths["weights"].is_file()):
-            self.config = json.loads(paths["config"].read_text())
-            graph = paths["onnx"] if paths["onnx"].is_file() else self._onnx(_model_from_weights(paths["weights"], self.config))
+        paths, self.config = artifact_paths(path), read_config(path)
+        if self.config and paths["onnx"].is_file():
+            graph = paths["onnx"]
+        elif self.config and paths["weights"].is_file():
+            graph = self._onnx(_model_from_weights(paths["weights"], self.config))
         elif path.suffix == ".pkl" and path.is_file():
             from .export import learner_config
             learn = learn or load_trusted_learner(path)

@@ -7,11 +7,11 @@ an app that cannot answer.
 import json
 import warnings
 
-from . import UserError
-from .hub import resolve_model
+from . import UserError, first_line
 from .paths import artifact_paths
 
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
+CLASSIFIER_FORMAT = "imagelab-classifier/1"  # a classifier's config.json (imagelab.export.learner_config)
 # What each kind is served from: its learner, its ONNX graph, or its weights (from which the graph is made).
 SERVED_FROM = {CLASSIFIER: (".pkl", ".onnx", ".safetensors"), AUTOENCODER: (".pkl", ".onnx", ".safetensors")}
 # The artifacts (imagelab.paths.artifact_paths' names) a form is served with, its config apart: an autoencoder's
@@ -40,7 +40,7 @@ def read_config(path):
 
 def config_kind(config):
     # Classifier configs written before "kind" existed say only their format.
-    return config.get("kind") or (CLASSIFIER if config.get("format") == "imagelab-classifier/1" else None)
+    return config.get("kind") or (CLASSIFIER if config.get("format") == CLASSIFIER_FORMAT else None)
 
 
 def learner_kind(learn):
@@ -56,6 +56,7 @@ def open_model(spec, kind, train=None):
     A UserError says in one line what is wrong: no such file (with `train`, the command that makes
     it), a form this kind cannot be served from, a file that does not load, a model of another kind.
     """
+    from .hub import resolve_model  # here: the apps read this module's names before their options, without the Hub
     path = resolve_model(spec, prefer=SERVED_FROM[kind][1:], needs=SERVED_WITH[kind])
     if not path.is_file():
         raise UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
@@ -75,8 +76,7 @@ def open_model(spec, kind, train=None):
     except UserError:
         raise
     except Exception as e:  # a corrupt or foreign file fails in many ways, all of them "does not load"
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise UserError(f"cannot load the model {path}: {type(e).__name__}{': ' + reason if reason else ''}") from None
+        raise UserError(f"cannot load the model {path}: {first_line(e)}") from None
 
 
 def _serve(kind, path, learn):

@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # What the dataset tools write at the top of a dataset folder (imagelab.download, imagelab.cleaning,
 # imagelab.flagging): not training images unless asked for (flagged ones), so dataset_files leaves them out;
 # class folders cannot take these names.
-FLAGGED = "flagged"
-BOOKKEEPING = ("quarantine", "removed", FLAGGED, "download-summary.json", "cleaning-log.jsonl")
+FLAGGED, REMOVED, QUARANTINE = "flagged", "removed", "quarantine"
+CLEANING_LOG, DOWNLOAD_SUMMARY = "cleaning-log.jsonl", "download-summary.json"
+BOOKKEEPING = (QUARANTINE, REMOVED, FLAGGED, DOWNLOAD_SUMMARY, CLEANING_LOG)
 
 
 def default_model(name, root=REPO, suffix=".pkl"):
@@ -45,6 +46,11 @@ def examples_dir(model):
 
 def metrics_path(model):
     return report_dir(model) / "metrics.json"
+
+
+def split_path(model):
+    """Which files trained and which were held out, relative to the data folder (the cleaner shows either)."""
+    return report_dir(model) / "split.json"
 
 
 def artifact_paths(model):
@@ -102,6 +108,11 @@ def visible_files(folder):
         dirs[:] = sorted(d for d in dirs if not hidden(d))
         found += [p for p in (Path(top) / f for f in files if not hidden(f)) if p.is_file()]
     return sorted(found)
+
+
+def is_flagged(root, path):
+    """Whether `path` is an image the apps' visitors flagged: `root/flagged/<class>/<name>`."""
+    return Path(path).relative_to(root).parts[0] == FLAGGED
 
 
 def dataset_files(root, flagged=False):

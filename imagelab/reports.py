@@ -92,8 +92,6 @@ def per_class(cm, vocab):
 
 def plot_heatmaps(learn, dl, probs, targets, losses, path, k):
     """The `k` top-loss images beside the predicted class's Grad-CAM (imagelab.heatmaps), as the app shows it."""
-    import torch
-
     from .export import cpu_copy, learner_config
     from .heatmaps import WithHeatmap
     from .images import open_rgb

@@ -25,7 +25,7 @@ from fastai.data.transforms import Categorize, ToTensor
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, ResizeMethod
 
 from .device import copy_to
-from .images import open_rgb, resize_box
+from .images import open_rgb, resize_box, val_margin
 
 # Share of the free memory (the GPU's, else the machine's) that the decoded images may take.
 MEMORY_SHARE = 0.4
@@ -145,7 +145,7 @@ class RandomResizedCrops:
         sw, sh = size
         if train:
             return [crop_box(w, h, self.min_scale, self.ratio) for h, w in shapes], (sh, sw), (0, 0), None
-        xtra = math.ceil(max(sw, sh) * self.val_xtra / 8) * 8
+        xtra = val_margin(size, self.val_xtra)
         return [(0, 0, w, h) for h, w in shapes], (sh + xtra, sw + xtra), (xtra // 2, xtra // 2), None
 
 

@@ -5,6 +5,8 @@ this loop does the rest for all of them: checking the files, presizing, progress
 `--time-budget`, checkpoints and `--resume`, distributed launch, and the all-or-nothing export of the
 learner, its weights-only artifacts and its report.
 """
+import hashlib
+import json
 import os
 import sys
 import time
@@ -26,7 +28,7 @@ from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
-from .paths import checkpoint_path, remove_abandoned_staging
+from .paths import checkpoint_path, examples_dir, metrics_path, remove_abandoned_staging, split_path
 from .reports import LossHistory
 from .store import StoreDL, store_loaders
 
@@ -81,7 +83,8 @@ class Task:
 
 
 class TimeBudget(Callback):
-    """Fit for `seconds` of wall time: the one-cycle schedule follows the clock and training stops when time is up."""
+    """Fit for `seconds` of wall time or the fit's epochs, whichever ends first: the one-cycle schedule follows the
+    nearer end, and training stops when time is up."""
     order = TrainEvalCallback.order + 1  # after fastai's step counter sets pct_train, before the schedulers read it
 
     def __init__(self, seconds, spent=0.0):
@@ -90,16 +93,21 @@ class TimeBudget(Callback):
     def before_fit(self):
         self.start = time.perf_counter() - self.spent
 
+    def time_spent(self):
+        return (time.perf_counter() - self.start) / self.seconds
+
     def before_batch(self):
-        if self.training:
-            self.learn.pct_train = min(1.0, (time.perf_counter() - self.start) / self.seconds)
+        if self.training:  # on a fast machine the epochs end first: the schedule must still reach its end
+            epochs_done = (self.epoch + self.iter / self.n_iter) / self.n_epoch
+            self.learn.pct_train = min(1.0, max(self.time_spent(), epochs_done))
 
     def after_batch(self):
-        if self.training and time.perf_counter() - self.start >= self.seconds:
+        if self.training and self.time_spent() >= 1:
             raise CancelFitException  # the report then evaluates the model as it is
 
-    def after_epoch(self):
-        if time.perf_counter() - self.start >= self.seconds:
+    def before_epoch(self):
+        # Not after an epoch: the epoch whose validation ran past the budget is complete, and is recorded first.
+        if self.time_spent() >= 1:
             raise CancelFitException
 
 
@@ -316,8 +324,8 @@ def loader_workers(cfg, device):
     if device.type != "cpu":
         return min(8, os.cpu_count() or 1)  # the CPU's only job is to keep the accelerator fed
     # On a CPU the model's step is most of the time and presized copies decode in a millisecond: worker
-    # processes would only take cores from the model.
-    return 0 if cfg.presize else None
+    # processes would only take cores from the model. Full-size photos are another matter (fastai's default).
+    return 0 if cfg.presize else min(16, os.cpu_count() or 1)
 
 
 def batches_in_memory(dls, presized, cfg):
@@ -357,6 +365,19 @@ def prepare(task, cfg, device, precision):
     return root, files, skipped, presized, dls, learn
 
 
+def split_files(dls, root):
+    """Which files train and which are held out, relative to the data folder (as split.json has them)."""
+    return {name: [Path(f).relative_to(root).as_posix() for f in ds.items]
+            for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}
+
+
+def describe_split(split):
+    """The split in a few words that change with any file in it: a file added or removed reshuffles fastai's seeded
+    split, and a run resumed on another split would hold out images it has trained on."""
+    digest = hashlib.sha1(json.dumps(split).encode()).hexdigest()[:12]
+    return f"{len(split['train'])} train, {len(split['valid'])} held out ({digest})"
+
+
 def train(task, cfg, cbs=()):
     """Train `task`'s model as `cfg` says, export `cfg.out` and its report; returns the metrics.
 
@@ -378,7 +399,8 @@ def train(task, cfg, cbs=()):
     set_seed(cfg.seed, reproducible=True)
     root, files, skipped, presized, dls, learn = prepare(task, cfg, device, precision)
     learn.dls = batches_in_memory(dls, presized, cfg) or dls  # training and validation during the fits
-    settings = {"kind": task.kind, **cfg.settings(), "data": str(root)}
+    settings = {"kind": task.kind, **cfg.settings(), "data": str(root),
+                "images": describe_split(split_files(dls, root))}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
     run = Run(state["lr"] if state else learning_rate(learn, cfg.lr, task.default_lr(cfg)), state)
     if state:
@@ -426,11 +448,9 @@ def export(task, cfg, learn, history, root, facts):
         described["counts"] = {**described["counts"], "skipped": len(facts["skipped_files"])}
         metrics.update({**facts, **described, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "versions": versions()})
-        write_json(metrics, tmp_report / "metrics.json")
-        # Which file was held out, relative to the data folder: the cleaner shows a class's train or valid images.
-        write_json({name: [Path(f).relative_to(root).as_posix() for f in ds.items]
-                    for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}, tmp_report / "split.json")
-        task.save_examples(dls, tmp_report / "examples")
+        write_json(metrics, metrics_path(tmp_model))
+        write_json(split_files(dls, root), split_path(tmp_model))
+        task.save_examples(dls, examples_dir(tmp_model))
         learn.dls.to("cpu")  # a learner trained on a GPU loads on a machine without one
         learn.model.cpu()
         learn.export(tmp_model.resolve())

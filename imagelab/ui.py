@@ -174,7 +174,7 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
 def flag_panel(clf, image, root, api_name):
     """A wrong answer's right class and a button that keeps the image shown for the next training run."""
     from .flagging import Flagger
-    flagger = Flagger(root, clf.vocab)
+    flagger = Flagger(root, clf.vocab, held_out=examples_dir(clf.path).glob("*.jpg"))
 
     def flag(image, label):
         if image is None:
@@ -265,14 +265,13 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     gr.on([a.clear, b.clear], None, None, strip, js=emptied([strip]))
 
 
-def launch(demo, args):
-    """Serve `demo` as the app's options say; with `--mcp`, also as an MCP server at /gradio_api/mcp/."""
-    if args.mcp and importlib.util.find_spec("mcp") is None:
+def launch(demo, host, port, mcp=False):
+    """Serve `demo` on `host`:`port` (the app's options); with `mcp`, also as an MCP server at /gradio_api/mcp/."""
+    if mcp and importlib.util.find_spec("mcp") is None:
         raise UserError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]'")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
-                    css=CSS)
+        demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, mcp_server=mcp, css=CSS)
     except OSError as e:  # Gradio's message names only the port, though the address may be what is wrong
-        raise UserError(f"cannot listen on {args.host}:{args.port}: the port is in use (choose another with --port) "
-                        f"or {args.host} is not an address of this machine ({str(e).split('.')[0]})") from None
+        raise UserError(f"cannot listen on {host}:{port}: the port is in use (choose another with --port) "
+                        f"or {host} is not an address of this machine ({str(e).split('.')[0]})") from None

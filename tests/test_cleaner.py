@@ -60,6 +60,11 @@ def test_images_are_ranked_by_loss_per_class_and_split(dataset):
     write_image(elsewhere / "cats" / "c.jpg", (220, 60, 60))
     with pytest.raises(UserError, match="no folder named after a class of the model"):
         Cleaner(model, elsewhere)  # not the folder the model was trained on
+    by_name = root.parent / "by_name"  # labelled by file names: a flagged image would have no class folder to go to
+    write_image(by_name / "grizzly_1.jpg", (220, 60, 60))
+    write_image(by_name / "flagged" / "grizzly" / "0a1b2c3d4e5f6a7b.jpg", (220, 60, 60))
+    with pytest.raises(UserError, match="no folder named after a class of the model"):
+        Cleaner(model, by_name)
     linked = root.parent / "linked"  # training reads through links; the cleaner moves files only where they are
     linked.mkdir()
     for label in CLASSES:

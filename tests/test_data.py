@@ -34,16 +34,30 @@ def test_detect_labels(tmp_path, oxford_dir):
     folders = make_folder_dataset(tmp_path / "folders", n=2)
     files, _ = find_images(folders)
     assert detect_labels(folders, files) == "folder"
-    assert label_function("folder")(files[0]) == files[0].parent.name
+    assert label_function("folder", "breed")(files[0]) == files[0].parent.name
     files, _ = find_images(oxford_dir)
     assert detect_labels(oxford_dir, files) == "filename"
-    assert label_function("filename", "is_cat") is is_cat
-    assert label_function("filename", "breed") is breed
+    assert [label_function("filename", "is_cat")(f) for f in files] == [is_cat(f) for f in files]
+    assert [label_function("filename", "breed")(f) for f in files] == [breed(f) for f in files]
     loose = tmp_path / "loose"
     write_image(loose / "holiday.jpg", (0, 0, 0))
     write_image(loose / "beach.jpg", (0, 0, 0))
     with pytest.raises(UserError, match="cannot tell the labels"):
         detect_labels(loose, find_images(loose)[0])
+
+
+def test_flagged_images_keep_their_folders_class_beside_oxford_names(oxford_dir):
+    """Oxford-IIIT Pet labels by file name; a flagged upload is named after its content, its class is its folder."""
+    write_image(oxford_dir / "flagged" / "cat" / "0a1b2c3d4e5f6a7b.jpg", (60, 200, 60))
+    write_image(oxford_dir / "flagged" / "Bengal" / "f0e1d2c3b4a59687.jpg", (60, 200, 60))
+    files = find_images(oxford_dir, flagged=True)[0]
+    assert detect_labels(oxford_dir, files) == "filename"
+    flagged = [f for f in files if f.parts[-3] == "flagged"]
+    assert [label_function("filename", "is_cat")(f) for f in flagged] == ["Bengal", "cat"]
+    assert [label_function("filename", "breed")(f) for f in flagged] == ["Bengal", "cat"]
+    own = [f for f in files if f not in flagged]
+    assert [label_function("filename", "is_cat")(f) for f in own] == [("cat" if f.name[0].isupper() else "dog")
+                                                                      for f in own]
 
 
 def test_linked_class_folders_are_read_once_each(tmp_path):
@@ -81,6 +95,9 @@ def test_open_rgb_handles_alpha_palette_and_exif():
     assert open_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white, not black
     assert open_rgb(Image.new("P", (4, 4))).mode == "RGB"
     assert open_rgb(Image.new("I;16", (4, 4), 300)).mode == "RGB"
+    # 16 bits a channel, as the browser draws them: a dark 16-bit image stays dark, whatever its brightest pixel
+    assert open_rgb(Image.new("I;16", (4, 4), 120 * 257)).getpixel((0, 0)) == (120,) * 3
+    assert open_rgb(Image.new("I;16", (4, 4), 200)).getpixel((0, 0)) == (1,) * 3
     wide = Image.new("RGB", (30, 10), "blue")
     exif = wide.getexif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display"

@@ -15,6 +15,7 @@ from conftest import BEARS, fails_with_one_line, run, served, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 from imagelab.flagging import MAX_SIDE, Flagger
+from imagelab.paths import examples_dir
 from uploads import invalid_uploads, valid_uploads
 
 CLASSES = [label for label, _ in BEARS]
@@ -44,6 +45,9 @@ def test_flag_in_the_app_then_clean_then_retrain_with_flagged(tiny_bears, tmp_pa
         for bad_label in ["../black", "panda", "flagged", ""]:
             with pytest.raises(AppError, match="not in the list of choices"):  # Gradio checks the dropdown's value
                 client.predict(handle_file(str(photo)), bad_label, api_name="/flag")
+        example = sorted(examples_dir(model).glob("*.jpg"))[0]  # held out: flagged, the next model would train on it
+        with pytest.raises(AppError, match="one of the app's examples, a held-out image"):
+            client.predict(handle_file(str(example)), "teddy", api_name="/flag")
         assert all_files(data) == sorted(before + [kept])  # nothing refused was written
         kept_all = {kept}
         odd = valid_uploads(tmp_path / "odd")

@@ -2,12 +2,15 @@
 import json
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
+from fastai.callback.core import Callback
 from fastai.learner import load_learner
 
 from conftest import AE_TINY, PY, ROOT, make_folder_dataset, run
+from imagelab.train import TimeBudget
 from test_distributed import LAUNCH
 from test_resume import interrupt_after_an_epoch
 
@@ -46,6 +49,46 @@ def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
     decoder = ["m.decoder.onnx"] if kind == "autoencoder" else []  # its static page decodes codes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.config.json", *decoder, "m.onnx", "m.pkl", "m.report",
                                                           "m.safetensors"]
+
+
+def tiny_learner(*cbs):
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=16)
+    return Learner(dls, torch.nn.Linear(4, 1), loss_func=torch.nn.functional.mse_loss, cbs=list(cbs))
+
+
+class Rates(Callback):
+    def before_fit(self):
+        self.seen = []
+
+    def after_batch(self):
+        if self.training:
+            self.seen.append(self.opt.hypers[0]["lr"])
+
+
+def test_a_budget_the_epochs_beat_still_runs_the_whole_schedule():
+    """On a fast machine the epochs end before the clock: the rate must still rise to its peak and come down."""
+    plain, budgeted = Rates(), Rates()
+    tiny_learner(plain).fit_one_cycle(3, 1e-2)
+    tiny_learner(budgeted).fit_one_cycle(3, 1e-2, cbs=[TimeBudget(3600)])
+    assert budgeted.seen == pytest.approx(plain.seen, rel=1e-3)
+    assert max(plain.seen) == pytest.approx(1e-2, rel=0.05) and plain.seen[-1] < 1e-3
+
+
+class SlowValidation(Callback):
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def before_validate(self):
+        time.sleep(self.seconds)
+
+
+def test_an_epoch_whose_validation_ends_past_the_budget_is_recorded():
+    learn = tiny_learner(SlowValidation(1.5))
+    learn.fit_one_cycle(5, 1e-2, cbs=[TimeBudget(1.0)])
+    assert len(learn.recorder.values) == 1  # epoch 1, validated; no epoch 2 begun
 
 
 def test_autoencoder_killed_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):

@@ -1,5 +1,6 @@
 """Interrupted training: checkpoints after epochs, --resume to the same result, the model replaced only at the end."""
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -140,14 +141,17 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data, tmp
     assert not out.exists()
 
 
-def test_resume_refuses_other_settings_and_missing_checkpoints(data, tmp_path):
-    out = tmp_path / "pets.pkl"
+def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data, tmp_path):
+    data, out = shutil.copytree(data, tmp_path / "data"), tmp_path / "pets.pkl"
     res = run(command(data, out, "--resume"))
     assert res.returncode == 2 and res.stderr.strip() == f"error: nothing to resume: no checkpoint at {out.with_name('pets.ckpt')}"
     code, _, _ = interrupt_after_an_epoch(command(data, out), out.with_name("pets.ckpt"), signal.SIGKILL)
     assert code == -signal.SIGKILL
     res = run(command(data, out, "--resume", "--size", "48"))
     assert res.returncode == 2 and "other settings" in res.stderr and "size 32 (now 48)" in res.stderr
+    next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
+    res = run(command(data, out, "--resume"))
+    assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
     res = run(command(data, out, "--arch", "no_such_net"))  # a fresh run is told about the checkpoint
     assert "holds an interrupted run" in res.stdout and res.returncode == 2
 

@@ -7,10 +7,11 @@ MODEL = default_model(__file__, "bears")
 
 def main(argv=None):
     args = app_parser(__doc__, "bears", MODEL, flagging=True).parse_args(argv)
-    model = app_model(args, "bears", MODEL)
+    model = app_model(args.model, "bears", MODEL)
     from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
-    launch(classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.", model,
-                           args.flag_data), args)
+    demo = classifier_demo("Bear classifier", "Upload a photo of a grizzly, a black bear or a teddy bear.", model,
+                           args.flag_data)
+    launch(demo, args.host, args.port, args.mcp)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ def main(argv=None):
                         help="the dataset folder (one sub-folder per class) to clean; also CLEANER_DATA")
     args = parser.parse_args(argv)
     from imagelab.cleaning import Cleaner
-    cleaner = Cleaner(app_model(args, "bears", MODEL), args.data)
+    cleaner = Cleaner(app_model(args.model, "bears", MODEL), args.data)
     import gradio as gr  # not needed for --help or a refused model
     from imagelab.cleaner_ui import cleaner_panel
     from imagelab.ui import launch
     with gr.Blocks(title="Data cleaner") as demo:
         gr.Markdown(f"# Data cleaner\n{__doc__}")
         cleaner_panel(cleaner)
-    launch(demo, args)
+    launch(demo, args.host, args.port, args.mcp)
 
 
 if __name__ == "__main__":

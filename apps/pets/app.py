@@ -7,9 +7,10 @@ MODEL = default_model(__file__, "pets")
 
 def main(argv=None):
     args = app_parser(__doc__, "pets", MODEL, flagging=True).parse_args(argv)
-    model = app_model(args, "pets", MODEL)
+    model = app_model(args.model, "pets", MODEL)
     from imagelab.ui import classifier_demo, launch  # gradio: not needed for --help or a refused model
-    launch(classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", model, args.flag_data), args)
+    demo = classifier_demo("Pet classifier", "Upload a photo of a cat or a dog.", model, args.flag_data)
+    launch(demo, args.host, args.port, args.mcp)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """What each kind of model (metrics.json "kind") publishes: one module and one model-card template per kind.
 
-`imagelab/cards/<kind>.py` says which model files its Space runs and its model repo carries, which pip
-packages each way of loading it needs, and fills its template `imagelab/cards/<kind>.md` (string.Template:
-`$name` fields, so the Markdown's braces and code need no escaping). A fragment `<kind>.<file>.md` is a
+`imagelab/cards/<kind>.py` says which model files its Space runs and its model repo carries, and fills its
+template `imagelab/cards/<kind>.md` (string.Template: `$name` fields, so the Markdown's braces and code need
+no escaping). A fragment `<kind>.<file>.md` is a
 card section shown only when the model repo carries that optional file (`$<file>_section`).
 """
+
+# The pip packages each way of loading a model needs: its ONNX graph, or its pickled learner.
+PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
+            "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
 
 
 def table(rows, header):

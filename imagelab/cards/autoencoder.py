@@ -11,8 +11,6 @@ GRAPH_OUTPUTS = AUTOENCODER_OUTPUTS  # what the apps and the page read from the 
 REPO_FILES = ("pkl",)
 # exported by newer training runs: the card's ONNX section needs them (the decoder: a static Space's walk between codes)
 OPTIONAL_FILES = ("weights", "config", "onnx", "decoder")
-PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
-            "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
 
 
 def static_fields(config):

@@ -7,8 +7,6 @@ STATIC_PAGE = ("classifier.html", "imagelab.js", "static_space.md")  # its part 
 GRAPH_OUTPUTS = ("logits",)  # what the apps and the page need from the graph (the heatmap is optional)
 REPO_FILES = ("pkl", "weights", "config", "onnx")
 OPTIONAL_FILES = ()
-PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
-            "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
 
 
 def static_fields(config):
