@@ -49,8 +49,9 @@ def setup():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 
-def run_cli(main, argv=None):
-    """Run a command-line entry point after `setup()`; a `UserError` or Ctrl-C ends it with one line on stderr.
+def run_cli(main, argv=None, interrupted="interrupted: nothing was exported"):
+    """Run a command-line entry point after `setup()`; a `UserError` or Ctrl-C (`interrupted`) ends it with one line
+    on stderr.
 
     Entry points import the training stack inside `main`, so `--help` answers at once and `setup()`
     comes before torch loads.
@@ -62,5 +63,5 @@ def run_cli(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: nothing was exported", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)

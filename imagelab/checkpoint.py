@@ -17,7 +17,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
-from .paths import staging_path
+from .paths import disk_space, staging_path
 
 
 def train_loader(learn):
@@ -109,10 +109,10 @@ class Writer:
         self.thread.start()
 
     def _write(self, state, path, ready):
+        tmp = staging_path(path)
         try:
             if ready is not None:
                 ready.synchronize()
-            tmp = staging_path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(state, f)
@@ -120,7 +120,8 @@ class Writer:
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: a kill during the write leaves the previous checkpoint
         except BaseException as e:
-            self.error = e
+            tmp.unlink(missing_ok=True)  # half a checkpoint would only keep a full disk full
+            self.error = (e, path)
 
     def wait(self, check=True):
         """Wait for the write in progress; a `UserError` if it failed (and `check`)."""
@@ -128,8 +129,9 @@ class Writer:
             self.thread.join()
             self.thread = None
         if self.error is not None and check:
-            error, self.error = self.error, None
-            raise UserError(f"cannot write the checkpoint: {error}") from error
+            (error, path), self.error = self.error, None
+            why = error.strerror if isinstance(error, OSError) else error
+            raise UserError(f"cannot write the checkpoint {path}: {why}{disk_space(path.parent)}") from error
 
 
 class Checkpoint(Callback):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import HelpFormatter, UserError
-from .paths import checkpoint_path, existing_folder
+from .paths import checkpoint_path, existing_folder, writable_model_path
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -128,6 +128,7 @@ class TrainConfig:
         check_precision_name(self.precision)
         if self.data is not None:
             existing_folder(self.data)
+        writable_model_path(self.out)
         if self.resume and not checkpoint_path(self.out).exists():
             raise UserError(f"nothing to resume: no checkpoint at {checkpoint_path(self.out)}")
 

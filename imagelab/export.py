@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import UserError
 from .images import open_rgb, val_margin
 from .loading import CLASSIFIER, CLASSIFIER_FORMAT
 from .paths import artifact_paths, report_dir, staging_path
@@ -29,15 +30,36 @@ def staged_export(model_path):
     tmp_report.mkdir(parents=True)
     try:
         yield tmp_model, tmp_report
-        old_report = stage / "previous-report"
-        if report_dir(model_path).exists():
-            os.replace(report_dir(model_path), old_report)
-        # the learner last: whoever sees the new .pkl also sees the artifacts and the report made with it
-        for f in sorted(stage.iterdir(), key=lambda f: f == tmp_model):
-            if f != old_report:
-                os.replace(f, model_path.parent / f.name)
+        install(stage, model_path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def install(stage, model_path):
+    """Move everything in `stage` beside `model_path`, the learner last (whoever sees the new .pkl also sees the
+    artifacts and the report made with it), or, if a move fails, put every previous file back: all or nothing."""
+    folder, new = model_path.parent, sorted(stage.iterdir(), key=lambda f: f.name == model_path.name)
+    for f in new:
+        if (folder / f.name).exists() and (folder / f.name).is_dir() != f.is_dir():
+            raise UserError(f"cannot export: {folder / f.name} is a {'folder' if f.is_file() else 'file'}; "
+                            "move it away, or give another --out")
+    previous = stage / ".previous"
+    previous.mkdir()
+    aside, placed = [], []
+    try:
+        for f in new:
+            if (folder / f.name).exists():
+                os.replace(folder / f.name, previous / f.name)
+                aside.append(f.name)
+        for f in new:
+            os.replace(f, folder / f.name)
+            placed.append(f.name)
+    except OSError as e:
+        for name in placed:
+            os.replace(folder / name, stage / name)
+        for name in aside:
+            os.replace(previous / name, folder / name)
+        raise UserError(f"cannot export into {folder}: {e.strerror}; the previous model is as it was") from None
 
 
 def learner_config(learn):

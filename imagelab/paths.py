@@ -34,6 +34,22 @@ def existing_folder(root):
     return root
 
 
+def writable_model_path(path):
+    """`path` (--out) as a Path, or one line if a learner cannot be written there: found before the training, not
+    after it."""
+    path = Path(path)
+    if path.suffix != ".pkl":
+        raise UserError(f"--out must name a .pkl file, the learner (its other files are written beside it): {path}")
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder: name the file, e.g. --out {path / 'model.pkl'}")
+    existing = next(p for p in path.parents if p.exists())  # the folder, or the part of it that exists
+    if not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {existing} is read-only")
+    return path
+
+
 def report_dir(model):
     """The folder beside a model with its plots, metrics and example images: `pets.pkl` -> `pets.report/`."""
     model = Path(model)
@@ -89,6 +105,15 @@ def remove_abandoned_staging(path):
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def disk_space(folder):
+    """' (N MB free on its disk)' for a message about a failed write (torch's own message may not say the disk is
+    full), or '' if the folder cannot tell."""
+    try:
+        return f" ({shutil.disk_usage(folder).free // 2**20:,} MB free on its disk)"
+    except OSError:
+        return ""
 
 
 def hidden(name):

@@ -65,11 +65,16 @@ def check_output(path):
 @contextmanager
 def output(path):
     """Standard output, or `path` written whole: rows go to a hidden sibling renamed onto `path` (the file a link
-    names, not the link) at the end."""
+    names, not the link) at the end. What is not a file (/dev/null, /dev/stdout, a pipe) is written as it is:
+    renamed over, a device would become a file."""
     if path is None:
         if hasattr(sys.stdout, "reconfigure"):  # not a notebook's or a test's stand-in
             sys.stdout.reconfigure(encoding="utf-8", errors="surrogateescape")
         yield sys.stdout
+        return
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            yield f
         return
     path = Path(os.path.realpath(path))
     tmp = staging_path(path)
@@ -105,6 +110,9 @@ def main(argv=None):
             writer = csv.writer(out)
             writer.writerow(header)
             errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
+    except BrokenPipeError:  # `| head` has read what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and Python's exit flushes nothing more
+        return
     except OSError as e:  # a full disk, a folder that went away
         raise UserError(f"could not write {args.csv or 'standard output'}: {e.strerror or e}") from None
     if len(errors) == len(items):
@@ -113,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="interrupted: --csv OUT was not written (an earlier one is as it was)")

@@ -5,6 +5,7 @@ this loop does the rest for all of them: checking the files, presizing, progress
 `--time-budget`, checkpoints and `--resume`, distributed launch, and the all-or-nothing export of the
 learner, its weights-only artifacts and its report.
 """
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
-from .paths import checkpoint_path, examples_dir, metrics_path, remove_abandoned_staging, split_path
+from .paths import checkpoint_path, disk_space, examples_dir, metrics_path, remove_abandoned_staging, split_path
 from .reports import LossHistory
 from .store import StoreDL, store_loaders
 
@@ -431,7 +432,15 @@ def train(task, cfg, cbs=()):
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [str(f) for f, _ in skipped]}
-    metrics = export(task, cfg, learn, run.history, root, facts)  # while the last checkpoint is written
+    try:
+        metrics = export(task, cfg, learn, run.history, root, facts)  # while the last checkpoint is written
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        writer.wait(check=False)
+        again = f"; {ckpt} holds the run: rerun with --resume to export it" if ckpt.exists() else ""
+        raise UserError(f"cannot write {cfg.out} and its report: {e.strerror}{disk_space(Path(cfg.out).parent)}; "
+                        f"the previous model is as it was{again}") from None
     writer.wait(check=False)  # the run is complete: a failed last write loses nothing
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(task.summary(metrics, cfg))

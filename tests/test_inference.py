@@ -1,12 +1,15 @@
 """The predictor: same answers as fastai's learn.predict, weights-only loading, odd images, the batch CLI."""
 import csv
 import os
+import shlex
 import shutil
+import stat
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import fails_with_one_line, run, write_image
+from conftest import PY, ROOT, fails_with_one_line, run, write_image
 from imagelab import UserError
 from imagelab.images import read_image
 from uploads import invalid_uploads, valid_uploads
@@ -108,6 +111,19 @@ def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_mo
     (tmp_path / "link.csv").symlink_to(out)  # --csv names a link: the file it links to gets the rows
     assert run(["-m", "imagelab.predict", tiny_model, folder, "--csv", tmp_path / "link.csv"]).returncode == 0
     assert (tmp_path / "link.csv").is_symlink() and out.read_bytes() == before
+    fifo = tmp_path / "fifo"  # not a file (as /dev/null, /dev/stdout): written as it is, never renamed over
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open first: the writer's open then does not wait
+    try:
+        assert run(["-m", "imagelab.predict", tiny_model, folder, "--csv", fifo]).returncode == 0
+        assert os.read(reader, 1 << 16) == before and stat.S_ISFIFO(fifo.stat().st_mode)
+    finally:
+        os.close(reader)
+    # a reader that stops reading (`| head`, here `| true`, gone before the first row): no error, status 0
+    piped = subprocess.run(["bash", "-c", f"set -o pipefail; {shlex.quote(PY)} -m imagelab.predict "
+                            f"{shlex.quote(str(tiny_model))} {shlex.quote(str(folder))} | true"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr[-2000:]
 
 
 def test_exported_heatmap_of_a_map_without_evidence_is_zero_not_nan():

@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import (PY, ROOT, fails_with_one_line, in_fresh_process, interruptible, make_folder_dataset, run,
                       train_tiny, write_image)
+from imagelab import UserError
 from imagelab.export import staged_export
 from imagelab.inference import Predictor
 
@@ -81,6 +82,22 @@ def test_export_is_all_or_nothing(tmp_path):
         (tmp_report / "metrics.json").write_text("{}")
     assert model.read_bytes() == b"new" and (tmp_path / "m.report" / "metrics.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pkl", "m.report"]
+    (tmp_path / "m.onnx").mkdir()  # where the graph would go: nothing moves, not even the report
+    with pytest.raises(UserError, match="m.onnx is a folder"):
+        with staged_export(model) as (tmp_model, tmp_report):
+            tmp_model.write_bytes(b"newer")
+            tmp_model.with_suffix(".onnx").write_bytes(b"graph")
+            (tmp_report / "metrics.json").write_text('{"newer": 1}')
+    assert model.read_bytes() == b"new" and (tmp_path / "m.report" / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pkl", "m.report"]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
+    (tmp_path / "folder.pkl").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    for out, says in [(tmp_path / "m.onnx", "--out must name a .pkl file"), (tmp_path / "folder.pkl", "is a folder"),
+                      (tmp_path / "file" / "m.pkl", "file is a file")]:
+        fails_with_one_line(run(["training/train_pets.py", "--data", tmp_path, "--out", out], timeout=60), says)
 
 
 def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
