@@ -60,17 +60,20 @@ def check_image(path):
         return first_line(e)
 
 
-def read_image(src):
-    """An uploaded file as RGB, or a `UserError` that says in one line why it is not usable."""
+def read_image(src, max_pixels=MAX_PIXELS):
+    """An uploaded file as RGB, or a `UserError` that says in one line why it is not usable.
+
+    `max_pixels` bounds what one request may decode on a server; None: what training reads (Pillow's own limit).
+    """
     try:
         im = src if isinstance(src, Image.Image) else Image.open(src)
-        if im.width * im.height > MAX_PIXELS:
-            raise UserError(f"image too large: {im.width}x{im.height} pixels (limit {MAX_PIXELS:,})")
+        if max_pixels and im.width * im.height > max_pixels:
+            raise UserError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,})")
         return open_rgb(im)
     except UserError:
         raise
     except Image.DecompressionBombError:
-        raise UserError(f"image too large (more than {MAX_PIXELS:,} pixels)") from None
+        raise UserError(f"image too large (more than {max_pixels or Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except Exception as e:  # PIL signals unreadable files with many exception types
         raise UserError(f"not a readable image: {unreadable_reason(src, e)}") from None
 

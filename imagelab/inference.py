@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import UserError, first_line
 from .hub import resolve_model
-from .images import read_image, resize_box
+from .images import MAX_PIXELS, read_image, resize_box
 from .loading import load_trusted_learner, read_config
 from .paths import artifact_paths
 
@@ -128,6 +128,7 @@ class Predictor:
             raise UserError(f"no model at {path}")
         self.session = onnx_session(graph)
         self.vocab, self.tta = self.config["vocab"], tta
+        self.max_pixels = MAX_PIXELS  # an app's upload; None for the owner's own files (the batch CLI, the cleaner)
         self.has_heatmap = "heatmap" in output_names(self.session)
         w, h = self.config["crop"]
         self.session.run(None, {"image": np.zeros((1, 3, h, w), np.float32)})  # warm up now, not on a request
@@ -138,7 +139,8 @@ class Predictor:
 
     def probabilities(self, images):
         """Class probabilities, one row per image (paths or PIL images)."""
-        return np.concatenate([self._probabilities(preprocess(read_image(im), self.config)) for im in images])
+        return np.concatenate([self._probabilities(preprocess(read_image(im, self.max_pixels), self.config))
+                               for im in images])
 
     def _probabilities(self, x):
         probs = softmax(self.session.run(["logits"], {"image": x})[0])
@@ -158,7 +160,7 @@ class Predictor:
         (h×w in [0, 1], imagelab.heatmaps) from one run of the graph."""
         if not self.has_heatmap:
             raise UserError(f"{self.path} was exported without a heatmap: retrain it, or export it again")
-        view = model_view(read_image(image), self.config)
+        view = model_view(read_image(image, self.max_pixels), self.config)
         x = as_input(view, self.config)
         logits, heat = self.session.run(["logits", "heatmap"], {"image": x})
         probs = self._probabilities(x) if self.tta else softmax(logits)

@@ -100,7 +100,7 @@ def main(argv=None):
     if args.csv:
         check_output(args.csv)
     predictor = open_model(args.model, CLASSIFIER)
-    predictor.tta = args.tta
+    predictor.tta, predictor.max_pixels = args.tta, None  # your own files: as big as training reads
     items = list(expand(args.paths))
     if not items:  # before --csv is written: an earlier OUT stays as it was
         raise UserError(f"nothing classified: no files in {' '.join(args.paths)}")

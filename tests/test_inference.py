@@ -126,6 +126,18 @@ def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_mo
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr[-2000:]
 
 
+def test_the_batch_cli_and_the_cleaner_read_photos_as_big_as_training_does(tiny_model, tmp_path):
+    """The apps refuse an upload over 40 megapixels; your own files are read as training reads them."""
+    from PIL import Image
+    from imagelab.cleaning import Cleaner
+    big = tmp_path / "cats" / "big.png"
+    big.parent.mkdir()
+    Image.new("RGB", (7000, 6000), (220, 60, 60)).save(big)
+    res = run(["-m", "imagelab.predict", tiny_model, big])
+    assert res.returncode == 0 and "1 classified, 0 unreadable" in res.stderr, res.stderr[-2000:]
+    assert [r["file"] for r in Cleaner(tiny_model, tmp_path).rank("cats")] == ["cats/big.png"]
+
+
 def test_exported_heatmap_of_a_map_without_evidence_is_zero_not_nan():
     """When the predicted class's Grad-CAM is zero everywhere (small inputs give a 1x1 map, where that is common),
     the graph's heatmap must be zeros, as torch's: the overlay cannot draw NaN."""
