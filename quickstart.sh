@@ -2,11 +2,24 @@
 # Set up .venv, train the pet classifier (arguments go to training/train_pets.py), then serve it.
 set -euo pipefail
 cd "$(dirname "$0")"
+model=models/pets.pkl  # what the app serves: the model the run writes (--out)
+previous=
 for arg in "$@"; do  # the options are parsed with the standard library alone: nothing to install, train or serve
-  case "$arg" in -h|--help) PYTHONPATH=. exec python3 training/train_pets.py --help;; esac
+  case "$previous" in --out) model=$arg;; esac
+  case "$arg" in
+    --out=*) model=${arg#--out=};;
+    -h|--help)
+      echo "bash quickstart.sh [OPTIONS]: set up .venv (requirements.txt), train the pet classifier with OPTIONS,"
+      echo "then serve it on http://127.0.0.1:7860. Without options it downloads Oxford-IIIT Pet (800 MB) and"
+      echo "ImageNet weights; offline: --data ../shared/data/catsdogs --preset scratch --time-budget 120."
+      echo "OPTIONS are training/train_pets.py's:"
+      echo
+      PYTHONPATH=. exec python3 training/train_pets.py --help;;
+  esac
+  previous=$arg
 done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/python training/train_pets.py "$@"
-exec .venv/bin/python apps/pets/app.py
+exec .venv/bin/python apps/pets/app.py --model "$model"

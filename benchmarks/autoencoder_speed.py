@@ -35,11 +35,11 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
-    p.add_argument("--size", type=int, default=defaults_.size)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--bs", type=int, default=defaults_.bs)
-    p.add_argument("--code-size", type=int, default=defaults_.code_size)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--size", type=int, default=defaults_.size, help="input size in pixels")
+    p.add_argument("--epochs", type=int, default=2, help="epochs each data path trains")
+    p.add_argument("--bs", type=int, default=defaults_.bs, help="batch size")
+    p.add_argument("--code-size", type=int, default=defaults_.code_size, help="numbers in the code")
+    p.add_argument("--seed", type=int, default=42, help="split and initialisation")
     p.add_argument("--device", default="auto", help="where both runs train: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", help="both runs' --precision")
     p.add_argument("--workers", type=int, default=None,

@@ -63,7 +63,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="exported learner (.pkl)")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--limit", type=int, default=100, help="images to time")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed predictions first")
     p.add_argument("--cold-start", action="store_true", help="also time app.py from launch to first answer")
     args = p.parse_args(argv)
 

@@ -32,10 +32,10 @@ def client_session(url, image, api_name, n, timeout):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, help="the running app, e.g. http://127.0.0.1:7860")
     p.add_argument("--image", required=True, help="image file every request sends")
-    p.add_argument("--api-name", default="/predict")
-    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--api-name", default="/predict", help="the endpoint to call")
+    p.add_argument("--clients", type=int, default=32, help="requests sent at once")
     p.add_argument("--requests", type=int, default=10, help="per client")
     p.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
     args = p.parse_args(argv)

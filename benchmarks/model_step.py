@@ -22,9 +22,9 @@ from imagelab import HelpFormatter, run_cli
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--bs", type=int, default=16)
+    p.add_argument("--arch", default="resnet18", help="timm architecture")
+    p.add_argument("--size", type=int, default=128, help="input size in pixels")
+    p.add_argument("--bs", type=int, default=16, help="batch size")
     p.add_argument("--steps", type=int, default=4, help="timed steps of each, after one untimed")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
     return p.parse_args(argv)

@@ -19,9 +19,10 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
-    p.add_argument("--code-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--code-sizes", type=int, nargs="+", default=[16, 32, 64, 128],
+                   help="one autoencoder (and PCA) per code size")
+    p.add_argument("--epochs", type=int, default=3, help="epochs each autoencoder trains")
+    p.add_argument("--size", type=int, default=64, help="input size in pixels")
     p.add_argument("--bs", type=int, help="batch size, if not the trainer's default")
     p.add_argument("--lr", type=float, help="peak learning rate, if not the trainer's default")
     p.add_argument("--workdir", metavar="DIR", help="where the models and the plot go (default: a temporary folder)")

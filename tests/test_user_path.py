@@ -49,9 +49,11 @@ def test_help_answers_at_once_and_loads_no_model(app):
 
 
 def test_the_shell_scripts_answer_help_and_start_nothing():
-    """quickstart.sh passes its arguments to train_pets.py: with --help it shows that help and serves nothing."""
+    """quickstart.sh passes its arguments to train_pets.py: with --help it says what it does, shows that help and
+    serves nothing."""
     made = sorted((ROOT / "build").glob("*")) if (ROOT / "build").exists() else []
-    for script, says in [("quickstart.sh", "--time-budget"), ("benchmarks/gpu_check.sh", "Every GPU check in one call"),
+    for script, says in [("quickstart.sh", "then serve it on http://127.0.0.1:7860"), ("quickstart.sh", "--time-budget"),
+                         ("benchmarks/gpu_check.sh", "Every GPU check in one call"),
                          ("benchmarks/gpu_stack_check.sh", "with the GPU machine's software")]:
         res = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0 and says in res.stdout, (script, res.stdout[-2000:], res.stderr[-2000:])
