@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import UserError, first_line
+from . import UserError
 
 # Refuse images whose header claims more pixels than this before decoding them: a 40000x40000 PNG
 # of a few KB would otherwise take gigabytes of memory.
@@ -56,8 +56,10 @@ def check_image(path):
             im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: a full read of every byte, much faster
             im.load()
         return None
+    except Image.DecompressionBombError:
+        return f"image too large (more than {Image.MAX_IMAGE_PIXELS:,} pixels: Pillow takes it for a decompression bomb)"
     except Exception as e:  # PIL raises many types for bad files; each one is a reason to skip
-        return first_line(e)
+        return unreadable_reason(path, e)
 
 
 def read_image(src, max_pixels=MAX_PIXELS):

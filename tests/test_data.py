@@ -10,6 +10,7 @@ from conftest import make_folder_dataset, write_image
 from imagelab import UserError
 from imagelab.data import (Presized, breed, check_image, classifier_dls, detect_labels, find_images, folder_split,
                            is_cat, label_function, open_rgb, parent_label, presize, split_counts)
+from uploads import png_header_only
 
 OXFORD = ["Abyssinian_12.jpg", "Egyptian_Mau_100.jpg", "american_bulldog_3.jpg", "great_pyrenees_7.jpg"]
 
@@ -77,11 +78,13 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     (tmp_path / "a" / "empty.jpg").write_bytes(b"")
     (tmp_path / "a" / "text.jpg").write_text("this is not a picture")
     (tmp_path / "a" / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (tmp_path / "a" / "bomb.png").write_bytes(png_header_only(40000, 40000))
     (tmp_path / "a" / ".hidden.jpg").write_bytes(good.read_bytes())
     files, bad = find_images(tmp_path)
     assert sorted(f.name for f in files) == sorted([good.name, odd.name])
-    assert sorted(f.name for f, _ in bad) == ["empty.jpg", "text.jpg", "truncated.jpg"]
-    assert all(reason for _, reason in bad)
+    assert {f.name: reason.split(" (")[0] for f, reason in bad} == {  # the apps' words for the same files
+        "bomb.png": "image too large", "empty.jpg": "empty file", "text.jpg": "not an image",
+        "truncated.jpg": "truncated image"}
     assert check_image(good) is None
     only_bad = tmp_path / "only_bad"
     only_bad.mkdir()

@@ -46,7 +46,7 @@ def valid_uploads(d):
     return out
 
 
-def _png_header_only(width, height):
+def png_header_only(width, height):
     """A tiny valid-looking PNG whose header claims width x height (a decompression bomb)."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -68,7 +68,7 @@ def invalid_uploads(d):
                         "not a readable image"),
         "random.jpg": (np.random.default_rng(0).bytes(5000), "not a readable image"),
         "truncated.jpg": (buf.getvalue()[: len(buf.getvalue()) // 3], "not a readable image"),
-        "bomb.png": (_png_header_only(40000, 40000), "too large"),
+        "bomb.png": (png_header_only(40000, 40000), "too large"),
     }
     out = {}
     for name, (data, msg) in files.items():
