@@ -47,6 +47,8 @@ def setup():
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    # A photo's damaged metadata is the camera's doing, and its picture decodes: nothing for the user to act on.
+    warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
 def run_cli(main, argv=None, interrupted="interrupted: nothing was exported"):

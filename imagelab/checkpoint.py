@@ -51,7 +51,9 @@ def load_checkpoint(path, settings):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint is replaced atomically, so this is a foreign or damaged file
         raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}); delete it to start afresh") from None
-    changed = [f"{k} {state['settings'].get(k)!r} (now {v!r})" for k, v in settings.items()
+    def shown(value):
+        return "the default" if value is None else repr(value)
+    changed = [f"{k} {shown(state['settings'].get(k))} (now {shown(v)})" for k, v in settings.items()
                if state["settings"].get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "

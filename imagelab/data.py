@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import UserError
+from . import UserError, first_line
 from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .config import default_cache
@@ -80,16 +80,21 @@ def presize(files, size, cache=None, workers=4):
     cache = Path(cache or default_cache())
     dests = {f: presized_path(f, side, cache) for f in files}
     todo = [f for f, d in dests.items() if not d.exists()]
+    failed = []
 
     def make(f):
         try:
             presize_one(f, dests[f], side)
-        except Exception:  # unreadable after all: train on the original, whose decoder says why
+        except Exception as e:  # a full or read-only cache, or a file unreadable after all: train on the original
             dests.pop(f)
+            failed.append(e)
 
     if todo:
         with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
             list(tqdm(pool.map(make, todo), total=len(todo), desc=f"presizing to {side}px", unit="img", leave=False))
+    if failed:
+        print(f"note: {len(failed)} of {len(files)} presized copies could not be made in {cache} "
+              f"({first_line(failed[0])}): those images are read from their files")
     return dests
 
 

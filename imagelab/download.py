@@ -105,7 +105,8 @@ class Downloader:
         self.dest, self.timeout = Path(dest), timeout
         # Hashes of what is already there (removed and quarantined files too): a second run adds new
         # images, not copies of old ones, and does not bring back what was thrown out.
-        self.seen = {sha256(p) for p in visible_files(self.dest) if p.parent != self.dest and p.name != REASONS}
+        self.seen = {sha256(p) for p in visible_files(self.dest)
+                     if p.parent != self.dest and p.name != REASONS and p.is_file()}
 
     def download(self, url, label):
         """Download and check one URL into a hidden part file: (part, sha256, why it is not an image or None),

@@ -82,6 +82,8 @@ def read_image(src, max_pixels=MAX_PIXELS):
 
 def unreadable_reason(src, error):
     """What is wrong with a file PIL could not decode, in words a user can act on."""
+    if isinstance(src, (str, os.PathLike)) and not os.path.exists(src):
+        return "a link that leads nowhere" if os.path.islink(src) else "no such file"
     if isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0:
         return "empty file"
     if isinstance(error, UnidentifiedImageError):

@@ -76,7 +76,8 @@ def open_model(spec, kind, train=None):
     except UserError:
         raise
     except Exception as e:  # a corrupt or foreign file fails in many ways, all of them "does not load"
-        raise UserError(f"cannot load the model {path}: {first_line(e)}") from None
+        raise UserError(f"cannot load the model {path}: {first_line(e)} (a damaged or incomplete copy? export or "
+                        "download it again)") from None
 
 
 def _serve(kind, path, learn):

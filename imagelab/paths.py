@@ -122,7 +122,8 @@ def hidden(name):
 
 def visible_files(folder):
     """Every file under `folder` (recursive, through links to folders: a class folder is often one), none hidden or
-    inside a hidden folder, in a stable order. A folder reached twice (a link back up) is read once."""
+    inside a hidden folder, in a stable order. A folder reached twice (a link back up) is read once; a link that
+    leads nowhere is listed, for its reader to say so."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -131,7 +132,7 @@ def visible_files(folder):
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not hidden(d))
-        found += [p for p in (Path(top) / f for f in files if not hidden(f)) if p.is_file()]
+        found += [p for p in (Path(top) / f for f in files if not hidden(f)) if p.is_file() or p.is_symlink()]
     return sorted(found)
 
 

@@ -335,7 +335,7 @@ def batches_in_memory(dls, presized, cfg):
         return None
     batches = store_loaders(dls, presized.copies)
     if batches is not None:
-        print(f"decoded {len(batches.train_ds) + len(batches.valid_ds)} presized images into memory: "
+        print(f"decoded {len(batches.train_ds) + len(batches.valid_ds)} images into memory: "
               f"batches are cut on {batches.device}")
     return batches
 
@@ -412,9 +412,8 @@ def train(task, cfg, cbs=()):
         fit(task, cfg, learn, run, ckpt, writer, settings, cbs)
     except KeyboardInterrupt:
         writer.wait()  # the checkpoint being written, if any, is the one to resume from
-        if main_process and ckpt.exists():
-            print(f"{ckpt} holds the run after epoch {saved_epoch(ckpt)}: rerun with --resume to continue from there",
-                  file=sys.stderr)
+        if main_process:
+            say_how_to_resume(ckpt)
         raise
     seconds_here = time.perf_counter() - run.started
     processes = world_size()
@@ -434,6 +433,10 @@ def train(task, cfg, cbs=()):
              "skipped_files": [str(f) for f, _ in skipped]}
     try:
         metrics = export(task, cfg, learn, run.history, root, facts)  # while the last checkpoint is written
+    except KeyboardInterrupt:
+        writer.wait(check=False)
+        say_how_to_resume(ckpt)
+        raise
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
@@ -445,6 +448,12 @@ def train(task, cfg, cbs=()):
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(task.summary(metrics, cfg))
     return metrics
+
+
+def say_how_to_resume(ckpt):
+    if ckpt.exists():  # on a line of its own, not after a progress bar's
+        print(f"\n{ckpt} holds the run after epoch {saved_epoch(ckpt)}: rerun with --resume to continue from there",
+              file=sys.stderr)
 
 
 def export(task, cfg, learn, history, root, facts):

@@ -79,11 +79,13 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     (tmp_path / "a" / "text.jpg").write_text("this is not a picture")
     (tmp_path / "a" / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     (tmp_path / "a" / "bomb.png").write_bytes(png_header_only(40000, 40000))
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
     (tmp_path / "a" / ".hidden.jpg").write_bytes(good.read_bytes())
     files, bad = find_images(tmp_path)
     assert sorted(f.name for f in files) == sorted([good.name, odd.name])
     assert {f.name: reason.split(" (")[0] for f, reason in bad} == {  # the apps' words for the same files
-        "bomb.png": "image too large", "empty.jpg": "empty file", "text.jpg": "not an image",
+        "bomb.png": "image too large", "empty.jpg": "empty file", "gone.jpg": "a link that leads nowhere",
+        "text.jpg": "not an image",
         "truncated.jpg": "truncated image"}
     assert check_image(good) is None
     only_bad = tmp_path / "only_bad"
@@ -121,7 +123,7 @@ def test_dataloaders_from_oxford_names(oxford_dir):
                                "dog": sum(is_cat(f) == "dog" for f in dls.valid_ds.items)}
 
 
-def test_presized_copies_are_small_upright_and_follow_their_file(tmp_path):
+def test_presized_copies_are_small_upright_and_follow_their_file(tmp_path, capsys):
     photo = write_image(tmp_path / "data" / "a" / "photo.jpg", (200, 30, 30), size=(400, 300))
     tall = tmp_path / "data" / "a" / "rotated.jpg"
     exif = Image.new("RGB", (30, 10)).getexif()
@@ -142,6 +144,9 @@ def test_presized_copies_are_small_upright_and_follow_their_file(tmp_path):
     shutil.copy(photo, latin1)
     with Image.open(presize([latin1], size=32, cache=cache)[latin1]) as im:
         assert im.size == (64, 48)
+    (tmp_path / "not-a-folder").write_text("")  # a cache that cannot be written: the files train, and it is said
+    assert presize([photo, tall], size=32, cache=tmp_path / "not-a-folder") == {}
+    assert "note: 2 of 2 presized copies could not be made in" in capsys.readouterr().out
     get_x = Presized(copies)
     assert get_x(photo) == copies[photo] and Presized()(photo) == photo
     im = Image.new("RGB", (5, 5))

@@ -44,8 +44,8 @@ def test_autoencoder_benchmark_times_both_data_paths(tmp_path):
     res = run(["benchmarks/autoencoder_speed.py", "--data", data, "--size", "16", "--epochs", "1", "--bs", "4",
                "--code-size", "8", "--device", "cpu", "--precision", "fp32"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "decoded 20 presized images into memory" in res.stdout  # `memory` did, and only it
-    assert res.stdout.count("presized images into memory") == 1
+    assert "decoded 20 images into memory" in res.stdout  # `memory` did, and only it
+    assert res.stdout.count("images into memory") == 1
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["train_images"] == 16 and out["valid_images"] == 4 and out["files_workers"] == 0
     for key in ("memory_images_per_s", "files_images_per_s", "memory_seconds", "files_seconds", "speedup"):
