@@ -20,7 +20,7 @@ from torch import nn
 
 from . import UserError
 from .config import check_autoencoder_shape
-from .data import RGBImage, pets_images
+from .data import RGBImage, pets_images, random_split
 from .export import export_weights_only, save_examples, to_onnx
 from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
 from .models import adamw
@@ -246,7 +246,7 @@ class RatioCurve(Callback):
             self.points.append((self.epoch + 1, round(ratio.value, 5)))
 
 
-def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, get_x=None):
+def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, get_x=None, splitter=None):
     """DataLoaders whose target is the input: the same random crop and flip on both.
 
     fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
@@ -254,10 +254,12 @@ def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, 
     (below) plus mirror images. Warps and lighting changes are left out: they make the task harder than
     what is scored, and three epochs have no steps to spare (benchmarks/README.md).
     Validation (and inference, and PCA) sees the centre square of each image, unaugmented.
-    `get_x` maps a file to what is decoded (`Presized`); the target is decoded the same way.
+    `get_x` maps a file to what is decoded (`Presized`); the target is decoded the same way. `splitter` defaults
+    to a seeded random `valid_pct` split.
     """
     block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)), get_x=get_x, get_y=get_x,
-                      splitter=RandomSplitter(valid_pct, seed=seed), item_tfms=[Resize(size), FlipItem(0.5)])
+                      splitter=splitter or RandomSplitter(valid_pct, seed=seed),
+                      item_tfms=[Resize(size), FlipItem(0.5)])
     dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise UserError(f"need images for training and validation: {len(files)} images with --valid-pct {valid_pct}")
@@ -386,7 +388,8 @@ class AutoencoderTask(Task):
         return pets_images()
 
     def dataloaders(self, cfg, root, files, get_x, workers):
-        return autoencoder_dls(files, cfg.size, cfg.bs, cfg.valid_pct, cfg.seed, workers, get_x=get_x)
+        return autoencoder_dls(files, cfg.size, cfg.bs, cfg.valid_pct, cfg.seed, workers, get_x=get_x,
+                               splitter=random_split(root, cfg.valid_pct, cfg.seed))
 
     def learner(self, dls, cfg):
         model = ConvAutoencoder(cfg.size, cfg.code_size, cfg.depth, cfg.width, sparse=cfg.sparsity > 0,

@@ -7,7 +7,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastai.vision.all import (CategoryBlock, DataBlock, FuncSplitter, ImageBlock, PILImage, RandomResizedCrop,
+from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, PILImage, RandomResizedCrop,
                                RandomSplitter, Transform, URLs, untar_data)
 import numpy as np
 from PIL import Image
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import UserError, first_line
 from .augment import aug_transforms
 from .images import check_image, open_rgb
+from .lookalikes import fingerprints, groups, pairs
 from .config import default_cache
 from .paths import FLAGGED, dataset_files, existing_folder, is_flagged, staging_path
 
@@ -203,9 +204,13 @@ def folder_split(root, files):
     Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on."""
     root = Path(root)
     tops = {f.relative_to(root).parts[0] for f in files}
-    if tops - {FLAGGED} == {"train", "valid"}:
-        return FuncSplitter(lambda f: Path(f).relative_to(root).parts[0] == "valid")
-    return None
+    if tops - {FLAGGED} != {"train", "valid"}:
+        return None
+
+    def split(items):
+        valid = {i for i, f in enumerate(items) if Path(f).relative_to(root).parts[0] == "valid"}
+        return with_flagged(root, items, valid)
+    return split
 
 
 def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2, seed=42, workers=None,
@@ -226,16 +231,40 @@ def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2,
 
 
 def random_split(root, valid_pct, seed):
-    """fastai's seeded `RandomSplitter` over the dataset's own images; flagged ones (`--flagged`) always train,
-    so adding them leaves the held-out set as it was."""
+    """fastai's seeded `RandomSplitter` over the dataset's own images, look-alikes (one picture in two files or more,
+    imagelab.lookalikes) drawn together: a picture is held out whole or trains whole. Without look-alikes the split
+    is fastai's. Flagged images (`--flagged`) train, so adding them leaves the held-out set as it was."""
     root = Path(root)
 
     def split(items):
         own = [i for i, f in enumerate(items) if not is_flagged(root, f)]
-        _, valid = RandomSplitter(valid_pct, seed=seed)([items[i] for i in own])
-        held_out = {own[i] for i in valid}
-        return [i for i in range(len(items)) if i not in held_out], sorted(held_out)
+        first = groups(fingerprints([items[i] for i in own]))  # of each image, its group's first image
+        heads = sorted(set(first))
+        together = len(own) - len(heads)
+        if together:
+            print(f"note: {together} images look like another one (the same picture in two files or more): each "
+                  "picture is held out whole or trains whole")
+        _, valid = RandomSplitter(valid_pct, seed=seed)(heads)
+        held = {heads[v] for v in valid}
+        return with_flagged(root, items, {own[k] for k, f in enumerate(first) if f in held})
     return split
+
+
+def with_flagged(root, items, held_out):
+    """(train, valid) indices: the held-out ones, and every other but the flagged images that look like a held-out
+    one (an app's example, say): trained on, they would be measured on themselves."""
+    flagged = [i for i, f in enumerate(items) if is_flagged(root, f)]
+    if flagged and held_out:
+        valid = sorted(held_out)
+        seen = pairs(fingerprints([items[i] for i in flagged]), fingerprints([items[i] for i in valid]))
+        left_out = {flagged[i] for i, _ in seen}
+        if left_out:
+            print(f"note: {len(left_out)} flagged images look like held-out ones and are left out "
+                  f"(such as {Path(items[flagged[seen[0][0]]]).relative_to(root)}, like "
+                  f"{Path(items[valid[seen[0][1]]]).relative_to(root)})")
+    else:
+        left_out = set()
+    return [i for i in range(len(items)) if i not in held_out and i not in left_out], sorted(held_out)
 
 
 def split_counts(dls, get_y):

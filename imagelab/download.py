@@ -3,7 +3,8 @@
     make_dataset(["grizzly", "black", "teddy"], "data/bears", query="{} bear")
 
 writes `data/bears/<class>/<sha256[:16]>.<format>`: one sub-folder per class, every file a fully
-decoded image, each distinct content once. Files that do not decode go to `quarantine/<class>/`
+decoded image, each picture once (the same bytes, or the same picture resized or converted:
+imagelab.lookalikes). Files that do not decode go to `quarantine/<class>/`
 with their reason in `quarantine/reasons.tsv` (never deleted); `download-summary.json` counts it all.
 
 The search goes through `ddgs` (DuckDuckGo / Bing image search) and its own HTTP client, which
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from . import UserError, first_line
 from .config import require
 from .images import check_image
+from .lookalikes import fingerprints, pairs
 from .metadata import write_json
 from .paths import DOWNLOAD_SUMMARY, QUARANTINE, check_class_name, hidden, visible_files
 
@@ -105,23 +107,26 @@ class Downloader:
         self.dest, self.timeout = Path(dest), timeout
         # Hashes of what is already there (removed and quarantined files too): a second run adds new
         # images, not copies of old ones, and does not bring back what was thrown out.
-        self.seen = {sha256(p) for p in visible_files(self.dest)
-                     if p.parent != self.dest and p.name != REASONS and p.is_file()}
+        there = [p for p in visible_files(self.dest) if p.parent != self.dest and p.name != REASONS and p.is_file()]
+        self.seen = {sha256(p) for p in there}
+        self.prints = fingerprints(there)  # the same pictures at another size, in another format
 
     def download(self, url, label):
-        """Download and check one URL into a hidden part file: (part, sha256, why it is not an image or None),
-        or (None, None, why the download failed)."""
+        """Download and check one URL into a hidden part file: (part, sha256, why it is not an image or None, its
+        look-alike fingerprint), or (None, None, why the download failed, None)."""
         part = self.dest / label / f".part-{uuid4().hex}"  # hidden: training never sees a half file
         try:
             digest = fetch(url, part, self.timeout)
         except Exception as e:  # network, HTTP, size and time limits: each is a reason, none a crash
             part.unlink(missing_ok=True)
-            return None, None, first_line(e)  # one line: reasons.tsv keeps one a line
-        return part, digest, check_image(part)
+            return None, None, first_line(e), None  # one line: reasons.tsv keeps one a line
+        reason = check_image(part)
+        return part, digest, reason, None if reason else fingerprints([part], workers=1, progress=False)
 
-    def settle(self, url, label, part, digest, reason):
-        """Keep, drop or quarantine one download: (outcome, url, label, detail), outcome saved / duplicate /
-        quarantined / failed. Called in search order, so the first copy of an image is the one kept."""
+    def settle(self, url, label, part, digest, reason, prints):
+        """Keep, drop or quarantine one download: (outcome, url, label, detail), outcome saved / duplicate (the same
+        bytes, or a look-alike: the same picture resized or converted) / quarantined / failed. Called in search order,
+        so the first copy of an image is the one kept."""
         if part is None:
             return "failed", url, label, reason
         if digest in self.seen:
@@ -133,6 +138,10 @@ class Downloader:
             bad.parent.mkdir(parents=True, exist_ok=True)
             os.replace(part, bad)
             return "quarantined", url, label, f"{bad.relative_to(self.dest)}\t{reason}"
+        if pairs(prints, self.prints):
+            part.unlink()
+            return "duplicate", url, label, None
+        self.prints += prints
         with Image.open(part) as im:
             fmt = im.format
         final = self.dest / label / f"{digest[:16]}{SUFFIX.get(fmt, '.' + fmt.lower())}"

@@ -3,6 +3,7 @@ import io
 import os
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -59,6 +60,39 @@ def test_flagged_images_keep_their_folders_class_beside_oxford_names(oxford_dir)
     own = [f for f in files if f not in flagged]
     assert [label_function("filename", "is_cat")(f) for f in own] == [("cat" if f.name[0].isupper() else "dog")
                                                                       for f in own]
+
+
+def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_do_not_train(tmp_path, capsys):
+    """One picture in two files (resized, recompressed) on both sides of the split would be measured on what was
+    trained on; without look-alikes the split is fastai's own."""
+    from fastai.data.transforms import RandomSplitter
+    from imagelab.data import random_split
+    for i in range(40):  # a photo's broad shapes, which a perceptual hash reads (noise alone has none)
+        rng, path = np.random.default_rng(i), tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), np.uint8)).resize((64, 48), Image.Resampling.BICUBIC).save(path)
+    own = find_images(tmp_path)[0]
+    for seed in range(3):
+        assert random_split(tmp_path, 0.2, seed)(own) == tuple(map(sorted, RandomSplitter(0.2, seed=seed)(own)))
+    for i in range(0, 40, 4):  # a tenth of the pictures twice: bigger, as another JPEG
+        with Image.open(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg") as im:
+            im.resize((96, 80)).save(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}-copy.jpg", quality=80)
+    files = find_images(tmp_path)[0]
+    copies = [(files.index(f), files.index(f.with_name(f.name.replace("-copy", "")))) for f in files if "-copy" in f.name]
+    for seed in range(10):
+        train, valid = random_split(tmp_path, 0.2, seed)(files)
+        assert sorted(train + valid) == list(range(len(files)))
+        assert all((a in valid) == (b in valid) for a, b in copies), seed
+    assert "note: 10 images look like another one" in capsys.readouterr().out
+    held_out = files[valid[0]]  # an app's example, say, flagged: it must not train
+    flagged = tmp_path / "flagged" / held_out.parent.name / "0a1b2c3d4e5f6a7b.jpg"
+    flagged.parent.mkdir(parents=True)
+    with Image.open(held_out) as im:
+        im.save(flagged, quality=90)
+    files = find_images(tmp_path, flagged=True)[0]
+    train, valid = random_split(tmp_path, 0.2, seed)(files)
+    assert files.index(flagged) not in train + valid and len(train + valid) == len(files) - 1
+    assert "note: 1 flagged images look like held-out ones and are left out" in capsys.readouterr().out
 
 
 def test_linked_class_folders_are_read_once_each(tmp_path):

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -46,6 +47,12 @@ def web(tmp_path, monkeypatch):
 def bear_web(web):
     """Search results for three bear classes, with every kind of trouble a scrape brings."""
     jpeg = image_bytes((120, 80, 40))
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 4, 3), np.uint8)).resize(
+        (160, 120), Image.Resampling.BICUBIC)  # a photo's broad shapes, which a perceptual hash reads
+    shapes, shapes_small = io.BytesIO(), io.BytesIO()
+    picture.save(shapes, "JPEG")
+    picture.resize((80, 60)).save(shapes_small, "PNG")
+    shapes, shapes_small = shapes.getvalue(), shapes_small.getvalue()
     web.images.update({
         "g/1.jpg": ("image/jpeg", jpeg),
         "g/2.jpg": ("image/jpeg", image_bytes((110, 70, 30))),
@@ -60,13 +67,15 @@ def bear_web(web):
         "t/1.jpg": ("image/jpeg", image_bytes((230, 200, 120))),
         "t/2.gif": ("image/gif", image_bytes((220, 190, 110), "GIF")),
         "t/grizzly-again.jpg": ("image/jpeg", jpeg),  # a duplicate across classes
+        "t/shapes.jpg": ("image/jpeg", shapes),
+        "t/shapes-small.png": ("image/png", shapes_small),  # other bytes, the same picture: a duplicate
     })
     web.delay["g/slow.jpg"] = 5  # longer than the --timeout the tests give
     web.results["grizzly bear"] = ["g/1.jpg", "g/2.jpg", "g/same-as-1.jpg", "g/cut.jpg", "g/page.jpg", "g/slow.jpg",
                                    "g/missing.jpg"]  # 404
     web.results["black bear"] = ["b/alpha.png", "b/palette.png", "b/photo.webp",
                                  "b/1.jpg?width=3200&height=1680&fit=crop"]
-    web.results["teddy bear"] = ["t/1.jpg", "t/2.gif", "t/grizzly-again.jpg"]
+    web.results["teddy bear"] = ["t/1.jpg", "t/2.gif", "t/grizzly-again.jpg", "t/shapes.jpg", "t/shapes-small.png"]
     return web
 
 
@@ -97,7 +106,7 @@ def test_download_verifies_dedupes_and_quarantines(web, tmp_path):
     assert saved == {"grizzly": ["g/1.jpg", "g/2.jpg"],
                      "black": ["b/1.jpg?width=3200&height=1680&fit=crop", "b/alpha.png", "b/palette.png",
                                "b/photo.webp"],
-                     "teddy": ["t/1.jpg", "t/2.gif"]}
+                     "teddy": ["t/1.jpg", "t/2.gif", "t/shapes.jpg"]}
     for c in saved:
         for p in (dest / c).iterdir():
             assert check_image(p) is None
@@ -115,8 +124,8 @@ def test_download_verifies_dedupes_and_quarantines(web, tmp_path):
                                              "images": 2}
     assert summary["classes"]["black"] == {"found": 5, "saved": 4, "duplicate": 0, "quarantined": 0, "failed": 1,
                                            "images": 4}
-    assert summary["classes"]["teddy"] == {"found": 3, "saved": 2, "duplicate": 1, "quarantined": 0, "failed": 0,
-                                           "images": 2}
+    assert summary["classes"]["teddy"] == {"found": 5, "saved": 3, "duplicate": 2, "quarantined": 0, "failed": 0,
+                                           "images": 3}
     failed = {f["url"]: f["reason"] for f in summary["failed"]}
     assert set(failed) == {web.image_url("g/slow.jpg"), web.image_url("g/missing.jpg"), "file:///etc/passwd"}
     assert "timed out" in failed[web.image_url("g/slow.jpg")] and "404" in failed[web.image_url("g/missing.jpg")]
@@ -127,7 +136,7 @@ def test_download_verifies_dedupes_and_quarantines(web, tmp_path):
     before = tree(dest)
     again = make_dataset(["grizzly", "black", "teddy"], dest, per_class=10, query="{} bear", timeout=1)
     assert again["total"]["saved"] == again["total"]["quarantined"] == 0
-    assert again["total"]["duplicate"] == 15 - 3  # all but the three that fail
+    assert again["total"]["duplicate"] == 17 - 3  # all but the three that fail
     assert tree(dest) == before
 
 

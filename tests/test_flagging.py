@@ -138,9 +138,9 @@ def test_a_missing_flag_folder_stops_the_app_with_one_line(tiny_model, tmp_path)
 def test_flagged_images_train_and_leave_a_random_split_as_it_was(tmp_path):
     from imagelab.data import find_images, random_split
     for i in range(20):
-        write_image(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg", (200, 60, 60))
+        write_image(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg", (200, 60, 60), seed=i)
     for i in range(5):
-        write_image(tmp_path / "flagged" / "cats" / f"f{i}.jpg", (60, 200, 60))
+        write_image(tmp_path / "flagged" / "cats" / f"f{i}.jpg", (60, 200, 60), seed=i)
     own, everything = find_images(tmp_path)[0], find_images(tmp_path, flagged=True)[0]
     valid_before = [own[i] for i in random_split(tmp_path, 0.25, 42)(own)[1]]
     train, valid = random_split(tmp_path, 0.25, 42)(everything)

@@ -1,0 +1,87 @@
+"""Look-alikes (imagelab.lookalikes): what a folder holds twice, how far apart other photos are, and whether copies
+of a photo (smaller, recompressed, converted, brightened) are still found.
+
+    python benchmarks/lookalikes.py --data ../shared/data/catsdogs ../shared/data/bears
+
+Prints, per folder, the time to fingerprint it and to compare every pair, the look-alike pairs found and the
+closest pairs that are not (bits of 80, largest colour difference of 255); then, over the first `--copies`
+photos, the largest distance between a photo and each kind of copy, and how many copies were missed.
+"""
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import ImageEnhance
+
+from imagelab import HelpFormatter, run_cli
+from imagelab.images import open_rgb
+from imagelab.lookalikes import MAX_BITS, MAX_COLOUR, fingerprint, fingerprints, pairs
+from imagelab.paths import dataset_files
+
+COPIES = {  # what the same photo looks like on another site
+    "half size, JPEG q70": lambda im: encoded(im.resize((max(1, im.width // 2), max(1, im.height // 2))), "JPEG", 70),
+    "JPEG q40": lambda im: encoded(im, "JPEG", 40),
+    "PNG": lambda im: encoded(im, "PNG"),
+    "WEBP q75": lambda im: encoded(im, "WEBP", 75),
+    "10% brighter, JPEG q90": lambda im: encoded(ImageEnhance.Brightness(im).enhance(1.1), "JPEG", 90),
+    "2.5% cropped off each side, JPEG q90": lambda im: encoded(im.crop(
+        (im.width // 40, im.height // 40, im.width - im.width // 40, im.height - im.height // 40)), "JPEG", 90),
+}
+
+
+def encoded(im, fmt, quality=None):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": quality} if quality else {}))
+    buf.seek(0)
+    return buf
+
+
+def distances(a, b):
+    return int(np.bitwise_count(a[0] ^ b[0]).sum()), round(float(np.abs(a[1] - b[1]).max()), 1)
+
+
+def survey(folder, closest=6):
+    files = dataset_files(Path(folder))
+    start = time.perf_counter()
+    prints = fingerprints(files)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    found = pairs(prints)
+    compare = time.perf_counter() - start
+    bits = np.bitwise_count(prints.bits[:, None] ^ prints.bits[None]).sum(-1)
+    i, j = np.triu_indices(len(files), 1)
+    others = sorted((int(bits[a, b]), a, b) for a, b in zip(i, j) if (a, b) not in set(found))[:closest]
+    return {"folder": str(folder), "images": len(files), "fingerprint_seconds": round(seconds, 2),
+            "compare_seconds": round(compare, 2),
+            "lookalikes": [[str(files[a].relative_to(folder)), str(files[b].relative_to(folder))] for a, b in found],
+            "closest_others": [distances((prints.bits[a], prints.colours[a]), (prints.bits[b], prints.colours[b]))
+                               for _, a, b in others]}
+
+
+def copies(folders, n):
+    photos = [f for folder in folders for f in dataset_files(Path(folder))[:n]]
+    worst = {}
+    for f in photos:
+        original, im = fingerprint(f), open_rgb(f)
+        for name, make in COPIES.items():
+            bits, colour = distances(original, fingerprint(make(im)))
+            b, c, missed = worst.get(name, (0, 0.0, 0))
+            worst[name] = (max(b, bits), max(c, colour), missed + (bits > MAX_BITS or colour > MAX_COLOUR))
+    return {name: {"max_bits": b, "max_colour": c, "missed": m, "of": len(photos)} for name, (b, c, m) in worst.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--data", metavar="DIR", nargs="+", required=True, help="image folders")
+    p.add_argument("--copies", type=int, default=60, help="photos of each folder copied in every way")
+    args = p.parse_args(argv)
+    for folder in args.data:
+        print(json.dumps(survey(folder)))
+    print(json.dumps({"thresholds": {"bits": MAX_BITS, "colour": MAX_COLOUR}, "copies": copies(args.data, args.copies)}))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,95 @@
+"""Look-alikes: one picture in two files (resized, recompressed, converted), found by a perceptual hash.
+
+An image search returns the same photo from many sites, and photo folders hold copies. A picture on both sides
+of the train/valid split is measured on what was trained on; the downloader keeps one of them, and the split
+keeps look-alikes on one side. No fastai or torch here: the downloader uses it.
+
+The hash is the signs of a 32 x 32 grey thumbnail's lowest 9 x 9 cosine frequencies less its mean (80 bits),
+and the thumbnail's mean colour: copies of one photo differ in a few bits and a few levels, other photos in
+many more (benchmarks/README.md, "Look-alikes").
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .images import open_rgb
+
+SIDE, FREQUENCIES = 32, 9
+BYTES = FREQUENCIES ** 2 // 8  # the 80 bits after the mean
+MAX_BITS, MAX_COLOUR = 8, 32  # of 80 bits; of 255 levels, in any channel (a retouched copy shifts colours)
+_n = np.arange(SIDE)
+_DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: signs are all we keep
+
+
+class Fingerprints:
+    """The bits (N x 10 bytes) and mean colours (N x 3) of N images, and which have them (`known`)."""
+
+    def __init__(self, bits, colours, known):
+        self.bits, self.colours, self.known = bits, colours, known
+
+    def __len__(self):
+        return len(self.bits)
+
+    def __add__(self, other):
+        return Fingerprints(*(np.concatenate([mine, theirs]) for mine, theirs in
+                              zip((self.bits, self.colours, self.known), (other.bits, other.colours, other.known))))
+
+
+def fingerprint(path):
+    """(bits, mean colour) of the picture in `path`; None for one that does not decode or is one flat colour
+    (whose bits would be rounding noise: two such files are the same only byte for byte)."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size, still over 32 px
+            small = open_rgb(im).resize((SIDE, SIDE), Image.Resampling.BOX)
+    except Exception:  # not a picture: nothing looks like it
+        return None
+    rgb = np.asarray(small, dtype=np.float64)
+    grey = rgb @ [0.299, 0.587, 0.114]
+    if grey.std() < 1:
+        return None
+    freq = (_DCT @ grey @ _DCT.T)[:FREQUENCIES, :FREQUENCIES].ravel()[1:]
+    return np.packbits(freq > np.median(freq)), rgb.mean((0, 1))
+
+
+def fingerprints(paths, workers=8, progress=True):
+    """The fingerprints of `paths` (one that does not decode looks like nothing)."""
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        found = list(tqdm(pool.map(fingerprint, paths), total=len(paths), desc="looking for look-alikes",
+                          unit="img", leave=False, disable=not progress))
+    nothing = (np.zeros(BYTES, np.uint8), np.zeros(3))
+    return Fingerprints(np.array([(f or nothing)[0] for f in found], np.uint8).reshape(len(found), BYTES),
+                        np.array([(f or nothing)[1] for f in found], np.float64).reshape(len(found), 3),
+                        np.array([f is not None for f in found], bool))
+
+
+def pairs(a, b=None, rows=256):
+    """(i, j) for each image i of `a` that looks like image j of `b` (None: of `a`, j > i)."""
+    found, other = [], a if b is None else b
+    for start in range(0, len(a), rows):
+        bits = np.bitwise_count(a.bits[start:start + rows, None] ^ other.bits[None]).sum(-1)
+        colours = np.abs(a.colours[start:start + rows, None] - other.colours[None]).max(-1)
+        known = a.known[start:start + rows, None] & other.known[None]
+        i, j = np.nonzero((bits <= MAX_BITS) & (colours <= MAX_COLOUR) & known)
+        i += start
+        keep = j > i if b is None else slice(None)
+        found += zip(i[keep].tolist(), j[keep].tolist())
+    return found
+
+
+def groups(prints):
+    """For each image, the first image of its group of look-alikes (itself when it looks like no other)."""
+    first = list(range(len(prints)))
+
+    def root(i):
+        while first[i] != i:
+            first[i] = first[first[i]]
+            i = first[i]
+        return i
+
+    for i, j in pairs(prints):
+        a, b = root(i), root(j)
+        first[max(a, b)] = min(a, b)
+    return [root(i) for i in range(len(prints))]
