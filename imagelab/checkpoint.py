@@ -4,6 +4,7 @@ A run killed at any point (Ctrl-C, SIGTERM, SIGKILL, a power cut) leaves the che
 saved epoch; `--resume` loads it and goes on with the same weights, optimizer moments, schedule
 position and random-number streams, so it ends where the uninterrupted run would have.
 """
+import contextlib
 import copy
 import os
 import random
@@ -122,8 +123,9 @@ class Writer:
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: a kill during the write leaves the previous checkpoint
         except BaseException as e:
-            tmp.unlink(missing_ok=True)  # half a checkpoint would only keep a full disk full
             self.error = (e, path)
+            with contextlib.suppress(OSError):  # half a checkpoint would only keep a full disk full
+                tmp.unlink(missing_ok=True)
 
     def wait(self, check=True):
         """Wait for the write in progress; a `UserError` if it failed (and `check`)."""
