@@ -80,7 +80,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     for folder in args.data:
         print(json.dumps(survey(folder)))
-    print(json.dumps({"thresholds": {"bits": MAX_BITS, "colour": MAX_COLOUR}, "copies": copies(args.data, args.copies)}))
+    thresholds = {"bits": MAX_BITS, "colour": MAX_COLOUR}
+    print(json.dumps({"thresholds": thresholds, "copies": copies(args.data, args.copies)}))
 
 
 if __name__ == "__main__":

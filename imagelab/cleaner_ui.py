@@ -51,8 +51,8 @@ def cleaner_panel(cleaner, api_prefix=""):
     Blocks: a class's images by loss with a choice under each, and the same operations as API endpoints."""
     cleaner_api(cleaner, api_prefix)
     gr.Markdown(f"Cleaning `{cleaner.root}` with `{cleaner.predictor.path}`. Applying moves files to another class "
-                f"folder or to `{REMOVED}/`; nothing is deleted, every move is logged in `{CLEANING_LOG}` and can be undone. "
-                f"The `{FLAGGED}` split holds the images the apps' visitors flagged as wrongly classified.")
+                f"folder or to `{REMOVED}/`; nothing is deleted, every move is logged in `{CLEANING_LOG}` and can be "
+                f"undone. The `{FLAGGED}` split holds the images the apps' visitors flagged as wrongly classified.")
     with gr.Row():
         label = gr.Dropdown(cleaner.classes, value=cleaner.classes[0], label="Class")
         split = gr.Radio(cleaner.splits, value=cleaner.splits[0], label="Split")

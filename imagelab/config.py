@@ -80,7 +80,8 @@ class TrainConfig:
     wd: float | None = knob(None, "training", "decoupled weight decay (default: fastai's, 0.01)")
     workers: int | None = knob(None, "training", "read the images from files with this many loader processes "
                                "(default: with --presize, batches are cut from the images decoded in memory when "
-                               "they fit; else files, with none on a CPU, or one a core with --no-presize; up to 8 on a GPU)", resume=False)
+                               "they fit; else files, with none on a CPU, or one a core with --no-presize; up to 8 "
+                               "on a GPU)", resume=False)
     presize: bool = knob(True, "training", "decode and shrink every image once into a cache, then train from the "
                          "small copies", resume=False)
     cache: str | None = knob(None, "training", f"folder of presized copies (default: $IMAGELAB_CACHE or "

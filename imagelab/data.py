@@ -242,8 +242,8 @@ def random_split(root, valid_pct, seed):
         heads = sorted(set(first))
         together = len(own) - len(heads)
         if together:
-            print(f"note: {together} images look like another one (the same picture in two files or more): each "
-                  "picture is held out whole or trains whole")
+            print(f"note: {together} of {len(own)} files repeat a picture another file holds (a copy, resized or "
+                  "recompressed): each picture is held out whole or trains whole")
         _, valid = RandomSplitter(valid_pct, seed=seed)(heads)
         held = {heads[v] for v in valid}
         return with_flagged(root, items, {own[k] for k, f in enumerate(first) if f in held})
@@ -259,7 +259,7 @@ def with_flagged(root, items, held_out):
         seen = pairs(fingerprints([items[i] for i in flagged]), fingerprints([items[i] for i in valid]))
         left_out = {flagged[i] for i, _ in seen}
         if left_out:
-            print(f"note: {len(left_out)} flagged images look like held-out ones and are left out "
+            print(f"note: {len(left_out)} flagged files look like held-out images and are left out "
                   f"(such as {Path(items[flagged[seen[0][0]]]).relative_to(root)}, like "
                   f"{Path(items[valid[seen[0][1]]]).relative_to(root)})")
     else:

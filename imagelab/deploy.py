@@ -36,8 +36,8 @@ from .cards import PACKAGES, trained
 from .hub import require_hub_login
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
-from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging, report_dir,
-                    staging_path)
+from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging,
+                    report_dir, staging_path)
 
 CARDS = Path(__file__).with_name("cards")
 WEB = Path(__file__).with_name("web")

@@ -57,7 +57,7 @@ def check_image(path):
             im.load()
         return None
     except Image.DecompressionBombError:
-        return f"image too large (more than {Image.MAX_IMAGE_PIXELS:,} pixels: Pillow takes it for a decompression bomb)"
+        return f"image too large (more than {Image.MAX_IMAGE_PIXELS:,} pixels)"  # Pillow's guard against bombs
     except Exception as e:  # PIL raises many types for bad files; each one is a reason to skip
         return unreadable_reason(path, e)
 

@@ -83,7 +83,7 @@ def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_
         train, valid = random_split(tmp_path, 0.2, seed)(files)
         assert sorted(train + valid) == list(range(len(files)))
         assert all((a in valid) == (b in valid) for a, b in copies), seed
-    assert "note: 10 images look like another one" in capsys.readouterr().out
+    assert "note: 10 of 50 files repeat a picture another file holds" in capsys.readouterr().out
     held_out = files[valid[0]]  # an app's example, say, flagged: it must not train
     flagged = tmp_path / "flagged" / held_out.parent.name / "0a1b2c3d4e5f6a7b.jpg"
     flagged.parent.mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_
     files = find_images(tmp_path, flagged=True)[0]
     train, valid = random_split(tmp_path, 0.2, seed)(files)
     assert files.index(flagged) not in train + valid and len(train + valid) == len(files) - 1
-    assert "note: 1 flagged images look like held-out ones and are left out" in capsys.readouterr().out
+    assert "note: 1 flagged files look like held-out images and are left out" in capsys.readouterr().out
 
 
 def test_linked_class_folders_are_read_once_each(tmp_path):
