@@ -5,7 +5,8 @@ of a photo (smaller, recompressed, converted, brightened) are still found.
 
 Prints, per folder, the time to fingerprint it and to compare every pair, the look-alike pairs found and the
 closest pairs that are not (bits of 80, largest colour difference of 255); then, over the first `--copies`
-photos, the largest distance between a photo and each kind of copy, and how many copies were missed.
+photos, the largest distance between a photo and each kind of copy, and how many copies were missed; then the
+time to compare every pair of bigger folders (`--scale`).
 """
 import argparse
 import io
@@ -18,7 +19,7 @@ from PIL import ImageEnhance
 
 from imagelab import HelpFormatter, run_cli
 from imagelab.images import open_rgb
-from imagelab.lookalikes import MAX_BITS, MAX_COLOUR, fingerprint, fingerprints, pairs
+from imagelab.lookalikes import MAX_BITS, MAX_COLOUR, WORDS, Fingerprints, fingerprint, fingerprints, pairs
 from imagelab.paths import dataset_files
 
 COPIES = {  # what the same photo looks like on another site
@@ -73,15 +74,28 @@ def copies(folders, n):
     return {name: {"max_bits": b, "max_colour": c, "missed": m, "of": len(photos)} for name, (b, c, m) in worst.items()}
 
 
+def scale(n):
+    """Seconds to compare every pair of `n` random fingerprints: a folder of that many images."""
+    rng = np.random.default_rng(0)
+    prints = Fingerprints(rng.integers(0, 2 ** 63, (n, WORDS), dtype=np.uint64), rng.uniform(0, 255, (n, 3)),
+                          np.ones(n, bool))
+    start = time.perf_counter()
+    pairs(prints)
+    return round(time.perf_counter() - start, 2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--data", metavar="DIR", nargs="+", required=True, help="image folders")
     p.add_argument("--copies", type=int, default=60, help="photos of each folder copied in every way")
+    p.add_argument("--scale", type=int, nargs="*", default=[10_000, 50_000],
+                   help="also time comparing every pair of this many (random) fingerprints")
     args = p.parse_args(argv)
     for folder in args.data:
         print(json.dumps(survey(folder)))
     thresholds = {"bits": MAX_BITS, "colour": MAX_COLOUR}
     print(json.dumps({"thresholds": thresholds, "copies": copies(args.data, args.copies)}))
+    print(json.dumps({"compare_seconds": {n: scale(n) for n in args.scale}}))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,14 @@ from tqdm.auto import tqdm
 from .images import open_rgb
 
 SIDE, FREQUENCIES = 32, 9
-BYTES = FREQUENCIES ** 2 // 8  # the 80 bits after the mean
+WORDS = 2  # the 80 bits after the mean, in two 64-bit words: compared a word at a time
 MAX_BITS, MAX_COLOUR = 8, 32  # of 80 bits; of 255 levels, in any channel (a retouched copy shifts colours)
 _n = np.arange(SIDE)
 _DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: signs are all we keep
 
 
 class Fingerprints:
-    """The bits (N x 10 bytes) and mean colours (N x 3) of N images, and which have them (`known`)."""
+    """The bits (N x 2 words) and mean colours (N x 3) of N images, and which have them (`known`)."""
 
     def __init__(self, bits, colours, known):
         self.bits, self.colours, self.known = bits, colours, known
@@ -51,7 +51,9 @@ def fingerprint(path):
     if grey.std() < 1:
         return None
     freq = (_DCT @ grey @ _DCT.T)[:FREQUENCIES, :FREQUENCIES].ravel()[1:]
-    return np.packbits(freq > np.median(freq)), rgb.mean((0, 1))
+    bits = np.zeros(8 * WORDS, np.uint8)
+    bits[:len(freq) // 8] = np.packbits(freq > np.median(freq))
+    return bits.view(np.uint64), rgb.mean((0, 1))
 
 
 def fingerprints(paths, workers=8, progress=True):
@@ -59,22 +61,26 @@ def fingerprints(paths, workers=8, progress=True):
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         found = list(tqdm(pool.map(fingerprint, paths), total=len(paths), desc="looking for look-alikes",
                           unit="img", leave=False, disable=not progress))
-    nothing = (np.zeros(BYTES, np.uint8), np.zeros(3))
-    return Fingerprints(np.array([(f or nothing)[0] for f in found], np.uint8).reshape(len(found), BYTES),
+    nothing = (np.zeros(WORDS, np.uint64), np.zeros(3))
+    return Fingerprints(np.array([(f or nothing)[0] for f in found], np.uint64).reshape(len(found), WORDS),
                         np.array([(f or nothing)[1] for f in found], np.float64).reshape(len(found), 3),
                         np.array([f is not None for f in found], bool))
 
 
-def pairs(a, b=None, rows=256):
+def pairs(a, b=None):
     """(i, j) for each image i of `a` that looks like image j of `b` (None: of `a`, j > i)."""
-    found, other = [], a if b is None else b
-    for start in range(0, len(a), rows):
-        bits = np.bitwise_count(a.bits[start:start + rows, None] ^ other.bits[None]).sum(-1)
-        colours = np.abs(a.colours[start:start + rows, None] - other.colours[None]).max(-1)
-        known = a.known[start:start + rows, None] & other.known[None]
-        i, j = np.nonzero((bits <= MAX_BITS) & (colours <= MAX_COLOUR) & known)
-        i += start
-        keep = j > i if b is None else slice(None)
+    b_is_a, b = b is None, a if b is None else b
+    mine, theirs = np.flatnonzero(a.known), np.flatnonzero(b.known)  # what looks like nothing is like nothing
+    rows = max(1, 2 ** 22 // max(1, len(theirs)))  # a few million comparisons at a time, in tens of MB
+    found = []
+    for start in range(0, len(mine), rows):
+        i = mine[start:start + rows]
+        bits = sum(np.bitwise_count(a.bits[i, None, w] ^ b.bits[None, theirs, w]) for w in range(WORDS))
+        near_i, near_j = np.nonzero(bits <= MAX_BITS)
+        i, j = i[near_i], theirs[near_j]
+        keep = np.abs(a.colours[i] - b.colours[j]).max(-1) <= MAX_COLOUR
+        if b_is_a:
+            keep &= j > i
         found += zip(i[keep].tolist(), j[keep].tolist())
     return found
 
