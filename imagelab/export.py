@@ -37,7 +37,8 @@ def staged_export(model_path):
 
 def install(stage, model_path):
     """Move everything in `stage` beside `model_path`, the learner last (whoever sees the new .pkl also sees the
-    artifacts and the report made with it), or, if a move fails, put every previous file back: all or nothing."""
+    artifacts and the report made with it). A file replaces its previous version in one step, so its name always
+    holds a whole file; if a move fails or is interrupted, every previous version is put back: all or nothing."""
     folder, new = model_path.parent, sorted(stage.iterdir(), key=lambda f: f.name == model_path.name)
     for f in new:
         if (folder / f.name).exists() and (folder / f.name).is_dir() != f.is_dir():
@@ -45,21 +46,36 @@ def install(stage, model_path):
                             "move it away, or give another --out")
     previous = stage / ".previous"
     previous.mkdir()
-    aside, placed = [], []
+    placed = []
     try:
         for f in new:
-            if (folder / f.name).exists():
-                os.replace(folder / f.name, previous / f.name)
-                aside.append(f.name)
-        for f in new:
-            os.replace(f, folder / f.name)
+            dest = folder / f.name
+            if dest.is_dir():  # a folder cannot replace another in one step: the old one steps aside first
+                os.replace(dest, previous / f.name)
+            elif dest.exists():
+                keep_version(dest, previous / f.name)
+            os.replace(f, dest)
             placed.append(f.name)
-    except OSError as e:
-        for name in placed:
-            os.replace(folder / name, stage / name)
-        for name in aside:
-            os.replace(previous / name, folder / name)
-        raise UserError(f"cannot export into {folder}: {e.strerror}; the previous model is as it was") from None
+    except BaseException as e:
+        for f in new:
+            dest, old = folder / f.name, previous / f.name
+            if f.name in placed and dest.is_dir():
+                shutil.rmtree(dest)
+            elif f.name in placed and not old.exists():
+                dest.unlink()
+            if old.exists():
+                os.replace(old, dest)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot export into {folder}: {e.strerror}; the previous model is as it was") from None
+        raise
+
+
+def keep_version(path, copy):
+    """`copy` holds what `path` holds: a second name for the same file (no data copied), else a copy."""
+    try:
+        os.link(path, copy)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(path, copy)
 
 
 def learner_config(learn):

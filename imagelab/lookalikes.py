@@ -4,9 +4,10 @@ An image search returns the same photo from many sites, and photo folders hold c
 of the train/valid split is measured on what was trained on; the downloader keeps one of them, and the split
 keeps look-alikes on one side. No fastai or torch here: the downloader uses it.
 
-The hash is the signs of a 32 x 32 grey thumbnail's lowest 9 x 9 cosine frequencies less its mean (80 bits),
-and the thumbnail's mean colour: copies of one photo differ in a few bits and a few levels, other photos in
-many more (benchmarks/README.md, "Look-alikes").
+The hash says which of a 64 x 64 grey thumbnail's lowest 16 x 16 cosine frequencies (its mean left out: 255
+bits) are above their median, and keeps the thumbnail's mean colour: copies of one photo differ in a few bits
+and a few levels, other photos in many more, even photos of one layout, such as small objects on white
+(benchmarks/README.md, "Look-alikes").
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,11 +17,11 @@ from tqdm.auto import tqdm
 
 from .images import open_rgb
 
-SIDE, FREQUENCIES = 32, 9
-WORDS = 2  # the 80 bits after the mean, in two 64-bit words: compared a word at a time
-MAX_BITS, MAX_COLOUR = 8, 32  # of 80 bits; of 255 levels, in any channel (a retouched copy shifts colours)
+SIDE, FREQUENCIES = 64, 16
+WORDS = 4  # the 255 bits, in four 64-bit words: compared a word at a time
+MAX_BITS, MAX_COLOUR = 26, 32  # of 255 bits; of 255 levels, in any channel (a retouched copy shifts colours)
 _n = np.arange(SIDE)
-_DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: signs are all we keep
+_DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: only signs are kept
 
 
 class Fingerprints:
@@ -42,7 +43,7 @@ def fingerprint(path):
     (whose bits would be rounding noise: two such files are the same only byte for byte)."""
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size, still over 32 px
+            im.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size, still over the side
             small = open_rgb(im).resize((SIDE, SIDE), Image.Resampling.BOX)
     except Exception:  # not a picture: nothing looks like it
         return None
@@ -52,7 +53,8 @@ def fingerprint(path):
         return None
     freq = (_DCT @ grey @ _DCT.T)[:FREQUENCIES, :FREQUENCIES].ravel()[1:]
     bits = np.zeros(8 * WORDS, np.uint8)
-    bits[:len(freq) // 8] = np.packbits(freq > np.median(freq))
+    packed = np.packbits(freq > np.median(freq))
+    bits[:len(packed)] = packed
     return bits.view(np.uint64), rgb.mean((0, 1))
 
 
@@ -86,16 +88,12 @@ def pairs(a, b=None):
 
 
 def groups(prints):
-    """For each image, the first image of its group of look-alikes (itself when it looks like no other)."""
+    """For each image, the first image of its group of look-alikes (itself when it looks like no earlier one).
+
+    Every image of a group looks like its first: A like B and B like C make no group of A and C, which may look
+    nothing alike (chained, photos of one layout would merge into a few big groups)."""
     first = list(range(len(prints)))
-
-    def root(i):
-        while first[i] != i:
-            first[i] = first[first[i]]
-            i = first[i]
-        return i
-
-    for i, j in pairs(prints):
-        a, b = root(i), root(j)
-        first[max(a, b)] = min(a, b)
-    return [root(i) for i in range(len(prints))]
+    for i, j in sorted(pairs(prints)):  # i < j: each image meets its earlier look-alikes in order
+        if first[j] == j and first[i] == i:
+            first[j] = i
+    return first

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_folder_dataset, write_image
+from conftest import SHARED, make_folder_dataset, write_image
 from imagelab import UserError
 from imagelab.data import (Presized, breed, check_image, classifier_dls, detect_labels, find_images, folder_split,
                            is_cat, label_function, open_rgb, parent_label, presize, split_counts)
@@ -62,23 +62,52 @@ def test_flagged_images_keep_their_folders_class_beside_oxford_names(oxford_dir)
                                                                       for f in own]
 
 
+def shapes(path, seed):
+    """A picture with shapes at every scale, as a photo has (a perceptual hash reads them; noise alone has none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), np.uint8)
+    Image.fromarray(grid).resize((128, 96), Image.Resampling.BICUBIC).save(path)
+    return path
+
+
+def test_photos_of_one_layout_are_not_lookalikes(tmp_path):
+    """Small objects on white (a shop's pictures) share their broad shapes; only copies are look-alikes, and a
+    look-alike of a look-alike is not one of the first (no chains)."""
+    from imagelab.lookalikes import fingerprints, groups, pairs
+    photos = sorted((SHARED / "catsdogs").rglob("*.jpg"))[:200]
+    shots = []
+    for i, photo in enumerate(photos):
+        with Image.open(photo) as im:
+            im.thumbnail((90, 90))
+            canvas = Image.new("RGB", (256, 256), "white")
+            canvas.paste(im, ((256 - im.width) // 2, (256 - im.height) // 2))
+            canvas.save(tmp_path / f"{i}.jpg", quality=90)
+            shots.append(tmp_path / f"{i}.jpg")
+    assert pairs(fingerprints(shots)) == []
+    with Image.open(shapes(tmp_path / "a.png", seed=1)) as a, Image.open(shapes(tmp_path / "b.png", seed=2)) as b:
+        for k in range(13):  # from one picture to another in steps: neighbours alike, the ends not
+            Image.blend(a, b, k / 12).save(tmp_path / f"step{k}.png")
+    prints = fingerprints([tmp_path / f"step{k}.png" for k in range(13)])
+    first, near = groups(prints), set(pairs(prints))
+    assert (0, 1) in near and (0, 12) not in near and first[12] != 0
+    assert all((first[k], k) in near for k in range(13) if first[k] != k)
+
+
 def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_do_not_train(tmp_path, capsys):
     """One picture in two files (resized, recompressed) on both sides of the split would be measured on what was
     trained on; without look-alikes the split is fastai's own."""
     from fastai.data.transforms import RandomSplitter
     from imagelab.data import random_split
-    for i in range(40):  # a photo's broad shapes, which a perceptual hash reads (noise alone has none)
-        rng, path = np.random.default_rng(i), tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (4, 4, 3), np.uint8)).resize((64, 48), Image.Resampling.BICUBIC).save(path)
+    pictures = [shapes(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg", seed=i) for i in range(40)]
     own = find_images(tmp_path)[0]
     for seed in range(3):
         assert random_split(tmp_path, 0.2, seed)(own) == tuple(map(sorted, RandomSplitter(0.2, seed=seed)(own)))
-    for i in range(0, 40, 4):  # a tenth of the pictures twice: bigger, as another JPEG
-        with Image.open(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg") as im:
-            im.resize((96, 80)).save(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}-copy.jpg", quality=80)
+    for picture in pictures[::4]:  # a tenth of the pictures twice: bigger, as another JPEG
+        with Image.open(picture) as im:
+            im.resize((192, 144)).save(picture.with_name(f"{picture.stem}-copy.jpg"), quality=80)
     files = find_images(tmp_path)[0]
-    copies = [(files.index(f), files.index(f.with_name(f.name.replace("-copy", "")))) for f in files if "-copy" in f.name]
+    copies = [(files.index(f), files.index(f.with_name(f.name.replace("-copy", "")))) for f in files
+              if "-copy" in f.name]
     for seed in range(10):
         train, valid = random_split(tmp_path, 0.2, seed)(files)
         assert sorted(train + valid) == list(range(len(files)))

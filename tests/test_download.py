@@ -47,8 +47,8 @@ def web(tmp_path, monkeypatch):
 def bear_web(web):
     """Search results for three bear classes, with every kind of trouble a scrape brings."""
     jpeg = image_bytes((120, 80, 40))
-    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 4, 3), np.uint8)).resize(
-        (160, 120), Image.Resampling.BICUBIC)  # a photo's broad shapes, which a perceptual hash reads
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).resize(
+        (160, 120), Image.Resampling.BICUBIC)  # shapes at every scale, as a photo has: what a perceptual hash reads
     shapes, shapes_small = io.BytesIO(), io.BytesIO()
     picture.save(shapes, "JPEG")
     picture.resize((80, 60)).save(shapes_small, "PNG")

@@ -92,6 +92,34 @@ def test_export_is_all_or_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pkl", "m.report"]
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_an_export_that_fails_while_moving_in_puts_every_previous_file_back(tmp_path, monkeypatch, failure):
+    """A disk that fills, or Ctrl-C, after some files have moved in: the previous model, artifacts and report
+    are there as they were (the failure is injected: a disk cannot be made to fail on the third rename)."""
+    model = tmp_path / "m.pkl"
+    before = {"m.pkl": b"old learner", "m.onnx": b"old graph", "m.report/metrics.json": b"{}"}
+    for name, data in before.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    replace, calls = os.replace, []
+
+    def fails_on_the_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise failure
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", fails_on_the_third)
+    with pytest.raises(UserError if isinstance(failure, OSError) else KeyboardInterrupt):
+        with staged_export(model) as (tmp_model, tmp_report):
+            for path, data in [(tmp_model, b"new"), (tmp_model.with_suffix(".onnx"), b"new graph"),
+                               (tmp_model.with_suffix(".safetensors"), b"weights"),
+                               (tmp_report / "metrics.json", b"[]")]:
+                path.write_bytes(data)
+    monkeypatch.undo()
+    assert len(calls) >= 3
+    assert {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
     (tmp_path / "folder.pkl").mkdir()
     (tmp_path / "file").write_text("not a folder")
