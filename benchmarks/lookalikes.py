@@ -6,7 +6,8 @@ of a photo (smaller, recompressed, converted, brightened) are still found.
 Prints, per folder, the time to fingerprint it and to compare every pair, the look-alike pairs found and the
 closest pairs that are not (bits of 80, largest colour difference of 255); then, over the first `--copies`
 photos, the largest distance between a photo and each kind of copy, and how many copies were missed; then the
-time to compare every pair of bigger folders (`--scale`).
+pairs found among photos of one layout (small on white), none a copy; then the time to compare every pair of
+bigger folders (`--scale`).
 """
 import argparse
 import io
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import ImageEnhance
+from PIL import Image, ImageEnhance
 
 from imagelab import HelpFormatter, run_cli
 from imagelab.images import open_rgb
@@ -52,14 +53,32 @@ def survey(folder, closest=6):
     start = time.perf_counter()
     found = pairs(prints)
     compare = time.perf_counter() - start
-    bits = np.bitwise_count(prints.bits[:, None] ^ prints.bits[None]).sum(-1)
-    i, j = np.triu_indices(len(files), 1)
-    others = sorted((int(bits[a, b]), a, b) for a, b in zip(i, j) if (a, b) not in set(found))[:closest]
+    bits = np.bitwise_count(prints.bits[:, None] ^ prints.bits[None]).sum(-1).astype(float)
+    bits[np.tril_indices(len(files))] = np.inf  # each pair once
+    for a, b in found:
+        bits[a, b] = np.inf  # listed as look-alikes
+    others = zip(*np.unravel_index(np.argsort(bits, axis=None)[:closest], bits.shape))
     return {"folder": str(folder), "images": len(files), "fingerprint_seconds": round(seconds, 2),
             "compare_seconds": round(compare, 2),
             "lookalikes": [[str(files[a].relative_to(folder)), str(files[b].relative_to(folder))] for a, b in found],
             "closest_others": [distances((prints.bits[a], prints.colours[a]), (prints.bits[b], prints.colours[b]))
-                               for _, a, b in others]}
+                               for a, b in others]}
+
+
+def one_layout(folder, n=200):
+    """`n` photos of `folder`, each small in the middle of a white square (a shop's pictures): none is a copy of
+    another, yet their broad shapes are alike. Returns the look-alike pairs found and the closest distance."""
+    shots = []
+    for photo in dataset_files(Path(folder))[:n]:
+        im = open_rgb(photo)
+        im.thumbnail((90, 90))
+        canvas = Image.new("RGB", (256, 256), "white")
+        canvas.paste(im, ((256 - im.width) // 2, (256 - im.height) // 2))
+        shots.append(encoded(canvas, "JPEG", 90))
+    prints = fingerprints(shots)
+    bits = np.bitwise_count(prints.bits[:, None] ^ prints.bits[None]).sum(-1)
+    closest = int(bits[np.triu_indices(len(shots), 1)].min())
+    return {"photos": len(shots), "lookalikes": len(pairs(prints)), "closest_bits": closest}
 
 
 def copies(folders, n):
@@ -95,6 +114,7 @@ def main(argv=None):
         print(json.dumps(survey(folder)))
     thresholds = {"bits": MAX_BITS, "colour": MAX_COLOUR}
     print(json.dumps({"thresholds": thresholds, "copies": copies(args.data, args.copies)}))
+    print(json.dumps({"one_layout": one_layout(args.data[0])}))
     print(json.dumps({"compare_seconds": {n: scale(n) for n in args.scale}}))
 
 

@@ -54,8 +54,12 @@ def load_checkpoint(path, settings):
         raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}); delete it to start afresh") from None
     def shown(value):
         return "the default" if value is None else repr(value)
-    changed = [f"{k} {shown(state['settings'].get(k))} (now {shown(v)})" for k, v in settings.items()
-               if state["settings"].get(k) != v]
+    saved = state["settings"]
+    unrecorded = [k for k in settings if k not in saved]
+    if unrecorded:  # a checkpoint from an earlier version: what it does not record, it cannot contradict
+        print(f"note: {path} does not record {', '.join(unrecorded)} (an earlier version wrote it): resuming as if "
+              "unchanged")
+    changed = [f"{k} {shown(saved[k])} (now {shown(v)})" for k, v in settings.items() if k in saved and saved[k] != v]
     if changed:
         raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "
                         "rerun with the same options and images, or without --resume to start afresh")

@@ -71,8 +71,11 @@ class Cleaner:
         from .inference import Predictor
         from .loading import CLASSIFIER, open_model
         self.root = existing_folder(root).resolve()
-        self.predictor = model if isinstance(model, Predictor) else open_model(model, CLASSIFIER)
-        self.predictor.max_pixels = None  # the dataset's images: as big as training reads
+        if isinstance(model, Predictor):
+            self.predictor = model
+        else:
+            self.predictor = open_model(model, CLASSIFIER)
+            self.predictor.max_pixels = None  # the dataset's images: as big as training reads
         self.classes = [check_class_name(str(c)) for c in self.predictor.vocab]
         split = split_path(self.predictor.path)
         self.split = json.loads(split.read_text()) if split.is_file() else {}

@@ -18,6 +18,7 @@ from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .config import default_cache
+from .flagging import FLAGGED_NAME
 from .paths import FLAGGED, dataset_files, existing_folder, is_flagged, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
@@ -142,7 +143,8 @@ class FlaggedOr:
 
     def __call__(self, path):
         path = Path(path)
-        return path.parent.name if path.parent.parent.name == FLAGGED else self.get_y(path)
+        flagged = path.parent.parent.name == FLAGGED and FLAGGED_NAME.fullmatch(path.name)
+        return path.parent.name if flagged else self.get_y(path)
 
 
 def find_images(root, workers=8, flagged=False):
@@ -244,6 +246,9 @@ def random_split(root, valid_pct, seed):
         if together:
             print(f"note: {together} of {len(own)} files repeat a picture another file holds (a copy, resized or "
                   "recompressed): each picture is held out whole or trains whole")
+        if together and int(valid_pct * len(heads)) == 0:
+            raise UserError(f"only {len(heads)} distinct pictures among {len(own)} images: --valid-pct {valid_pct} "
+                            "holds none of them out")
         _, valid = RandomSplitter(valid_pct, seed=seed)(heads)
         held = {heads[v] for v in valid}
         return with_flagged(root, items, {own[k] for k, f in enumerate(first) if f in held})

@@ -227,6 +227,6 @@ def summarise(dest, query, found, outcomes, seconds):
         print(f"{c:<16}{v['found']:>7}{v['saved']:>7}{v['duplicate']:>7}{v['quarantined']:>13}{v['failed']:>8}"
               f"{v['images']:>8}")
     if quarantined:
-        print(f"{len(quarantined)} files that are not readable images are in {dest / 'quarantine'} ({REASONS})")
+        print(f"{len(quarantined)} files that are not readable images are in {dest / QUARANTINE} ({REASONS})")
     print(f"wrote {dest / DOWNLOAD_SUMMARY}")
     return summary

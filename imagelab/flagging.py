@@ -10,6 +10,7 @@ No fastai or torch here: a served app flags without the training stack.
 import hashlib
 import io
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -26,6 +27,7 @@ MAX_SIDE = 1024
 MAX_FILES = 2000
 # A person flags a few answers a minute; more than this is a script filling the disk.
 PER_MINUTE = 30
+FLAGGED_NAME = re.compile(r"[0-9a-f]{16}\.jpg")  # what `Flagger.flag` names a file: its content's hash
 
 
 def picture(im):

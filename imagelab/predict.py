@@ -121,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, interrupted="interrupted: --csv OUT was not written (an earlier one is as it was)")
+    run_cli(main, interrupted="interrupted: a --csv file is written only at the end (an earlier one is as it was)")

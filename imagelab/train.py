@@ -29,7 +29,8 @@ from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
 from .distributed import distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
-from .paths import checkpoint_path, disk_space, examples_dir, metrics_path, remove_abandoned_staging, split_path
+from .paths import (FLAGGED, checkpoint_path, disk_space, examples_dir, metrics_path,
+                    remove_abandoned_staging, split_path)
 from .reports import LossHistory
 from .store import StoreDL, store_loaders
 
@@ -373,10 +374,12 @@ def split_files(dls, root):
 
 
 def describe_split(split):
-    """The split in a few words that change with any file in it: a file added or removed reshuffles fastai's seeded
-    split, and a run resumed on another split would hold out images it has trained on."""
-    digest = hashlib.sha1(json.dumps(split).encode()).hexdigest()[:12]
-    return f"{len(split['train'])} train, {len(split['valid'])} held out ({digest})"
+    """The split of the dataset's own images in a few words that change with any of them: one added or removed
+    reshuffles the seeded split, and a run resumed on another would hold out images it has trained on. Images
+    flagged in the apps meanwhile only add to the training set (with --flagged)."""
+    own = {name: [f for f in files if not f.startswith(f"{FLAGGED}/")] for name, files in split.items()}
+    digest = hashlib.sha1(json.dumps(own).encode()).hexdigest()[:12]
+    return f"{len(own['train'])} train, {len(own['valid'])} held out ({digest})"
 
 
 def train(task, cfg, cbs=()):

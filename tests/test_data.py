@@ -2,6 +2,7 @@
 import io
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,8 @@ def test_flagged_images_keep_their_folders_class_beside_oxford_names(oxford_dir)
     flagged = [f for f in files if f.parts[-3] == "flagged"]
     assert [label_function("filename", "is_cat")(f) for f in flagged] == ["Bengal", "cat"]
     assert [label_function("filename", "breed")(f) for f in flagged] == ["Bengal", "cat"]
+    # a dataset kept under a folder that happens to be called "flagged" is labelled by its names
+    assert label_function("filename", "breed")(Path("/data/flagged/images/Abyssinian_3.jpg")) == "Abyssinian"
     own = [f for f in files if f not in flagged]
     assert [label_function("filename", "is_cat")(f) for f in own] == [("cat" if f.name[0].isupper() else "dog")
                                                                       for f in own]

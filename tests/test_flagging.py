@@ -14,12 +14,12 @@ from PIL import Image
 from conftest import BEARS, fails_with_one_line, run, served, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
-from imagelab.flagging import MAX_SIDE, Flagger
+from imagelab.flagging import FLAGGED_NAME, MAX_SIDE, Flagger
 from imagelab.paths import examples_dir
 from uploads import invalid_uploads, valid_uploads
 
 CLASSES = [label for label, _ in BEARS]
-SAVED = re.compile(r"`(flagged/(\w+)/[0-9a-f]{16}\.jpg)`")
+SAVED = re.compile(rf"`(flagged/(\w+)/{FLAGGED_NAME.pattern})`")
 
 
 def all_files(root):

@@ -155,6 +155,12 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
     res = run(command(data, out, "--arch", "no_such_net"))  # a fresh run is told about the checkpoint
     assert "holds an interrupted run" in res.stdout and res.returncode == 2
+    ckpt = out.with_name("pets.ckpt")  # one an earlier version wrote, which did not record the images: it resumes
+    state = torch.load(ckpt, weights_only=False)
+    del state["settings"]["images"]
+    torch.save(state, ckpt)
+    res = run(command(data, out, "--resume"))
+    assert res.returncode == 0 and "does not record images (an earlier version wrote it)" in res.stdout, res.stderr
 
 
 @pytest.mark.parametrize("every, saved", [(0, [1, 2, 3]), (3600, [0, 0, 3])])
