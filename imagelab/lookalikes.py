@@ -21,11 +21,11 @@ SIDE, FREQUENCIES = 64, 16
 WORDS = 4  # the 255 bits, in four 64-bit words: compared a word at a time
 MAX_BITS, MAX_COLOUR = 26, 32  # of 255 bits; of 255 levels, in any channel (a retouched copy shifts colours)
 _n = np.arange(SIDE)
-_DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: only signs are kept
+_DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: medians ignore scale
 
 
 class Fingerprints:
-    """The bits (N x 2 words) and mean colours (N x 3) of N images, and which have them (`known`)."""
+    """The bits (N x 4 words) and mean colours (N x 3) of N images, and which have them (`known`)."""
 
     def __init__(self, bits, colours, known):
         self.bits, self.colours, self.known = bits, colours, known
@@ -34,8 +34,8 @@ class Fingerprints:
         return len(self.bits)
 
     def __add__(self, other):
-        return Fingerprints(*(np.concatenate([mine, theirs]) for mine, theirs in
-                              zip((self.bits, self.colours, self.known), (other.bits, other.colours, other.known))))
+        return Fingerprints(np.concatenate([self.bits, other.bits]), np.concatenate([self.colours, other.colours]),
+                            np.concatenate([self.known, other.known]))
 
 
 def fingerprint(path):

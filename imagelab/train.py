@@ -434,8 +434,17 @@ def train(task, cfg, cbs=()):
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [str(f) for f, _ in skipped]}
+    metrics = export_run(task, cfg, learn, run.history, root, facts, writer, ckpt)  # as the last checkpoint is written
+    writer.wait(check=False)  # the run is complete: a failed last write loses nothing
+    ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    print(task.summary(metrics, cfg))
+    return metrics
+
+
+def export_run(task, cfg, learn, history, root, facts, writer, ckpt):
+    """`export`; a Ctrl-C or a full disk meanwhile says in one line that the checkpoint still holds the run."""
     try:
-        metrics = export(task, cfg, learn, run.history, root, facts)  # while the last checkpoint is written
+        return export(task, cfg, learn, history, root, facts)
     except KeyboardInterrupt:
         writer.wait(check=False)
         say_how_to_resume(ckpt)
@@ -447,10 +456,6 @@ def train(task, cfg, cbs=()):
         again = f"; {ckpt} holds the run: rerun with --resume to export it" if ckpt.exists() else ""
         raise UserError(f"cannot write {cfg.out} and its report: {e.strerror}{disk_space(Path(cfg.out).parent)}; "
                         f"the previous model is as it was{again}") from None
-    writer.wait(check=False)  # the run is complete: a failed last write loses nothing
-    ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
-    print(task.summary(metrics, cfg))
-    return metrics
 
 
 def say_how_to_resume(ckpt):
