@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import UserError, first_line
 from .config import require
 from .images import check_image
-from .lookalikes import fingerprints, pairs
+from .lookalikes import collect, fingerprint, fingerprints, pairs
 from .metadata import write_json
 from .paths import DOWNLOAD_SUMMARY, QUARANTINE, check_class_name, hidden, visible_files
 
@@ -121,7 +121,9 @@ class Downloader:
             part.unlink(missing_ok=True)
             return None, None, first_line(e), None  # one line: reasons.tsv keeps one a line
         reason = check_image(part)
-        return part, digest, reason, None if reason else fingerprints([part], workers=1, progress=False)
+        # here, without a pool or a progress bar of its own: made while Ctrl-C stops the main thread (whose bar
+        # holds tqdm's lock), those could wait forever, and the interrupted download never end
+        return part, digest, reason, None if reason else collect([fingerprint(part)])
 
     def settle(self, url, label, part, digest, reason, prints):
         """Keep, drop or quarantine one download: (outcome, url, label, detail), outcome saved / duplicate (the same

@@ -58,11 +58,15 @@ def fingerprint(path):
     return bits.view(np.uint64), rgb.mean((0, 1))
 
 
-def fingerprints(paths, workers=8, progress=True):
+def fingerprints(paths, workers=8):
     """The fingerprints of `paths` (one that does not decode looks like nothing)."""
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        found = list(tqdm(pool.map(fingerprint, paths), total=len(paths), desc="looking for look-alikes",
-                          unit="img", leave=False, disable=not progress))
+        return collect(list(tqdm(pool.map(fingerprint, paths), total=len(paths), desc="looking for look-alikes",
+                                 unit="img", leave=False)))
+
+
+def collect(found):
+    """`Fingerprints` of what `fingerprint` found for each image (None: nothing)."""
     nothing = (np.zeros(WORDS, np.uint64), np.zeros(3))
     return Fingerprints(np.array([(f or nothing)[0] for f in found], np.uint64).reshape(len(found), WORDS),
                         np.array([(f or nothing)[1] for f in found], np.float64).reshape(len(found), 3),
