@@ -240,7 +240,8 @@ def random_split(root, valid_pct, seed):
 
     def split(items):
         own = [i for i, f in enumerate(items) if not is_flagged(root, f)]
-        first = groups(fingerprints([items[i] for i in own]))  # of each image, its group's first image
+        prints = fingerprints([items[i] for i in own])
+        first = groups(prints)  # of each image, its group's first image
         heads = sorted(set(first))
         together = len(own) - len(heads)
         if together:
@@ -251,17 +252,21 @@ def random_split(root, valid_pct, seed):
                             "holds none of them out")
         _, valid = RandomSplitter(valid_pct, seed=seed)(heads)
         held = {heads[v] for v in valid}
-        return with_flagged(root, items, {own[k] for k, f in enumerate(first) if f in held})
+        kept = [k for k, f in enumerate(first) if f in held]  # in the order of `items`, as with_flagged takes them
+        return with_flagged(root, items, {own[k] for k in kept}, prints[kept])
     return split
 
 
-def with_flagged(root, items, held_out):
+def with_flagged(root, items, held_out, held_prints=None):
     """(train, valid) indices: the held-out ones, and every other but the flagged images that look like a held-out
-    one (an app's example, say): trained on, they would be measured on themselves."""
+    one (an app's example, say): trained on, they would be measured on themselves. `held_prints`: the held-out
+    images' fingerprints in index order, when the caller has them."""
     flagged = [i for i, f in enumerate(items) if is_flagged(root, f)]
     if flagged and held_out:
         valid = sorted(held_out)
-        seen = pairs(fingerprints([items[i] for i in flagged]), fingerprints([items[i] for i in valid]))
+        if held_prints is None:
+            held_prints = fingerprints([items[i] for i in valid])
+        seen = pairs(fingerprints([items[i] for i in flagged]), held_prints)
         left_out = {flagged[i] for i, _ in seen}
         if left_out:
             print(f"note: {len(left_out)} flagged files look like held-out images and are left out "

@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import UserError
 from .images import read_image
+from .lookalikes import collect, fingerprint, pairs
 from .paths import FLAGGED, check_class_name, staging_path
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
@@ -30,16 +31,11 @@ PER_MINUTE = 30
 FLAGGED_NAME = re.compile(r"[0-9a-f]{16}\.jpg")  # what `Flagger.flag` names a file: its content's hash
 
 
-def picture(im):
-    """What identifies a decoded picture, whatever file it came in."""
-    return hashlib.sha256(f"{im.size}".encode() + im.tobytes()).hexdigest()
-
-
 class Flagger:
     """Saves flagged uploads of a classifier with classes `classes` into `<root>/flagged/<class>/`.
 
-    `held_out`: image files never to keep (the app's examples): a held-out image flagged would train the next
-    model on what it is measured on.
+    `held_out`: image files whose pictures are never kept (the app's examples, held-out images), by the rule training
+    applies to every flagged image (imagelab.data.with_flagged), said to the visitor at once.
     """
 
     def __init__(self, root, classes, per_minute=PER_MINUTE, max_files=MAX_FILES, held_out=()):
@@ -50,7 +46,7 @@ class Flagger:
         self.folder = self.root / FLAGGED
         self.per_minute, self.max_files = per_minute, max_files
         self.recent, self.lock = deque(), threading.Lock()
-        self.held_out = {picture(read_image(f)) for f in held_out}
+        self.held_out = collect([fingerprint(f) for f in held_out])
 
     def flag(self, image, label):
         """Keep `image` (an uploaded file's path) as an example of class `label`; returns its path relative to
@@ -59,7 +55,7 @@ class Flagger:
             raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
         self.take_turn()
         im = read_image(image)
-        if picture(im) in self.held_out:
+        if pairs(collect([fingerprint(im)]), self.held_out):
             raise UserError("this is one of the app's examples, a held-out image the model is measured on: "
                             "training on it would make that measure wrong")
         im.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)

@@ -37,8 +37,8 @@ def onnx_session(graph):
     except Exception as e:  # the graph beside a .pkl or .safetensors given is read too: name the file at fault
         if not isinstance(graph, Path):
             raise
-        raise UserError(f"cannot load the ONNX graph {graph} ({first_line(e)}): a damaged file, or one this onnxruntime "
-                        "cannot run? Train or export the model again") from None
+        raise UserError(f"cannot load the ONNX graph {graph} ({first_line(e)}): a damaged file, or one this "
+                        "onnxruntime cannot run? Train or export the model again") from None
 
 
 def output_names(session):

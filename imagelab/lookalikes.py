@@ -33,18 +33,25 @@ class Fingerprints:
     def __len__(self):
         return len(self.bits)
 
+    def __getitem__(self, rows):
+        return Fingerprints(self.bits[rows], self.colours[rows], self.known[rows])
+
     def __add__(self, other):
         return Fingerprints(np.concatenate([self.bits, other.bits]), np.concatenate([self.colours, other.colours]),
                             np.concatenate([self.known, other.known]))
 
 
-def fingerprint(path):
-    """(bits, mean colour) of the picture in `path`; None for one that does not decode or is one flat colour
-    (whose bits would be rounding noise: two such files are the same only byte for byte)."""
+def fingerprint(src):
+    """(bits, mean colour) of the picture in `src` (a file, or an image decoded already); None for one that does not
+    decode or is one flat colour (whose bits would be rounding noise: two such files are the same only byte for
+    byte)."""
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size, still over the side
-            small = open_rgb(im).resize((SIDE, SIDE), Image.Resampling.BOX)
+        if isinstance(src, Image.Image):
+            small = open_rgb(src).resize((SIDE, SIDE), Image.Resampling.BOX)
+        else:
+            with Image.open(src) as im:
+                im.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size, still over the side
+                small = open_rgb(im).resize((SIDE, SIDE), Image.Resampling.BOX)
     except Exception:  # not a picture: nothing looks like it
         return None
     rgb = np.asarray(small, dtype=np.float64)

@@ -46,7 +46,7 @@ def writable_model_path(path):
     if not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: {existing} is read-only")
+        raise UserError(f"cannot write {path}: {existing} is not writable (read-only, or not yours)")
     return path
 
 
