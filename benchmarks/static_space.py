@@ -78,7 +78,8 @@ def main(argv=None):
 
     files = dataset_files(args.images)
     photos = [files[i * len(files) // args.n] for i in range(min(args.n, len(files)))]
-    site = Path(tempfile.mkdtemp(prefix="static-bench-")) / "site"
+    tmp = tempfile.TemporaryDirectory(prefix="static-bench-")  # removed when the program ends
+    site = Path(tmp.name) / "site"
     subprocess.run([sys.executable, "-m", "imagelab.deploy", args.app, "--model", args.model, "--static", "--out", site],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     kind = config_kind(read_config(args.model))

@@ -1,4 +1,5 @@
 """Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
+import atexit
 import os
 import pickle
 import re
@@ -24,8 +25,15 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-# Presized copies of the generated images go to a throwaway cache, not the user's ~/.cache/imagelab.
-os.environ.setdefault("IMAGELAB_CACHE", tempfile.mkdtemp(prefix="imagelab-cache-"))
+# What the tests write outside their tmp_path (presized copies, the servers' logs and uploads) goes in one
+# folder per test process, removed when it exits: not the user's ~/.cache/imagelab, nor left behind in /tmp.
+# xdist starts its workers after this runs, so they share the first process's cache, which outlives them.
+SCRATCH = Path(tempfile.mkdtemp(prefix="imagelab-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ.setdefault("IMAGELAB_CACHE", str(SCRATCH / "cache"))
+os.environ.setdefault("GRADIO_TEMP_DIR", str(SCRATCH / "gradio"))
+(SCRATCH / "tmp").mkdir()
+os.environ["TMPDIR"] = str(SCRATCH / "tmp")  # for the processes the tests start (torchrun's leave folders there)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -162,7 +170,7 @@ def free_port():
 
 
 class AppURL(str):
-    """The URL of a served app; `.proc` is its server process."""
+    """The URL of a served app; `.proc` is its server process, `.log` the file of what it printed."""
 
 
 @contextmanager
@@ -172,13 +180,13 @@ def served(args, env=None, timeout=120, cwd=ROOT):
     `env` adds to this process's environment; a value of None removes that variable.
     """
     port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{port}.log", "w+")
+    log = open(SCRATCH / f"app-{port}.log", "w+")
     # GRADIO_SERVER_PORT too: an app that takes no options (the fastai course's Space app) listens there
     env = {k: v for k, v in {**os.environ, "GRADIO_SERVER_PORT": str(port), **(env or {})}.items() if v is not None}
     proc = subprocess.Popen([PY, *map(str, args), "--port", str(port)], cwd=cwd, stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     url = AppURL(f"http://127.0.0.1:{port}/")
-    url.proc = proc
+    url.proc, url.log = proc, Path(log.name)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -3,7 +3,6 @@ import csv
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,11 +229,6 @@ def test_cleaner_serves_a_hub_model_offline(tiny_bears, tmp_path):
     assert in_fresh_process(code, "hf://someone/bears/bears.pkl", data, cwd=tmp_path, env=env) == str(expected)
 
 
-def app_log(url):
-    """What a server started by `served` printed."""
-    return (Path(os.environ.get("TMPDIR", "/tmp")) / f"app-{url.rsplit(':', 1)[1].strip('/')}.log").read_text()
-
-
 def test_autoencoder_app_on_hub_weights_has_named_api_parameters_and_no_pickle_warning(ae_weights, tmp_path):
     env = hub_cache(tmp_path / "hf", "someone/ae", [ae_weights, *artifacts(ae_weights, ".config.json")])
     with served(["apps/autoencoder/app.py", "--model", f"hf://someone/ae/{ae_weights.stem}.pkl"], env=env) as url:
@@ -251,7 +245,7 @@ def test_no_pickle_warning_when_the_owner_serves_a_learner(tiny_model, tiny_auto
            "CLEANER_MODEL": str(pkl_alone), "CLEANER_DATA": str(make_data(tmp_path / "data"))}
     app, path_env = repo_app_without_models("app.py", tmp_path)
     with served([app], env={**env, **path_env}) as url:
-        log = app_log(url)
+        log = url.log.read_text()
     assert "insecure pickle" not in log and "Traceback" not in log, log
 
 
