@@ -130,6 +130,9 @@ class TrainConfig:
         if self.data is not None:
             existing_folder(self.data)
         writable_model_path(self.out)
+        if self.lr == "find" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # each process would find its own
+            raise UserError("--lr find runs in one process: run it once without the launcher (with --epochs 1, say), "
+                            "then launch with the rate it prints")
         if self.resume and not checkpoint_path(self.out).exists():
             raise UserError(f"nothing to resume: no checkpoint at {checkpoint_path(self.out)}")
 

@@ -39,6 +39,8 @@ def pick_device(name="auto"):
         torch.cuda.set_device(device)
     if device.type == "mps" and not mps_available():
         raise UserError("--device mps: PyTorch sees no Apple GPU (MPS) here; use --device cpu (or auto)")
+    if device.type == "mps" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # Accelerate would put the model on the CPU
+        raise UserError("--device mps trains in one process: run the script without the launcher")
     return device
 
 
@@ -46,6 +48,12 @@ def cpu_has_bf16():
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere PyTorch emulates it, slowly."""
     cpu = getattr(torch, "cpu", None)
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def cuda_has_bf16(device):
+    """Whether this GPU computes bfloat16 natively (Ampere and later). PyTorch's `is_bf16_supported()` also says
+    yes where it is only emulated (a T4, a P100), slowly."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def pick_precision(name, device):
@@ -59,10 +67,11 @@ def pick_precision(name, device):
     kind = device.type
     if name == "auto":
         if kind == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if cuda_has_bf16(device) else "fp16"
         return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
-    if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; use fp16 or auto")
+    if name == "bf16" and kind == "cuda" and not cuda_has_bf16(device):
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not compute bfloat16 (that "
+                        "takes an Ampere GPU or later); use fp16 or auto")
     if name == "bf16" and kind == "cpu" and not cpu_has_bf16():
         print("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX): PyTorch emulates it, slower than fp32")
     if name == "fp16" and kind != "cuda":

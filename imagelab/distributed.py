@@ -12,21 +12,60 @@ Accelerate's `cpu` flag from the device, and the patch sends the broadcast throu
 process group's backend uses. Both are fixes that fastai itself could take.
 """
 import os
+import random
 from contextlib import nullcontext
 
+import numpy as np
 import torch
+from fastai.callback.core import Callback
 from fastai.distributed import DistributedDL, teardown_distrib
-from fastai.torch_core import num_distrib
+from fastai.torch_core import num_distrib, rank_distrib
 from fastcore.basics import patch
+
+from .checkpoint import Checkpoint
+
+
+def backend_device():
+    """Where the process group's collectives take their tensors: the GPU for NCCL, the CPU for gloo."""
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
 @patch
 def _broadcast(self: DistributedDL, t, rank):
-    "Broadcast `t` from `rank`, on CUDA for NCCL and on the CPU for gloo (fastai's original is CUDA only)."
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(t, dtype=torch.long, device=device)
+    "Broadcast `t` from `rank` on the backend's device (fastai's original is CUDA only)."
+    t = torch.tensor(t, dtype=torch.long, device=backend_device())
     torch.distributed.broadcast(t, rank)
     return t.cpu().tolist()
+
+
+def agreed_max(value):
+    """The largest of every process's `value` (a number); `value` itself when one process trains. Every process
+    must ask, and waits for the others."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=backend_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+class OwnRandomness(Callback):
+    """Each process of a distributed run draws its own augmentation (crops, flips, warps, lighting, mixes).
+
+    Every process starts from the same `--seed`, so without this the N images of a step's N shares would get
+    the same draws. The streams are seeded at each epoch from the seed, the process's rank and the epoch (of the
+    whole run: `offset` counts earlier fits), so a resumed run draws what the uninterrupted one did: a checkpoint
+    holds the main process's streams only. The loaders' order is the main process's (fastai's DistributedDL).
+    """
+    order = Checkpoint.order + 1  # after a resumed run's streams are restored, which this replaces
+
+    def __init__(self, seed, offset=0):
+        self.seed, self.offset = seed, offset
+
+    def before_epoch(self):
+        seed = int(np.random.SeedSequence([self.seed, rank_distrib(), self.offset + self.epoch]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # every device's stream
 
 
 def distributed(learn):
@@ -38,7 +77,9 @@ def distributed(learn):
     if num_distrib() <= 1:
         return nullcontext()
     cuda = learn.dls.device is not None and torch.device(learn.dls.device).type == "cuda"
-    return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda)
+    # mixed precision is --precision's: Accelerate's own (from `accelerate config`) would scale fp16 losses a second
+    # time, and its autocast wrapper left on the model cannot be pickled by the export
+    return learn.distrib_ctx(sync_bn=cuda, cpu=not cuda, mixed_precision="no")
 
 
 def leave_distributed():

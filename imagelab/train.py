@@ -26,7 +26,7 @@ from . import UserError
 from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
-from .distributed import distributed, leave_distributed, world_size
+from .distributed import OwnRandomness, agreed_max, distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
 from .paths import (FLAGGED, checkpoint_path, disk_space, examples_dir, metrics_path,
@@ -86,8 +86,13 @@ class Task:
 
 class TimeBudget(Callback):
     """Fit for `seconds` of wall time or the fit's epochs, whichever ends first: the one-cycle schedule follows the
-    nearer end, and training stops when time is up."""
+    nearer end, and training stops when time is up.
+
+    Processes of a distributed run go by the slowest one's clock, which they agree on at each epoch's start and
+    every few batches: they must step at the same rates, and stop before the same batch.
+    """
     order = TrainEvalCallback.order + 1  # after fastai's step counter sets pct_train, before the schedulers read it
+    agreements = 20  # an epoch's most, with several processes: each makes the processes wait for one another
 
     def __init__(self, seconds, spent=0.0):
         self.seconds, self.spent = seconds, spent
@@ -96,21 +101,24 @@ class TimeBudget(Callback):
         self.start = time.perf_counter() - self.spent
 
     def time_spent(self):
-        return (time.perf_counter() - self.start) / self.seconds
-
-    def before_batch(self):
-        if self.training:  # on a fast machine the epochs end first: the schedule must still reach its end
-            epochs_done = (self.epoch + self.iter / self.n_iter) / self.n_epoch
-            self.learn.pct_train = min(1.0, max(self.time_spent(), epochs_done))
-
-    def after_batch(self):
-        if self.training and self.time_spent() >= 1:
-            raise CancelFitException  # the report then evaluates the model as it is
+        return agreed_max((time.perf_counter() - self.start) / self.seconds)
 
     def before_epoch(self):
         # Not after an epoch: the epoch whose validation ran past the budget is complete, and is recorded first.
-        if self.time_spent() >= 1:
+        self.spent_now = self.time_spent()
+        if self.spent_now >= 1:
             raise CancelFitException
+
+    def before_batch(self):
+        if not self.training:
+            return
+        if world_size() == 1 or self.iter % max(1, self.n_iter // self.agreements) == 0:
+            self.spent_now = self.time_spent()
+        if self.spent_now >= 1:
+            raise CancelFitException  # the report then evaluates the model as it is
+        # on a fast machine the epochs end first: the schedule must still reach its end
+        epochs_done = (self.epoch + self.iter / self.n_iter) / self.n_epoch
+        self.learn.pct_train = min(1.0, max(self.spent_now, epochs_done))
 
 
 class PlainTensors(Callback):
@@ -313,8 +321,9 @@ def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
                                         cfg.checkpoint_every)
                 if isinstance(getattr(learn, "progress", None), Progress):
                     learn.progress.offset = offset
+                own = [OwnRandomness(cfg.seed, offset)] if world_size() > 1 else []
                 fit_one(learn, start_epoch=first, cbs=[run.history, KeepBest(run, cfg.patience), checkpoint, resize,
-                                                       *budget, *task.callbacks(cfg), *extra_cbs])
+                                                       *budget, *own, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n
             offset += n
 
@@ -349,9 +358,9 @@ def prepare(task, cfg, device, precision):
         print(f"skipped {f}: {why}")
     presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)
     dls = task.dataloaders(cfg, root, files, presized, loader_workers(cfg, device))
-    dls.to(device)
     print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
     learn = task.learner(dls, cfg)
+    dls.to(device)  # after the learner: fastai puts the Normalize it adds on its default device, not --device
     learn.model.to(device)  # now, not at the first fit: a resumed run's optimizer state goes where the weights are
     learn.add_cb(PlainTensors())
     learn.recorder.smooth_loss = SmoothLoss(learn.recorder.smooth_loss.beta)

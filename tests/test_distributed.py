@@ -2,18 +2,22 @@
 import json
 import subprocess
 
-from conftest import PY, ROOT, make_folder_dataset, write_image
+from conftest import PY, ROOT, free_port, make_folder_dataset, write_image
 
 # accelerate's --cpu launches one process unless MPI is set up; --multi_gpu starts torchrun's processes,
-# which use the CPU and gloo when there is no GPU (imagelab.distributed).
-LAUNCH = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
+# which use the CPU and gloo when there is no GPU (imagelab.distributed). Mixed precision as a user's `accelerate
+# config` may set it: the trainer's --precision decides, and Accelerate's own must not wrap the exported model.
+def launch():
+    """`accelerate launch` of two processes, on a free port: two launches at once (test workers) on the default one
+    would join each other's process group."""
+    return [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
 def test_two_cpu_processes_train_and_only_the_main_one_writes(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=10)
     out = tmp_path / "models" / "pets.pkl"
-    res = subprocess.run([*LAUNCH, "training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
+    res = subprocess.run([*launch(), "training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
                           "--epochs", "2", "--size", "32", "--bs", "4", "--out", out],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

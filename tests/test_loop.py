@@ -11,7 +11,7 @@ from fastai.learner import load_learner
 
 from conftest import AE_TINY, PY, ROOT, make_folder_dataset, run
 from imagelab.train import TimeBudget
-from test_distributed import LAUNCH
+from test_distributed import launch
 from test_resume import interrupt_after_an_epoch
 
 EPOCHS = 4
@@ -91,6 +91,47 @@ def test_an_epoch_whose_validation_ends_past_the_budget_is_recorded():
     assert len(learn.recorder.values) == 1  # epoch 1, validated; no epoch 2 begun
 
 
+AGREEING = """
+import json, sys, time
+import torch
+from fastai.callback.core import Callback
+sys.path.insert(0, sys.argv[1])
+torch.distributed.init_process_group("gloo")
+from test_loop import Rates, tiny_learner
+from imagelab.distributed import OwnRandomness
+from imagelab.train import TimeBudget
+
+class Draws(Callback):
+    def before_fit(self):
+        self.seen = []
+
+    def before_batch(self):
+        if self.training:
+            self.seen.append(torch.rand(1).item())
+
+rank = torch.distributed.get_rank()
+time.sleep(2 * rank)  # the second process starts late, as one that decoded its images slower would
+rates, draws = Rates(), Draws()
+tiny_learner(rates, draws).fit_one_cycle(100_000, 1e-2, cbs=[TimeBudget(4), OwnRandomness(seed=1)])
+print(json.dumps({"rank": rank, "rates": rates.seen, "draws": draws.seen}))
+"""
+
+
+def test_processes_under_a_time_budget_agree_on_the_clock_and_draw_their_own_augmentation(tmp_path):
+    (tmp_path / "agreeing.py").write_text(AGREEING)
+    res = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--log-dir", tmp_path / "logs", "--tee", "1", tmp_path / "agreeing.py", ROOT / "tests"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted((json.loads(line.split("]:", 1)[1]) for line in res.stdout.splitlines() if '"rank"' in line),
+                  key=lambda r: r["rank"])
+    assert len(runs) == 2
+    first, second = runs
+    assert len(first["rates"]) > 8  # both stopped at the same batch, having stepped at the same rates
+    assert first["rates"] == second["rates"]
+    assert first["draws"] != second["draws"]
+
+
 def test_autoencoder_killed_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):
     whole, out = tmp_path / "whole" / "ae.pkl", tmp_path / "resumed" / "ae.pkl"
     res = run(command("autoencoder", data, whole, "--epochs", EPOCHS))
@@ -123,7 +164,7 @@ def test_autoencoder_refuses_progressive_resizing_in_one_line(data, tmp_path):
 def test_autoencoder_under_accelerate_launch_writes_one_model(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=10)
     out = tmp_path / "models" / "ae.pkl"
-    res = subprocess.run([*LAUNCH, *command("autoencoder", data, out, "--epochs", "2")], cwd=ROOT,
+    res = subprocess.run([*launch(), *command("autoencoder", data, out, "--epochs", "2")], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1, res.stdout[-2000:]
