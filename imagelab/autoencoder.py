@@ -15,12 +15,12 @@ from fastai.learner import AvgMetric, Learner
 from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
 from fastai.torch_core import get_model
-from fastai.vision.all import DataBlock, FlipItem, ImageBlock, RandomSplitter, Resize
+from fastai.vision.all import DataBlock, FlipItem, RandomSplitter, Resize
 from torch import nn
 
 from . import UserError
 from .config import check_autoencoder_shape
-from .data import RGBImage, pets_images, random_split
+from .data import RGBImageBlock, pets_images, random_split
 from .export import export_weights_only, save_examples, to_onnx
 from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
 from .models import adamw
@@ -257,7 +257,7 @@ def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, 
     `get_x` maps a file to what is decoded (`Presized`); the target is decoded the same way. `splitter` defaults
     to a seeded random `valid_pct` split.
     """
-    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)), get_x=get_x, get_y=get_x,
+    block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x,
                       splitter=splitter or RandomSplitter(valid_pct, seed=seed),
                       item_tfms=[Resize(size), FlipItem(0.5)])
     dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default

@@ -7,8 +7,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastai.vision.all import (CategoryBlock, DataBlock, ImageBlock, PILImage, RandomResizedCrop,
-                               RandomSplitter, Transform, URLs, untar_data)
+from fastai.vision.all import (CategoryBlock, DataBlock, IntToFloatTensor, PILImage, RandomResizedCrop,
+                               RandomSplitter, Transform, TransformBlock, URLs, untar_data)
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
@@ -41,6 +41,20 @@ class RGBImage(PILImage):
         if isinstance(fn, (str, Path, Image.Image, io.IOBase)):
             return cls(open_rgb(fn))
         return super().create(fn, **kwargs)
+
+
+class ReadRGB(Transform):
+    """`RGBImage.create` as a transform. fastai's `ImageBlock(cls=RGBImage)` dispatches to the classmethod through a
+    function made at run time, which an exported learner carries by value, with this file's path on the trainer's
+    disk; a learner refers to this class by name."""
+
+    def encodes(self, fn):
+        return RGBImage.create(fn)
+
+
+def RGBImageBlock():
+    """fastai's `ImageBlock`, decoding with `open_rgb`."""
+    return TransformBlock(type_tfms=ReadRGB(), batch_tfms=IntToFloatTensor)
 
 
 # Presized copies keep this many times the training size on their short side: RandomResizedCrop's
@@ -221,7 +235,7 @@ def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2,
 
     `splitter` defaults to a seeded random `valid_pct` split; `get_x` maps a file to what is decoded (`Presized`).
     """
-    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), CategoryBlock), get_x=get_x, get_y=get_y,
+    block = DataBlock(blocks=(RGBImageBlock(), CategoryBlock), get_x=get_x, get_y=get_y,
                       splitter=splitter or RandomSplitter(valid_pct, seed=seed),
                       item_tfms=RandomResizedCrop(size, min_scale=min_scale), batch_tfms=aug_transforms())
     dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default

@@ -139,9 +139,16 @@ def to_onnx(model, config, f=None, outputs=("logits",), inputs=None):
         from .heatmaps import WithHeatmap
         model = WithHeatmap(model)
     inputs = inputs or {"image": torch.zeros(input_shape(config))}
-    program = torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), f, dynamo=True, verbose=False,
-                                external_data=False, input_names=list(inputs), output_names=list(outputs))
-    return program.model_proto.SerializeToString() if f is None else None
+    proto = torch.onnx.export(exportable(cpu_copy(model)), tuple(inputs.values()), dynamo=True, verbose=False,
+                              input_names=list(inputs), output_names=list(outputs)).model_proto
+    # The exporter notes each node's Python stack and module names: the trainer's disk paths, in a published file
+    for node in [*proto.graph.node, *(n for function in proto.functions for n in function.node)]:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    data = proto.SerializeToString()
+    if f is None:
+        return data
+    Path(f).write_bytes(data)
 
 
 def export_weights_only(model, config, model_path):

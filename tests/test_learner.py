@@ -3,7 +3,7 @@ import textwrap
 
 from gradio_client import Client, handle_file
 
-from conftest import run, served, write_image
+from conftest import ROOT, run, served, write_image
 
 # The fastai course's Hugging Face Space app (lesson 2), as students write it.
 COURSE_APP = """
@@ -54,6 +54,15 @@ def test_classifier_predicts_what_a_course_learner_takes(tiny_model, tmp_path):
     answers = dict(line.rsplit(" ", 1) for line in res.stdout.splitlines()[:-1])
     assert set(answers) == set(INPUTS)
     assert set(answers.values()) <= {"cats", "dogs"}
+
+
+def test_published_files_carry_no_path_of_the_trainers_disk(tiny_model, tiny_autoencoder):
+    """The learner and the ONNX graphs go to the Hub: no path of this checkout or of its Python packages in them
+    (fastai's image block pickled a function by value with its file's path; the exporter notes Python stacks)."""
+    for model in (tiny_model, tiny_autoencoder):
+        for f in [model, *model.parent.glob(f"{model.stem}*.onnx")]:
+            data = f.read_bytes()  # torch.save's zip stores the pickle uncompressed
+            assert str(ROOT).encode() not in data and b"site-packages" not in data, f
 
 
 def test_autoencoder_predicts_what_a_course_learner_takes(tiny_autoencoder, tmp_path):

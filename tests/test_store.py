@@ -209,12 +209,12 @@ def test_autoencoder_batches_are_the_file_paths_draw_for_draw(autoencoder_loader
 def test_loaders_the_store_does_not_compute_read_files(tmp_path, item_tfms, own_target):
     """Loaders whose item transforms are anything but the two crops the store computes, or whose target is
     another image than the input, keep the file path."""
-    from fastai.vision.all import DataBlock, ImageBlock, RandomSplitter
-    from imagelab.data import RGBImage
+    from fastai.vision.all import DataBlock, RandomSplitter
+    from imagelab.data import RGBImageBlock
     root = make_folder_dataset(tmp_path / "data", n=4)
     files = sorted(root.rglob("*.jpg"))
     presized = Presized(presize(files, 32))
-    block = DataBlock(blocks=(ImageBlock(cls=RGBImage), ImageBlock(cls=RGBImage)), get_x=presized,
+    block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=presized,
                       get_y=presized if own_target else Presized(presized.copies),
                       splitter=RandomSplitter(0.25, seed=0), item_tfms=item_tfms)
     assert store_loaders(block.dataloaders(files, bs=2, num_workers=0), presized.copies) is None
