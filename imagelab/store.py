@@ -10,6 +10,7 @@ Pillow's. A GPU resizes a batch's crops together (`ImageStore.cut`), a CPU one b
 transforms (`aug_transforms`, `Normalize`) follow as on the file path.
 """
 import math
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,7 +18,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import TensorCategory, TensorImage
@@ -75,21 +76,35 @@ def resampling(lengths, total, first, count, span):
     return w / w.sum(-1, keepdim=True)
 
 
-class ImageStore:
-    """Decoded images, each 3 x h x w uint8, in one flat tensor with their offsets and sizes."""
+def upright_size(f):
+    """The (h, w) that `open_rgb` decodes `f` to, from its header: EXIF orientations 5 to 8 turn it a quarter."""
+    with Image.open(f) as im:
+        w, h = im.size
+        turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (w, h) if turned else (h, w)
 
-    def __init__(self, files, device, pin=False, workers=8):
-        with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-            arrays = list(pool.map(lambda f: np.asarray(open_rgb(f)), files))
-        self.shapes = [a.shape[:2] for a in arrays]
+
+class ImageStore:
+    """Decoded images, each 3 x h x w uint8, in one flat tensor with their offsets and sizes (`shapes`: their
+    `upright_size`s, when known)."""
+
+    def __init__(self, files, device, pin=False, workers=8, shapes=None):
+        self.shapes = shapes or [upright_size(f) for f in files]
         sizes = [h * w * 3 for h, w in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         widest = max(w for _, w in self.shapes)
         # pinned: copies to the GPU overlap; a row's width of padding: `cut` reads whole rows of the widest crop
         flat = torch.zeros(sum(sizes) + widest, dtype=torch.uint8, pin_memory=pin)
-        for a, o, n in zip(arrays, self.offsets, sizes):
-            # copied: PIL's arrays are read-only, which torch.from_numpy warns of
-            flat[o:o + n] = torch.from_numpy(np.array(a.transpose(2, 0, 1))).reshape(-1)
+
+        def decode(i):  # each image straight into its place: memory holds the store, not the store twice
+            a = np.array(open_rgb(files[i]))  # a writable copy, which torch.from_numpy takes without a warning
+            if a.shape[:2] != self.shapes[i]:
+                raise ValueError(f"{files[i]} decodes to {a.shape[:2]}, not the {self.shapes[i]} its header says")
+            flat[self.offsets[i]:self.offsets[i] + sizes[i]].view(3, *self.shapes[i]).copy_(
+                torch.from_numpy(a).permute(2, 0, 1))
+
+        with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+            list(pool.map(decode, range(len(files))))
         self.flat = flat.to(device)
 
     def __len__(self):
@@ -119,17 +134,16 @@ class ImageStore:
         return wy[:, None] @ x @ wx[:, None].transpose(-1, -2)
 
 
-def store_device(files, device):
-    """Where the decoded `files` fit: on `device` itself, else in main memory, else None (not in memory)."""
-    nbytes = 0
-    for f in files:
-        with Image.open(f) as im:  # reads the header only
-            nbytes += im.width * im.height * 3
+def store_device(nbytes, device):
+    """Where `nbytes` of decoded images fit: on `device` itself, else in main memory, else None (not in memory).
+
+    Every store is built in main memory, also one bound for the GPU, and each process of a distributed run on
+    this machine builds its own."""
+    if nbytes >= MEMORY_SHARE * psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
+        return None
     if device.type == "cuda" and nbytes < MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]:
         return device
-    if nbytes < MEMORY_SHARE * psutil.virtual_memory().available:
-        return torch.device("cpu")
-    return None
+    return torch.device("cpu")
 
 
 class RandomResizedCrops:
@@ -257,12 +271,16 @@ def store_loaders(dls, copies):
     device = torch.device(dls.device or "cpu")
     splits = [(dls.train, True, [copies.get(f, f) for f in dls.train.dataset.items]),
               (dls.valid, False, [copies.get(f, f) for f in dls.valid.dataset.items])]
-    where = store_device([f for _, _, files in splits for f in files], device)
+    shapes = [[upright_size(f) for f in files] for _, _, files in splits]  # headers only
+    where = store_device(sum(h * w * 3 for split in shapes for h, w in split), device)
     if where is None:
         return None
     loaders = []
-    for (dl, train, files), y in zip(splits, labels):
-        store = ImageStore(files, where, pin=where.type == "cpu" and device.type == "cuda")
+    for (dl, train, files), y, split_shapes in zip(splits, labels, shapes):
+        try:
+            store = ImageStore(files, where, pin=where.type == "cpu" and device.type == "cuda", shapes=split_shapes)
+        except ValueError:  # a file whose header misstates it: the file path decodes whatever it holds
+            return None
         loaders.append(StoreDL(store, y, crops, size, train, dl.after_batch, device,
                                bs=dl.bs, shuffle=train, drop_last=train))
     return DataLoaders(*loaders, device=device)

@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 from imagelab.autoencoder import autoencoder_dls
 from imagelab.data import Presized, classifier_dls, parent_label, presize
-from imagelab.images import resize_box
+from imagelab.images import open_rgb, resize_box
 from imagelab.store import ImageStore, StoreDL, crop_box, pixels, resized, store_loaders
 from conftest import make_folder_dataset, write_image
 
@@ -112,6 +112,20 @@ def test_training_batches_are_the_file_paths_draw_for_draw(loaders):
     for (x_store, y_store), (x_file, y_file) in zip(*passes):
         assert torch.equal(y_store, y_file)
         assert (x_store - x_file).abs().max() <= 2 / 255 + 1e-6
+
+
+def test_the_store_holds_each_image_as_open_rgb_decodes_it(tmp_path):
+    """Each image goes straight to its place, sized from its header: a photo's EXIF turn included."""
+    files = [tmp_path / "turned.jpg", tmp_path / "grey.png", tmp_path / "wide.jpg"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: shown turned a quarter
+    smooth_image(40, 24, seed=1).save(files[0], exif=exif)
+    smooth_image(20, 30, seed=2).convert("L").save(files[1])
+    smooth_image(64, 16, seed=3).save(files[2])
+    store = ImageStore(files, torch.device("cpu"))
+    for i, f in enumerate(files):
+        assert torch.equal(store.image(i), torch.from_numpy(np.array(open_rgb(f))).permute(2, 0, 1)), f
+    assert store.shapes[0] == (40, 24)
 
 
 def test_a_batched_cut_is_the_per_image_resize_within_a_grey_level(tmp_path):
