@@ -6,8 +6,8 @@ artifacts, checkpoints) is made so that a CPU-only machine can load it.
 import os
 
 import torch
+from fastai.callback.core import CancelStepException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
-from fastcore.foundation import L
 
 from . import UserError
 from .config import check_device_name, check_precision_name
@@ -106,7 +106,6 @@ class AnyDeviceMixedPrecision(MixedPrecision):
         dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
         self.autocast = torch.autocast(self.device_type, dtype=dtype)
         self.learn.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
-        self.scales = L()
 
     def before_batch(self):
         # Validation runs in fp32: each epoch is judged as the report judges the exported (fp32) model, so the
@@ -122,6 +121,17 @@ class AnyDeviceMixedPrecision(MixedPrecision):
     def after_loss(self):
         if self.autocasting:
             self.autocast.__exit__(None, None, None)
+
+    def before_step(self):
+        # fastai's, less its record of the scale after every step, which the CPU would wait for the GPU to read.
+        # An fp16 step still reads back whether its gradients overflowed (GradScaler's check): one wait a step.
+        self.skipped = True
+        self.scaler.step(self)  # calls `step` below unless the gradients overflowed
+        if self.skipped:
+            raise CancelStepException()
+
+    def after_fit(self):
+        self.autocast, self.learn.scaler = None, None
 
     def one_pixel_conv(self, x):
         """The first strided convolution that sees a map one pixel high or wide at `x`'s size (None if none),

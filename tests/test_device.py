@@ -177,6 +177,12 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows():
     losses = [learn.validate()[0] for learn in (fp32, fp16)]
     assert abs(losses[0] - losses[1]) < 0.05 and max(losses) < 0.65, losses  # chance: ln 2 = 0.69
 
+    reads = HostReads()
+    with reads:
+        learner(AnyDeviceMixedPrecision("fp16", "cpu")).fit(1, 1e-2)
+    steps = [r for r in reads.reads if r[1] == "AnyDeviceMixedPrecision.before_step"]
+    assert len(steps) == 6, steps  # GradScaler's overflow check, once a step: the one wait that fp16 adds on a GPU
+
 
 class HostReads(TorchFunctionMode):
     """Every call that reads a tensor's value into Python, or needs the CPU to learn one (a CUDA GPU makes the CPU
