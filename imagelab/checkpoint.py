@@ -18,6 +18,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
+from .device import mps_available
 from .paths import disk_space, staging_path
 
 
@@ -29,6 +30,7 @@ def train_loader(learn):
 def rng_states(learn):
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,  # GPU augmentation
+            "mps": torch.mps.get_rng_state() if mps_available() else None,
             "loader": train_loader(learn).rng.getstate()}  # the loader's own shuffling stream
 
 
@@ -40,6 +42,8 @@ def set_rng_states(learn, states):
     # a run resumed on other hardware (GPU <-> CPU) goes on with that hardware's own streams
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    if states.get("mps") is not None and mps_available():
+        torch.mps.set_rng_state(states["mps"])
     train_loader(learn).rng.setstate(states["loader"])
 
 
