@@ -193,6 +193,8 @@ def test_an_unreadable_upload_says_so(page, tmp_path):
     page.set_input_files("#upload", str(bad))
     page.wait_for_selector('#results[data-source=""]', state="attached", timeout=30_000)
     assert "notes.jpg: not a readable image" in page.inner_text("#status")
+    # no broken-image icon where the picture would be
+    page.wait_for_function("!document.querySelector('#preview').hasAttribute('src')", timeout=10_000)
     # a small file that claims a huge picture: refused from its header, as in Python, before anything decodes it
     for name, (path, _) in invalid_uploads(tmp_path / "bad").items():
         if name.startswith("bomb"):

@@ -118,7 +118,7 @@ async function show(image, name, current = () => true) {
   } catch (e) {
     if (!current()) return;
     blank("view", "reconstruction", "pca");
-    figures.dataset.source = "";
+    Object.assign(figures.dataset, { source: "", psnr: "", pcaPsnr: "" });
     $("psnr").textContent = "";
     status(`${name}: ${e.message}`);
   }

@@ -127,6 +127,8 @@ export async function pixels(image) {
 export function imageSources(show, status) {
   const $ = (id) => document.getElementById(id);
   let latest = 0;
+  // a file the browser cannot show: no broken-image icon beside the page's reason
+  $("preview").addEventListener("error", () => $("preview").removeAttribute("src"));
   const preview = async (blob, name) => {
     const turn = ++latest, current = () => turn === latest;
     try {
