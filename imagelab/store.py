@@ -105,7 +105,10 @@ class ImageStore:
 
         with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
             list(pool.map(decode, range(len(files))))
-        self.flat = flat.to(device)
+        try:
+            self.flat = flat.to(device)
+        except torch.OutOfMemoryError:  # another process took the GPU's memory since it was measured
+            self.flat = flat.pin_memory()  # batches are cut in main memory, as when the GPU has no room
 
     def __len__(self):
         return len(self.shapes)

@@ -345,8 +345,9 @@ def batches_in_memory(dls, presized, cfg):
         return None
     batches = store_loaders(dls, presized.copies)
     if batches is not None:
-        print(f"decoded {len(batches.train_ds) + len(batches.valid_ds)} images into memory: "
-              f"batches are cut on {batches.device}")
+        held = batches.train.store.flat.device  # the GPU's memory, or main memory when the GPU has no room
+        print(f"decoded {len(batches.train_ds) + len(batches.valid_ds)} images into memory ({held}): "
+              f"batches are cut there")
     return batches
 
 
