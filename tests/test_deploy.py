@@ -1,9 +1,12 @@
 """Publishing: the Space folder runs alone, the model card says everything, Hub models load from the cache."""
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 
 import gradio
@@ -11,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 from gradio_client import Client, handle_file
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from conftest import PY, ROOT, fails_with_one_line, run, served, write_image
@@ -247,14 +252,71 @@ except ModuleNotFoundError:
 """
 
 
-def run_card_code(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB):
-    """A card's code in a fresh interpreter in `cwd` (outside this repository), the Hub answered from `hf_home`."""
+# After WITHOUT_IMAGELAB, for a card's `pip install` line: the only packages the code can import are those the line
+# installs, from a site-packages folder made of them (`installed_view`) instead of this venv's.
+ONLY_INSTALLED = """
+import site
+sys.path[:] = [p for p in sys.path if p not in site.getsitepackages()] + [{view!r}]
+"""
+
+
+def card_process(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB, installs=None):
+    """A card's code run in a fresh interpreter in `cwd` (outside this repository), the Hub answered from `hf_home`;
+    with `installs` (the packages of the card's `pip install` line), as in a venv of those packages alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
-    res = run(["-c", prelude + code], cwd=cwd, env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    if installs:
+        prelude += ONLY_INSTALLED.format(view=str(installed_view(installs, Path(hf_home).parent / "site-packages")))
+    return run(["-c", prelude + code], cwd=cwd, env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+
+
+def run_card_code(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB, installs=None):
+    """A card's code run as `card_process` runs it, which must succeed: its lines of output."""
+    res = card_process(code, hf_home, cwd, prelude, installs)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "no imagelab here" or not prelude, res.stdout
     return lines
+
+
+def pip_line_before(card, code):
+    """The packages of the last `pip install ...` a card says before `code` (a block of its code)."""
+    return re.findall(r"pip install ([^`]+)`", card[:card.index(code)])[-1]
+
+
+def installed_by(packages):
+    """The distributions `pip install PACKAGES` installs: those named and, transitively, what they require (not what
+    only an extra of theirs that nobody asked for requires, nor what this platform does not need)."""
+    todo, seen = [Requirement(p) for p in packages.split()], set()
+    while todo:
+        req = todo.pop()
+        name, extras = canonicalize_name(req.name), {""} | set(req.extras)
+        if {(name, e) for e in extras} <= seen:
+            continue
+        seen |= {(name, e) for e in extras}
+        for line in metadata.requires(req.name) or ():
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def installed_view(packages, folder):
+    """`folder` (made once per pip line) as a site-packages holding what `pip install PACKAGES` installs: links to
+    this venv's files of those distributions (`installed_by`). A module of any other is not found there, as in a
+    fresh venv: a package the card's line forgets fails the card's code, and an optional one is left out."""
+    folder = folder.with_name(f"{folder.name}-{hashlib.sha1(packages.encode()).hexdigest()[:12]}")
+    if folder.is_dir():
+        return folder
+    stage = folder.with_name(folder.name + ".tmp")
+    stage.mkdir(parents=True)
+    allowed = installed_by(packages)
+    for dist in metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) in allowed:
+            for top in {Path(f).parts[0] for f in dist.files or ()} - {"..", "__pycache__"}:
+                if not (stage / top).is_symlink() and Path(dist.locate_file(top)).exists():
+                    (stage / top).symlink_to(dist.locate_file(top))
+    stage.rename(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +355,7 @@ def test_classifier_card_onnx_code_runs_without_imagelab(pets_repo, pets_hub, ti
     card = (pets_repo / "README.md").read_text()
     onnx_code = next(b for b in python_blocks(card) if "onnxruntime" in b)
     assert "torch" not in onnx_code and "fastai" not in onnx_code
-    lines = run_card_code(onnx_code, hf_home, here)
+    lines = run_card_code(onnx_code, hf_home, here, installs=pip_line_before(card, onnx_code))
     expected = Predictor(tiny_model).predict(here / "photo.jpg")
     assert lines[1:] == [f"{label} {p:.4f}" for label, p in expected.items()]  # the app's exact preprocessing
     assert f"pip install onnxruntime=={pinned('onnxruntime')} numpy==" in card
@@ -305,16 +367,17 @@ def test_classifier_card_pickle_code_runs_with_the_repos_own_imagelab(pets_repo,
     card = (pets_repo / "README.md").read_text()
     pkl_code = next(b for b in python_blocks(card) if "load_learner" in b)
     assert "snapshot_download" in pkl_code and "sys.path.insert(0" in pkl_code
-    label, p = run_card_code(pkl_code, hf_home, here)[-1].split()  # after fastai's progress bar
+    label, p = run_card_code(pkl_code, hf_home, here, installs=pip_line_before(card, pkl_code))[-1].split()
     expected = Predictor(tiny_model).predict(here / "photo.jpg")
     assert label == next(iter(expected))
     assert abs(float(p) - expected[label]) < 1e-3
-    for package in ("fastai", "timm", "torch"):
+    for package in ("fastai", "timm", "torch", "accelerate"):
         assert f"{package}=={pinned(package)}" in card, package
 
 
 def pinned(package):
-    line = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith(package + "=="))
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    line = next(line for line in lines if line.startswith(package + "=="))
     return line.split("==")[1]
 
 
@@ -323,6 +386,13 @@ def test_without_the_blocker_imagelab_is_importable(pets_hub):
     hf_home, here = pets_hub
     lines = run_card_code("import imagelab; print(imagelab.__name__)", hf_home, here, prelude="")
     assert lines == ["imagelab"]
+
+
+def test_a_package_the_pip_line_does_not_install_is_not_there(pets_hub):
+    """The checks above are not vacuous: with a card's pip line, what it does not install cannot be imported."""
+    hf_home, here = pets_hub
+    res = card_process("import numpy\nprint('numpy')\nimport accelerate", hf_home, here, installs="numpy==2.4.6")
+    assert res.stdout.splitlines()[1:] == ["numpy"] and "No module named 'accelerate'" in res.stderr, res.stderr
 
 
 def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tmp_path):
@@ -336,7 +406,7 @@ def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tm
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
     write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
     [code] = python_blocks(card)
-    lines = run_card_code(code, tmp_path / "hf", tmp_path / "here")
+    lines = run_card_code(code, tmp_path / "hf", tmp_path / "here", installs=pip_line_before(card, code))
     assert lines[1].startswith("(16, 16) PSNR ") and (tmp_path / "here" / "rebuilt.png").is_file()
 
 
@@ -355,7 +425,8 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     code_lines = (onnx_code + walk_code).splitlines()
     imports = [line.split()[1] for line in code_lines if line.startswith(("import ", "from "))]
     assert imports and not [m for m in imports if m.split(".")[0] in ("torch", "fastai", "imagelab")], imports
-    lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here")
+    lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here",
+                          installs=pip_line_before(card, onnx_code))
     ae = open_model(tiny_autoencoder, "autoencoder")
     assert lines[1].startswith("(16, 16) PSNR ") and lines[2] == "walk (128, 16)"
     assert float(lines[1].split()[-2]) == pytest.approx(ae.reconstruct(photo).psnr, abs=0.005)  # printed to 0.01 dB
@@ -395,3 +466,4 @@ def test_readme_publish_section_runs_the_space_with_a_python_that_has_its_requir
     publish = readme.split("## Publish: Hugging Face Spaces and model repos")[1].split("\n## ")[0]
     assert "&& python app.py" not in publish
     assert "cd build/pets-space && ../../.venv/bin/python app.py" in publish
+
