@@ -51,6 +51,12 @@ def setup():
     warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
+def stdout_reader_gone():
+    """Call on a BrokenPipeError of standard output: its reader stopped reading (`| head`), which is no error. What
+    is still written goes to /dev/null, so that Python's exit flushes nothing more and prints no traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_cli(main, argv=None, interrupted="interrupted: nothing was exported"):
     """Run a command-line entry point after `setup()`; a `UserError` or Ctrl-C (`interrupted`) ends it with one line
     on stderr.

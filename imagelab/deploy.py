@@ -5,9 +5,13 @@
     python -m imagelab.deploy pets --space USER/SPACE --model-repo USER/REPO --push   # ... and upload both
     python -m imagelab.deploy pets --static --out build/pets-static --push USER/SPACE  # free: runs in the browser
 
-Nothing is uploaded without --push. An app is an entry of imagelab.app_options.APPS and a folder
-apps/<app>/ with a README.md: the Space's README as a template (title and emoji in its front matter; the first
-paragraph after the title says what it does).
+Nothing is uploaded without --push; a push makes the Hub repo match the folder (a file the folder lacks is
+deleted there). An output folder is replaced only if an earlier deploy built it, or if it is empty: a folder
+of yours never is.
+
+An app is an entry of imagelab.app_options.APPS and a folder apps/<app>/ with a README.md: the Space's
+README as a template (title and emoji in its front matter; the first paragraph after the title says what it
+does); `deploy` makes the Space from it.
 The model's kind (metrics.json "kind") picks the rest: imagelab/cards/<kind>.py (which model files the
 Space runs and the model repo carries) and imagelab/cards/<kind>.md (the model card).
 
@@ -20,6 +24,7 @@ import argparse
 import html
 import importlib
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -30,7 +35,7 @@ from pathlib import Path
 from string import Template
 from urllib.parse import quote
 
-from . import UserError, run_cli
+from . import UserError, first_line, run_cli, stdout_reader_gone
 from .app_options import APPS
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
@@ -44,6 +49,10 @@ WEB = Path(__file__).with_name("web")
 LICENSE = "apache-2.0"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 PLACEHOLDERS = {"repo_id": "USER/REPO", "space_id": "USER/SPACE"}
+# In every folder deploy builds: what tells it from the user's folders, which it never replaces. Not uploaded.
+MARKER = ".imagelab-deploy"
+INTERRUPTED = ("interrupted: a folder not finished was not written (an earlier one is as it was); an upload stopped "
+               "part-way may have left part of it on the Hub: push again")
 
 
 def apps():
@@ -103,11 +112,16 @@ def context(app, metrics, repo_id=None, space_id=None):
     return {
         "name": app, "title": title, "about": about, "license": LICENSE, "sdk_version": version("gradio"),
         "repo_id": repo_id or PLACEHOLDERS["repo_id"], "space_id": space_id or PLACEHOLDERS["space_id"],
-        "data": Path(metrics["data"]).name,  # the folder's name: the trainer's disk layout is nobody's business
+        "data": data_name(metrics),
         "seed": metrics["seed"], "trained": trained(metrics),
         **{f"pip_{route}": pip_pins(packages) for route, packages in PACKAGES.items()},
         **kind.fields(metrics),
     }
+
+
+def data_name(metrics):
+    """The data folder's name, not its path: the trainer's disk layout is nobody's business."""
+    return Path(metrics["data"]).name
 
 
 def fill(template, fields):
@@ -138,18 +152,31 @@ def model_card(app, metrics, repo_id=None, files=None):
     return fill((CARDS / f"{metrics['kind']}.md").read_text(), fields)
 
 
-def copy_model(app, model, dest, required, optional=()):
-    """The model files named (renamed after the app) and its report; returns which were copied."""
-    src = {"pkl": Path(model), **artifact_paths(model)}
-    dst = {"pkl": dest / f"{app}.pkl", **artifact_paths(dest / f"{app}.pkl")}
+def model_files(model, required, optional=()):
+    """{kind: path} of the files `required` and `optional` name (the ones there) of the model at `model`: its learner
+    or any of its exports, which are all named after the learner; one line if a required one is missing."""
+    model = Path(model)
+    src = {"pkl": model.with_suffix(".pkl"), **artifact_paths(model)}
     for kind in required:
+        if kind == "pkl" and not src[kind].is_file():
+            raise UserError(f"no learner {src[kind]} beside {model}: a model repo carries the .pkl that training/ "
+                            "exported with it")
         if not src[kind].is_file():
             raise UserError(f"missing {src[kind]}: re-export the model with this version of training/")
-    copied = [*required, *(k for k in optional if src[k].is_file())]
-    for kind in copied:
-        shutil.copy2(src[kind], dst[kind])
-    shutil.copytree(report_dir(model), report_dir(dst["pkl"]))
-    return copied
+    return {k: src[k] for k in [*required, *(k for k in optional if src[k].is_file())]}
+
+
+def copy_model(app, model, dest, required, optional=()):
+    """The model files named (renamed after the app) and its report; returns which were copied."""
+    files = model_files(model, required, optional)
+    dst = {"pkl": dest / f"{app}.pkl", **artifact_paths(dest / f"{app}.pkl")}
+    for kind, path in files.items():
+        shutil.copy2(path, dst[kind])
+    report = report_dir(dst["pkl"])
+    shutil.copytree(report_dir(model), report)
+    metrics = json.loads((report / "metrics.json").read_text())
+    (report / "metrics.json").write_text(json.dumps({**metrics, "data": data_name(metrics)}, indent=2) + "\n")
+    return list(files)
 
 
 def copy_library(dest):
@@ -166,29 +193,78 @@ def write_lfs_rules(dest, extra=()):
     (dest / ".gitattributes").write_text("\n".join(rules) + "\n")
 
 
+def check_out(out, model, app, what="the Space"):
+    """`out` as a Path if `what` may be built there: a new folder, an empty one, or one an earlier build made (it
+    holds MARKER); else one line, before anything is built. A folder of the user's is never replaced."""
+    out = Path(out)
+    where, model = out.resolve(), Path(model).resolve()
+    refuse = f"will not build {what} in {out}:"
+    for name, path in (("the current folder", Path.cwd()), ("this project", REPO), ("the model", model)):
+        if where == path or where in path.parents:
+            raise UserError(f"{refuse} it is or holds {name} ({path}); name a folder of its own")
+    for source in (REPO / "imagelab", REPO / "apps" / app, report_dir(model)):
+        if where == source or source in where.parents:
+            raise UserError(f"{refuse} {source} is copied into it; name a folder outside")
+    if out.is_symlink():
+        raise UserError(f"{refuse} it is a link; name a folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{refuse} it is a file; name a folder")
+    above = next(p for p in where.parents if p.exists())
+    if not above.is_dir():
+        raise UserError(f"{refuse} {above} is a file")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise UserError(f"{refuse} it holds files that deploy did not write; name a new or empty folder")
+    return out
+
+
+def check_apart(space, repo):
+    """One line if the Space and the model repo would be built in one folder, or one inside the other."""
+    a, b = Path(space).resolve(), Path(repo).resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UserError(f"the Space ({space}) and the model repo ({repo}) need two folders, neither inside the other: "
+                        "give --space-out and --model-out apart")
+
+
 @contextmanager
 def staged(out):
-    """A folder built beside `out` and renamed into place: an interrupted build never leaves half of one."""
+    """A folder built beside `out`, marked as deploy's and renamed into place: an interrupted build never leaves
+    half of one. `out` is what `check_out` allows: nothing, an empty folder or an earlier build, set aside and removed
+    once the new one is in place."""
     out = Path(out)
     remove_abandoned_staging(out)  # a build killed before its end
     stage = staging_path(out)
+    earlier = stage.with_suffix(".old.tmp")  # a staging path too: removed by the next build if this one is killed
     try:
         yield stage
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        (stage / MARKER).write_text("Built by python -m imagelab.deploy, which replaces this folder when it builds "
+                                    "here again.\n")
+        if (out / MARKER).is_file():
+            out.rename(earlier)
+        stage.rename(out)  # a folder renamed onto an empty one replaces it
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        shutil.rmtree(earlier, ignore_errors=True)
+
+
+def space_files(metrics, kind, static=False):
+    """Which model files a Space of this kind runs (a static Space: in the browser)."""
+    if not static:
+        return kind.SPACE_FILES
+    if not hasattr(kind, "STATIC_FILES"):
+        raise UserError(f"no static Space for a model of kind {metrics['kind']!r}: "
+                        "publish it as a Gradio Space (leave out --static)")
+    return kind.STATIC_FILES
 
 
 def build_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete Space: app, library, requirements, model, examples, README, LFS rules."""
+    check_out(out, model, app)
     metrics, kind = load_metrics(model, app)
     with staged(out) as stage:
         shutil.copytree(REPO / "apps" / app, stage, ignore=shutil.ignore_patterns("__pycache__"))
         copy_library(stage)
         (stage / "models").mkdir()
-        copy_model(app, model, stage / "models", kind.SPACE_FILES)
+        copy_model(app, model, stage / "models", space_files(metrics, kind))
         check_outputs(stage / "models" / f"{app}.onnx", kind.GRAPH_OUTPUTS, "a Space")
         write_lfs_rules(stage)
         (stage / "README.md").write_text(space_readme(app, metrics, space_id, repo_id))
@@ -208,15 +284,14 @@ def check_outputs(graph, names, what="a static Space"):
 def build_static_space(app, model, out, space_id=None, repo_id=None):
     """Write a folder that is a complete static Space: the page, the model's ONNX graph and config, its report
     and examples, onnxruntime-web, README, LFS rules. Any file server serves it; nothing runs on a server."""
+    check_out(out, model, app)
     metrics, kind = load_metrics(model, app)
-    if not hasattr(kind, "STATIC_FILES"):
-        raise UserError(f"no static Space for a model of kind {metrics['kind']!r}: "
-                        "publish it as a Gradio Space (leave out --static)")
+    files = space_files(metrics, kind, static=True)
     part, script, readme = kind.STATIC_PAGE  # what its page shows beside the upload, the page's code, its README
     tarball()  # fetched and verified before anything is written: offline without a cached copy is one line
     with staged(out) as stage:
         stage.mkdir(parents=True)
-        copy_model(app, model, stage, kind.STATIC_FILES)
+        copy_model(app, model, stage, files)
         check_outputs(stage / f"{app}.onnx", kind.GRAPH_OUTPUTS)
         write_runtime(stage / "onnxruntime-web")
         for name in (script, "images.js"):
@@ -243,6 +318,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
 
 def build_model_repo(app, model, out, repo_id=None):
     """A folder for a Hub model repo: the model files, the report, the library the `.pkl` needs, and the card."""
+    check_out(out, model, app, "the model repo")
     metrics, kind = load_metrics(model, app)
     with staged(out) as stage:
         stage.mkdir(parents=True)
@@ -253,13 +329,78 @@ def build_model_repo(app, model, out, repo_id=None):
     return Path(out)
 
 
-def push(folder, repo_id, repo_type, sdk="gradio"):
+def say(text):
+    """Print what was done; a reader that stopped reading (`| head`) stops no build or upload."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        stdout_reader_gone()
+
+
+def hub_login(repo_ids):
+    """Before building anything: a token the Hub takes, that may write, of an account that may write to each of
+    `repo_ids`; else one line that says what is wrong."""
+    require_hub_login()
     from huggingface_hub import HfApi
-    api = HfApi()
-    api.create_repo(repo_id, repo_type=repo_type, space_sdk=sdk if repo_type == "space" else None, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
-                      commit_message="Upload from imagelab.deploy")
-    print(f"pushed {folder} to https://huggingface.co/{'spaces/' if repo_type == 'space' else ''}{repo_id}")
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        me = HfApi().whoami()
+    except HfHubHTTPError as e:
+        if e.response.status_code == 401:
+            raise UserError("the Hugging Face Hub refused the token (wrong or expired?): make one at "
+                            "https://huggingface.co/settings/tokens; nothing was built or uploaded") from None
+        raise UserError(f"the Hugging Face Hub did not check the token ({hub_error(e)}); nothing was built or "
+                        "uploaded") from None
+    except Exception as e:  # the network's many failures, as the Hub's HTTP client raises them
+        raise UserError(f"cannot reach the Hugging Face Hub ({first_line(e)}); nothing was built or uploaded") from None
+    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        raise UserError("the Hugging Face token is read-only: uploading needs a write token "
+                        "(https://huggingface.co/settings/tokens); nothing was built or uploaded")
+    accounts = {str(a).lower() for a in (me.get("name"), *(org.get("name") for org in me.get("orgs", [])))}
+    for repo_id in repo_ids:
+        if repo_id.split("/")[0].lower() not in accounts:  # without case: a refusal must be sure
+            raise UserError(f"the Hugging Face token is {me.get('name')}'s, who cannot write to {repo_id} (not their "
+                            "name, nor one of their organisations'); nothing was built or uploaded")
+
+
+def hub_error(e):
+    """An exception of the Hub's client in one line: an HTTP error as its status and the Hub's own words."""
+    response = getattr(e, "response", None)
+    if response is None:
+        return first_line(e)
+    words = " ".join((getattr(e, "server_message", None) or "").split())
+    return f"{response.status_code} {response.reason_phrase}" + (f": {words}" if words else "")
+
+
+def hub_url(repo_id, repo_type):
+    from huggingface_hub import constants
+    return f"{constants.ENDPOINT}/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
+
+
+def push(uploads):
+    """Upload each (folder, repo_id, repo_type, sdk) in turn, the Hub repo made to match the folder: files it no longer
+    has are deleted there. A failure is one line that says what was uploaded and what was not."""
+    from huggingface_hub import HfApi
+    # The client retries a refused commit in smaller parts, saying so in a warning each time, before the error that
+    # ends them: the one line below says it.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    api, done = HfApi(), []
+    for i, (folder, repo_id, repo_type, sdk) in enumerate(uploads):
+        url = hub_url(repo_id, repo_type)
+        step, left = f"cannot create {url}", [str(f) for f, *_ in uploads[i:]]
+        try:
+            api.create_repo(repo_id, repo_type=repo_type, space_sdk=sdk if repo_type == "space" else None,
+                            exist_ok=True)
+            step, left = f"the upload of {folder} to {url} stopped (it may be there in part: push again)", left[1:]
+            # delete_patterns: a file of an earlier push that the folder no longer has (an old example, a Gradio
+            # Space's app.py in a Space now static) is deleted; the Hub's client keeps .gitattributes
+            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type, ignore_patterns=[MARKER],
+                              delete_patterns="*", commit_message="Upload from imagelab.deploy")
+        except Exception as e:  # HTTP refusals, network failures, the uploader's own: the Hub's client raises many
+            raise UserError(f"{step}: {hub_error(e)}; uploaded: {', '.join(done) or 'nothing'}"
+                            + (f"; not uploaded: {', '.join(left)}" if left else "")) from None
+        done.append(f"{folder} to {url}")
+        say(f"pushed {folder} to {url}")
 
 
 def run_alone_hint(space):
@@ -284,7 +425,7 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m imagelab.deploy", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("app", choices=apps(), help="which app (a folder apps/<app>/ with a README.md)")
-    p.add_argument("--model", help="trained model (default: models/<app>.pkl)")
+    p.add_argument("--model", help="trained model: its .pkl, or an export beside it (default: models/<app>.pkl)")
     p.add_argument("--space", metavar="USER/SPACE", help="the Space's id: filled into its README; --push uploads there")
     p.add_argument("--static", action="store_true",
                    help="a static Space: the model runs in the visitor's browser (onnxruntime-web), free to host")
@@ -312,33 +453,48 @@ def check_args(args):
         raise UserError("--push uploads to --space USER/SPACE and/or --model-repo USER/REPO: name at least one")
 
 
+def check_model(model, app):
+    """`model` (--model; None: the app's default) as a Path, or one line if there is none; training is suggested
+    for the default path only, as the apps do: a path the user gave may just be mistyped."""
+    default = default_model(app)
+    model = Path(model or default)
+    if not model.is_file():
+        train = APPS[app].train if model.resolve() == default.resolve() else None
+        raise UserError(f"no model at {model}" + (f": train one first with `{train}`" if train else ""))
+    return model
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     check_args(args)
-    if args.push and args.space and not args.static:
-        print(PAID_GRADIO.format(app=args.app, space=args.space))
-    if args.push:
-        require_hub_login()  # before building anything: offline or logged out is one line, not a half upload
-    model = Path(args.model or default_model(args.app))
-    if not model.is_file():
-        raise UserError(f"no model at {model}: train it first: {APPS[args.app].train}")
-    if args.static:
-        space = build_static_space(args.app, model, args.space_out or Path("build") / f"{args.app}-static",
-                                   args.space, args.model_repo)
-        print(f"wrote {space} (static Space); {serve_hint(space)}")
-    else:
-        space = build_space(args.app, model, args.space_out or Path("build") / f"{args.app}-space",
-                            args.space, args.model_repo)
-        print(f"wrote {space}; {run_alone_hint(space)}")
+    model = check_model(args.model, args.app)
+    metrics, kind = load_metrics(model, args.app)
+    # Everything that can be checked here is, before anything is built or uploaded: the folders, the files.
+    space = check_out(args.space_out or Path("build") / f"{args.app}-{'static' if args.static else 'space'}",
+                      model, args.app)
+    model_files(model, space_files(metrics, kind, args.static))
     repo = None
     if args.model_repo or args.model_out:
-        repo = build_model_repo(args.app, model, args.model_out or Path("build") / f"{args.app}-model", args.model_repo)
-        print(f"wrote {repo} (model repo{' ' + args.model_repo if args.model_repo else ''})")
-    if args.push and args.space:
-        push(space, args.space, "space", "static" if args.static else "gradio")
-    if args.push and args.model_repo:
-        push(repo, args.model_repo, "model")
+        repo = check_out(args.model_out or Path("build") / f"{args.app}-model", model, args.app, "the model repo")
+        check_apart(space, repo)
+        model_files(model, kind.REPO_FILES)
+    if args.push:
+        hub_login([i for i in (args.space, args.model_repo) if i])
+        if args.space and not args.static:
+            say(PAID_GRADIO.format(app=args.app, space=args.space))
+    if args.static:
+        build_static_space(args.app, model, space, args.space, args.model_repo)
+        say(f"wrote {space} (static Space); {serve_hint(space)}")
+    else:
+        build_space(args.app, model, space, args.space, args.model_repo)
+        say(f"wrote {space}; {run_alone_hint(space)}")
+    if repo:
+        build_model_repo(args.app, model, repo, args.model_repo)
+        say(f"wrote {repo} (model repo{' ' + args.model_repo if args.model_repo else ''})")
+    if args.push:
+        push([*([(space, args.space, "space", "static" if args.static else "gradio")] if args.space else []),
+              *([(repo, args.model_repo, "model", None)] if args.model_repo else [])])
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted=INTERRUPTED)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import HelpFormatter, UserError, run_cli
+from . import HelpFormatter, UserError, run_cli, stdout_reader_gone
 from .config import require
 from .loading import CLASSIFIER, FORMS, open_model
 from .paths import staging_path, visible_files
@@ -111,7 +111,7 @@ def main(argv=None):
             writer.writerow(header)
             errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
     except BrokenPipeError:  # `| head` has read what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and Python's exit flushes nothing more
+        stdout_reader_gone()
         return
     except OSError as e:  # a full disk, a folder that went away
         raise UserError(f"could not write {args.csv or 'standard output'}: {e.strerror or e}") from None

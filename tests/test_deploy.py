@@ -1,9 +1,14 @@
-"""Publishing: the Space folder runs alone, the model card says everything, Hub models load from the cache."""
+"""Publishing: the Space folder runs alone, the model card says everything, Hub models load from the cache; deploy
+replaces no folder of the user's, and pushes to a stand-in Hub on 127.0.0.1."""
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import time
+from importlib import metadata
 from pathlib import Path
 
 import gradio
@@ -11,10 +16,13 @@ import numpy as np
 import pytest
 import yaml
 from gradio_client import Client, handle_file
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
-from conftest import PY, ROOT, fails_with_one_line, run, served, write_image
-from imagelab.deploy import build_model_repo, model_card
+from conftest import PY, ROOT, fails_with_one_line, interruptible, run, served, write_image
+from hub_server import Hub
+from imagelab.deploy import INTERRUPTED, MARKER, build_model_repo, model_card
 from imagelab.paths import artifact_paths
 
 OFFLINE = {"HF_TOKEN": "", "HF_HUB_OFFLINE": "1"}  # no test may reach the Hub or use someone's token
@@ -247,14 +255,71 @@ except ModuleNotFoundError:
 """
 
 
-def run_card_code(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB):
-    """A card's code in a fresh interpreter in `cwd` (outside this repository), the Hub answered from `hf_home`."""
+# After WITHOUT_IMAGELAB, for a card's `pip install` line: the only packages the code can import are those the line
+# installs, from a site-packages folder made of them (`installed_view`) instead of this venv's.
+ONLY_INSTALLED = """
+import site
+sys.path[:] = [p for p in sys.path if p not in site.getsitepackages()] + [{view!r}]
+"""
+
+
+def card_process(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB, installs=None):
+    """A card's code run in a fresh interpreter in `cwd` (outside this repository), the Hub answered from `hf_home`;
+    with `installs` (the packages of the card's `pip install` line), as in a venv of those packages alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN")}
-    res = run(["-c", prelude + code], cwd=cwd, env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    if installs:
+        prelude += ONLY_INSTALLED.format(view=str(installed_view(installs, Path(hf_home).parent / "site-packages")))
+    return run(["-c", prelude + code], cwd=cwd, env={**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+
+
+def run_card_code(code, hf_home, cwd, prelude=WITHOUT_IMAGELAB, installs=None):
+    """A card's code run as `card_process` runs it, which must succeed: its lines of output."""
+    res = card_process(code, hf_home, cwd, prelude, installs)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "no imagelab here" or not prelude, res.stdout
     return lines
+
+
+def pip_line_before(card, code):
+    """The packages of the last `pip install ...` a card says before `code` (a block of its code)."""
+    return re.findall(r"pip install ([^`]+)`", card[:card.index(code)])[-1]
+
+
+def installed_by(packages):
+    """The distributions `pip install PACKAGES` installs: those named and, transitively, what they require (not what
+    only an extra of theirs that nobody asked for requires, nor what this platform does not need)."""
+    todo, seen = [Requirement(p) for p in packages.split()], set()
+    while todo:
+        req = todo.pop()
+        name, extras = canonicalize_name(req.name), {""} | set(req.extras)
+        if {(name, e) for e in extras} <= seen:
+            continue
+        seen |= {(name, e) for e in extras}
+        for line in metadata.requires(req.name) or ():
+            dep = Requirement(line)
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def installed_view(packages, folder):
+    """`folder` (made once per pip line) as a site-packages holding what `pip install PACKAGES` installs: links to
+    this venv's files of those distributions (`installed_by`). A module of any other is not found there, as in a
+    fresh venv: a package the card's line forgets fails the card's code, and an optional one is left out."""
+    folder = folder.with_name(f"{folder.name}-{hashlib.sha1(packages.encode()).hexdigest()[:12]}")
+    if folder.is_dir():
+        return folder
+    stage = folder.with_name(folder.name + ".tmp")
+    stage.mkdir(parents=True)
+    allowed = installed_by(packages)
+    for dist in metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) in allowed:
+            for top in {Path(f).parts[0] for f in dist.files or ()} - {"..", "__pycache__"}:
+                if not (stage / top).is_symlink() and Path(dist.locate_file(top)).exists():
+                    (stage / top).symlink_to(dist.locate_file(top))
+    stage.rename(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +358,7 @@ def test_classifier_card_onnx_code_runs_without_imagelab(pets_repo, pets_hub, ti
     card = (pets_repo / "README.md").read_text()
     onnx_code = next(b for b in python_blocks(card) if "onnxruntime" in b)
     assert "torch" not in onnx_code and "fastai" not in onnx_code
-    lines = run_card_code(onnx_code, hf_home, here)
+    lines = run_card_code(onnx_code, hf_home, here, installs=pip_line_before(card, onnx_code))
     expected = Predictor(tiny_model).predict(here / "photo.jpg")
     assert lines[1:] == [f"{label} {p:.4f}" for label, p in expected.items()]  # the app's exact preprocessing
     assert f"pip install onnxruntime=={pinned('onnxruntime')} numpy==" in card
@@ -305,16 +370,17 @@ def test_classifier_card_pickle_code_runs_with_the_repos_own_imagelab(pets_repo,
     card = (pets_repo / "README.md").read_text()
     pkl_code = next(b for b in python_blocks(card) if "load_learner" in b)
     assert "snapshot_download" in pkl_code and "sys.path.insert(0" in pkl_code
-    label, p = run_card_code(pkl_code, hf_home, here)[-1].split()  # after fastai's progress bar
+    label, p = run_card_code(pkl_code, hf_home, here, installs=pip_line_before(card, pkl_code))[-1].split()
     expected = Predictor(tiny_model).predict(here / "photo.jpg")
     assert label == next(iter(expected))
     assert abs(float(p) - expected[label]) < 1e-3
-    for package in ("fastai", "timm", "torch"):
+    for package in ("fastai", "timm", "torch", "accelerate"):
         assert f"{package}=={pinned(package)}" in card, package
 
 
 def pinned(package):
-    line = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith(package + "=="))
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    line = next(line for line in lines if line.startswith(package + "=="))
     return line.split("==")[1]
 
 
@@ -323,6 +389,13 @@ def test_without_the_blocker_imagelab_is_importable(pets_hub):
     hf_home, here = pets_hub
     lines = run_card_code("import imagelab; print(imagelab.__name__)", hf_home, here, prelude="")
     assert lines == ["imagelab"]
+
+
+def test_a_package_the_pip_line_does_not_install_is_not_there(pets_hub):
+    """The checks above are not vacuous: with a card's pip line, what it does not install cannot be imported."""
+    hf_home, here = pets_hub
+    res = card_process("import numpy\nprint('numpy')\nimport accelerate", hf_home, here, installs="numpy==2.4.6")
+    assert res.stdout.splitlines()[1:] == ["numpy"] and "No module named 'accelerate'" in res.stderr, res.stderr
 
 
 def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tmp_path):
@@ -336,7 +409,7 @@ def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tm
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
     write_image(tmp_path / "here" / "photo.jpg", (200, 90, 40), size=(40, 30))
     [code] = python_blocks(card)
-    lines = run_card_code(code, tmp_path / "hf", tmp_path / "here")
+    lines = run_card_code(code, tmp_path / "hf", tmp_path / "here", installs=pip_line_before(card, code))
     assert lines[1].startswith("(16, 16) PSNR ") and (tmp_path / "here" / "rebuilt.png").is_file()
 
 
@@ -355,7 +428,8 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     code_lines = (onnx_code + walk_code).splitlines()
     imports = [line.split()[1] for line in code_lines if line.startswith(("import ", "from "))]
     assert imports and not [m for m in imports if m.split(".")[0] in ("torch", "fastai", "imagelab")], imports
-    lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here")
+    lines = run_card_code(onnx_code + walk_code, tmp_path / "hf", tmp_path / "here",
+                          installs=pip_line_before(card, onnx_code))
     ae = open_model(tiny_autoencoder, "autoencoder")
     assert lines[1].startswith("(16, 16) PSNR ") and lines[2] == "walk (128, 16)"
     assert float(lines[1].split()[-2]) == pytest.approx(ae.reconstruct(photo).psnr, abs=0.005)  # printed to 0.01 dB
@@ -395,3 +469,203 @@ def test_readme_publish_section_runs_the_space_with_a_python_that_has_its_requir
     publish = readme.split("## Publish: Hugging Face Spaces and model repos")[1].split("\n## ")[0]
     assert "&& python app.py" not in publish
     assert "cd build/pets-space && ../../.venv/bin/python app.py" in publish
+    assert "is itself the Space" not in publish and "`deploy` makes the Space from it" in publish  # a template
+
+
+# What deploy writes and what it leaves alone: a user's project (its own files, a trained model) beside this repository.
+
+def tree(folder):
+    """{path relative to `folder`: bytes} of every file under it."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def project(tiny_model, tmp_path):
+    """A user's folder: the tiny model in models/, notes, a build/ folder of theirs, and work/ to run deploy in."""
+    proj = tmp_path / "project"
+    shutil.copytree(tiny_model.parent, proj / "models")
+    (proj / "notes.txt").write_text("mine")
+    (proj / "build" / "mine").mkdir(parents=True)
+    (proj / "build" / "mine" / "keep.txt").write_text("mine too")
+    (proj / "work").mkdir()
+    (proj / "work" / "notes.txt").write_text("work notes")
+    return proj
+
+
+def deploy(cwd, *args, model="models/pets.pkl", env=None):
+    """`deploy pets` run in `cwd`, offline, without a token unless `env` gives one."""
+    return run(["-m", "imagelab.deploy", "pets", "--model", model, *args], cwd=cwd,
+               env={**os.environ, **OFFLINE, "HF_HOME": str(Path(cwd) / ".hf"), **(env or {})})
+
+
+def test_a_build_replaces_only_an_earlier_build_or_an_empty_folder(project):
+    space, repo = project / "build" / "space", project / "build" / "repo"
+    res = deploy(project, "--out", space, "--model-out", repo)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (space / MARKER).is_file() and (repo / MARKER).is_file()
+    (space / "stale.txt").write_text("a file the next build does not make")
+    res = deploy(project, "--out", space, "--model-out", repo)  # deploy's own builds: replaced whole
+    assert res.returncode == 0 and (space / MARKER).is_file() and not (space / "stale.txt").exists(), res.stderr
+    assert sorted(p.name for p in (project / "build").iterdir()) == ["mine", "repo", "space"]  # no staging left
+    (project / "build" / "empty").mkdir()
+    res = deploy(project, "--out", "build/empty")
+    assert res.returncode == 0 and (project / "build" / "empty" / "app.py").is_file(), res.stderr[-2000:]
+    before = tree(project)
+    fails_with_one_line(deploy(project, "--out", "build/mine"), "will not build the Space in build/mine",
+                        "holds files that deploy did not write")
+    fails_with_one_line(deploy(project, "--model-out", "build/mine"), "will not build the model repo in build/mine")
+    assert tree(project) == before and not (project / "build" / "pets-space").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "../models"], "it is or holds the model"),
+    (["--out", ".."], "it is or holds the current folder"),
+    (["--out", "."], "it is or holds the current folder"),
+    (["--out", "notes.txt"], "it is a file"),
+    (["--out", "notes.txt/space"], "notes.txt is a file"),
+    (["--out", "../models/pets.report/space"], "pets.report is copied into it"),
+    (["--out", "x", "--model-out", "x"], "need two folders, neither inside the other"),
+    (["--out", "x/space", "--model-out", "x"], "need two folders, neither inside the other"),
+    (["--out", "../build/new", "--model-out", "../build/mine"], "will not build the model repo in ../build/mine"),
+])
+def test_a_folder_of_the_users_is_refused_before_anything_is_built(project, args, message):
+    before = tree(project)
+    fails_with_one_line(deploy(project / "work", *args, model="../models/pets.pkl"), message)
+    assert tree(project) == before and sorted(p.name for p in (project / "build").iterdir()) == ["mine"]
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A copy of this project without trained models: (its folder, the environment that runs its imagelab)."""
+    root = tmp_path / "checkout"
+    for name in ("imagelab", "apps"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("requirements.txt", ".gitattributes"):
+        shutil.copy(ROOT / name, root / name)
+    return root, {**os.environ, **OFFLINE, "PYTHONPATH": str(root), "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_this_project_and_what_deploy_copies_are_refused(checkout, tiny_model):
+    root, env = checkout
+    before = tree(root)
+    for out, message in ((root, "it is or holds this project"), (root / "imagelab" / "space", "is copied into it"),
+                         (root / "apps" / "pets" / "space", "is copied into it")):
+        res = run(["-m", "imagelab.deploy", "pets", "--model", tiny_model, "--out", out], cwd=root.parent, env=env)
+        fails_with_one_line(res, message)
+    assert tree(root) == before
+
+
+def test_a_missing_model_suggests_training_only_for_the_default_path(checkout):
+    root, env = checkout
+    res = run(["-m", "imagelab.deploy", "pets"], cwd=root, env=env)
+    fails_with_one_line(res, f"no model at {root / 'models' / 'pets.pkl'}: train one first with "
+                             "`python training/train_pets.py")
+    res = run(["-m", "imagelab.deploy", "pets", "--model", "models/nope.pkl"], cwd=root, env=env)
+    assert fails_with_one_line(res) == "error: no model at models/nope.pkl"  # a path of yours: mistyped, maybe
+
+
+def test_a_model_repo_from_an_export_carries_the_learner(project):
+    res = deploy(project, "--out", "build/space", "--model-out", "build/repo", model="models/pets.onnx")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (project / "build" / "repo" / "pets.pkl").read_bytes() == (project / "models" / "pets.pkl").read_bytes()
+    (project / "models" / "pets.pkl").unlink()
+    res = deploy(project, "--out", "build/space2", "--model-out", "build/repo2", model="models/pets.safetensors")
+    fails_with_one_line(res, "no learner models/pets.pkl beside models/pets.safetensors")
+    assert not (project / "build" / "space2").exists() and not (project / "build" / "repo2").exists()
+    res = deploy(project, "--out", "build/space2", model="models/pets.onnx")  # a Space runs the graph: no learner
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_published_files_name_the_data_folder_not_its_path(deployed, tiny_model):
+    space, repo, _ = deployed
+    data = json.loads((tiny_model.with_name("pets.report") / "metrics.json").read_text())["data"]
+    assert Path(data).is_absolute()  # the trainer's disk
+    for copy in (space / "models" / "pets.report" / "metrics.json", repo / "pets.report" / "metrics.json"):
+        assert json.loads(copy.read_text())["data"] == Path(data).name, copy
+    for folder in (space, repo):
+        for name, content in tree(folder).items():
+            if not name.endswith((".pkl", ".onnx", ".safetensors")):  # the model files' own metadata: not here
+                assert str(Path(data).parent).encode() not in content, name
+    assert json.loads((tiny_model.with_name("pets.report") / "metrics.json").read_text())["data"] == data
+
+
+def test_output_read_by_head_ends_quietly(project):
+    # unbuffered: each line is written when said, so the second one meets a reader gone
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(project / ".hf"), "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run(["bash", "-c", f"set -o pipefail; {PY} -m imagelab.deploy pets --model models/pets.pkl "
+                          "--out build/space --model-out build/repo | head -1"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.stdout.startswith("wrote build/space;") and len(res.stdout.splitlines()) == 1
+    assert (project / "build" / "space" / MARKER).is_file() and (project / "build" / "repo" / MARKER).is_file()
+
+
+# Pushing, to a stand-in for the Hub on 127.0.0.1.
+
+@pytest.fixture
+def hub():
+    hub = Hub()
+    hub.tokens.update({"hf_alice": ("alice", "write"), "hf_alice_read": ("alice", "read"), "hf_bob": ("bob", "write")})
+    yield hub
+    hub.close()
+
+
+@pytest.mark.parametrize("token, message", [
+    ("hf_expired", "the Hugging Face Hub refused the token (wrong or expired?)"),
+    ("hf_alice_read", "the Hugging Face token is read-only"),
+    ("hf_bob", "the Hugging Face token is bob's, who cannot write to alice/pets"),
+])
+def test_a_token_that_cannot_upload_stops_deploy_before_it_builds(project, hub, token, message):
+    res = deploy(project, "--out", "build/space", "--model-repo", "alice/pets-model", "--push", "alice/pets",
+                 env=hub.env(token))
+    fails_with_one_line(res, message, "nothing was built or uploaded")
+    assert "paid hardware" not in res.stdout and not (project / "build" / "space").exists()
+    assert hub.requests == [r for r in hub.requests if r[0] == "GET"] and not hub.repos  # it asked, and wrote nothing
+
+
+def test_a_push_makes_the_hub_repo_match_the_folder(project, hub):
+    # what an earlier push of another Space left there: an example since removed, a static page
+    hub.repos[("space", "alice/pets")] = {"index.html": b"<html>", "models/pets.report/examples/old.jpg": b"jpg",
+                                          ".gitattributes": b"*.bin filter=lfs diff=lfs merge=lfs -text\n"}
+    res = deploy(project, "--out", "build/space", "--model-repo", "alice/pets-model", "--push", "alice/pets",
+                 env=hub.env("hf_alice"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("note: Hugging Face runs a Gradio Space only on paid hardware")  # once logged in
+    assert lines[0].endswith("a static Space is free for everyone and runs the model in the browser: "
+                             "python -m imagelab.deploy pets --static --push alice/pets")
+    built = {n: b for n, b in tree(project / "build" / "space").items() if n != MARKER}
+    assert hub.repos[("space", "alice/pets")] == built and hub.sdks["alice/pets"] == "gradio"
+    assert hub.repos[("model", "alice/pets-model")] == {n: b for n, b in tree(project / "build" / "pets-model").items()
+                                                       if n != MARKER}
+    assert f"pushed build/space to {hub.url}/spaces/alice/pets" in lines
+
+
+def test_a_hub_refusal_during_the_push_says_what_was_uploaded(project, hub):
+    hub.refuse[("create", "alice/pets-model")] = 403
+    res = deploy(project, "--out", "build/space", "--model-repo", "alice/pets-model", "--push", "alice/pets",
+                 env=hub.env("hf_alice"))
+    fails_with_one_line(res, f"cannot create {hub.url}/alice/pets-model: 403 Forbidden: refused by the test",
+                        f"uploaded: build/space to {hub.url}/spaces/alice/pets",
+                        "not uploaded: build/pets-model")
+    assert ("model", "alice/pets-model") not in hub.repos and ("space", "alice/pets") in hub.repos
+    hub.refuse[("commit", "alice/pets")] = 500
+    res = deploy(project, "--out", "build/space", "--push", "alice/pets", env=hub.env("hf_alice"))
+    fails_with_one_line(res, f"the upload of build/space to {hub.url}/spaces/alice/pets stopped", "push again",
+                        "500 Internal Server Error", "uploaded: nothing")
+
+
+def test_ctrl_c_during_a_push_says_what_deploy_leaves(project, hub):
+    hub.hold = True
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(project / ".hf"), **hub.env("hf_alice")}
+    proc = subprocess.Popen([PY, "-m", "imagelab.deploy", "pets", "--model", "models/pets.pkl", "--out", "build/space",
+                             "--push", "alice/pets"], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    try:
+        assert hub.holding.wait(240), "the push never reached its commit"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == INTERRUPTED, err
+    assert "nothing was exported" not in err and (project / "build" / "space" / MARKER).is_file()
