@@ -193,9 +193,25 @@ def write_lfs_rules(dest, extra=()):
     (dest / ".gitattributes").write_text("\n".join(rules) + "\n")
 
 
+def built_files(folder):
+    """Every file and folder in `folder`, relative to it, but MARKER."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.name != MARKER)
+
+
+def not_built(out):
+    """What `out` holds that no earlier build wrote there (all of it, without MARKER's list): a `.git`, notes, a
+    `.venv` made inside it are the user's, and replacing the folder would delete them."""
+    try:
+        listed = set(json.loads((out / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    return [f for f in built_files(out) if f not in listed]
+
+
 def check_out(out, model, app, what="the Space"):
-    """`out` as a Path if `what` may be built there: a new folder, an empty one, or one an earlier build made (it
-    holds MARKER); else one line, before anything is built. A folder of the user's is never replaced."""
+    """`out` as a Path if `what` may be built there: a new folder, an empty one, or one an earlier build made
+    and nobody added to (MARKER lists what it wrote); else one line, before anything is built. Nothing of the
+    user's is ever replaced."""
     out = Path(out)
     where, model = out.resolve(), Path(model).resolve()
     refuse = f"will not build {what} in {out}:"
@@ -212,8 +228,11 @@ def check_out(out, model, app, what="the Space"):
     above = next(p for p in where.parents if p.exists())
     if not above.is_dir():
         raise UserError(f"{refuse} {above} is a file")
-    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
-        raise UserError(f"{refuse} it holds files that deploy did not write; name a new or empty folder")
+    foreign = not_built(out) if out.is_dir() else []
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(f"{refuse} it holds files that deploy did not write ({foreign[0]}{more}); move them out, "
+                        "or name a new or empty folder")
     return out
 
 
@@ -236,12 +255,15 @@ def staged(out):
     earlier = stage.with_suffix(".old.tmp")  # a staging path too: removed by the next build if this one is killed
     try:
         yield stage
-        (stage / MARKER).write_text("Built by python -m imagelab.deploy, which replaces this folder when it builds "
-                                    "here again.\n")
+        (stage / MARKER).write_text(json.dumps({
+            "about": "built by python -m imagelab.deploy, which replaces this folder when it builds here again, "
+                     "unless it holds files other than these", "files": built_files(stage)}, indent=1) + "\n")
         if (out / MARKER).is_file():
             out.rename(earlier)
         stage.rename(out)  # a folder renamed onto an empty one replaces it
     finally:
+        if earlier.exists() and not out.exists():  # interrupted between the two renames: the earlier build stays
+            earlier.rename(out)
         shutil.rmtree(stage, ignore_errors=True)
         shutil.rmtree(earlier, ignore_errors=True)
 
@@ -392,6 +414,7 @@ def push(uploads):
             api.create_repo(repo_id, repo_type=repo_type, space_sdk=sdk if repo_type == "space" else None,
                             exist_ok=True)
             step, left = f"the upload of {folder} to {url} stopped (it may be there in part: push again)", left[1:]
+            say(f"uploading {folder} to {url} (the Hub's client retries a failing upload for some minutes)")
             # delete_patterns: a file of an earlier push that the folder no longer has (an old example, a Gradio
             # Space's app.py in a Space now static) is deleted; the Hub's client keeps .gitattributes
             api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type, ignore_patterns=[MARKER],
@@ -458,6 +481,8 @@ def check_model(model, app):
     for the default path only, as the apps do: a path the user gave may just be mistyped."""
     default = default_model(app)
     model = Path(model or default)
+    if model.suffix not in (".pkl", ".onnx", ".safetensors") or model.name.endswith(".decoder.onnx"):
+        raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
     if not model.is_file():
         train = APPS[app].train if model.resolve() == default.resolve() else None
         raise UserError(f"no model at {model}" + (f": train one first with `{train}`" if train else ""))

@@ -24,6 +24,7 @@ def pick_device(name="auto"):
     LOCAL_RANK, and makes it the current one: fastai and NCCL use the current device.
     """
     check_device_name(name)
+    asked = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     device = torch.device(name)
@@ -40,7 +41,8 @@ def pick_device(name="auto"):
     if device.type == "mps" and not mps_available():
         raise UserError("--device mps: PyTorch sees no Apple GPU (MPS) here; use --device cpu (or auto)")
     if device.type == "mps" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # Accelerate would put the model on the CPU
-        raise UserError("--device mps trains in one process: run the script without the launcher")
+        raise UserError(f"--device {asked}: Apple's GPU (MPS) trains in one process: run the script without the "
+                        "launcher, or with --device cpu")
     return device
 
 
@@ -129,9 +131,6 @@ class AnyDeviceMixedPrecision(MixedPrecision):
         self.scaler.step(self)  # calls `step` below unless the gradients overflowed
         if self.skipped:
             raise CancelStepException()
-
-    def after_fit(self):
-        self.autocast, self.learn.scaler = None, None
 
     def one_pixel_conv(self, x):
         """The first strided convolution that sees a map one pixel high or wide at `x`'s size (None if none),

@@ -18,9 +18,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from fastai.callback.core import Callback
-from fastai.distributed import DistributedDL, teardown_distrib
 from fastai.torch_core import num_distrib, rank_distrib
-from fastcore.basics import patch
 
 from .checkpoint import Checkpoint
 
@@ -30,9 +28,8 @@ def backend_device():
     return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
-@patch
-def _broadcast(self: DistributedDL, t, rank):
-    "Broadcast `t` from `rank` on the backend's device (fastai's original is CUDA only)."
+def _broadcast(self, t, rank):
+    "fastai's `DistributedDL._broadcast`: `t` from `rank`, on the backend's device (fastai's original is CUDA only)."
     t = torch.tensor(t, dtype=torch.long, device=backend_device())
     torch.distributed.broadcast(t, rank)
     return t.cpu().tolist()
@@ -76,6 +73,10 @@ def distributed(learn):
     """
     if num_distrib() <= 1:
         return nullcontext()
+    # fastai's distributed module needs accelerate: imported for distributed runs only, so that the library (and an
+    # exported learner, whose classes it holds) loads without it
+    from fastai.distributed import DistributedDL  # gives Learner its distrib_ctx
+    DistributedDL._broadcast = _broadcast
     cuda = learn.dls.device is not None and torch.device(learn.dls.device).type == "cuda"
     # mixed precision is --precision's: Accelerate's own (from `accelerate config`) would scale fp16 losses a second
     # time, and its autocast wrapper left on the model cannot be pickled by the export
@@ -88,7 +89,8 @@ def leave_distributed():
     fastai decides from `WORLD_SIZE` whether to gather predictions across processes, so it is set to 1
     here; otherwise the main process's report would wait for processes that have finished.
     """
-    teardown_distrib()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # fastai's teardown_distrib
+        torch.distributed.destroy_process_group()
     if num_distrib() > 1:
         os.environ["WORLD_SIZE"] = "1"
 

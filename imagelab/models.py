@@ -1,8 +1,13 @@
-"""Learner construction: any timm architecture, pretrained from the Hub or from scratch."""
+"""Learner construction: any timm architecture, pretrained from the Hub or from scratch, and what every learner
+of this project keeps (its optimizer, two callbacks). An exported learner refers to this module, which loads
+without the training loop and its distributed stack (accelerate)."""
 from functools import partial
 
 import timm
 import torch
+from fastai.callback.core import Callback
+from fastai.learner import AvgSmoothLoss
+from fastai.torch_core import to_detach
 from fastai.vision.all import (CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, Normalize, OptimWrapper, accuracy,
                                error_rate, imagenet_stats, vision_learner)
 
@@ -67,3 +72,31 @@ def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0)
     learn = vision_learner(dls, arch, pretrained=pretrained, metrics=[error_rate, accuracy], loss_func=loss, wd=wd,
                            opt_func=adamw, **extra)
     return learn
+
+
+class PlainTensors(Callback):
+    """The training batch enters the model as plain tensors.
+
+    fastai's tensor types (TensorImage and the like) send every operation through a Python
+    `__torch_function__`: through a whole network that is CPU time on every step, which a GPU spends
+    waiting. The batch keeps its types in the loaders, whose transforms dispatch on them, and outside
+    training, where fastai decodes the inputs it predicted on.
+    """
+    order = 100  # after every callback that changes the batch (MixUp, CutMix, channels-last)
+
+    def before_batch(self):
+        if self.training:
+            self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in self.xb)
+
+
+class SmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the training device.
+
+    fastai's copies the loss to the CPU after every batch: on a GPU that makes the CPU wait for each step
+    to finish before it prepares the next batch, instead of working one step ahead of the GPU.
+    """
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = to_detach(learn.loss.mean(), cpu=False)  # gathered across processes, as fastai's
+        self.val = torch.lerp(loss, self.val.to(loss), self.beta)

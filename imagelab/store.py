@@ -15,7 +15,6 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image
@@ -76,6 +75,10 @@ def resampling(lengths, total, first, count, span):
     return w / w.sum(-1, keepdim=True)
 
 
+class HeaderMismatch(ValueError):
+    """An image whose header states another size than it decodes to."""
+
+
 def upright_size(f):
     """The (h, w) that `open_rgb` decodes `f` to, from its header: EXIF orientations 5 to 8 turn it a quarter."""
     with Image.open(f) as im:
@@ -99,7 +102,7 @@ class ImageStore:
         def decode(i):  # each image straight into its place: memory holds the store, not the store twice
             a = np.array(open_rgb(files[i]))  # a writable copy, which torch.from_numpy takes without a warning
             if a.shape[:2] != self.shapes[i]:
-                raise ValueError(f"{files[i]} decodes to {a.shape[:2]}, not the {self.shapes[i]} its header says")
+                raise HeaderMismatch(f"{files[i]} decodes to {a.shape[:2]}, not the {self.shapes[i]} its header says")
             flat[self.offsets[i]:self.offsets[i] + sizes[i]].view(3, *self.shapes[i]).copy_(
                 torch.from_numpy(a).permute(2, 0, 1))
 
@@ -108,7 +111,7 @@ class ImageStore:
         try:
             self.flat = flat.to(device)
         except torch.OutOfMemoryError:  # another process took the GPU's memory since it was measured
-            self.flat = flat.pin_memory()  # batches are cut in main memory, as when the GPU has no room
+            self.flat = flat  # batches are cut in main memory (not pinned: that would copy the store once more)
 
     def __len__(self):
         return len(self.shapes)
@@ -142,6 +145,7 @@ def store_device(nbytes, device):
 
     Every store is built in main memory, also one bound for the GPU, and each process of a distributed run on
     this machine builds its own."""
+    import psutil  # here, not above: an exported learner loads this module, and needs no psutil
     if nbytes >= MEMORY_SHARE * psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
         return None
     if device.type == "cuda" and nbytes < MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]:
@@ -282,7 +286,7 @@ def store_loaders(dls, copies):
     for (dl, train, files), y, split_shapes in zip(splits, labels, shapes):
         try:
             store = ImageStore(files, where, pin=where.type == "cpu" and device.type == "cuda", shapes=split_shapes)
-        except ValueError:  # a file whose header misstates it: the file path decodes whatever it holds
+        except HeaderMismatch:  # the file path decodes whatever a file holds
             return None
         loaders.append(StoreDL(store, y, crops, size, train, dl.after_batch, device,
                                bs=dl.bs, shuffle=train, drop_last=train))

@@ -14,12 +14,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.callback.progress import ProgressCallback
-from fastai.learner import AvgSmoothLoss
-from fastai.torch_core import get_model, rank_distrib, to_detach
+from fastai.torch_core import get_model, rank_distrib
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
@@ -29,6 +27,7 @@ from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
 from .distributed import OwnRandomness, agreed_max, distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
+from .models import PlainTensors, SmoothLoss
 from .paths import (FLAGGED, checkpoint_path, disk_space, examples_dir, metrics_path,
                     remove_abandoned_staging, split_path)
 from .reports import LossHistory
@@ -119,34 +118,6 @@ class TimeBudget(Callback):
         # on a fast machine the epochs end first: the schedule must still reach its end
         epochs_done = (self.epoch + self.iter / self.n_iter) / self.n_epoch
         self.learn.pct_train = min(1.0, max(self.spent_now, epochs_done))
-
-
-class PlainTensors(Callback):
-    """The training batch enters the model as plain tensors.
-
-    fastai's tensor types (TensorImage and the like) send every operation through a Python
-    `__torch_function__`: through a whole network that is CPU time on every step, which a GPU spends
-    waiting. The batch keeps its types in the loaders, whose transforms dispatch on them, and outside
-    training, where fastai decodes the inputs it predicted on.
-    """
-    order = 100  # after every callback that changes the batch (MixUp, CutMix, channels-last)
-
-    def before_batch(self):
-        if self.training:
-            self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in self.xb)
-
-
-class SmoothLoss(AvgSmoothLoss):
-    """fastai's smoothed training loss, kept on the training device.
-
-    fastai's copies the loss to the CPU after every batch: on a GPU that makes the CPU wait for each step
-    to finish before it prepares the next batch, instead of working one step ahead of the GPU.
-    """
-
-    def accumulate(self, learn):
-        self.count += 1
-        loss = to_detach(learn.loss.mean(), cpu=False)  # gathered across processes, as fastai's
-        self.val = torch.lerp(loss, self.val.to(loss), self.beta)
 
 
 class Progress(ProgressCallback):
@@ -443,7 +414,7 @@ def train(task, cfg, cbs=()):
              "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
-             "skipped_files": [str(f) for f, _ in skipped]}
+             "skipped_files": [Path(f).relative_to(root).as_posix() for f, _ in skipped]}  # as split.json
     metrics = export_run(task, cfg, learn, run.history, root, facts, writer, ckpt)  # as the last checkpoint is written
     writer.wait(check=False)  # the run is complete: a failed last write loses nothing
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume

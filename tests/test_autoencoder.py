@@ -84,7 +84,7 @@ def test_report_and_pca_on_the_same_images(ae_model):
     m = json.loads((report / "metrics.json").read_text())
     assert (m["code_size"], m["depth"], m["width"], m["size"], m["epochs"], m["loss"]) == (8, 2, 8, 16, 2, "mse")
     assert m["blocks"] == 1 and m["presize"] is True
-    assert m["counts"] == {"train": 20, "valid": 4, "skipped": 1} and m["skipped_files"][0].endswith("broken.jpg")
+    assert m["counts"] == {"train": 20, "valid": 4, "skipped": 1} and m["skipped_files"][0].endswith("/broken.jpg")
     assert m["pca_components"] == 8 and m["train_seconds"] > 0
     assert m["ae_psnr"] == pytest.approx(psnr(m["ae_mse"])) and m["pca_psnr"] == pytest.approx(psnr(m["pca_mse"]))
     assert m["mse_ratio_ae_to_pca"] == pytest.approx(m["ae_mse"] / m["pca_mse"])

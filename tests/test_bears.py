@@ -30,7 +30,7 @@ def test_trains_on_a_messy_folder_and_skips_bad_files(tiny_bears):
     m = json.loads((report / "metrics.json").read_text())
     assert m["vocab"] == CLASSES and m["data"] == str(data)
     bad = sorted(f"{c}/{n}" for c in CLASSES for n in ("empty.jpg", "notes.jpg", "truncated.jpg"))
-    assert sorted(f.split("/data/")[1] for f in m["skipped_files"]) == bad and m["counts"]["skipped"] == 9
+    assert sorted(m["skipped_files"]) == bad and m["counts"]["skipped"] == 9  # in the data folder, as split.json
     for f in bad:
         assert f"skipped {data / f}:" in res.stdout
     # 8 good images per class: the PNGs with alpha or a palette, WEBP and `?&` names all count; the

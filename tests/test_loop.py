@@ -123,7 +123,8 @@ def test_processes_under_a_time_budget_agree_on_the_clock_and_draw_their_own_aug
                           "--log-dir", tmp_path / "logs", "--tee", "1", tmp_path / "agreeing.py", ROOT / "tests"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    runs = sorted((json.loads(line.split("]:", 1)[1]) for line in res.stdout.splitlines() if '"rank"' in line),
+    # each line as torchrun tees it ("[default0]:..."), maybe after the progress bars' redrawn text
+    runs = sorted((json.loads(line[line.index('{"rank"'):]) for line in res.stdout.splitlines() if '{"rank"' in line),
                   key=lambda r: r["rank"])
     assert len(runs) == 2
     first, second = runs

@@ -6,11 +6,11 @@ no escaping). A fragment `<kind>.<file>.md` is a
 card section shown only when the model repo carries that optional file (`$<file>_section`).
 """
 
-# The pip packages each way of loading a model needs: its ONNX graph, or its pickled learner. The learner's classes
-# import imagelab.train, whose distributed training imports fastai.distributed: that needs accelerate, which fastai
-# does not require. tests/test_deploy.py checks that every module the cards' code imports is installed by these.
+# The pip packages each way of loading a model needs: its ONNX graph, or its pickled learner (whose classes live in
+# modules that load without the training loop: not accelerate). tests/test_deploy.py runs the cards' code where only
+# these, and what they require, can be imported.
 PACKAGES = {"onnx": ("onnxruntime", "numpy", "pillow", "huggingface_hub"),
-            "pkl": ("torch", "torchvision", "fastai", "timm", "accelerate", "huggingface_hub")}
+            "pkl": ("torch", "torchvision", "fastai", "timm", "huggingface_hub")}
 
 
 def table(rows, header):
