@@ -429,9 +429,11 @@ def push(uploads):
 def run_alone_hint(space):
     """Commands that run the Space folder by itself: this project's Python, or a venv of its own requirements."""
     cd = f"cd {shlex.quote(str(space))}"
+    # the venv beside the folder, not in it: a push would upload it, and the next build refuses a folder holding it
+    venv = shlex.quote(f"../{Path(space).name}.venv")
     return (f"try it alone before you push, with this project's Python:\n  {cd} && {shlex.quote(sys.executable)} app.py\n"
-            f"or anywhere, in a venv of its own:\n  {cd} && python3 -m venv .venv && "
-            ".venv/bin/pip install -r requirements.txt && .venv/bin/python app.py")
+            f"or anywhere, in a venv of its own:\n  {cd} && python3 -m venv {venv} && "
+            f"{venv}/bin/pip install -r requirements.txt && {venv}/bin/python app.py")
 
 
 def serve_hint(folder):

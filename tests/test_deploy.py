@@ -461,7 +461,8 @@ def test_deploy_says_a_command_that_runs_the_space(deployed, tmp_path):
     res = subprocess.run(["bash", "-c", command + " --help"], cwd=tmp_path, env=clean, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "usage" in res.stdout, res.stderr[-2000:]
-    assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python app.py" in stdout
+    venv = f"../{space.name}.venv"  # beside the folder: in it, a push would upload it
+    assert f"python3 -m venv {venv} && {venv}/bin/pip install -r requirements.txt && {venv}/bin/python app.py" in stdout
 
 
 def test_readme_publish_section_runs_the_space_with_a_python_that_has_its_requirements():
