@@ -39,6 +39,7 @@ from . import UserError, first_line, run_cli, stdout_reader_gone
 from .app_options import APPS
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
+from .loading import SERVED_FROM
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
 from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging,
@@ -204,7 +205,7 @@ def not_built(out):
     try:
         listed = set(json.loads((out / MARKER).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        listed = set()
+        return sorted(p.name for p in out.iterdir())  # no list of deploy's: the folder is the user's, not walked
     return [f for f in built_files(out) if f not in listed]
 
 
@@ -483,7 +484,7 @@ def check_model(model, app):
     for the default path only, as the apps do: a path the user gave may just be mistyped."""
     default = default_model(app)
     model = Path(model or default)
-    if model.suffix not in (".pkl", ".onnx", ".safetensors") or model.name.endswith(".decoder.onnx"):
+    if model.suffix not in {s for forms in SERVED_FROM.values() for s in forms} or model.name.endswith(".decoder.onnx"):
         raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
     if not model.is_file():
         train = APPS[app].train if model.resolve() == default.resolve() else None

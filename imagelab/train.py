@@ -98,6 +98,7 @@ class TimeBudget(Callback):
 
     def before_fit(self):
         self.start = time.perf_counter() - self.spent
+        self.shared = world_size() > 1
 
     def time_spent(self):
         return agreed_max((time.perf_counter() - self.start) / self.seconds)
@@ -111,7 +112,7 @@ class TimeBudget(Callback):
     def before_batch(self):
         if not self.training:
             return
-        if world_size() == 1 or self.iter % max(1, self.n_iter // self.agreements) == 0:
+        if not self.shared or self.iter % max(1, self.n_iter // self.agreements) == 0:
             self.spent_now = self.time_spent()
         if self.spent_now >= 1:
             raise CancelFitException  # the report then evaluates the model as it is
