@@ -19,11 +19,16 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
 
 Importing this module installs the replacements in fastai; fastai itself could take them.
 tests/test_device.py checks that a whole `aug_transforms` pipeline gives what fastai's own gives.
+
+`--mix`'s `MixUp` and `CutMix` are fastai's callbacks drawing the same pairs and weights, copied to the
+device without waiting: fastai's copy each batch's weights and shuffle from ordinary memory, and its CutMix
+cuts a box whose corners it computes on the device and then reads to slice.
 """
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from fastai.callback import mixup
 from fastai.vision import augment
 
 from .device import copy_to
@@ -103,6 +108,43 @@ def warp_before_call(self, x):
 def aug_transforms(**kwargs):
     """fastai's `aug_transforms`, which now run the functions above."""
     return augment.aug_transforms(**kwargs)
+
+
+class MixUp(mixup.MixUp):
+    """fastai's `MixUp`: each image blended with another of the batch, the labels' losses in the same shares."""
+
+    def before_batch(self):
+        lam = self.distrib.sample((self.y.size(0),))
+        self.lam = copy_to(torch.stack([lam, 1 - lam], 1).max(1)[0], self.x.device)
+        shuffle = copy_to(torch.randperm(self.y.size(0)), self.x.device)
+        self.yb1 = tuple(y[shuffle] for y in self.yb)
+        weight = self.lam.view(-1, *[1] * (self.x.dim() - 1))
+        self.learn.xb = tuple(torch.lerp(x[shuffle], x, weight) for x in self.xb)
+        if not self.stack_y:
+            self.learn.yb = tuple(torch.lerp(y1, y, self.lam.view(-1, *[1] * (y.dim() - 1)))
+                                  for y1, y in zip(self.yb1, self.yb))
+
+
+class CutMix(mixup.CutMix):
+    """fastai's `CutMix`: a box of each image replaced by the same box of another, the labels' losses shared
+    as the areas are. The box is drawn on the CPU (as fastai draws it) and cut with Python numbers."""
+
+    def before_batch(self):
+        bs, _, H, W = self.x.size()
+        lam = self.distrib.sample((1,))
+        shuffle = copy_to(torch.randperm(bs), self.x.device)
+        xb1, self.yb1 = self.x[shuffle], (self.y[shuffle],)
+        x1, y1, x2, y2 = self.rand_bbox(W, H, lam)
+        self.learn.xb[0][..., y1:y2, x1:x2] = xb1[..., y1:y2, x1:x2]
+        self.lam = 1 - (x2 - x1) * (y2 - y1) / (W * H)
+        if not self.stack_y:
+            self.learn.yb = tuple(torch.lerp(y1_, y, self.lam) for y1_, y in zip(self.yb1, self.yb))
+
+    def rand_bbox(self, W, H, lam):
+        cut_w, cut_h = (int(torch.round(side * torch.sqrt(1.0 - lam))) for side in (W, H))
+        cx, cy = int(torch.randint(0, W, (1,))), int(torch.randint(0, H, (1,)))
+        return (min(max(cx - cut_w // 2, 0), W), min(max(cy - cut_h // 2, 0), H),
+                min(max(cx + cut_w // 2, 0), W), min(max(cy + cut_h // 2, 0), H))
 
 
 REPLACEMENTS = {(augment, "_grid_sample"): _grid_sample, (augment, "apply_perspective"): apply_perspective,

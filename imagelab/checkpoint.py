@@ -18,7 +18,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
-from .device import mps_available
+from .device import AnyDeviceMixedPrecision, mps_available
 from .paths import disk_space, staging_path
 
 
@@ -81,6 +81,9 @@ def restore(learn, state):
     if learn.opt is None:
         learn.create_opt()
     learn.opt.load_state_dict(state["opt"])
+    if state.get("scaler"):  # fp16's loss scale, which would otherwise be found again in a few skipped steps
+        for cb in learn.cbs.filter(lambda cb: isinstance(cb, AnyDeviceMixedPrecision)):
+            cb.grad_scaler.load_state_dict(state["scaler"])  # does nothing if this run does not scale (not fp16)
 
 
 def snapshot(obj):
@@ -179,12 +182,19 @@ class Checkpoint(Callback):
             return
         model = get_model(self.model)
         state = snapshot({"epoch": self.offset + self.epoch + 1, "settings": self.settings,
-                          "model": model.state_dict(), "opt": self.opt.state_dict(),
+                          "model": model.state_dict(), "opt": self.opt.state_dict(), "scaler": scaler_state(self.learn),
                           "rng": rng_states(self.learn), **self.extra()})
         device = next(model.parameters()).device
         ready = torch.cuda.current_stream(device).record_event() if device.type == "cuda" else None
         self.writer.write(state, self.path, ready)
         self.saved = time.perf_counter()
+
+
+def scaler_state(learn):
+    """fp16's GradScaler state ({} without one). It reads the scale from the device: at an epoch's end, after the
+    validation has waited for the device anyway."""
+    scaler = getattr(learn, "scaler", None)
+    return scaler.state_dict() if scaler is not None else {}
 
 
 def saved_epoch(path):

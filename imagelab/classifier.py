@@ -62,7 +62,7 @@ class Classifier(Task):
         return [(1, frozen), (cfg.epochs, unfrozen)]
 
     def callbacks(self, cfg):
-        from fastai.callback.mixup import CutMix, MixUp
+        from .augment import CutMix, MixUp
         return {"none": [], "mixup": [MixUp()], "cutmix": [CutMix()]}[cfg.mix]
 
     def report(self, learn, history, folder):

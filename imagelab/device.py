@@ -95,19 +95,20 @@ class AnyDeviceMixedPrecision(MixedPrecision):
     """fastai's `MixedPrecision` on any device type: fastai's own autocasts on CUDA only.
 
     Only training batches are autocast. The weights, the optimizer and every export stay fp32; bf16 needs no
-    loss scaling, fp16 has it (GradScaler unscales the gradients, and on an overflow fastai skips the step and
-    the scale halves). Not named `Autocast`: fastai names a learner's attribute after each callback, and this
-    one sets `self.autocast`.
+    loss scaling, fp16 has it: one GradScaler for the whole run (every fit; a checkpoint keeps its state), which
+    unscales the gradients, and on an overflow the step is skipped and the scale halves. Not named `Autocast`:
+    fastai names a learner's attribute after each callback, and this one sets `self.autocast`.
     """
 
     def __init__(self, precision, device_type):
         super().__init__(AMPMode(precision))
         self.device_type, self.one_pixel = device_type, {}
+        self.dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
+        self.grad_scaler = torch.amp.GradScaler(device_type, enabled=self.dtype == torch.float16)
 
     def before_fit(self):
-        dtype = torch.bfloat16 if self.amp_mode == AMPMode.BF16 else torch.float16
-        self.autocast = torch.autocast(self.device_type, dtype=dtype)
-        self.learn.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+        self.autocast = torch.autocast(self.device_type, dtype=self.dtype)
+        self.learn.scaler = self.grad_scaler
 
     def before_batch(self):
         # Validation runs in fp32: each epoch is judged as the report judges the exported (fp32) model, so the
@@ -125,12 +126,12 @@ class AnyDeviceMixedPrecision(MixedPrecision):
             self.autocast.__exit__(None, None, None)
 
     def before_step(self):
-        # fastai's, less its record of the scale after every step, which the CPU would wait for the GPU to read.
-        # An fp16 step still reads back whether its gradients overflowed (GradScaler's check): one wait a step.
-        self.skipped = True
-        self.scaler.step(self)  # calls `step` below unless the gradients overflowed
-        if self.skipped:
-            raise CancelStepException()
+        # fastai's asks the scaler whether the gradients overflowed before it steps: a read of the GPU, which makes
+        # the CPU wait for each step. The scaler hands the fused optimizer (`models.FusedAdamW`) the scale and the
+        # overflow as tensors instead: it unscales and, after an overflow, leaves everything as it was, on the GPU.
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)
+            raise CancelStepException()  # stepped: fastai's own step is skipped
 
     def one_pixel_conv(self, x):
         """The first strided convolution that sees a map one pixel high or wide at `x`'s size (None if none),

@@ -35,19 +35,32 @@ class FusedAdamW(OptimWrapper):
     AdamW's own weight decay would hit every parameter; fastai decays only those its learner marks
     (`wd_bn_bias=False`: not batch norm's, not the biases). So the decay, decoupled as in both, is applied
     here to the marked parameters, and AdamW's is off for the step.
+
+    With fp16's loss scaling, `GradScaler.step` sets `grad_scale` and `found_inf` (1 if the gradients
+    overflowed), tensors on the device: the fused step unscales with the one and is skipped by the other,
+    and so is the decay, without the CPU ever reading either.
     """
+    _step_supports_amp_scaling = True
+
+    @property
+    def param_groups(self):  # what GradScaler unscales and checks
+        return self.opt.param_groups
 
     @torch.no_grad()
     def step(self, closure=None):
+        scale, overflow = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         decays = [pg["weight_decay"] for pg in self.opt.param_groups]
         for pg, wd in zip(self.opt.param_groups, decays):
             decayed = [p for p in pg["params"] if p.grad is not None and self.state[p].get("do_wd", True)]
             if decayed and wd:
-                torch._foreach_mul_(decayed, 1 - pg["lr"] * wd)
+                rate = pg["lr"] * wd
+                torch._foreach_mul_(decayed, 1 - rate if overflow is None else 1 - rate * (1 - overflow))
             pg["weight_decay"] = 0.0
+        self.opt.grad_scale, self.opt.found_inf = scale, overflow
         try:
             return self.opt.step(closure)
         finally:
+            self.opt.grad_scale = self.opt.found_inf = None
             for pg, wd in zip(self.opt.param_groups, decays):
                 pg["weight_decay"] = wd
 

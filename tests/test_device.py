@@ -112,19 +112,28 @@ def test_cpu_bf16_leaves_batches_that_give_a_strided_convolution_one_pixel_in_fp
     assert "batches of 4 x 4" not in out
 
 
-def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows():
-    """fp16 with a GradScaler (what `--precision auto` picks on a T4 or P100), checked on the CPU, which autocasts
-    to fp16 too: the trainer's optimizer steps on unscaled gradients, a step whose gradients overflow changes
-    nothing (not the weights, not Adam's moments, not the weight decay) and halves the scale, and the run learns
-    as fp32 does."""
+def small_learner(*cbs):
+    """A learner with the trainer's optimizer on a small learnable problem: 6 training batches an epoch."""
     from fastai.vision.all import CrossEntropyLossFlat, DataLoaders, Learner, nn
-    from imagelab.device import AnyDeviceMixedPrecision
     from imagelab.models import adamw
 
     torch.manual_seed(0)
     x = torch.randn(256, 3, 8, 8)
     y = (x[:, 0].mean((1, 2)) > 0).long()
     dls = DataLoaders.from_dsets(list(zip(x[:192], y[:192])), list(zip(x[192:], y[192:])), bs=32, device="cpu")
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 2))
+    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=adamw, wd=0.1, cbs=[*cbs])
+
+
+def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows_without_reading_the_device():
+    """fp16 with a GradScaler (what `--precision auto` picks on a T4 or P100), checked on the CPU, which autocasts
+    to fp16 too: the trainer's optimizer steps on unscaled gradients, a step whose gradients overflow changes
+    nothing (not the weights, not Adam's moments, not the weight decay) and halves the scale, the run learns
+    as fp32 does, and no step reads whether it overflowed (which on a GPU would make the CPU wait for it)."""
+    from imagelab.device import AnyDeviceMixedPrecision
+
     overflowing = 7  # the training batch whose gradients are made infinite
 
     class Watch(Callback):
@@ -156,16 +165,10 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows():
             self.seen.append((unchanged, same_moments, scale, now))
             self.batch += 1
 
-    def learner(*cbs):
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                              nn.Flatten(), nn.Linear(16, 2))
-        return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=adamw, wd=0.1, cbs=[*cbs])
-
-    fp32 = learner()
+    fp32 = small_learner()
     fp32.fit_one_cycle(4, 1e-2)
     watch = Watch()
-    fp16 = learner(AnyDeviceMixedPrecision("fp16", "cpu"), watch)
+    fp16 = small_learner(AnyDeviceMixedPrecision("fp16", "cpu"), watch)
     fp16.fit_one_cycle(4, 1e-2)
     assert len(watch.seen) == 4 * 6
     unchanged, same_moments, scale, now = watch.seen[overflowing]
@@ -177,11 +180,44 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows():
     losses = [learn.validate()[0] for learn in (fp32, fp16)]
     assert abs(losses[0] - losses[1]) < 0.05 and max(losses) < 0.65, losses  # chance: ln 2 = 0.69
 
-    reads = HostReads()
-    with reads:
-        learner(AnyDeviceMixedPrecision("fp16", "cpu")).fit(1, 1e-2)
-    steps = [r for r in reads.reads if r[1] == "AnyDeviceMixedPrecision.before_step"]
-    assert len(steps) == 6, steps  # GradScaler's overflow check, once a step: the one wait that fp16 adds on a GPU
+    reads, learn = HostReads(), small_learner(AnyDeviceMixedPrecision("fp16", "cpu"))
+    with learn.no_bar(), reads:
+        learn.fit(1, 1e-2)
+    # fastai's Recorder reads its losses (the trainer keeps them on the device); nothing else does
+    assert [r for r in reads.reads if r[1] not in CPU_ONLY and not r[1].startswith("Recorder.")] == []
+
+
+def test_fp16_loss_scale_lasts_the_whole_run_and_a_resumed_run_goes_on_with_it(tmp_path):
+    """The loss scale found in one fit carries into the next (fine_tune's two fits) and into a resumed run,
+    rather than starting again at GradScaler's first scale and skipping steps to find it once more."""
+    from imagelab.checkpoint import Checkpoint, Writer, load_checkpoint, restore
+    from imagelab.device import AnyDeviceMixedPrecision
+
+    class Overflow(Callback):  # the first step of each fit overflows: the scale halves
+        def before_fit(self):
+            self.first = True
+
+        def after_backward(self):
+            if self.first:
+                next(self.model.parameters()).grad[0] = float("inf")
+                self.first = False
+
+    mixed, writer, path = AnyDeviceMixedPrecision("fp16", "cpu"), Writer(), tmp_path / "run.pth"
+    learn = small_learner(mixed, Overflow())
+    learn.fit(1, 1e-3)
+    learn.fit(1, 1e-3, cbs=[Checkpoint(path, {}, dict, writer)])
+    writer.wait()
+    assert mixed.grad_scaler.get_scale() == 2.0 ** 14  # halved in each fit
+    state = load_checkpoint(path, {})
+    assert state["scaler"]["scale"] == 2.0 ** 14
+
+    resumed = AnyDeviceMixedPrecision("fp16", "cpu")
+    learn = small_learner(resumed)
+    restore(learn, state)
+    learn.fit(1, 1e-3)
+    assert resumed.grad_scaler.get_scale() == 2.0 ** 14  # nothing overflowed: where the run had left it
+    fp32 = small_learner()
+    restore(fp32, state)  # a run resumed without loss scaling (on a CPU, or in bf16) has no scale to take
 
 
 class HostReads(TorchFunctionMode):
@@ -250,6 +286,38 @@ def test_training_steps_never_wait_for_the_device(tmp_path):
     assert [r for r in reads.reads if r[1] not in CPU_ONLY | {"Progress.after_batch"}] == []
     shown = [r for r in reads.reads if r[1] == "Progress.after_batch"]
     assert 2 <= len(shown) <= 2 + seconds / Progress.every + 1, shown
+
+
+@pytest.mark.parametrize("name", ["MixUp", "CutMix"])
+@pytest.mark.parametrize("stack_y", [True, False])  # integer labels (the trainer's), or one-hot ones blended too
+def test_mixing_gives_what_fastais_own_gives_and_reads_nothing_from_the_device(name, stack_y):
+    """`--mix`'s callbacks blend the same images with the same partners and shares as fastai's, draw for draw,
+    and read nothing from the device: they also run on PyTorch's meta device, whose tensors have no values to
+    read (fastai's CutMix does not: it slices with corners it computed there)."""
+    from fastai.callback import mixup
+    from imagelab import augment
+
+    x = torch.rand(8, 3, 16, 12)
+    y = torch.arange(8) % 3
+    y = y if stack_y else torch.nn.functional.one_hot(y, 3).float()
+
+    def mixed(cls, x, y):
+        learn, cb = small_learner(), cls()
+        learn.xb, learn.yb = (x.clone(),), (y,)
+        cb.learn, cb.stack_y = learn, stack_y
+        torch.manual_seed(3)
+        cb.before_batch()
+        return learn.xb[0], learn.yb[0], cb.yb1[0], torch.as_tensor(cb.lam).flatten()
+
+    ours, fastais = mixed(getattr(augment, name), x, y), mixed(getattr(mixup, name), x, y)
+    for a, b in zip(ours, fastais):
+        assert torch.allclose(a, b.to(a.dtype)), (a, b)
+    assert not torch.equal(ours[0], x)  # something was mixed
+    meta = mixed(getattr(augment, name), x.to("meta"), y.to("meta"))
+    assert meta[0].is_meta and meta[0].shape == x.shape
+    if name == "CutMix":
+        with pytest.raises(Exception, match="meta"):
+            mixed(mixup.CutMix, x.to("meta"), y.to("meta"))
 
 
 def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
