@@ -1,5 +1,4 @@
 """Where images come from and how they are labelled: datasets, file checks, label functions, loaders."""
-import hashlib
 import io
 import os
 import re
@@ -17,9 +16,9 @@ from . import UserError, first_line
 from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
-from .config import default_cache
+from .config import cache_folder
 from .flagging import FLAGGED_NAME
-from .paths import FLAGGED, dataset_files, existing_folder, is_flagged, staging_path
+from .paths import FLAGGED, dataset_files, existing_folder, file_key, is_flagged, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -64,11 +63,9 @@ PRESIZE_VERSION = 2  # part of every cache key: bump it when the way copies are 
 
 
 def presized_path(src, side, cache):
-    """The cache file for `src` at `side` pixels; the key changes when the file does (path, mtime, size)."""
-    st = Path(src).stat()
-    key = f"{PRESIZE_VERSION}|{Path(src).resolve()}|{st.st_mtime_ns}|{st.st_size}|{side}"
-    digest = hashlib.sha1(os.fsencode(key)).hexdigest()  # fsencode: any name a disk holds, UTF-8 or not
-    return Path(cache) / f"{side}px" / digest[:2] / f"{digest}.jpg"
+    """The cache file for `src` at `side` pixels, named by imagelab.paths.file_key: it changes when the file does."""
+    key = file_key(src, PRESIZE_VERSION, side)
+    return Path(cache) / f"{side}px" / key[:2] / f"{key}.jpg"
 
 
 def presize_one(src, dest, side):
@@ -93,7 +90,7 @@ def presize(files, size, cache=None, workers=4):
     decoding a small copy is several times cheaper. Copies are made once per dataset and size, then reused.
     """
     side = round(size * PRESIZE)
-    cache = Path(cache or default_cache())
+    cache = cache_folder(cache)
     dests = {f: presized_path(f, side, cache) for f in files}
     todo = [f for f, d in dests.items() if not d.exists()]
     failed = []
