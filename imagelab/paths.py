@@ -1,4 +1,5 @@
-"""Where things live: the files beside a model, and which names in a dataset folder are images.
+"""Where things live: the files beside a model, which names in a dataset folder are images, and the names a cache
+gives what it keeps of a file.
 
 Light (the standard library, and psutil for one check): the downloader, the cleaner and the apps use these
 rules without the training stack.
