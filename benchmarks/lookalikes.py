@@ -3,16 +3,18 @@ of a photo (smaller, recompressed, converted, brightened) are still found.
 
     python benchmarks/lookalikes.py --data ../shared/data/catsdogs ../shared/data/bears
 
-Prints, per folder, the time to fingerprint it and to compare every pair, the look-alike pairs found and the
-closest pairs that are not (bits of 80, largest colour difference of 255); then, over the first `--copies`
-photos, the largest distance between a photo and each kind of copy, and how many copies were missed; then the
-pairs found among photos of one layout (small on white), none a copy; then the time to compare every pair of
-bigger folders (`--scale`).
+Prints, per folder, the time to fingerprint it (with no cache, into an empty one, and read back from it, as later
+runs do) and to compare every pair, the look-alike pairs found and the closest pairs that are not (bits of 255,
+largest colour difference of 255); then, over the first `--copies` photos, the largest distance between a photo and
+each kind of copy, and how many copies were missed; then the pairs found among photos of one layout (small on
+white), none a copy; then the time to compare every pair of bigger folders (`--scale`).
 """
 import argparse
 import io
 import json
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from PIL import Image, ImageEnhance
 
 from imagelab import HelpFormatter, run_cli
 from imagelab.images import open_rgb
-from imagelab.lookalikes import MAX_BITS, MAX_COLOUR, WORDS, Fingerprints, fingerprint, fingerprints, pairs
+from imagelab.lookalikes import MAX_BITS, MAX_COLOUR, WORDS, Fingerprints, collect, fingerprint, fingerprints, pairs
 from imagelab.paths import dataset_files
 
 COPIES = {  # what the same photo looks like on another site
@@ -45,11 +47,19 @@ def distances(a, b):
     return int(np.bitwise_count(a[0] ^ b[0]).sum()), round(float(np.abs(a[1] - b[1]).max()), 1)
 
 
+def timed(make):
+    start = time.perf_counter()
+    return make(), round(time.perf_counter() - start, 3)
+
+
 def survey(folder, closest=6):
     files = dataset_files(Path(folder))
-    start = time.perf_counter()
-    prints = fingerprints(files)
-    seconds = time.perf_counter() - start
+    with ThreadPoolExecutor(8) as pool:  # as imagelab.lookalikes.fingerprints makes them, with no cache
+        plain, uncached = timed(lambda: collect(list(pool.map(fingerprint, files))))
+    with tempfile.TemporaryDirectory() as cache:
+        _, empty = timed(lambda: fingerprints(files, cache=cache))  # a folder's first run: made and kept
+        prints, cached = timed(lambda: fingerprints(files, cache=cache))  # every later run: read back
+    identical = all(np.array_equal(getattr(plain, n), getattr(prints, n)) for n in ("bits", "colours", "known"))
     start = time.perf_counter()
     found = pairs(prints)
     compare = time.perf_counter() - start
@@ -58,7 +68,9 @@ def survey(folder, closest=6):
     for a, b in found:
         bits[a, b] = np.inf  # listed as look-alikes
     others = zip(*np.unravel_index(np.argsort(bits, axis=None)[:closest], bits.shape))
-    return {"folder": str(folder), "images": len(files), "fingerprint_seconds": round(seconds, 2),
+    return {"folder": str(folder), "images": len(files),
+            "fingerprint_seconds": {"uncached": uncached, "empty_cache": empty, "cached": cached},
+            "cached_speedup": round(uncached / cached, 1), "cached_identical": identical,
             "compare_seconds": round(compare, 2),
             "lookalikes": [[str(files[a].relative_to(folder)), str(files[b].relative_to(folder))] for a, b in found],
             "closest_others": [distances((prints.bits[a], prints.colours[a]), (prints.bits[b], prints.colours[b]))

@@ -389,7 +389,7 @@ class AutoencoderTask(Task):
 
     def dataloaders(self, cfg, root, files, get_x, workers):
         return autoencoder_dls(files, cfg.size, cfg.bs, cfg.valid_pct, cfg.seed, workers, get_x=get_x,
-                               splitter=random_split(root, cfg.valid_pct, cfg.seed))
+                               splitter=random_split(root, cfg.valid_pct, cfg.seed, cfg.cache))
 
     def learner(self, dls, cfg):
         model = ConvAutoencoder(cfg.size, cfg.code_size, cfg.depth, cfg.width, sparse=cfg.sparsity > 0,

@@ -34,8 +34,11 @@ def check_precision_name(name):
         raise UserError(f"unknown --precision {name!r}: use {', '.join(PRECISIONS)}")
 
 
-def default_cache():
-    """Where presized copies live: $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
+def cache_folder(cache=None):
+    """Where presized copies, look-alike fingerprints and downloaded runtimes live: `cache` (--cache) when given, else
+    $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
+    if cache:
+        return Path(cache)
     if os.environ.get("IMAGELAB_CACHE"):
         return Path(os.environ["IMAGELAB_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
@@ -84,8 +87,8 @@ class TrainConfig:
                                "on a GPU)", resume=False)
     presize: bool = knob(True, "training", "decode and shrink every image once into a cache, then train from the "
                          "small copies", resume=False)
-    cache: str | None = knob(None, "training", f"folder of presized copies (default: $IMAGELAB_CACHE or "
-                             f"{default_cache()})", resume=False, metavar="DIR")
+    cache: str | None = knob(None, "training", f"folder of presized copies and look-alike fingerprints (default: "
+                             f"$IMAGELAB_CACHE or {cache_folder()})", resume=False, metavar="DIR")
     device: str = knob("auto", "hardware", "where to train: auto (a CUDA GPU, else Apple's MPS, else the CPU), "
                        "cpu, cuda, cuda:N or mps", resume=False)
     precision: str = knob("auto", "hardware", "auto: bf16 autocast on GPUs that have it, fp16 with loss scaling on "

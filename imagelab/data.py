@@ -1,5 +1,4 @@
 """Where images come from and how they are labelled: datasets, file checks, label functions, loaders."""
-import hashlib
 import io
 import os
 import re
@@ -17,9 +16,9 @@ from . import UserError, first_line
 from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
-from .config import default_cache
+from .config import cache_folder
 from .flagging import FLAGGED_NAME
-from .paths import FLAGGED, dataset_files, existing_folder, is_flagged, staging_path
+from .paths import FLAGGED, dataset_files, existing_folder, file_key, is_flagged, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -64,11 +63,9 @@ PRESIZE_VERSION = 2  # part of every cache key: bump it when the way copies are 
 
 
 def presized_path(src, side, cache):
-    """The cache file for `src` at `side` pixels; the key changes when the file does (path, mtime, size)."""
-    st = Path(src).stat()
-    key = f"{PRESIZE_VERSION}|{Path(src).resolve()}|{st.st_mtime_ns}|{st.st_size}|{side}"
-    digest = hashlib.sha1(os.fsencode(key)).hexdigest()  # fsencode: any name a disk holds, UTF-8 or not
-    return Path(cache) / f"{side}px" / digest[:2] / f"{digest}.jpg"
+    """The cache file for `src` at `side` pixels, named by imagelab.paths.file_key: it changes when the file does."""
+    key = file_key(src, PRESIZE_VERSION, side)
+    return Path(cache) / f"{side}px" / key[:2] / f"{key}.jpg"
 
 
 def presize_one(src, dest, side):
@@ -93,7 +90,7 @@ def presize(files, size, cache=None, workers=4):
     decoding a small copy is several times cheaper. Copies are made once per dataset and size, then reused.
     """
     side = round(size * PRESIZE)
-    cache = Path(cache or default_cache())
+    cache = cache_folder(cache)
     dests = {f: presized_path(f, side, cache) for f in files}
     todo = [f for f, d in dests.items() if not d.exists()]
     failed = []
@@ -215,9 +212,10 @@ def pets_images():
                         "local folder instead: --data DIR (e.g. --data ../shared/data/catsdogs)") from None
 
 
-def folder_split(root, files):
+def folder_split(root, files, cache=None):
     """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None.
-    Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on."""
+    Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on. `cache`: where
+    look-alike fingerprints are kept (--cache)."""
     root = Path(root)
     tops = {f.relative_to(root).parts[0] for f in files}
     if tops - {FLAGGED} != {"train", "valid"}:
@@ -225,7 +223,7 @@ def folder_split(root, files):
 
     def split(items):
         valid = {i for i, f in enumerate(items) if Path(f).relative_to(root).parts[0] == "valid"}
-        return with_flagged(root, items, valid)
+        return with_flagged(root, items, valid, cache=cache)
     return split
 
 
@@ -246,15 +244,16 @@ def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2,
     return dls
 
 
-def random_split(root, valid_pct, seed):
+def random_split(root, valid_pct, seed, cache=None):
     """fastai's seeded `RandomSplitter` over the dataset's own images, look-alikes (one picture in two files or more,
-    imagelab.lookalikes) drawn together: a picture is held out whole or trains whole. Without look-alikes the split
-    is fastai's. Flagged images (`--flagged`) train, so adding them leaves the held-out set as it was."""
+    imagelab.lookalikes, fingerprints kept in `cache`) drawn together: a picture is held out whole or trains whole.
+    Without look-alikes the split is fastai's. Flagged images (`--flagged`) train, so adding them leaves the held-out
+    set as it was."""
     root = Path(root)
 
     def split(items):
         own = [i for i, f in enumerate(items) if not is_flagged(root, f)]
-        prints = fingerprints([items[i] for i in own])
+        prints = fingerprints([items[i] for i in own], cache=cache)
         first = groups(prints)  # of each image, its group's first image
         heads = sorted(set(first))
         together = len(own) - len(heads)
@@ -267,11 +266,11 @@ def random_split(root, valid_pct, seed):
         _, valid = RandomSplitter(valid_pct, seed=seed)(heads)
         held = {heads[v] for v in valid}
         kept = [k for k, f in enumerate(first) if f in held]  # in the order of `items`, as with_flagged takes them
-        return with_flagged(root, items, {own[k] for k in kept}, prints[kept])
+        return with_flagged(root, items, {own[k] for k in kept}, prints[kept], cache)
     return split
 
 
-def with_flagged(root, items, held_out, held_prints=None):
+def with_flagged(root, items, held_out, held_prints=None, cache=None):
     """(train, valid) indices: the held-out ones, and every other but the flagged images that look like a held-out
     one (an app's example, say): trained on, they would be measured on themselves. `held_prints`: the held-out
     images' fingerprints in index order, when the caller has them."""
@@ -279,8 +278,8 @@ def with_flagged(root, items, held_out, held_prints=None):
     if flagged and held_out:
         valid = sorted(held_out)
         if held_prints is None:
-            held_prints = fingerprints([items[i] for i in valid])
-        seen = pairs(fingerprints([items[i] for i in flagged]), held_prints)
+            held_prints = fingerprints([items[i] for i in valid], cache=cache)
+        seen = pairs(fingerprints([items[i] for i in flagged], cache=cache), held_prints)
         left_out = {flagged[i] for i, _ in seen}
         if left_out:
             print(f"note: {len(left_out)} flagged files look like held-out images and are left out "

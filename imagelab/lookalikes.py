@@ -8,20 +8,28 @@ The hash says which of a 64 x 64 grey thumbnail's lowest 16 x 16 cosine frequenc
 bits) are above their median, and keeps the thumbnail's mean colour: copies of one photo differ in a few bits
 and a few levels, other photos in many more, even photos of one layout, such as small objects on white
 (benchmarks/README.md, "Look-alikes").
+
+A file's fingerprint is kept in the cache (beside the presized copies) until the file changes: a later run on the
+same folder decodes only its new and changed files.
 """
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import cache_folder
 from .images import open_rgb
+from .paths import digest, file_key, remove_abandoned_staging, staging_path
 
 SIDE, FREQUENCIES = 64, 16
 WORDS = 4  # the 255 bits, in four 64-bit words: compared a word at a time
 MAX_BITS, MAX_COLOUR = 26, 32  # of 255 bits; of 255 levels, in any channel (a retouched copy shifts colours)
 _n = np.arange(SIDE)
 _DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: medians ignore scale
+VERSION = 1  # part of every cache key: bump it when the way fingerprints are made changes
 
 
 class Fingerprints:
@@ -65,11 +73,65 @@ def fingerprint(src):
     return bits.view(np.uint64), rgb.mean((0, 1))
 
 
-def fingerprints(paths, workers=8):
-    """The fingerprints of `paths` (one that does not decode looks like nothing)."""
+def fingerprints(paths, workers=8, cache=None):
+    """The fingerprints of `paths`, files or open files (one that does not decode looks like nothing). Those of files
+    are kept in `cache` (imagelab.config.cache_folder) and read back while the file is unchanged."""
+    paths = list(paths)
+    keys = [cache_key(p) for p in paths]
+    stores = {folder: store_path(cache, folder) for folder in {Path(p).parent for p, k in zip(paths, keys) if k}}
+    kept = {k: f for store in stores.values() for k, f in load(store).items()}
+    todo = [i for i, k in enumerate(keys) if k not in kept]  # never an open file's: its key is None
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        return collect(list(tqdm(pool.map(fingerprint, paths), total=len(paths), desc="looking for look-alikes",
-                                 unit="img", leave=False)))
+        made = dict(zip(todo, tqdm(pool.map(fingerprint, [paths[i] for i in todo]), total=len(todo),
+                                   desc="looking for look-alikes", unit="img", leave=False, disable=not todo)))
+    found = [made[i] if i in made else kept[k] for i, k in enumerate(keys)]
+    for folder in {Path(paths[i]).parent for i in todo if keys[i]}:
+        save(stores[folder], {k: f for p, k, f in zip(paths, keys, found) if k and Path(p).parent == folder})
+    return collect(found)
+
+
+def cache_key(src):
+    """The name of `src`'s fingerprint in the cache (imagelab.paths.file_key), or None for an open file or a file
+    that is gone (whose fingerprint is nothing)."""
+    if not isinstance(src, (str, os.PathLike)):
+        return None
+    try:
+        return file_key(src, VERSION)
+    except OSError:
+        return None
+
+
+def store_path(cache, folder):
+    """Where the fingerprints of the files of `folder` are kept. One file a folder, rewritten whole with what a run
+    asked of it whenever it made any: the cache holds a folder's files as they are, not every version they had (one
+    file a photo would keep those, and cost a run thousands of reads), and is read in one go."""
+    return cache_folder(cache) / "fingerprints" / f"{digest(VERSION, Path(folder).resolve())}.npz"
+
+
+def load(store):
+    """{cache key: fingerprint} of a folder's store; nothing from one that is missing or unreadable (cut short,
+    damaged): its fingerprints are made again and it is rewritten."""
+    try:
+        with np.load(store) as kept:
+            keys, bits, colours, known = kept["keys"].tolist(), kept["bits"], kept["colours"], kept["known"]
+    except Exception:
+        return {}
+    return {k: (b, c) if ok else None for k, b, c, ok in zip(keys, bits, colours, known)}
+
+
+def save(store, found):
+    """Write a folder's store ({cache key: fingerprint}) whole or not at all: a run killed while writing, or two at
+    once, leave the last complete one."""
+    prints = collect(list(found.values()))
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_staging(store)  # left by a run killed while writing
+        tmp = staging_path(store)
+        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add .npz to the name
+            np.savez(f, keys=np.array(list(found), str), bits=prints.bits, colours=prints.colours, known=prints.known)
+        os.replace(tmp, store)
+    except OSError:  # a full or read-only cache: the fingerprints are right, the next run makes them again
+        pass
 
 
 def collect(found):

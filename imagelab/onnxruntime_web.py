@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from . import UserError, run_cli
-from .config import default_cache
+from .config import cache_folder
 from .paths import staging_path
 
 PACKAGE = "onnxruntime-web"
@@ -42,7 +42,7 @@ def tarball_url():
 
 
 def cached_tarball(cache=None):
-    return Path(cache or default_cache()) / "npm" / f"{PACKAGE}-{VERSION}.tgz"
+    return cache_folder(cache) / "npm" / f"{PACKAGE}-{VERSION}.tgz"
 
 
 def integrity(data):

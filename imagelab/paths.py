@@ -1,9 +1,11 @@
-"""Where things live: the files beside a model, and which names in a dataset folder are images.
+"""Where things live: the files beside a model, which names in a dataset folder are images, and the names a cache
+gives what it keeps of a file.
 
 Light (the standard library, and psutil for one check): the downloader, the cleaner and the apps use these
 rules without the training stack.
 """
 import glob
+import hashlib
 import os
 import shutil
 import threading
@@ -91,6 +93,18 @@ def staging_path(path):
     """A hidden sibling of `path`, unique to this process and thread: written first, then renamed onto `path`."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def digest(*parts):
+    """A file name for what `parts` name, the same in every run (fsencode: any name a disk holds, UTF-8 or not)."""
+    return hashlib.sha1(os.fsencode("|".join(map(str, parts)))).hexdigest()
+
+
+def file_key(path, version, *extra):
+    """The name of what a cache keeps of the file at `path` (its presized copy, its fingerprint): it changes when the
+    file does (its path, modification time or size) and when `version` (how the cache makes it) or `extra` do."""
+    st = Path(path).stat()
+    return digest(version, Path(path).resolve(), st.st_mtime_ns, st.st_size, *extra)
 
 
 def remove_abandoned_staging(path):

@@ -49,6 +49,26 @@ def write_image(path, color, size=(48, 40), seed=0, fmt=None):
     return path
 
 
+def shapes(path, seed):
+    """A picture with shapes at every scale, as a photo has (a perceptual hash reads them; noise alone has none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), np.uint8)
+    Image.fromarray(grid).resize((128, 96), Image.Resampling.BICUBIC).save(path)
+    return path
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """What PIL opens while a test runs, through PIL's own `Image.open`: making a fingerprint opens its file once."""
+    opened, pil_open = [], Image.open
+
+    def counted(fp, *args, **kwargs):
+        opened.append(fp)
+        return pil_open(fp, *args, **kwargs)
+    monkeypatch.setattr(Image, "open", counted)
+    return opened
+
+
 def make_folder_dataset(root, n=12, classes=(("cats", (220, 60, 60)), ("dogs", (60, 60, 220)))):
     for label, color in classes:
         for i in range(n):

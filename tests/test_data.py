@@ -4,11 +4,10 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED, make_folder_dataset, write_image
+from conftest import SHARED, make_folder_dataset, shapes, write_image
 from imagelab import UserError
 from imagelab.data import (Presized, breed, check_image, classifier_dls, detect_labels, find_images, folder_split,
                            is_cat, label_function, open_rgb, parent_label, presize, split_counts)
@@ -65,14 +64,6 @@ def test_flagged_images_keep_their_folders_class_beside_oxford_names(oxford_dir)
                                                                       for f in own]
 
 
-def shapes(path, seed):
-    """A picture with shapes at every scale, as a photo has (a perceptual hash reads them; noise alone has none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), np.uint8)
-    Image.fromarray(grid).resize((128, 96), Image.Resampling.BICUBIC).save(path)
-    return path
-
-
 def test_photos_of_one_layout_are_not_lookalikes(tmp_path):
     """Small objects on white (a shop's pictures) share their broad shapes; only copies are look-alikes, and a
     look-alike of a look-alike is not one of the first (no chains)."""
@@ -125,6 +116,23 @@ def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_
     train, valid = random_split(tmp_path, 0.2, seed)(files)
     assert files.index(flagged) not in train + valid and len(train + valid) == len(files) - 1
     assert "note: 1 flagged files look like held-out images and are left out" in capsys.readouterr().out
+
+
+def test_the_next_split_of_a_folder_decodes_no_picture_to_find_lookalikes(tmp_path, decodes):
+    """A run keeps the fingerprints of its images, flagged ones too, in --cache: the next run on the folder reads
+    them (imagelab.lookalikes)."""
+    from imagelab.data import random_split
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    for i in range(20):
+        shapes(data / ("cats" if i % 2 else "dogs") / f"{i}.jpg", seed=i)
+    shapes(data / "flagged" / "cats" / "0a1b2c3d4e5f6a7b.jpg", seed=100)
+    files = find_images(data, flagged=True)[0]
+    decodes.clear()
+    split = random_split(data, 0.2, 42, cache)(files)
+    assert sorted(decodes) == files
+    decodes.clear()
+    assert random_split(data, 0.2, 42, cache)(files) == split and decodes == []
+    assert len(list((cache / "fingerprints").iterdir())) == 3  # one a folder of images
 
 
 def test_linked_class_folders_are_read_once_each(tmp_path):

@@ -174,7 +174,8 @@ def test_autoencoder_under_accelerate_launch_writes_one_model(tmp_path):
     assert m["counts"]["valid"] == 4
 
 
-@pytest.mark.parametrize("module", ["imagelab.download", "imagelab.paths", "imagelab.metadata", "imagelab.config"])
+@pytest.mark.parametrize("module", ["imagelab.download", "imagelab.lookalikes", "imagelab.paths", "imagelab.metadata",
+                                    "imagelab.config"])
 def test_light_modules_import_no_training_stack(module):
     code = (f"import sys, {module}\n"
             "print(sorted(m for m in ('fastai', 'torch', 'matplotlib', 'timm') if m in sys.modules))")
