@@ -17,8 +17,10 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
 - Its warp builds each batch's 8 x 8 perspective systems corner by corner, entry by entry, each entry an
   operation of its own, where a few stacked operations build the same systems.
 
-Importing this module installs the replacements in fastai; fastai itself could take them.
-tests/test_device.py checks that a whole `aug_transforms` pipeline gives what fastai's own gives.
+`faster_augmentation()` installs the replacements in fastai for the length of a training run
+(imagelab.train.train); fastai itself could take them. Outside a run fastai is as it ships: loading an
+exported learner changes nothing in it. tests/test_device.py checks that a whole `aug_transforms` pipeline
+gives what fastai's own gives.
 
 `--mix`'s `MixUp` and `CutMix` are fastai's callbacks drawing the same pairs and weights, copied to the
 device without waiting: fastai's copy each batch's weights and shuffle from ordinary memory, and its CutMix
@@ -105,11 +107,6 @@ def warp_before_call(self, x):
     self.targ_pts = targ_pts.permute(2, 0, 1)
 
 
-def aug_transforms(**kwargs):
-    """fastai's `aug_transforms`, which now run the functions above."""
-    return augment.aug_transforms(**kwargs)
-
-
 class MixUp(mixup.MixUp):
     """fastai's `MixUp`: each image blended with another of the batch, the labels' losses in the same shares."""
 
@@ -162,13 +159,20 @@ def install(functions):
 
 
 @contextmanager
-def fastais_own():
-    """fastai's augmentation as fastai ships it, for the tests and benchmarks that compare."""
-    install(ORIGINALS)
+def installed(functions):
+    before = {(owner, name): getattr(owner, name) for owner, name in functions}
+    install(functions)
     try:
         yield
     finally:
-        install(REPLACEMENTS)
+        install(before)
 
 
-install(REPLACEMENTS)
+def faster_augmentation():
+    """fastai's augmentation computed by the functions above (also a decorator)."""
+    return installed(REPLACEMENTS)
+
+
+def fastais_own():
+    """fastai's augmentation as fastai ships it, for the tests and benchmarks that compare."""
+    return installed(ORIGINALS)

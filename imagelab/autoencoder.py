@@ -20,7 +20,7 @@ from torch import nn
 
 from . import UserError
 from .config import check_autoencoder_shape
-from .data import RGBImageBlock, pets_images, random_split
+from .data import RGBImageBlock, dataset_split, pets_images
 from .export import export_weights_only, save_examples, to_onnx
 from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
 from .models import adamw
@@ -388,8 +388,10 @@ class AutoencoderTask(Task):
         return pets_images()
 
     def dataloaders(self, cfg, root, files, get_x, workers):
+        self.curve = RatioCurve()  # a run's: one task may train several times
+        splitter, self.split = dataset_split(root, files, cfg.valid_pct, cfg.seed, cfg.cache)
         return autoencoder_dls(files, cfg.size, cfg.bs, cfg.valid_pct, cfg.seed, workers, get_x=get_x,
-                               splitter=random_split(root, cfg.valid_pct, cfg.seed, cfg.cache))
+                               splitter=splitter)
 
     def learner(self, dls, cfg):
         model = ConvAutoencoder(cfg.size, cfg.code_size, cfg.depth, cfg.width, sparse=cfg.sparsity > 0,
@@ -399,9 +401,6 @@ class AutoencoderTask(Task):
     def default_lr(self, cfg):
         return 2e-3
 
-    def __init__(self):
-        self.curve = RatioCurve()
-
     def callbacks(self, cfg):
         return [self.curve, *([CodeSparsity(cfg.sparsity)] if cfg.sparsity else [])]
 
@@ -409,7 +408,7 @@ class AutoencoderTask(Task):
         return autoencoder_report(learn, history, folder, self.curve.points)
 
     def describe(self, cfg, root, dls):
-        return {"counts": {"train": len(dls.train_ds), "valid": len(dls.valid_ds)}}
+        return {"split": self.split, "counts": {"train": len(dls.train_ds), "valid": len(dls.valid_ds)}}
 
     def save_examples(self, dls, folder):
         save_examples(dls.valid_ds.items, lambda f: "example", folder, per_class=4)

@@ -75,8 +75,8 @@ class TrainConfig:
     epochs: int = knob(3, "training", "epochs (with --time-budget: at most)")
     size: int = knob(224, "training", "square input size in pixels")
     start_size: int | None = knob(None, "training", "progressive resizing: the first half of each fit of 2+ epochs "
-                                  "trains on inputs growing from PX to --size (default: half of --size where the "
-                                  "model allows; equal to --size turns it off)", metavar="PX")
+                                  "trains on inputs growing from PX to --size (default: half of --size from scratch "
+                                  "where the model allows, --size when fine-tuning; equal to --size turns it off)", metavar="PX")
     bs: int = knob(32, "training", "batch size")
     lr: float | str | None = knob(None, "training", "learning rate, or 'find' for fastai's lr_find (default: the "
                                   "model's own)", type=learning_rate)
@@ -183,6 +183,13 @@ class ClassifierConfig(TrainConfig):
         require([("--min-scale", self.min_scale, 0 < self.min_scale <= 1, "more than 0 and at most 1"),
                  ("--label-smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1,
                   "at least 0 and less than 1")])
+
+    def first_size(self):
+        # Fine-tuning trains at --size throughout: ImageNet weights are tuned to its resolution, and there smaller
+        # inputs can cost accuracy (fastai's book, chapter 7); from scratch they buy epochs (benchmarks/README.md)
+        if self.start_size is None and self.pretrained:
+            return self.size
+        return super().first_size()
 
 
 @dataclass

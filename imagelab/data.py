@@ -6,14 +6,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastai.vision.all import (CategoryBlock, DataBlock, IntToFloatTensor, PILImage, RandomResizedCrop,
-                               RandomSplitter, Transform, TransformBlock, URLs, untar_data)
+from fastai.vision.all import (CategoryBlock, DataBlock, IntToFloatTensor, PILImage, RandomResizedCrop, RandomSplitter,
+                               Transform, TransformBlock, URLs, aug_transforms, untar_data)
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError, first_line
-from .augment import aug_transforms
 from .images import check_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .config import cache_folder
@@ -225,6 +224,15 @@ def folder_split(root, files, cache=None):
         valid = {i for i, f in enumerate(items) if Path(f).relative_to(root).parts[0] == "valid"}
         return with_flagged(root, items, valid, cache=cache)
     return split
+
+
+def dataset_split(root, files, valid_pct, seed, cache=None):
+    """How every model's images are split: (splitter, what metrics.json calls it). `train/` and `valid/` folders
+    keep their split, else `random_split`."""
+    by_folders = folder_split(root, files, cache)
+    if by_folders:
+        return by_folders, "train/ and valid/ folders"
+    return random_split(root, valid_pct, seed, cache), f"random {valid_pct:.0%}"
 
 
 def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2, seed=42, workers=None,

@@ -8,6 +8,7 @@ learner, its weights-only artifacts and its report.
 import errno
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from fastai.torch_core import get_model, rank_distrib
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
+from .augment import faster_augmentation
 from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
@@ -98,16 +100,23 @@ class TimeBudget(Callback):
 
     def before_fit(self):
         self.start = time.perf_counter() - self.spent
-        self.shared = world_size() > 1
+        self.shared, self.trained = world_size() > 1, False
 
     def time_spent(self):
-        return agreed_max((time.perf_counter() - self.start) / self.seconds)
+        return agreed_max((time.perf_counter() - self.start) / self.seconds if self.seconds > 0 else math.inf)
 
     def before_epoch(self):
         # Not after an epoch: the epoch whose validation ran past the budget is complete, and is recorded first.
         self.spent_now = self.time_spent()
         if self.spent_now >= 1:
+            if not self.trained and not rank_distrib():
+                print(f"note: --time-budget was spent before this fit of {self.n_epoch} epochs trained")
             raise CancelFitException
+
+    def before_train(self):
+        # fastai's step counter has just set pct_train from the epochs alone, and the epoch's input size is chosen
+        # from it next (ProgressiveResize): the clock must count there too
+        self.learn.pct_train = min(1.0, max(self.spent_now, self.epoch / self.n_epoch))
 
     def before_batch(self):
         if not self.training:
@@ -116,6 +125,7 @@ class TimeBudget(Callback):
             self.spent_now = self.time_spent()
         if self.spent_now >= 1:
             raise CancelFitException  # the report then evaluates the model as it is
+        self.trained = True
         # on a fast machine the epochs end first: the schedule must still reach its end
         epochs_done = (self.epoch + self.iter / self.n_iter) / self.n_epoch
         self.learn.pct_train = min(1.0, max(self.spent_now, epochs_done))
@@ -237,10 +247,12 @@ class Run:
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
         self.done, self.seconds_before, self.rng = 0, 0.0, None
         self.best, self.stopped_early = None, False  # best: the epoch (from 1) of the lowest validation loss, its weights
+        self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:
             self.history.train, self.history.valid, self.history.step = state["history"]
             self.done, self.seconds_before, self.rng = state["epoch"], state["seconds"], state["rng"]
             self.best = state.get("best")  # absent from checkpoints written before keep-best
+            self.fit_started = state.get("fit_started", 0.0)  # absent before fits had budgets of their own
         self.first_step = self.history.step
 
     def seconds(self):
@@ -250,7 +262,7 @@ class Run:
     def saved(self):
         """What a checkpoint holds besides weights, optimizer and random streams."""
         return {"lr": self.lr, "history": (self.history.train, self.history.valid, self.history.step),
-                "seconds": self.seconds(), "best": self.best}
+                "seconds": self.seconds(), "best": self.best, "fit_started": self.fit_started}
 
     def epochs_since_best(self):
         return len(self.history.valid) - self.best["epoch"] if self.best else 0
@@ -281,14 +293,16 @@ class Run:
 def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
     """Every fit of the schedule that is not finished yet, with checkpoints, the time budget and resizing."""
     schedule = task.fits(cfg, run.lr)
+    epochs = sum(n for n, _ in schedule)
     resize = progressive_resize(learn.dls, cfg, cfg.first_size())
     offset = 0
     with distributed(learn):
         for n, fit_one in schedule:
             if run.done < offset + n:  # this fit is not finished yet
                 first = run.done - offset
-                budget = [TimeBudget(cfg.time_budget, run.seconds())] \
-                    if cfg.time_budget and fit_one is schedule[-1][1] else []  # the budget drives the last fit
+                if first == 0:
+                    run.fit_started = run.seconds()
+                budget = [fit_budget(cfg.time_budget, run, n, epochs - offset)] if cfg.time_budget else []
                 checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset, first, run.take_rng(),
                                         cfg.checkpoint_every)
                 if isinstance(getattr(learn, "progress", None), Progress):
@@ -298,6 +312,13 @@ def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
                                                        *budget, *own, *task.callbacks(cfg), *extra_cbs])
                 run.done = offset + n
             offset += n
+
+
+def fit_budget(seconds, run, n, left):
+    """The `TimeBudget` of a fit of `n` epochs with `left` epochs of the run to go: its epochs' share of what was left
+    of the run's `seconds` when it began (fine_tune's frozen epoch its share, the last fit all the rest), its own
+    one-cycle schedule following its own clock."""
+    return TimeBudget((seconds - run.fit_started) * n / left, run.seconds() - run.fit_started)
 
 
 def loader_workers(cfg, device):
@@ -364,6 +385,7 @@ def describe_split(split):
     return f"{len(own['train'])} train, {len(own['valid'])} held out ({digest})"
 
 
+@faster_augmentation()
 def train(task, cfg, cbs=()):
     """Train `task`'s model as `cfg` says, export `cfg.out` and its report; returns the metrics.
 

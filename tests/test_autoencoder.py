@@ -185,3 +185,23 @@ def test_help_lists_the_knobs():
     for flag in ["--data", "--code-size", "--depth", "--width", "--blocks", "--loss", "--sparsity", "--size", "--epochs",
                  "--bs", "--lr", "--wd", "--presize", "--seed", "--out"]:
         assert flag in res.stdout, flag
+
+
+def test_train_and_valid_folders_keep_their_split_and_a_task_trained_twice_reports_each_run_alone(tmp_path):
+    """As the classifier does, the autoencoder is measured on the held-out images the user put in valid/; and one
+    `AutoencoderTask` trained twice (the library's API) reports each run's epochs, not both runs'."""
+    from imagelab.autoencoder import AutoencoderTask
+    from imagelab.config import AutoencoderConfig
+    from imagelab.train import train
+
+    for part, n in (("train", 8), ("valid", 4)):
+        make_folder_dataset(tmp_path / "data" / part, n=n, classes=(("photos", (60, 60, 220)),))
+    task = AutoencoderTask()
+    for run_ in (1, 2):
+        cfg = AutoencoderConfig(data=str(tmp_path / "data"), out=str(tmp_path / f"m{run_}.pkl"), size=16, depth=2,
+                                width=8, code_size=8, bs=4, workers=0, epochs=2)
+        m = train(task, cfg)
+    split = json.loads((tmp_path / "m2.report" / "split.json").read_text())
+    assert sorted(split["valid"]) == [f"valid/photos/photos_{i}.jpg" for i in range(4)]
+    assert m["split"] == "train/ and valid/ folders" and m["counts"] == {"train": 8, "valid": 4, "skipped": 0}
+    assert [epoch for epoch, _ in m["mse_ratio_per_epoch"]] == [1, 2]

@@ -3,7 +3,6 @@ import json
 import re
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -322,7 +321,8 @@ def test_mixing_gives_what_fastais_own_gives_and_reads_nothing_from_the_device(n
 
 def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
     from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, TensorCategory, TensorImage, imagenet_stats
-    from imagelab.augment import aug_transforms, fastais_own
+    from fastai.vision.all import aug_transforms
+    from imagelab.augment import fastais_own, faster_augmentation
 
     torch.manual_seed(0)
     batch = (TensorImage(torch.randint(0, 256, (16, 3, 40, 48), dtype=torch.uint8)), TensorCategory(torch.arange(16)))
@@ -330,7 +330,7 @@ def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
     for split in (0, 1):  # training, validation
         pipeline.split_idx = split
         outputs = []
-        for own in (nullcontext(), fastais_own()):
+        for own in (faster_augmentation(), fastais_own()):
             with own:
                 torch.manual_seed(split)
                 outputs.append(pipeline(batch))
@@ -343,10 +343,12 @@ def test_augmentation_gives_what_fastais_own_gives_draw_for_draw():
 
 def test_fastais_augmentation_functions_compute_what_they_did_without_reading_the_device():
     from fastai.vision import augment
-    from imagelab.augment import (ORIGINALS, REPLACEMENTS, apply_perspective, fastais_own, find_coeffs, solve,
+    from imagelab.augment import (ORIGINALS, REPLACEMENTS, apply_perspective, faster_augmentation, find_coeffs, solve,
                                   _grid_sample)
 
-    assert all(getattr(owner, name) is new for (owner, name), new in REPLACEMENTS.items())
+    with faster_augmentation():  # a training run's
+        assert all(getattr(owner, name) is new for (owner, name), new in REPLACEMENTS.items())
+    assert all(getattr(owner, name) is old for (owner, name), old in ORIGINALS.items())  # fastai's outside a run
     fastai = {name: f for (owner, name), f in ORIGINALS.items() if owner is augment}
     torch.manual_seed(0)
     for size, zoom in [(32, 1.0), (32, 0.7), (128, 1.3), (128, 0.2)]:  # 128 -> 32: over twice the output's size
@@ -366,6 +368,4 @@ def test_fastais_augmentation_functions_compute_what_they_did_without_reading_th
     corners = torch.tensor([[-1., -1], [-1, 1], [1, -1], [1, 1]]).expand(4, 4, 2)  # as the warp expands them
     moved = corners + torch.rand(4, 4, 2) * 0.4 - 0.2
     for p1, p2 in [(corners, moved), (moved, corners)]:  # the warp and its inverse
-        with fastais_own():
-            theirs = fastai["find_coeffs"](p1, p2)
-        assert torch.equal(find_coeffs(p1, p2), theirs)
+        assert torch.equal(find_coeffs(p1, p2), fastai["find_coeffs"](p1, p2))

@@ -10,7 +10,7 @@ from fastai.callback.core import Callback
 from fastai.learner import load_learner
 
 from conftest import AE_TINY, PY, ROOT, make_folder_dataset, run
-from imagelab.train import TimeBudget
+from imagelab.train import ProgressiveResize, TimeBudget
 from test_distributed import launch
 from test_resume import interrupt_after_an_epoch
 
@@ -89,6 +89,71 @@ def test_an_epoch_whose_validation_ends_past_the_budget_is_recorded():
     learn = tiny_learner(SlowValidation(1.5))
     learn.fit_one_cycle(5, 1e-2, cbs=[TimeBudget(1.0)])
     assert len(learn.recorder.values) == 1  # epoch 1, validated; no epoch 2 begun
+
+
+class SlowTraining(Callback):
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def before_batch(self):
+        if self.training:
+            time.sleep(self.seconds)
+
+
+class InputSize:  # what ProgressiveResize resizes: a transform's size
+    size = None
+
+
+class Sizes(Callback):
+    order = ProgressiveResize.order + 1
+
+    def before_fit(self):
+        self.seen = []
+
+    def before_train(self):
+        self.seen.append(self.resizer.transform.size[0])
+
+
+def test_a_budget_the_clock_ends_still_trains_its_second_half_at_the_full_size():
+    """Progressive resizing follows the clock as the schedule does: a run the time budget ends at a fraction of its
+    epochs trains its second half of the time at the size it is validated, exported and served at."""
+    resizer, sizes = ProgressiveResize(InputSize(), size=64, start=32), Sizes()
+    sizes.resizer = resizer
+    tiny_learner(SlowTraining(0.05)).fit_one_cycle(200, 1e-2, cbs=[TimeBudget(2.0), resizer, sizes])
+    assert 4 <= len(sizes.seen) < 100, sizes.seen  # a few epochs of 200
+    assert sizes.seen[0] == 32 and sizes.seen == sorted(sizes.seen)
+    assert sizes.seen[len(sizes.seen) // 2 + 1:] == [64] * (len(sizes.seen) - len(sizes.seen) // 2 - 1), sizes.seen
+
+
+def test_fine_tunings_fits_share_the_budget_and_each_runs_its_whole_schedule(data, tmp_path):
+    """fine_tune's frozen epoch gets its epochs' share of --time-budget, and the unfrozen fit all the rest, with its
+    own warm-up from its low first rate: its clock starts when it does, not with the run."""
+    from dataclasses import replace
+
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import train
+
+    class FineTuning(Classifier):  # fine_tune's two fits, on a model from scratch: no pretrained weights offline
+        def fits(self, cfg, lr):
+            return super().fits(replace(cfg, pretrained=True), lr)
+
+    class FitRates(Callback):
+        def before_fit(self):
+            fits.append([])
+
+        def after_batch(self):
+            if self.training:
+                fits[-1].append(self.opt.hypers[-1]["lr"])
+
+    fits = []
+    cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), arch="resnet18", pretrained=False, epochs=100,
+                           size=32, bs=8, time_budget=6, presize=False)
+    m = train(FineTuning(), cfg, cbs=[FitRates(), SlowTraining(0.1)])
+    frozen, unfrozen = fits
+    assert len(frozen) < 3 and len(unfrozen) >= 10, (len(frozen), len(unfrozen))
+    assert unfrozen[0] < max(unfrozen) / 3  # its one-cycle begins at a fifth of its peak (div=5)
+    assert m["train_seconds"] < 6 + 3
 
 
 AGREEING = """
