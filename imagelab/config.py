@@ -44,7 +44,7 @@ def cache_folder(cache=None):
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
 
 
-def learning_rate(text):
+def parse_lr(text):
     """--lr: a number, or 'find' for fastai's learning-rate finder."""
     if text == "find":
         return text
@@ -79,7 +79,7 @@ class TrainConfig:
                                   "where the model allows, --size when fine-tuning; equal to --size turns it off)", metavar="PX")
     bs: int = knob(32, "training", "batch size")
     lr: float | str | None = knob(None, "training", "learning rate, or 'find' for fastai's lr_find (default: the "
-                                  "model's own)", type=learning_rate)
+                                  "model's own)", type=parse_lr)
     wd: float | None = knob(None, "training", "decoupled weight decay (default: fastai's, 0.01)")
     workers: int | None = knob(None, "training", "read the images from files with this many loader processes "
                                "(default: with --presize, batches are cut from the images decoded in memory when "

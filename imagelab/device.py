@@ -6,7 +6,6 @@ artifacts, checkpoints) is made so that a CPU-only machine can load it.
 import os
 
 import torch
-from fastai.callback.core import CancelStepException
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 
 from . import UserError
@@ -109,6 +108,12 @@ class AnyDeviceMixedPrecision(MixedPrecision):
     def before_fit(self):
         self.autocast = torch.autocast(self.device_type, dtype=self.dtype)
         self.learn.scaler = self.grad_scaler
+        if self.grad_scaler.is_enabled():
+            self.learn._step = self.scaled_step  # fastai's step (`Learner._step`), through the scaler
+
+    def after_fit(self):
+        self.learn.__dict__.pop("_step", None)
+        super().after_fit()
 
     def before_batch(self):
         # Validation runs in fp32: each epoch is judged as the report judges the exported (fp32) model, so the
@@ -127,11 +132,14 @@ class AnyDeviceMixedPrecision(MixedPrecision):
 
     def before_step(self):
         # fastai's asks the scaler whether the gradients overflowed before it steps: a read of the GPU, which makes
-        # the CPU wait for each step. The scaler hands the fused optimizer (`models.FusedAdamW`) the scale and the
-        # overflow as tensors instead: it unscales and, after an overflow, leaves everything as it was, on the GPU.
+        # the CPU wait for each step. Here the scaler unscales them (the callbacks after this one, such as gradient
+        # clipping, see them as they are) and notes whether they overflowed, on the device, and `scaled_step` hands
+        # that to the fused optimizer (`models.FusedAdamW`), which then leaves everything as it was.
         if self.scaler.is_enabled():
-            self.scaler.step(self.opt)
-            raise CancelStepException()  # stepped: fastai's own step is skipped
+            self.scaler.unscale_(self.opt)
+
+    def scaled_step(self):
+        self.scaler.step(self.opt)
 
     def one_pixel_conv(self, x):
         """The first strided convolution that sees a map one pixel high or wide at `x`'s size (None if none),

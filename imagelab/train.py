@@ -8,7 +8,6 @@ learner, its weights-only artifacts and its report.
 import errno
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -16,17 +15,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import get_model, rank_distrib
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
 from .augment import faster_augmentation
+from .callbacks import KeepBest, Progress, ProgressiveResize, TimeBudget
 from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
-from .distributed import OwnRandomness, agreed_max, distributed, leave_distributed, world_size
+from .distributed import OwnRandomness, distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
 from .models import PlainTensors, SmoothLoss
@@ -85,156 +84,26 @@ class Task:
         raise NotImplementedError
 
 
-class TimeBudget(Callback):
-    """Fit for `seconds` of wall time or the fit's epochs, whichever ends first: the one-cycle schedule follows the
-    nearer end, and training stops when time is up.
-
-    Processes of a distributed run go by the slowest one's clock, which they agree on at each epoch's start and
-    every few batches: they must step at the same rates, and stop before the same batch.
-    """
-    order = TrainEvalCallback.order + 1  # after fastai's step counter sets pct_train, before the schedulers read it
-    agreements = 20  # an epoch's most, with several processes: each makes the processes wait for one another
-
-    def __init__(self, seconds, spent=0.0):
-        self.seconds, self.spent = seconds, spent
-
-    def before_fit(self):
-        self.start = time.perf_counter() - self.spent
-        self.shared, self.trained = world_size() > 1, False
-
-    def time_spent(self):
-        return agreed_max((time.perf_counter() - self.start) / self.seconds if self.seconds > 0 else math.inf)
-
-    def before_epoch(self):
-        # Not after an epoch: the epoch whose validation ran past the budget is complete, and is recorded first.
-        self.spent_now = self.time_spent()
-        if self.spent_now >= 1:
-            if not self.trained and not rank_distrib():
-                print(f"note: --time-budget was spent before this fit of {self.n_epoch} epochs trained")
-            raise CancelFitException
-
-    def before_train(self):
-        # fastai's step counter has just set pct_train from the epochs alone, and the epoch's input size is chosen
-        # from it next (ProgressiveResize): the clock must count there too
-        self.learn.pct_train = min(1.0, max(self.spent_now, self.epoch / self.n_epoch))
-
-    def before_batch(self):
-        if not self.training:
-            return
-        if not self.shared or self.iter % max(1, self.n_iter // self.agreements) == 0:
-            self.spent_now = self.time_spent()
-        if self.spent_now >= 1:
-            raise CancelFitException  # the report then evaluates the model as it is
-        self.trained = True
-        # on a fast machine the epochs end first: the schedule must still reach its end
-        epochs_done = (self.epoch + self.iter / self.n_iter) / self.n_epoch
-        self.learn.pct_train = min(1.0, max(self.spent_now, epochs_done))
-
-
-class Progress(ProgressCallback):
-    """fastai's progress bars, with the smoothed loss beside them read at most once a second and at the end
-    of each bar (fastai reads it after every batch, which makes the CPU wait for a GPU).
-
-    The epoch table's rows are numbered as the run's last line and metrics.json number epochs: from 1, over
-    every fit of the run (fastai numbers each fit's epochs from 0), so "the weights of epoch 7" is row 7.
-    """
-    every = 1.0  # seconds
-    offset = 0  # epochs of the run's earlier fits (fine_tune's frozen one); `fit` sets it
-
-    def _write_stats(self, log):
-        if log and isinstance(log[0], int):  # an epoch's row, not the header
-            if len(log) < len(self.learn.recorder.metric_names):
-                return  # an epoch skipped to resume: its number and its time, no losses to show
-            log = [self.offset + log[0] + 1, *log[1:]]
-        super()._write_stats(log)
-
-    def before_fit(self):
-        super().before_fit()
-        self.shown = -self.every
-
-    def after_batch(self):
-        self.pbar.update(self.iter + 1)
-        now = time.perf_counter()
-        if hasattr(self, "smooth_loss") and (now - self.shown >= self.every or self.iter + 1 == self.n_iter):
-            self.pbar.comment = f"{self.smooth_loss.item():.4f}"
-            self.shown = now
-
-
-class ProgressiveResize(Callback):
-    """fastai's progressive resizing, epoch by epoch: small inputs first, the full `size` for the second half
-    of every fit of two epochs or more.
-
-    On a CPU the model's forward and backward passes are nearly all of a step and grow with the pixels.
-    The second half of every fit, validation, the report and the export all use the full size, so the
-    model is tuned to and judged at the size it serves.
-    """
-    order = TimeBudget.order + 1  # reads the clock-driven pct_train of a time-budgeted fit
-
-    def __init__(self, resize, size, start):
-        self.transform, self.size, self.start = resize, size, start
-
-    def size_now(self):
-        done = max(self.epoch / self.n_epoch, self.pct_train)  # pct_train: the clock under --time-budget
-        if done >= 0.5 or self.n_epoch < 2:  # a one-epoch fit (fine_tune's frozen one) trains at full size
-            return self.size
-        grown = self.start + (self.size - self.start) * done / 0.5
-        return min(self.size, max(self.start, round(grown / 8) * 8))  # multiples of 8 suit the convolutions
-
-    def resize(self, size):
-        self.transform.size = (size, size)
-
-    def before_train(self):
-        self.resize(self.size_now())
-
-    def before_validate(self):
-        self.resize(self.size)
-
-    def after_fit(self):
-        self.resize(self.size)
-
-
-class KeepBest(Callback):
-    """Remember the weights of the epoch with the lowest validation loss in the `Run`, so the checkpoint
-    saves them and `--resume` goes on with them; stop after `patience` epochs without a lower one."""
-    order = LossHistory.order + 1  # after the epoch's validation loss is logged, before the checkpoint saves it
-
-    def __init__(self, run, patience=None):
-        self.run, self.patience = run, patience
-
-    def before_epoch(self):
-        self.validated = len(self.run.history.valid)
-        if self.patience and self.run.epochs_since_best() >= self.patience:
-            if not self.run.stopped_early:
-                print(f"early stopping: no lower validation loss in {self.patience} "
-                      f"epoch{'s' * (self.patience != 1)}")
-            self.run.stopped_early = True
-            raise CancelFitException  # also ends a later fit of the schedule before it trains
-
-    def after_epoch(self):
-        valid = self.run.history.valid
-        if len(valid) == self.validated:
-            return  # an epoch skipped to resume
-        if self.run.best is None or valid[-1][1] < valid[self.run.best["epoch"] - 1][1]:
-            self.run.best = {"epoch": len(valid),
-                             # a copy where the weights are: a GPU copies in place, without waiting
-                             "model": {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}}
-
-
 def progressive_resize(dls, cfg, start):
     resize = dls.train if isinstance(dls.train, StoreDL) else \
         next(t for t in dls.train.after_item.fs if isinstance(t, (RandomResizedCrop, Resize)))
     return ProgressiveResize(resize, cfg.size, start)
 
 
-def learning_rate(learn, lr, default):
+def resolve_lr(learn, lr, default):
+    """The run's learning rate: `lr` (a number, or "find": fastai's lr_find), else `default`."""
     if lr is None:
         return default
     if lr != "find":
         return float(lr)
     print("finding a learning rate (fastai's lr_find, 100 steps at growing rates)...")
     bars = learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))  # fastai's no_bar puts back its own bar
+    mixed = learn.cbs.filter(lambda cb: isinstance(cb, AnyDeviceMixedPrecision))
+    scales = [cb.grad_scaler.state_dict() for cb in mixed]  # fp16's: lr_find's highest rates overflow it on purpose
     with learn.removed_cbs(bars), learn.no_logging():
         found = float(learn.lr_find(show_plot=False).valley)
+    for cb, scale in zip(mixed, scales):
+        cb.grad_scaler.load_state_dict(scale)
     print(f"lr_find chose {found:.2e}")
     return found
 
@@ -410,7 +279,7 @@ def train(task, cfg, cbs=()):
     settings = {"kind": task.kind, **cfg.settings(), "data": str(root),
                 "images": describe_split(split_files(dls, root))}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
-    run = Run(state["lr"] if state else learning_rate(learn, cfg.lr, task.default_lr(cfg)), state)
+    run = Run(state["lr"] if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg)), state)
     if state:
         restore(learn, state)
         print(f"resuming after epoch {state['epoch']} of {sum(n for n, _ in task.fits(cfg, run.lr))} from {ckpt}")

@@ -139,7 +139,13 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows_wi
         order = 20  # after the mixed precision callback's after_step (10), which updates the scale
 
         def before_fit(self):
-            self.batch, self.seen = 0, []
+            self.batch, self.seen, self.grads, self.cancelled = 0, [], [], 0
+
+        def before_step(self):  # after the mixed precision callback's: gradient clipping would come here
+            self.grads.append(max(float(p.grad.abs().max()) for p in self.model.parameters()))
+
+        def after_cancel_step(self):
+            self.cancelled += 1
 
         def before_batch(self):
             if self.training:
@@ -170,6 +176,10 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows_wi
     fp16 = small_learner(AnyDeviceMixedPrecision("fp16", "cpu"), watch)
     fp16.fit_one_cycle(4, 1e-2)
     assert len(watch.seen) == 4 * 6
+    # every step reaches the callbacks after this one, with the gradients unscaled (scaled, they are 65536 times
+    # larger), and none is reported cancelled, not even the one that overflowed and was skipped
+    assert len(watch.grads) == 4 * 6 and watch.cancelled == 0
+    assert all(g < 100 for i, g in enumerate(watch.grads) if i != overflowing), watch.grads
     unchanged, same_moments, scale, now = watch.seen[overflowing]
     assert unchanged and same_moments and now == scale / 2, watch.seen[overflowing]
     assert scale == 2.0 ** 16  # GradScaler's first scale: nothing overflowed before
@@ -188,9 +198,11 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows_wi
 
 def test_fp16_loss_scale_lasts_the_whole_run_and_a_resumed_run_goes_on_with_it(tmp_path):
     """The loss scale found in one fit carries into the next (fine_tune's two fits) and into a resumed run,
-    rather than starting again at GradScaler's first scale and skipping steps to find it once more."""
+    rather than starting again at GradScaler's first scale and skipping steps to find it once more; lr_find's
+    overflows (it raises the rate until the loss diverges) are not carried into the run."""
     from imagelab.checkpoint import Checkpoint, Writer, load_checkpoint, restore
     from imagelab.device import AnyDeviceMixedPrecision
+    from imagelab.train import resolve_lr
 
     class Overflow(Callback):  # the first step of each fit overflows: the scale halves
         def before_fit(self):
@@ -215,6 +227,10 @@ def test_fp16_loss_scale_lasts_the_whole_run_and_a_resumed_run_goes_on_with_it(t
     restore(learn, state)
     learn.fit(1, 1e-3)
     assert resumed.grad_scaler.get_scale() == 2.0 ** 14  # nothing overflowed: where the run had left it
+
+    finding = AnyDeviceMixedPrecision("fp16", "cpu")
+    resolve_lr(small_learner(finding, Overflow()), "find", None)  # an overflow while lr_find climbs
+    assert finding.grad_scaler.get_scale() == 2.0 ** 16  # is lr_find's, not the run's
     fp32 = small_learner()
     restore(fp32, state)  # a run resumed without loss scaling (on a CPU, or in bf16) has no scale to take
 
@@ -259,7 +275,8 @@ def test_training_steps_never_wait_for_the_device(tmp_path):
     second and at each bar's end."""
     from imagelab.classifier import Classifier
     from imagelab.config import ClassifierConfig
-    from imagelab.train import Progress, train
+    from imagelab.callbacks import Progress
+    from imagelab.train import train
 
     reads = HostReads()
 

@@ -10,7 +10,7 @@ from fastai.callback.core import Callback
 from fastai.learner import load_learner
 
 from conftest import AE_TINY, PY, ROOT, make_folder_dataset, run
-from imagelab.train import ProgressiveResize, TimeBudget
+from imagelab.callbacks import ProgressiveResize, TimeBudget
 from test_distributed import launch
 from test_resume import interrupt_after_an_epoch
 
@@ -52,8 +52,7 @@ def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
 
 
 def tiny_learner(*cbs):
-    from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
+    from fastai.vision.all import DataLoaders, Learner  # with fastai's schedules (fit_one_cycle)
     x, y = torch.randn(64, 4), torch.randn(64, 1)
     dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=16)
     return Learner(dls, torch.nn.Linear(4, 1), loss_func=torch.nn.functional.mse_loss, cbs=list(cbs))
@@ -164,7 +163,7 @@ sys.path.insert(0, sys.argv[1])
 torch.distributed.init_process_group("gloo")
 from test_loop import Rates, tiny_learner
 from imagelab.distributed import OwnRandomness
-from imagelab.train import TimeBudget
+from imagelab.callbacks import TimeBudget
 
 class Draws(Callback):
     def before_fit(self):
