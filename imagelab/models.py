@@ -42,10 +42,6 @@ class FusedAdamW(OptimWrapper):
     """
     _step_supports_amp_scaling = True
 
-    @property
-    def param_groups(self):  # what GradScaler unscales and checks
-        return self.opt.param_groups
-
     @torch.no_grad()
     def step(self, closure=None):
         scale, overflow = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
