@@ -33,12 +33,12 @@ def port(text):
     return int(text)
 
 
-def app_parser(description, app=None, default_model=None, flagging=False):
-    """Options every app takes; `--model` (a model of the kind `app` serves, `default_model` unless given) when it
+def app_parser(description, app=None, model=None, flagging=False):
+    """Options every app takes; `--model` (a model of the kind `app` serves, `model` unless given) when it
     serves one; `--flag-data` where visitors may flag wrong answers (a classifier app)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    if default_model is not None:
-        p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(default_model)),
+    if model is not None:
+        p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(model)),
                        help=f"exported {APPS[app].kind} ({FORMS[APPS[app].kind]}); also the MODEL_PATH environment "
                             "variable")
     p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
@@ -56,7 +56,7 @@ def app_parser(description, app=None, default_model=None, flagging=False):
     return p
 
 
-def default_model(app_file, name):
+def app_default_model(app_file, name):
     """A Space bundle keeps its model's graph beside app.py (`models/<name>.onnx`); the repository its learner in
     `models/<name>.pkl`."""
     here = Path(app_file).resolve().parent

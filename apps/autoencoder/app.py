@@ -1,8 +1,8 @@
 """Autoencoder: upload a photo, see it rebuilt from a code of a few numbers, and walk between two photos' codes."""
 from imagelab import run_cli
-from imagelab.app_options import APPS, app_model, app_parser, default_model
+from imagelab.app_options import APPS, app_default_model, app_model, app_parser
 
-MODEL = default_model(__file__, "autoencoder")
+MODEL = app_default_model(__file__, "autoencoder")
 
 
 def main(argv=None):

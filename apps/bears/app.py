@@ -1,8 +1,8 @@
 """Bear classifier: upload a photo, get the top-3 labels (grizzly, black or teddy bear)."""
 from imagelab import run_cli
-from imagelab.app_options import app_model, app_parser, default_model
+from imagelab.app_options import app_default_model, app_model, app_parser
 
-MODEL = default_model(__file__, "bears")
+MODEL = app_default_model(__file__, "bears")
 
 
 def main(argv=None):

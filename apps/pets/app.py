@@ -1,8 +1,8 @@
 """Pet classifier: upload a photo, get the top-3 labels (cat or dog, or the 37 Oxford-IIIT Pet breeds)."""
 from imagelab import run_cli
-from imagelab.app_options import app_model, app_parser, default_model
+from imagelab.app_options import app_default_model, app_model, app_parser
 
-MODEL = default_model(__file__, "pets")
+MODEL = app_default_model(__file__, "pets")
 
 
 def main(argv=None):
