@@ -115,7 +115,7 @@ class TrainConfig:
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
             ("--size", self.size, self.size >= 8, "at least 8"),
             ("--valid-pct", self.valid_pct, 0 < self.valid_pct < 1, "between 0 and 1"),
-            ("--bs", self.bs, self.bs >= 1, "at least 1"),
+            ("--bs", self.bs, self.bs >= 2, "at least 2 (batch norm learns from a batch's own statistics)"),
             ("--start-size", self.start_size, self.start_size is None or 8 <= self.start_size <= self.size,
              f"between 8 and --size ({self.size})"),
             ("--lr", self.lr, self.lr in (None, "find") or 0 < self.lr < math.inf, "more than 0 (or find)"),

@@ -217,12 +217,17 @@ def folder_split(root, files, cache=None):
     look-alike fingerprints are kept (--cache)."""
     root = Path(root)
     tops = {f.relative_to(root).parts[0] for f in files}
-    if tops - {FLAGGED} != {"train", "valid"}:
+    if not {"train", "valid"} <= tops:
         return None
+    others = sorted(tops - {"train", "valid", FLAGGED})
+    if others:  # a test/ set, say: as fastai's GrandparentSplitter, neither trained on nor measured
+        print(f"note: {', '.join(others)} left out: with train/ and valid/ folders, only train/ (and {FLAGGED}/) "
+              "trains and only valid/ is measured")
 
     def split(items):
-        valid = {i for i, f in enumerate(items) if Path(f).relative_to(root).parts[0] == "valid"}
-        return with_flagged(root, items, valid, cache=cache)
+        tops = [Path(f).relative_to(root).parts[0] for f in items]
+        train, valid = with_flagged(root, items, {i for i, top in enumerate(tops) if top == "valid"}, cache=cache)
+        return [i for i in train if tops[i] in ("train", FLAGGED)], valid
     return split
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,8 +101,13 @@ def resolve_lr(learn, lr, default):
     bars = learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))  # fastai's no_bar puts back its own bar
     mixed = learn.cbs.filter(lambda cb: isinstance(cb, AnyDeviceMixedPrecision))
     scales = [cb.grad_scaler.state_dict() for cb in mixed]  # fp16's: lr_find's highest rates overflow it on purpose
-    with learn.removed_cbs(bars), learn.no_logging():
-        found = float(learn.lr_find(show_plot=False).valley)
+    path = learn.path
+    with learn.removed_cbs(bars), learn.no_logging(), tempfile.TemporaryDirectory() as tmp:
+        learn.path = Path(tmp)  # lr_find keeps the weights in <path>/models meanwhile, not in the working folder
+        try:
+            found = float(learn.lr_find(show_plot=False).valley)
+        finally:
+            learn.path = path
     for cb, scale in zip(mixed, scales):
         cb.grad_scaler.load_state_dict(scale)
     print(f"lr_find chose {found:.2e}")
@@ -295,6 +301,9 @@ def train(task, cfg, cbs=()):
     processes = world_size()
     images = (run.history.step - run.first_step) * cfg.bs * processes  # every training batch is full
     leave_distributed()
+    if run.history.step == 0:  # only a time budget ends a run before its first batch
+        raise UserError(f"--time-budget {cfg.time_budget:g} ended before the first batch: nothing was trained or "
+                        "exported; give it more seconds")
     if not main_process:
         return None
     kept = run.keep(learn, cfg.keep)  # judged on the loaders it trained with

@@ -113,10 +113,10 @@ def in_fresh_process(code, *args, cwd, env=None, timeout=180):
     return res.stdout.strip().splitlines()[-1]
 
 
-def train_tiny(data, out, *extra, timeout=300):
-    res = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
+def train_tiny(data, out, *extra, timeout=300, cwd=ROOT):
+    res = run([ROOT / "training" / "train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
                "--epochs", "1", "--size", "32", "--bs", "8", "--workers", "0", "--out", out, *extra],
-              timeout=timeout)
+              timeout=timeout, cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 

@@ -240,6 +240,18 @@ def test_train_and_valid_folders_keep_their_split(tmp_path):
     assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None
 
 
+def test_a_test_folder_beside_train_and_valid_is_neither_trained_on_nor_measured(tmp_path, capsys):
+    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+        for label, color in (("cats", (220, 60, 60)), ("dogs", (60, 60, 220))):
+            for i in range(n):
+                write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
+    files, _ = find_images(tmp_path)
+    dls = classifier_dls(files, parent_label, size=32, bs=4, workers=0, splitter=folder_split(tmp_path, files))
+    assert {f.relative_to(tmp_path).parts[0] for f in dls.train_ds.items} == {"train"} and len(dls.train_ds) == 12
+    assert {f.relative_to(tmp_path).parts[0] for f in dls.valid_ds.items} == {"valid"} and len(dls.valid_ds) == 4
+    assert "note: test left out: with train/ and valid/ folders" in capsys.readouterr().out
+
+
 def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):
     from imagelab.classifier import Classifier
     from imagelab.config import ClassifierConfig

@@ -9,7 +9,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.learner import load_learner
 
-from conftest import AE_TINY, PY, ROOT, make_folder_dataset, run
+from conftest import AE_TINY, PY, ROOT, fails_with_one_line, make_folder_dataset, run
 from imagelab.callbacks import ProgressiveResize, TimeBudget
 from test_distributed import launch
 from test_resume import interrupt_after_an_epoch
@@ -49,6 +49,14 @@ def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
     decoder = ["m.decoder.onnx"] if kind == "autoencoder" else []  # its static page decodes codes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.config.json", *decoder, "m.onnx", "m.pkl", "m.report",
                                                           "m.safetensors"]
+
+
+def test_a_budget_that_ends_before_the_first_batch_exports_nothing(data, tmp_path):
+    out = tmp_path / "m.pkl"
+    res = run(command("classifier", data, out, "--epochs", "3", "--time-budget", "0.001"))
+    fails_with_one_line(res, "--time-budget 0.001 ended before the first batch: nothing was trained or exported")
+    assert "note: --time-budget was spent before this fit of 3 epochs trained" in res.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def tiny_learner(*cbs):

@@ -184,6 +184,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                                ("train_pets", ["--min-scale", "2"], "--min-scale must be more than 0 and at most 1"),
                                ("train_pets", ["--label-smoothing", "1.5"], "--label-smoothing must be at least 0"),
                                ("train_pets", ["--workers", "-2"], "--workers must be 0 or more, not -2"),
+                               ("train_pets", ["--bs", "1"], "--bs must be at least 2 (batch norm"),
                                # a code longer than the image would be gigabytes of layers, and compress nothing
                                ("train_autoencoder", ["--code-size", "100000"], "less than the image's 12,288 numbers"),
                                ("train_autoencoder", ["--width", "0"], "--width must be at least 1, not 0")]:
@@ -203,10 +204,12 @@ def test_a_folder_with_one_class_is_told_so(tmp_path):
     fails_with_one_line(res, "only one class", "cats", "at least two")
 
 
-def test_lr_find_says_which_rate_it_chose(tmp_path):
-    data = make_folder_dataset(tmp_path / "data", n=8)
+def test_lr_find_says_which_rate_it_chose_and_writes_nothing_where_it_runs(tmp_path):
+    data, work = make_folder_dataset(tmp_path / "data", n=8), tmp_path / "work"
+    work.mkdir()
     # timm's smallest ResNet: lr_find's 100 steps at resnet18's cost would make this the suite's slowest test
-    res = train_tiny(data, tmp_path / "m.pkl", "--lr", "find", "--arch", "test_resnet")
+    res = train_tiny(data, tmp_path / "m.pkl", "--lr", "find", "--arch", "test_resnet", cwd=work)
+    assert list(work.iterdir()) == []  # fastai's lr_find keeps the weights in ./models meanwhile: not here
     chosen = [line for line in res.stdout.splitlines() if line.startswith("lr_find chose ")]
     assert len(chosen) == 1, res.stdout[-2000:]
     lr = float(chosen[0].split()[-1])
