@@ -18,7 +18,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
-from .device import AnyDeviceMixedPrecision, mps_available
+from .device import loss_scaler, mps_available
 from .paths import disk_space, staging_path
 
 
@@ -81,9 +81,9 @@ def restore(learn, state):
     if learn.opt is None:
         learn.create_opt()
     learn.opt.load_state_dict(state["opt"])
-    if state.get("scaler"):  # fp16's loss scale, which would otherwise be found again in a few skipped steps
-        for cb in learn.cbs.filter(lambda cb: isinstance(cb, AnyDeviceMixedPrecision)):
-            cb.grad_scaler.load_state_dict(state["scaler"])  # does nothing if this run does not scale (not fp16)
+    scaler = loss_scaler(learn)
+    if scaler is not None and state.get("scaler"):  # fp16's loss scale, else found again in a few skipped steps
+        scaler.load_state_dict(state["scaler"])
 
 
 def snapshot(obj):
@@ -193,7 +193,7 @@ class Checkpoint(Callback):
 def scaler_state(learn):
     """fp16's GradScaler state ({} without one). It reads the scale from the device: at an epoch's end, after the
     validation has waited for the device anyway."""
-    scaler = getattr(learn, "scaler", None)
+    scaler = loss_scaler(learn)
     return scaler.state_dict() if scaler is not None else {}
 
 

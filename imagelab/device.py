@@ -153,6 +153,12 @@ class AnyDeviceMixedPrecision(MixedPrecision):
         return self.one_pixel[size]
 
 
+def loss_scaler(learn):
+    """The GradScaler of `learn`'s fp16 run, which lasts from fit to fit; None without loss scaling."""
+    return next((cb.grad_scaler for cb in learn.cbs
+                 if isinstance(cb, AnyDeviceMixedPrecision) and cb.grad_scaler.is_enabled()), None)
+
+
 def one_pixel_strided_conv(model, x):
     """The name of `model`'s first strided convolution whose input is one pixel high or wide when `model` takes
     `x` (None if there is none). `model` is run once in eval mode (nothing learned or drawn) without gradients."""

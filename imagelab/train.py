@@ -25,7 +25,7 @@ from .augment import faster_augmentation
 from .callbacks import KeepBest, Progress, ProgressiveResize, TimeBudget
 from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
-from .device import AnyDeviceMixedPrecision, pick_device, pick_precision
+from .device import AnyDeviceMixedPrecision, loss_scaler, pick_device, pick_precision
 from .distributed import OwnRandomness, distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
@@ -99,8 +99,8 @@ def resolve_lr(learn, lr, default):
         return float(lr)
     print("finding a learning rate (fastai's lr_find, 100 steps at growing rates)...")
     bars = learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))  # fastai's no_bar puts back its own bar
-    mixed = learn.cbs.filter(lambda cb: isinstance(cb, AnyDeviceMixedPrecision))
-    scales = [cb.grad_scaler.state_dict() for cb in mixed]  # fp16's: lr_find's highest rates overflow it on purpose
+    scaler = loss_scaler(learn)  # fp16's: lr_find's highest rates overflow it on purpose, not the run's
+    scale = scaler.state_dict() if scaler is not None else None
     path = learn.path
     with learn.removed_cbs(bars), learn.no_logging(), tempfile.TemporaryDirectory() as tmp:
         learn.path = Path(tmp)  # lr_find keeps the weights in <path>/models meanwhile, not in the working folder
@@ -108,8 +108,8 @@ def resolve_lr(learn, lr, default):
             found = float(learn.lr_find(show_plot=False).valley)
         finally:
             learn.path = path
-    for cb, scale in zip(mixed, scales):
-        cb.grad_scaler.load_state_dict(scale)
+    if scaler is not None:
+        scaler.load_state_dict(scale)
     print(f"lr_find chose {found:.2e}")
     return found
 
