@@ -160,7 +160,8 @@ def test_fine_tunings_fits_share_the_budget_and_each_runs_its_whole_schedule(dat
     frozen, unfrozen = fits
     assert len(frozen) < 3 and len(unfrozen) >= 10, (len(frozen), len(unfrozen))
     assert unfrozen[0] < max(unfrozen) / 3  # its one-cycle begins at a fifth of its peak (div=5)
-    assert m["train_seconds"] < 6 + 3
+    # the clock ends it (how near the budget a run stops: test_time_budget_stops_near_it_with_a_complete_model)
+    assert m["epochs_trained"] < 100 and m["train_seconds"] < 2 * 6
 
 
 AGREEING = """
