@@ -126,7 +126,7 @@ def test_a_budget_the_clock_ends_still_trains_its_second_half_at_the_full_size()
     epochs trains its second half of the time at the size it is validated, exported and served at."""
     resizer, sizes = ProgressiveResize(InputSize(), size=64, start=32), Sizes()
     sizes.resizer = resizer
-    tiny_learner(SlowTraining(0.05)).fit_one_cycle(200, 1e-2, cbs=[TimeBudget(2.0), resizer, sizes])
+    tiny_learner(SlowTraining(0.05)).fit_one_cycle(200, 1e-2, cbs=[TimeBudget(3.0), resizer, sizes])
     assert 4 <= len(sizes.seen) < 100, sizes.seen  # a few epochs of 200
     assert sizes.seen[0] == 32 and sizes.seen == sorted(sizes.seen)
     assert sizes.seen[len(sizes.seen) // 2 + 1:] == [64] * (len(sizes.seen) - len(sizes.seen) // 2 - 1), sizes.seen
@@ -155,13 +155,15 @@ def test_fine_tunings_fits_share_the_budget_and_each_runs_its_whole_schedule(dat
 
     fits = []
     cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), arch="resnet18", pretrained=False, epochs=100,
-                           size=32, bs=8, time_budget=6, presize=False)
+                           size=32, bs=8, time_budget=12, presize=False)
     m = train(FineTuning(), cfg, cbs=[FitRates(), SlowTraining(0.1)])
     frozen, unfrozen = fits
-    assert len(frozen) < 3 and len(unfrozen) >= 10, (len(frozen), len(unfrozen))
-    assert unfrozen[0] < max(unfrozen) / 3  # its one-cycle begins at a fifth of its peak (div=5)
+    # the frozen fit stops at its share, 1/101 of the time, before its epoch's 3 batches, however loaded the machine
+    assert len(frozen) < 3 and unfrozen, (len(frozen), len(unfrozen))
+    peak = m["lr"] / 2  # fine_tune's unfrozen rate (the head's)
+    assert unfrozen[0] < peak / 3, (unfrozen[0], peak)  # its one-cycle begins at a fifth of its peak (div=5)
     # the clock ends it (how near the budget a run stops: test_time_budget_stops_near_it_with_a_complete_model)
-    assert m["epochs_trained"] < 100 and m["train_seconds"] < 2 * 6
+    assert m["epochs_trained"] < 100 and m["train_seconds"] < 2 * 12
 
 
 AGREEING = """
