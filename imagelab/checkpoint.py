@@ -47,6 +47,12 @@ def set_rng_states(learn, states):
     train_loader(learn).rng.setstate(states["loader"])
 
 
+def smoothing_state(learn):
+    """fastai's smoothed training loss (the epoch table's train_loss, the loss curve) where the epoch left it."""
+    smooth = learn.recorder.smooth_loss
+    return {"count": smooth.count, "val": smooth.val}
+
+
 def load_checkpoint(path, settings):
     """The saved state, or a `UserError` if there is none or it was made with other settings."""
     path = Path(path)
@@ -150,20 +156,22 @@ class Writer:
 
 
 class Checkpoint(Callback):
-    """Save everything a resumed run needs after a finished epoch; restore the random streams when resuming.
+    """Save everything a resumed run needs after a finished epoch; restore the random streams and the smoothed
+    loss when resuming.
 
     An epoch is saved when `every` seconds have passed since the last save (or the fit's start), and the
     last epoch of a fit always is. The epoch's end only copies the state; `writer` (one per run: a fit's
     last write may still be going when the next fit saves) puts it on the disk while training goes on.
     Even copying weights and optimizer moments after every epoch would be a share of epochs that take
     seconds on a GPU. `offset` is the number of epochs of earlier fits of the same run (fine_tune's frozen
-    epoch), so `epoch` in the file counts the epochs of the whole run.
+    epoch), so `epoch` in the file counts the epochs of the whole run. `resumed`: the checkpoint's state that this
+    fit goes on from (`start_epoch`), if any.
     """
     order = 65  # after the Recorder and LossHistory have logged the epoch
 
-    def __init__(self, path, settings, extra, writer, offset=0, start_epoch=0, resume_rng=None, every=0.0):
+    def __init__(self, path, settings, extra, writer, offset=0, start_epoch=0, resumed=None, every=0.0):
         self.path, self.settings, self.extra, self.writer = Path(path), settings, extra, writer
-        self.offset, self.start_epoch, self.resume_rng, self.every = offset, start_epoch, resume_rng, every
+        self.offset, self.start_epoch, self.resumed, self.every = offset, start_epoch, resumed, every
 
     def before_fit(self):
         self.saved = time.perf_counter()
@@ -171,9 +179,13 @@ class Checkpoint(Callback):
     def before_epoch(self):
         # Skipped epochs (fastai's start_epoch) use no randomness, so the streams are set just before
         # the first epoch that trains, exactly as they were when the checkpoint was written.
-        if self.epoch == self.start_epoch and self.resume_rng is not None:
-            set_rng_states(self.learn, self.resume_rng)
-            self.resume_rng = None
+        if self.epoch == self.start_epoch and self.resumed is not None:
+            set_rng_states(self.learn, self.resumed["rng"])
+            smoothed = self.resumed.get("smooth_loss")  # absent from checkpoints written before it was kept
+            if self.start_epoch and smoothed:  # not at a fit's start, where fastai's Recorder starts it afresh
+                smooth = self.learn.recorder.smooth_loss
+                smooth.count, smooth.val = smoothed["count"], smoothed["val"]
+            self.resumed = None
 
     def after_epoch(self):
         if self.epoch < self.start_epoch or rank_distrib():
@@ -183,7 +195,7 @@ class Checkpoint(Callback):
         model = get_model(self.model)
         state = snapshot({"epoch": self.offset + self.epoch + 1, "settings": self.settings,
                           "model": model.state_dict(), "opt": self.opt.state_dict(), "scaler": scaler_state(self.learn),
-                          "rng": rng_states(self.learn), **self.extra()})
+                          "rng": rng_states(self.learn), "smooth_loss": smoothing_state(self.learn), **self.extra()})
         device = next(model.parameters()).device
         ready = torch.cuda.current_stream(device).record_event() if device.type == "cuda" else None
         self.writer.write(state, self.path, ready)

@@ -120,12 +120,12 @@ class Run:
 
     def __init__(self, lr, state=None):
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
-        self.done, self.seconds_before, self.rng = 0, 0.0, None
+        self.done, self.seconds_before, self.resumed = 0, 0.0, None
         self.best, self.stopped_early = None, False  # best: the epoch (from 1) of the lowest validation loss, its weights
         self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:
             self.history.train, self.history.valid, self.history.step = state["history"]
-            self.done, self.seconds_before, self.rng = state["epoch"], state["seconds"], state["rng"]
+            self.done, self.seconds_before, self.resumed = state["epoch"], state["seconds"], state
             self.best = state.get("best")  # absent from checkpoints written before keep-best
             self.fit_started = state.get("fit_started", 0.0)  # absent before fits had budgets of their own
         self.first_step = self.history.step
@@ -159,10 +159,11 @@ class Run:
         get_model(learn.model).load_state_dict(self.best["model"])
         return {**kept, "kept_epoch": self.best["epoch"]}
 
-    def take_rng(self):
-        """The random streams to restore: once, before the first epoch this process trains."""
-        rng, self.rng = self.rng, None
-        return rng
+    def take_resumed(self):
+        """The checkpoint's state to go on from (random streams, smoothed loss): once, before the first epoch this
+        process trains; None after that, or in a run that did not resume."""
+        resumed, self.resumed = self.resumed, None
+        return resumed
 
 
 def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
@@ -178,7 +179,7 @@ def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
                 if first == 0:
                     run.fit_started = run.seconds()
                 budget = [fit_budget(cfg.time_budget, run, n, epochs - offset)] if cfg.time_budget else []
-                checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset, first, run.take_rng(),
+                checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset, first, run.take_resumed(),
                                         cfg.checkpoint_every)
                 if isinstance(getattr(learn, "progress", None), Progress):
                     learn.progress.offset = offset

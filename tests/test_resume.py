@@ -69,8 +69,8 @@ def data(tmp_path_factory):
 
 def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tmp_path):
     whole = tmp_path / "whole" / "pets.pkl"
-    res = run(command(data, whole))
-    assert res.returncode == 0, res.stderr[-3000:]
+    uninterrupted = run(command(data, whole))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     out = tmp_path / "resumed" / "pets.pkl"
     ckpt = out.with_name("pets.ckpt")
@@ -109,6 +109,11 @@ def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tm
             assert torch.allclose(t, wb[name], rtol=1e-3, atol=1e-4), name
     # the loss curve covers the whole run: one validation point per epoch
     assert len(b["valid_loss_per_epoch"]) == len(a["valid_loss_per_epoch"]) == EPOCHS
+    # the epoch table's rows too, the smoothed train_loss going on from where the killed run left it
+    rows = epoch_table(res.stdout)
+    assert list(rows) == list(range(stopped_at + 1, EPOCHS + 1))
+    for epoch, losses in rows.items():
+        assert losses == pytest.approx(epoch_table(uninterrupted.stdout)[epoch], rel=1e-3), epoch
 
 
 def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path):
@@ -119,13 +124,16 @@ def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path
     whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
     res = run(args(whole), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert list(epoch_table(res.stdout)) == [1, 2]  # numbered over both fits, as the run's last line counts them
+    whole_table = epoch_table(res.stdout)
+    assert list(whole_table) == [1, 2]  # numbered over both fits, as the run's last line counts them
     code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env)
     assert code == -signal.SIGKILL and killed_at == 1  # the frozen epoch, of 1 + 1
     res = run(args(out, "--resume"), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming after epoch 1 of 2" in res.stdout
     assert list(epoch_table(res.stdout)) == [2]
+    # the unfrozen fit smooths its train_loss afresh, as fastai's Recorder does at each fit, resumed or not
+    assert epoch_table(res.stdout)[2] == pytest.approx(whole_table[2], rel=1e-3)
     a = json.loads((tmp_path / "whole.report" / "metrics.json").read_text())
     b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
     assert a["pretrained"] and b["accuracy"] == a["accuracy"]
