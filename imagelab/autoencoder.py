@@ -15,7 +15,7 @@ from fastai.learner import AvgMetric, Learner
 from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
 from fastai.torch_core import get_model
-from fastai.vision.all import DataBlock, FlipItem, RandomSplitter, Resize
+from fastai.vision.all import DataBlock, FlipItem, Resize
 from torch import nn
 
 from . import UserError
@@ -246,7 +246,7 @@ class RatioCurve(Callback):
             self.points.append((self.epoch + 1, round(ratio.value, 5)))
 
 
-def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, get_x=None, splitter=None):
+def autoencoder_dls(files, *, splitter, size, bs, seed, workers=None, get_x=None):
     """DataLoaders whose target is the input: the same random crop and flip on both.
 
     fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
@@ -254,15 +254,15 @@ def autoencoder_dls(files, size=64, bs=4, valid_pct=0.2, seed=42, workers=None, 
     (below) plus mirror images. Warps and lighting changes are left out: they make the task harder than
     what is scored, and three epochs have no steps to spare (benchmarks/README.md).
     Validation (and inference, and PCA) sees the centre square of each image, unaugmented.
-    `get_x` maps a file to what is decoded (`Presized`); the target is decoded the same way. `splitter` defaults
-    to a seeded random `valid_pct` split.
+    `splitter`: `dataset_split`'s; `seed`: the loaders' shuffling; `get_x` maps a file to what is decoded
+    (`Presized`), the target decoded the same way; `workers`: loader processes (None: fastai's default).
     """
-    block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x,
-                      splitter=splitter or RandomSplitter(valid_pct, seed=seed),
+    block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x, splitter=splitter,
                       item_tfms=[Resize(size), FlipItem(0.5)])
-    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default
+    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
-        raise UserError(f"need images for training and validation: {len(files)} images with --valid-pct {valid_pct}")
+        raise UserError(f"need images for training and validation: {len(dls.train_ds)} and {len(dls.valid_ds)} of "
+                        f"{len(files)} images; {'lower' if len(dls.valid_ds) else 'raise'} --valid-pct")
     return dls
 
 
@@ -389,14 +389,14 @@ class AutoencoderTask(Task):
 
     def dataloaders(self, cfg, root, files, get_x, workers):
         self.curve = RatioCurve()  # a run's: one task may train several times
-        splitter, self.split = dataset_split(root, files, cfg.valid_pct, cfg.seed, cfg.cache)
-        return autoencoder_dls(files, cfg.size, cfg.bs, cfg.valid_pct, cfg.seed, workers, get_x=get_x,
-                               splitter=splitter)
+        splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
+        return autoencoder_dls(files, splitter=splitter, size=cfg.size, bs=cfg.bs, seed=cfg.seed, workers=workers,
+                               get_x=get_x)
 
     def learner(self, dls, cfg):
-        model = ConvAutoencoder(cfg.size, cfg.code_size, cfg.depth, cfg.width, sparse=cfg.sparsity > 0,
-                                blocks=cfg.blocks)
-        return autoencoder_learner(dls, model, cfg.loss, cfg.wd)
+        model = ConvAutoencoder(size=cfg.size, code_size=cfg.code_size, depth=cfg.depth, width=cfg.width,
+                                sparse=cfg.sparsity > 0, blocks=cfg.blocks)
+        return autoencoder_learner(dls, model, loss=cfg.loss, wd=cfg.wd)
 
     def default_lr(self, cfg):
         return 2e-3

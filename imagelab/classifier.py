@@ -24,9 +24,9 @@ class Classifier(Task):
     def dataloaders(self, cfg, root, files, get_x, workers):
         self.labels = cfg.labels or detect_labels(root, files)
         self.get_y = label_function(self.labels, cfg.task)
-        splitter, self.split = dataset_split(root, files, cfg.valid_pct, cfg.seed, cfg.cache)
-        dls = classifier_dls(files, self.get_y, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
-                             valid_pct=cfg.valid_pct, seed=cfg.seed, workers=workers, splitter=splitter, get_x=get_x)
+        splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
+        dls = classifier_dls(files, self.get_y, splitter=splitter, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
+                             seed=cfg.seed, workers=workers, get_x=get_x)
         self.counts = split_counts(dls, self.get_y)
         unmeasured = [c for c, n in self.counts["valid"].items() if n == 0]
         if unmeasured:  # the run goes on, but its report says nothing of these classes

@@ -50,11 +50,12 @@ def ends_mid_line(f):
     return f.read(1) != b"\n"
 
 
-def free_name(folder, name):
-    """`name` in `folder`, or `stem_1.ext`, `stem_2.ext`... if taken: a move never overwrites a file."""
+def free_name(folder, name, taken=()):
+    """`name` in `folder`, or `stem_1.ext`, `stem_2.ext`... if taken (on the disk, or in `taken`: the destinations of
+    a batch's earlier moves): a move never overwrites a file."""
     path, stem, suffix = folder / name, Path(name).stem, name[len(Path(name).stem):]
     i = 0
-    while path.exists() or path.is_symlink():
+    while path.exists() or path.is_symlink() or path in taken:
         i += 1
         path = folder / f"{stem}_{i}{suffix}"
     return path
@@ -169,7 +170,8 @@ class Cleaner:
 
     def _undo(self):
         batches = self.history()
-        undone = {b.get("undoes") for b in batches if b.get("kind") == "undo"}
+        # a batch counts as undone once an undo of it ended: one killed part way is done again, from where it stopped
+        undone = {b.get("undoes") for b in batches if b.get("kind") == "undo" and not b.get("cut_short")}
         todo = [b for b in batches if b.get("kind") == "clean" and b["batch"] not in undone]
         if not todo:
             raise UserError("nothing to undo")
@@ -178,48 +180,84 @@ class Cleaner:
         for m in reversed(last["moves"]):
             src = safe_path(self.root, m["to"], self.classes, under=(REMOVED,))
             dst = safe_path(self.root, m["from"], self.classes, under=(FLAGGED,))
+            if not src.exists() and dst.is_file():
+                continue  # put back by an undo that was killed part way
             if not src.is_file() or dst.exists():
                 raise UserError(f"cannot undo batch {last['batch']}: {m['to']} has moved or {m['from']} exists")
             plan.append((src, dst.parent, dst.name))
         return self._move(plan, "undo", undoes=last["batch"])
 
-    def history(self):
-        """The logged batches. A line that is not one (a write cut short by a crash or a full disk) is passed over:
-        the rest of the log still undoes."""
+    def _lines(self):
+        """Every batch line of the log. A line that is not one (a write cut short by a crash or a full disk) is
+        passed over: the rest of the log still undoes."""
         if not self.log.is_file():
             return []
-        batches = []
+        lines = []
         for line in self.log.read_text(errors="replace").splitlines():
             try:
                 batch = json.loads(line)
             except ValueError:
                 continue
             if isinstance(batch, dict) and isinstance(batch.get("batch"), int) and isinstance(batch.get("moves"), list):
-                batches.append(batch)
+                lines.append(batch)
+        return lines
+
+    def history(self):
+        """The logged batches that moved files, each with the moves it made.
+
+        A batch is logged twice: what it is about to move ("planned"), then what it moved. Of a batch whose
+        process was killed in between (Ctrl-C on the server, kill -9), the planned moves found done are the ones
+        it made (marked "cut_short")."""
+        lines = self._lines()
+        ended = {b["batch"] for b in lines if not b.get("planned")}
+        batches = []
+        for b in lines:
+            if b.get("planned"):
+                if b["batch"] in ended:
+                    continue
+                b = {k: v for k, v in b.items() if k != "planned"}
+                b.update(cut_short=True, moves=[m for m in b["moves"] if self.moved(m)])
+            if b["moves"]:
+                batches.append(b)
         return batches
+
+    def moved(self, move):
+        """Whether the logged `move` was made: its file is at its destination and gone from where it was."""
+        try:
+            return (self.root / move["to"]).is_file() and not (self.root / move["from"]).exists()
+        except (KeyError, TypeError):  # not a move this cleaner wrote
+            return False
 
     def _move(self, plan, kind, **extra):
         """Move each (file, folder, name) (name None: the file's own, or a free variant), never overwriting;
-        log the moves as one batch."""
+        log the moves as one batch, before and after they are made (`history`)."""
+        batch = 1 + max((b["batch"] for b in self._lines()), default=0)
+        targets, taken = [], set()
+        for src, folder, name in plan:
+            dst = folder / name if name is not None else free_name(folder, src.name, taken)
+            taken.add(dst)
+            targets.append((src, dst))
+        if not targets:
+            return []
+        entry = {"batch": batch, "kind": kind, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._log({**entry, "planned": True, "moves": [{"from": self.rel(s), "to": self.rel(d)} for s, d in targets]})
         moves = []
-        batch = 1 + max((b["batch"] for b in self.history()), default=0)
         try:
-            for src, folder, name in plan:
-                folder.mkdir(parents=True, exist_ok=True)
-                dst = free_name(folder, src.name) if name is None else folder / name
-                if dst.exists():
+            for src, dst in targets:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists() or dst.is_symlink():
                     raise FileExistsError(17, "will not overwrite", str(dst))
                 os.rename(src, dst)
                 moves.append({"from": self.rel(src), "to": self.rel(dst)})
         except OSError as e:
-            raise UserError(f"moved {len(moves)} of {len(plan)} files, then: {e.strerror}: {e.filename}") from None
-        finally:
-            if moves:  # the log says exactly what moved, even when a move failed half-way
-                with open(self.log, "a+b") as f:  # a line of its own after one cut short
-                    f.write((("\n" if ends_mid_line(f) else "") + json.dumps({
-                        "batch": batch, "kind": kind, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "moves": moves}) + "\n").encode())
+            raise UserError(f"moved {len(moves)} of {len(targets)} files, then: {e.strerror}: {e.filename}") from None
+        finally:  # the log says exactly what moved, even when a move failed half-way
+            self._log({**entry, "moves": moves})
         return moves
+
+    def _log(self, entry):
+        with open(self.log, "a+b") as f:  # a line of its own after one cut short
+            f.write((("\n" if ends_mid_line(f) else "") + json.dumps(entry) + "\n").encode())
 
     def rel(self, path):
         return path.relative_to(self.root).as_posix()

@@ -240,18 +240,17 @@ def dataset_split(root, files, valid_pct, seed, cache=None):
     return random_split(root, valid_pct, seed, cache), f"random {valid_pct:.0%}"
 
 
-def classifier_dls(files, get_y, size=224, min_scale=0.35, bs=64, valid_pct=0.2, seed=42, workers=None,
-                   splitter=None, get_x=None):
+def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, seed, workers=None, get_x=None):
     """fastai DataLoaders: `RandomResizedCrop` per item (a centre crop for validation), fastai's batch augmentation.
 
-    `splitter` defaults to a seeded random `valid_pct` split; `get_x` maps a file to what is decoded (`Presized`).
+    `splitter`: `dataset_split`'s; `seed`: the loaders' shuffling; `get_x` maps a file to what is decoded
+    (`Presized`); `workers`: loader processes (None: fastai's default).
     """
-    block = DataBlock(blocks=(RGBImageBlock(), CategoryBlock), get_x=get_x, get_y=get_y,
-                      splitter=splitter or RandomSplitter(valid_pct, seed=seed),
+    block = DataBlock(blocks=(RGBImageBlock(), CategoryBlock), get_x=get_x, get_y=get_y, splitter=splitter,
                       item_tfms=RandomResizedCrop(size, min_scale=min_scale), batch_tfms=aug_transforms())
-    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)  # None: fastai's default
+    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)
     if len(dls.valid_ds) == 0:
-        raise UserError(f"no validation images: {len(files)} images with --valid-pct {valid_pct}")
+        raise UserError(f"no validation images among {len(files)} images: raise --valid-pct")
     if len(dls.vocab) < 2:
         raise UserError(f"only one class ({dls.vocab[0]}) among {len(files)} images: a classifier needs at least two")
     return dls

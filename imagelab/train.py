@@ -287,9 +287,10 @@ def train(task, cfg, cbs=()):
                 "images": describe_split(split_files(dls, root))}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
     run = Run(state["lr"] if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg)), state)
+    planned = sum(n for n, _ in task.fits(cfg, run.lr))  # fine_tune's frozen epoch too
     if state:
         restore(learn, state)
-        print(f"resuming after epoch {state['epoch']} of {sum(n for n, _ in task.fits(cfg, run.lr))} from {ckpt}")
+        print(f"resuming after epoch {state['epoch']} of {planned} from {ckpt}")
     writer = Writer()
     try:
         fit(task, cfg, learn, run, ckpt, writer, settings, cbs)
@@ -310,7 +311,8 @@ def train(task, cfg, cbs=()):
     kept = run.keep(learn, cfg.keep)  # judged on the loaders it trained with
     learn.dls = dls  # the report and the exported learner read files, as the app will:
     presized.copies.clear()  # the original files, not their presized copies
-    facts = {**kept, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr, "start_size": cfg.first_size(),
+    facts = {**kept, "epochs_planned": planned, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr,
+             "start_size": cfg.first_size(),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
              "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.learner import load_learner
-from fastai.vision.all import set_seed
+from fastai.vision.all import RandomSplitter, set_seed
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -32,7 +32,7 @@ def ae_model(tiny_autoencoder):
 
 def tiny_learner(files, sparse=False):
     set_seed(0, reproducible=True)
-    dls = autoencoder_dls(files, size=16, bs=4, workers=0)
+    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=16, bs=4, seed=42, workers=0)
     return autoencoder_learner(dls, ConvAutoencoder(16, 8, depth=2, width=8, sparse=sparse))
 
 
@@ -93,7 +93,7 @@ def test_report_and_pca_on_the_same_images(ae_model):
 
     # Rebuild the same split independently and score both methods again: numpy's SVD for PCA, the exported model.
     files, _ = find_images(m["data"])
-    dls = autoencoder_dls(files, size=16, bs=8, workers=0)
+    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=16, bs=8, seed=42, workers=0)
     pca, valid = numpy_pca(*(preprocessed(dls, ds.items) for ds in (dls.train_ds, dls.valid_ds)), 8)
     assert ((pca - valid) ** 2).mean() == pytest.approx(m["pca_mse"], rel=1e-3)
     model = load_learner(ae_model, cpu=True).model.eval()

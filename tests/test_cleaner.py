@@ -3,12 +3,13 @@ import hashlib
 import json
 import math
 import shutil
+import signal
 
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from conftest import BEARS, served, write_image
+from conftest import BEARS, run, served, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 
@@ -108,7 +109,9 @@ def test_apply_moves_exactly_the_chosen_files_and_undo_puts_them_back(dataset):
         expected[m["to"]] = expected.pop(m["from"])
     assert after == expected  # those three files moved, contents intact; nothing else changed
     log = [json.loads(line) for line in (root / "cleaning-log.jsonl").read_text().splitlines()]
-    assert len(log) == 1 and log[0]["batch"] == 1 and log[0]["kind"] == "clean" and log[0]["moves"] == moves
+    # logged before the moves (what it is about to move), then after them (what it moved)
+    assert [(b["batch"], b["kind"], b.get("planned")) for b in log] == [(1, "clean", True), (1, "clean", None)]
+    assert log[0]["moves"] == log[1]["moves"] == moves
     # The removed file is out of the next training run and out of the cleaner's lists.
     assert "grizzly/00000003.webp" not in [r["file"] for r in cleaner.rank("grizzly")]
 
@@ -116,9 +119,58 @@ def test_apply_moves_exactly_the_chosen_files_and_undo_puts_them_back(dataset):
     assert undone == [{"from": m["to"], "to": m["from"]} for m in reversed(moves)]
     assert snapshot(root) == before
     log = [json.loads(line) for line in (root / "cleaning-log.jsonl").read_text().splitlines()]
-    assert [(b["batch"], b["kind"], b.get("undoes")) for b in log] == [(1, "clean", None), (2, "undo", 1)]
+    assert [(b["batch"], b["kind"], b.get("undoes")) for b in log if not b.get("planned")] == [
+        (1, "clean", None), (2, "undo", 1)]
     with pytest.raises(UserError, match="nothing to undo"):
         cleaner.undo()
+
+
+KILLED_AFTER_RENAMES = """
+import os, signal, sys
+from imagelab.cleaning import Cleaner
+model, root, action, renames = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cleaner = Cleaner(model, root)
+done = 0
+
+def kill_after_renames(frame, event, arg):  # SIGKILL itself, as kill -9 would, right after its n-th move
+    global done
+    if event == "c_return" and arg is os.rename:
+        done += 1
+        if done == renames:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.setprofile(kill_after_renames)
+if action == "apply":
+    cleaner.apply([{"file": f"grizzly/{i}.jpg", "action": "remove"} for i in range(5)])
+else:
+    cleaner.undo()
+"""
+
+
+def test_a_server_killed_while_moving_files_leaves_a_log_that_undoes_them(dataset):
+    """Ctrl-C or kill -9 on the cleaner's server in the middle of a batch: every file it moved is undone."""
+    model, root, _ = dataset
+    for i in range(5):
+        write_image(root / "grizzly" / f"{i}.jpg", (120, 80, 40), seed=i)
+    before = snapshot(root)
+    killed = run(["-c", KILLED_AFTER_RENAMES, model, root, "apply", 3])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in (root / "removed" / "grizzly").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    cleaner = Cleaner(model, root)
+    cut_short = cleaner.history()
+    assert [(b["batch"], b.get("cut_short")) for b in cut_short] == [(1, True)]
+    assert [m["from"] for m in cut_short[0]["moves"]] == ["grizzly/0.jpg", "grizzly/1.jpg", "grizzly/2.jpg"]
+    # an undo killed part way is finished by the next one
+    killed = run(["-c", KILLED_AFTER_RENAMES, model, root, "undo", 2])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list((root / "removed" / "grizzly").iterdir())) == 1
+    assert [m["from"] for m in cleaner.undo()] == ["removed/grizzly/0.jpg"]
+    assert snapshot(root) == before
+    with pytest.raises(UserError, match="nothing to undo"):
+        cleaner.undo()
+    assert cleaner.apply([{"file": "grizzly/4.jpg", "action": "remove"}]) == [
+        {"from": "grizzly/4.jpg", "to": "removed/grizzly/4.jpg"}]
+    assert cleaner.history()[-1]["batch"] == 4  # after the killed batch, the killed undo and the undo
 
 
 TRICKS = [

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fastai.data.transforms import RandomSplitter
 from PIL import Image
 
 from conftest import SHARED, make_folder_dataset, shapes, write_image
@@ -90,7 +91,6 @@ def test_photos_of_one_layout_are_not_lookalikes(tmp_path):
 def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_do_not_train(tmp_path, capsys):
     """One picture in two files (resized, recompressed) on both sides of the split would be measured on what was
     trained on; without look-alikes the split is fastai's own."""
-    from fastai.data.transforms import RandomSplitter
     from imagelab.data import random_split
     pictures = [shapes(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg", seed=i) for i in range(40)]
     own = find_images(tmp_path)[0]
@@ -187,7 +187,8 @@ def test_open_rgb_handles_alpha_palette_and_exif():
 
 def test_dataloaders_from_oxford_names(oxford_dir):
     files, _ = find_images(oxford_dir)
-    dls = classifier_dls(files, is_cat, size=32, bs=4, valid_pct=0.25, workers=0)
+    dls = classifier_dls(files, is_cat, splitter=RandomSplitter(0.25, seed=42), size=32, min_scale=0.35, bs=4,
+                         seed=42, workers=0)
     assert list(dls.vocab) == ["cat", "dog"]
     x, y = dls.one_batch()
     assert tuple(x.shape[1:]) == (3, 32, 32)
@@ -234,7 +235,8 @@ def test_train_and_valid_folders_keep_their_split(tmp_path):
                 write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
     files, _ = find_images(tmp_path)
     assert detect_labels(tmp_path, files) == "folder"
-    dls = classifier_dls(files, parent_label, size=32, bs=4, workers=0, splitter=folder_split(tmp_path, files))
+    dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
+                         bs=4, seed=42, workers=0)
     assert all(f.relative_to(tmp_path).parts[0] == "valid" for f in dls.valid_ds.items) and len(dls.valid_ds) == 4
     assert len(dls.train_ds) == 12 and list(dls.vocab) == ["cats", "dogs"]
     assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None
@@ -246,7 +248,8 @@ def test_a_test_folder_beside_train_and_valid_is_neither_trained_on_nor_measured
             for i in range(n):
                 write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
     files, _ = find_images(tmp_path)
-    dls = classifier_dls(files, parent_label, size=32, bs=4, workers=0, splitter=folder_split(tmp_path, files))
+    dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
+                         bs=4, seed=42, workers=0)
     assert {f.relative_to(tmp_path).parts[0] for f in dls.train_ds.items} == {"train"} and len(dls.train_ds) == 12
     assert {f.relative_to(tmp_path).parts[0] for f in dls.valid_ds.items} == {"valid"} and len(dls.valid_ds) == 4
     assert "note: test left out: with train/ and valid/ folders" in capsys.readouterr().out

@@ -104,9 +104,19 @@ def test_model_card_renders_every_field(tiny_model):
     assert metrics["data"] not in card and str(Path(metrics["data"]).parent) not in card  # no local paths
     assert "USER/REPO" in card  # no id given: a placeholder the reader sees as one
     # what ran, not only what was asked: a time budget or early stopping ends a run before --epochs
-    budgeted = {**metrics, "epochs": 40, "epochs_trained": 9, "time_budget": 60.0, "kept_epoch": 7, "kept": "best"}
+    budgeted = {**metrics, "epochs": 40, "epochs_planned": 40, "epochs_trained": 9, "time_budget": 60.0,
+                "kept_epoch": 7, "kept": "best"}
     assert ("Trained 9 epochs in a time budget of 60 s (at most 40); the weights are epoch 7's (the lowest validation "
             "loss).") in model_card("pets", budgeted)
+    # fine-tuning's frozen epoch is one of the run's epochs, not one more than planned
+    fine_tuned = {**metrics, "epochs": 3, "epochs_planned": 4, "epochs_trained": 4, "time_budget": None}
+    assert "Trained 4 epochs;" in model_card("pets", fine_tuned)
+    # the held-out images are the ones the run held out: drawn at random, or a valid/ folder
+    held = sum(metrics["counts"]["valid"].values())
+    assert (f"{held} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed "
+            f"{metrics['seed']})") in card
+    by_folders = model_card("pets", {**metrics, "split": "train/ and valid/ folders"})
+    assert f"the {held} images of its `valid/` folder held out" in by_folders and "at random" not in by_folders
 
 
 def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from fastai.vision.all import PILImage, RandomResizedCrop, Resize, ResizeMethod, set_seed
+from fastai.vision.all import PILImage, RandomResizedCrop, RandomSplitter, Resize, ResizeMethod, set_seed
 from PIL import Image, ImageFilter
 
 from imagelab.autoencoder import autoencoder_dls
@@ -60,7 +60,8 @@ def loaders(tmp_path_factory):
         write_image(root / "cats" / f"wide_{i}.jpg", (220, 60, 60), size=(120, 50), seed=i)
     files = sorted(root.rglob("*.jpg"))
     presized = Presized(presize(files, 32))
-    dls = classifier_dls(files, parent_label, size=32, bs=4, workers=0, get_x=presized)
+    dls = classifier_dls(files, parent_label, splitter=RandomSplitter(0.2, seed=42), size=32,
+                         min_scale=0.35, bs=4, seed=42, workers=0, get_x=presized)
     return dls, store_loaders(dls, presized.copies)
 
 
@@ -191,7 +192,8 @@ def autoencoder_loaders(tmp_path_factory):
         write_image(root / "dogs" / f"tall_{i}.jpg", (60, 60, 220), size=(44, 110), seed=i)
     files = sorted(root.rglob("*.jpg"))
     presized = Presized(presize(files, 32))
-    dls = autoencoder_dls(files, size=32, bs=4, workers=0, get_x=presized)
+    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=32, bs=4, seed=42, workers=0,
+                          get_x=presized)
     return dls, store_loaders(dls, presized.copies)
 
 
@@ -223,7 +225,7 @@ def test_autoencoder_batches_are_the_file_paths_draw_for_draw(autoencoder_loader
 def test_loaders_the_store_does_not_compute_read_files(tmp_path, item_tfms, own_target):
     """Loaders whose item transforms are anything but the two crops the store computes, or whose target is
     another image than the input, keep the file path."""
-    from fastai.vision.all import DataBlock, RandomSplitter
+    from fastai.vision.all import DataBlock
     from imagelab.data import RGBImageBlock
     root = make_folder_dataset(tmp_path / "data", n=4)
     files = sorted(root.rglob("*.jpg"))

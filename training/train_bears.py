@@ -35,7 +35,8 @@ def main(argv=None):
             raise UserError(f"--classes: a classifier needs at least two, not {args.classes}")
         cfg = parser.config_from(args)
     if download:
-        make_dataset(args.classes, args.dest, args.per_class, args.query, args.download_workers, args.timeout)
+        make_dataset(args.classes, args.dest, per_class=args.per_class, query=args.query,
+                     workers=args.download_workers, timeout=args.timeout)
     if cfg:
         from imagelab.classifier import Classifier
         from imagelab.train import train

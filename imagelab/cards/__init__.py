@@ -23,10 +23,19 @@ def settings(metrics, keys):
     return table([(k, metrics[k]) for k in keys if k in metrics], ["setting", "value"])
 
 
+def held_out(metrics, n):
+    """Which `n` images the card's numbers were measured on: the run's split (metrics.json "split")."""
+    if metrics.get("split", "random").startswith("random"):  # absent from runs before folder splits
+        return f"{n} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed " \
+               f"{metrics['seed']})"
+    return f"the {n} images of its `valid/` folder held out"
+
+
 def trained(metrics):
     """How the run went, in a sentence: the epochs it trained (the cap, when a time budget or early stopping ended
     it sooner), whose weights were kept, the time, the speed and the versions."""
-    done, cap = metrics.get("epochs_trained", metrics["epochs"]), metrics["epochs"]
+    done = metrics.get("epochs_trained", metrics["epochs"])
+    cap = metrics.get("epochs_planned", metrics["epochs"])  # fine-tuning's frozen epoch counts (not in --epochs)
     text = f"Trained {done} epoch{'s' * (done != 1)}"
     if metrics.get("time_budget"):
         text += f" in a time budget of {metrics['time_budget']:g} s (at most {cap})"

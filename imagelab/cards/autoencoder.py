@@ -2,7 +2,7 @@
 image), and so does a static Space's page in the browser; the model repo adds the weights-only export when there
 is one."""
 from ..inference import AUTOENCODER_OUTPUTS
-from . import settings, table
+from . import held_out, settings, table
 
 SPACE_FILES = ("onnx", "config", "decoder")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
 STATIC_FILES = ("onnx", "config", "decoder")
@@ -29,6 +29,7 @@ def fields(metrics):
                    ["held-out images", "MSE", "PSNR (dB)"])
     return {
         "train_images": counts["train"], "valid_images": counts["valid"], "skipped": counts["skipped"],
+        "held_out": held_out(metrics, counts["valid"]),
         "code_size": metrics["code_size"], "size": metrics["size"], "scores": scores,
         "settings": settings(metrics, ("code_size", "depth", "width", "blocks", "loss", "sparsity", "size", "epochs",
                                        "bs", "lr", "seed", "valid_pct", "parameters")),

@@ -1,5 +1,5 @@
 """Classifiers: the Space runs ONNX Runtime on the weights-only export; the model repo has every export."""
-from . import pct, settings, table
+from . import held_out, pct, settings, table
 
 SPACE_FILES = ("onnx", "config")  # no pickle: a Space never unpickles, and needs neither torch nor fastai
 STATIC_FILES = ("onnx", "config")  # a static Space: the browser runs the ONNX graph
@@ -21,16 +21,17 @@ def summary(metrics):
 
 def fields(metrics):
     vocab, counts = metrics["vocab"], metrics["counts"]
+    held = sum(counts["valid"].values())
     per_class = [(c, counts["train"].get(c, 0), counts["valid"].get(c, 0), pct(metrics["per_class"][c]["precision"]),
                   pct(metrics["per_class"][c]["recall"])) for c in vocab]
     return {
         "labels": "a sub-folder per class" if metrics["labels"] == "folder" else
                   f"labels from Oxford-style file names, task {metrics['task']}", "skipped": counts["skipped"],
-        "split": f"{1 - metrics['valid_pct']:.0%} / {metrics['valid_pct']:.0%}",
+        "held_out": held_out(metrics, held),
         "class_table": table(per_class, ["class", "train images", "held-out images", "precision", "recall"]),
         "settings": settings(metrics, ("arch", "pretrained", "size", "start_size", "min_scale", "epochs", "bs", "lr",
                                        "seed", "valid_pct")),
         "accuracy": f"{metrics['accuracy']:.2%}", "error_rate": f"{metrics['error_rate']:.2%}",
-        "valid_loss": f"{metrics['valid_loss']:.4f}", "valid_images": sum(counts["valid"].values()),
+        "valid_loss": f"{metrics['valid_loss']:.4f}", "valid_images": held,
         "classes": len(vocab), "vocab": ", ".join(vocab), "arch": metrics["arch"],
     }
