@@ -19,7 +19,7 @@ from fastai.vision.all import DataBlock, FlipItem, Resize
 from torch import nn
 
 from . import UserError
-from .config import check_autoencoder_shape
+from .config import MAX_WIDTH, check_autoencoder_shape
 from .data import RGBImageBlock, dataset_split, pets_images
 from .export import export_weights_only, save_examples, to_onnx
 from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
@@ -31,7 +31,6 @@ from .train import Task
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
 # /2: the model holds its PCA path (pca_mean, pca_axes, code_scale); /1 weights do not fit it.
 CONFIG_FORMAT = "imagelab-autoencoder/2"
-MAX_WIDTH = 512  # channels stop doubling here, so deep models stay a sensible size
 
 
 def channels(depth, width):
@@ -418,8 +417,10 @@ class AutoencoderTask(Task):
         export_graphs(learn.model, artifact_paths(model_path)["onnx"], artifact_paths(model_path)["decoder"])
 
     def summary(self, m, cfg):
+        worse = "" if m["beats_pca"] else (" (no better than PCA, which it started as: more --epochs, or a smaller "
+                                            "--width or --depth, which trains in fewer steps)")
         return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "
-                f"components {m['pca_mse']:.5f} ({m['pca_psnr']:.2f} dB): ratio {m['mse_ratio_ae_to_pca']:.3f}; "
+                f"components {m['pca_mse']:.5f} ({m['pca_psnr']:.2f} dB): ratio {m['mse_ratio_ae_to_pca']:.3f}{worse}; "
                 f"trained in {m['train_seconds']:.0f} s; wrote {cfg.out} and its report")
 
 

@@ -131,7 +131,9 @@ class ProgressiveResize(Callback):
 
 class KeepBest(Callback):
     """Remember the weights of the epoch with the lowest validation loss in the `Run`, so the checkpoint
-    saves them and `--resume` goes on with them; stop after `patience` epochs without a lower one."""
+    saves them and `--resume` goes on with them; stop after `patience` epochs without a lower one, and at once
+    when the validation loss is not a number: training diverged, and nothing trains back from such weights (the
+    checkpoint, after this, keeps the epoch before)."""
     order = LossHistory.order + 1  # after the epoch's validation loss is logged, before the checkpoint saves it
 
     def __init__(self, run, patience=None):
@@ -139,6 +141,8 @@ class KeepBest(Callback):
 
     def before_epoch(self):
         self.validated = len(self.run.history.valid)
+        if self.run.diverged:
+            raise CancelFitException  # a later fit of the schedule
         if self.patience and self.run.epochs_since_best() >= self.patience:
             if not self.run.stopped_early:
                 print(f"early stopping: no lower validation loss in {self.patience} "
@@ -150,6 +154,10 @@ class KeepBest(Callback):
         valid = self.run.history.valid
         if len(valid) == self.validated:
             return  # an epoch skipped to resume
+        if not math.isfinite(valid[-1][1]):
+            self.run.diverged = len(valid)
+            print(f"\nnote: validation loss {valid[-1][1]} after epoch {len(valid)}: training diverged and stops here")
+            raise CancelFitException
         if self.run.best is None or valid[-1][1] < valid[self.run.best["epoch"] - 1][1]:
             self.run.best = {"epoch": len(valid),
                              # a copy where the weights are: a GPU copies in place, without waiting

@@ -83,7 +83,8 @@ class Classifier(Task):
     def summary(self, metrics, cfg):
         kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
                 f"{' (lowest validation loss)' if metrics['kept'] == 'best' else ''}"
-                f"{', stopped early' if metrics['stopped_early'] else ''}")
+                f"{', stopped early' if metrics['stopped_early'] else ''}"
+                f"{', training diverged after it' if metrics['diverged_at_epoch'] else ''}")
         return (f"accuracy {metrics['accuracy']:.4f} (with fastai's TTA {metrics['tta_accuracy']:.4f}) on "
                 f"{sum(metrics['counts']['valid'].values())} held-out images "
                 f"with {kept}; wrote {cfg.out} and its report")

@@ -54,6 +54,9 @@ def parse_lr(text):
         raise argparse.ArgumentTypeError(f"a number or 'find', not {text!r}") from None
 
 
+MAX_WIDTH = 512  # the autoencoder's channels stop doubling here, so deep models stay a sensible size
+
+
 def knob(default, group, help, resume=True, **option):
     """A config field and its command-line option. `resume`: whether a checkpoint made with another value
     must be refused (anything that changes the data, the model or the schedule). `option` goes to argparse."""
@@ -206,7 +209,7 @@ class AutoencoderConfig(TrainConfig):
     bs: int = knob(8, "training", "batch size")
     code_size: int = knob(64, "model", "numbers in the code (the bottleneck); PCA gets as many components")
     depth: int = knob(2, "model", "stride-2 blocks in the encoder (upsampling blocks in the decoder)")
-    width: int = knob(32, "model", "channels of the first block, doubling each block")
+    width: int = knob(32, "model", f"channels of the first block, doubling each block up to {MAX_WIDTH}")
     blocks: int = knob(1, "model", "residual blocks at each level of the encoder and decoder")
     loss: str = knob("mse", "model", "reconstruction loss", choices=["l1", "mse"])
     sparsity: float = knob(0.0, "model", "L1 penalty on the code (sparse autoencoder; the code goes through a learned "
@@ -215,7 +218,7 @@ class AutoencoderConfig(TrainConfig):
     def check(self):
         super().check()
         check_autoencoder_shape(self.size, self.code_size, self.depth, self.width, self.blocks)
-        require([("--sparsity", self.sparsity, self.sparsity >= 0, "0 or more")])
+        require([("--sparsity", self.sparsity, 0 <= self.sparsity < math.inf, "0 or more")])
 
 
 def check_autoencoder_shape(size, code_size, depth, width, blocks):
@@ -226,7 +229,7 @@ def check_autoencoder_shape(size, code_size, depth, width, blocks):
         ("--code-size", code_size, 1 <= code_size < pixels, f"at least 1 and less than the image's {pixels:,} "
                                                             f"numbers (3 x --size {size} squared)"),
         ("--depth", depth, depth >= 1, "at least 1"),
-        ("--width", width, width >= 1, "at least 1"),
+        ("--width", width, 1 <= width <= MAX_WIDTH, f"between 1 and {MAX_WIDTH}"),
         ("--blocks", blocks, blocks >= 0, "0 or more"),
     ])
     if size % 2 ** depth:

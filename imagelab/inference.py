@@ -187,7 +187,7 @@ def to_image(x):
 
 def psnr(mse):
     """Peak signal-to-noise ratio in dB for pixels on a [0, 1] scale."""
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+    return 10 * math.log10(1 / mse) if mse != 0 else float("inf")  # NaN stays NaN
 
 
 class Reconstruction(NamedTuple):

@@ -8,6 +8,7 @@ learner, its weights-only artifacts and its report.
 import errno
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -122,6 +123,7 @@ class Run:
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
         self.done, self.seconds_before, self.resumed = 0, 0.0, None
         self.best, self.stopped_early = None, False  # best: the epoch (from 1) of the lowest validation loss, its weights
+        self.diverged = None  # the epoch (from 1) whose validation loss was not a number
         self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:
             self.history.train, self.history.valid, self.history.step = state["history"]
@@ -147,7 +149,14 @@ class Run:
         valid = self.history.valid
         cut_short = not valid or self.history.step > valid[-1][0]  # the time budget ended an epoch part way
         last = len(valid) + cut_short
-        kept = {"kept": which, "kept_epoch": last, "epochs_trained": last, "stopped_early": self.stopped_early}
+        kept = {"kept": which, "kept_epoch": last, "epochs_trained": last, "stopped_early": self.stopped_early,
+                "diverged_at_epoch": self.diverged}
+        if self.diverged:  # the last weights are not numbers: the best epoch's, whatever --keep says
+            if self.best is None:
+                raise UserError(f"training diverged: the validation loss was {valid[-1][1]} after epoch "
+                                f"{self.diverged}, and no epoch before had a finite one; nothing was exported: "
+                                f"lower --lr (this run's: {self.lr:g})")
+            which = kept["kept"] = "best"
         if which == "last" or self.best is None:
             return kept
         best_loss = valid[self.best["epoch"] - 1][1]
@@ -315,7 +324,7 @@ def train(task, cfg, cbs=()):
              "start_size": cfg.first_size(),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
-             "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],
+             "valid_loss_per_epoch": [round(v, 5) if math.isfinite(v) else None for _, v in run.history.valid],
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [Path(f).relative_to(root).as_posix() for f, _ in skipped]}  # as split.json

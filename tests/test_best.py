@@ -5,6 +5,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from fastai.callback.core import Callback
 from fastai.learner import load_learner
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
@@ -146,3 +147,47 @@ def test_cutmix_trains_and_is_recorded(data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     m = metrics(out)
     assert m["mix"] == "cutmix" and len(m["valid_loss_per_epoch"]) == 1 and m["valid_loss"] > 0
+
+
+class Diverge(Callback):
+    """The weights turn to NaN as the second epoch trains, as a step that exploded leaves them."""
+
+    def after_train(self):
+        if self.epoch == 1:
+            with torch.no_grad():
+                next(self.learn.model.parameters()).fill_(float("nan"))
+
+
+def test_a_run_that_diverges_stops_and_exports_the_last_finite_epoch(data, tmp_path, capsys):
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import train
+
+    out = tmp_path / "pets.pkl"
+    cfg = ClassifierConfig(data=str(data), arch="resnet18", pretrained=False, epochs=4, size=32, bs=4, presize=False,
+                           keep="last", out=str(out))  # even --keep last: the last weights are not numbers
+    m = train(Classifier(), cfg, cbs=[Diverge()])
+    printed = capsys.readouterr().out
+    assert "note: validation loss nan after epoch 2: training diverged and stops here" in printed
+    assert (m["kept"], m["kept_epoch"], m["epochs_trained"], m["diverged_at_epoch"]) == ("best", 1, 2, 2)
+    assert ("with the weights of epoch 1 of 2 (lowest validation loss), training diverged after it"
+            in printed.splitlines()[-1])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    saved = json.loads((tmp_path / "pets.report" / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["valid_loss_per_epoch"][1] is None
+    assert saved["valid_loss"] == pytest.approx(saved["valid_loss_per_epoch"][0], rel=1e-3)
+    for name, t in load_learner(out).model.state_dict().items():
+        assert torch.isfinite(t.float()).all(), name
+
+
+def test_a_run_that_diverges_at_once_exports_nothing_in_one_line(data, tmp_path):
+    out = tmp_path / "ae.pkl"
+    res = run(["training/train_autoencoder.py", "--data", data, "--lr", "1e6", "--epochs", "2", "--size", "16",
+               "--code-size", "8", "--width", "8", "--bs", "4", "--workers", "0", "--out", out])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "error: training diverged: the validation loss was nan after epoch 1, and no epoch before had a finite one; "
+        "nothing was exported: lower --lr")
+    assert list(tmp_path.iterdir()) == []  # no model, no report, no checkpoint

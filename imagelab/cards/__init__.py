@@ -43,6 +43,8 @@ def trained(metrics):
         text += f" of {cap}"
     if metrics.get("stopped_early"):
         text += ", stopped early (no lower validation loss)"
+    if metrics.get("diverged_at_epoch"):
+        text += f", stopped when training diverged at epoch {metrics['diverged_at_epoch']} (a loss not a number)"
     if metrics.get("kept_epoch"):
         why = "the lowest validation loss" if metrics.get("kept") == "best" else "the last"
         text += f"; the weights are epoch {metrics['kept_epoch']}'s ({why})"
