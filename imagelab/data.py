@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError, first_line
-from .images import check_image, open_rgb
+from .images import check_image, open_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .config import cache_folder
 from .flagging import FLAGGED_NAME
@@ -69,7 +69,7 @@ def presized_path(src, side, cache):
 
 def presize_one(src, dest, side):
     """Decode `src` once (upright RGB, as `open_rgb`), shrink its short side to `side`, save it as a JPEG."""
-    with Image.open(src) as im:
+    with open_image(src) as im:
         im.draft("RGB", (side, side))  # JPEG: decode at 1/2..1/8 scale while both sides stay >= side
         im = open_rgb(im)
     scale = side / min(im.size)

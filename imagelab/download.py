@@ -21,12 +21,11 @@ from urllib.parse import urlparse
 from urllib.request import Request, getproxies, proxy_bypass, urlopen
 from uuid import uuid4
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import UserError, first_line
 from .config import require
-from .images import check_image
+from .images import check_image, open_image
 from .lookalikes import collect, fingerprint, fingerprints, pairs
 from .metadata import write_json
 from .paths import DOWNLOAD_SUMMARY, QUARANTINE, check_class_name, hidden, visible_files
@@ -144,7 +143,7 @@ class Downloader:
             part.unlink()
             return "duplicate", url, label, None
         self.prints += prints
-        with Image.open(part) as im:
+        with open_image(part) as im:
             fmt = im.format
         final = self.dest / label / f"{digest[:16]}{SUFFIX.get(fmt, '.' + fmt.lower())}"
         os.replace(part, final)  # a complete file appears under its final name in one step

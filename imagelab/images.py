@@ -15,10 +15,20 @@ from . import UserError
 # of a few KB would otherwise take gigabytes of memory.
 MAX_PIXELS = 40_000_000
 
+# What image files are decoded as: the formats of cameras, phones, browsers and the web. Pillow reads more, EPS
+# among them, which it runs through Ghostscript, a program that executes the file's PostScript: an upload to a
+# public app, or a scraped file, is anyone's.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF", "JPEG2000", "PPM", "ICO")
+
+
+def open_image(src):
+    """Pillow's `Image.open` (lazy: the header is read, the pixels when needed), for `FORMATS` only."""
+    return Image.open(src, formats=FORMATS)
+
 
 def open_rgb(src):
     """Any image (path, file or PIL) as upright 8-bit RGB: the one decoder used by training and serving."""
-    im = src if isinstance(src, Image.Image) else Image.open(src)
+    im = src if isinstance(src, Image.Image) else open_image(src)
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)  # a model sees one picture: an animation is its first frame, as a still of it would be
     im = ImageOps.exif_transpose(im)
@@ -52,7 +62,7 @@ def val_margin(size, val_xtra):
 def check_image(path):
     """None if `path` decodes fully as an image, else the reason it does not."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: a full read of every byte, much faster
             im.load()
         return None
@@ -68,7 +78,7 @@ def read_image(src, max_pixels=MAX_PIXELS):
     `max_pixels` bounds what one request may decode on a server; None: what training reads (Pillow's own limit).
     """
     try:
-        im = src if isinstance(src, Image.Image) else Image.open(src)
+        im = src if isinstance(src, Image.Image) else open_image(src)
         if max_pixels and im.width * im.height > max_pixels:
             raise UserError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,})")
         return open_rgb(im)
@@ -87,7 +97,7 @@ def unreadable_reason(src, error):
     if isinstance(src, (str, os.PathLike)) and os.path.isfile(src) and os.path.getsize(src) == 0:
         return "empty file"
     if isinstance(error, UnidentifiedImageError):
-        return "not an image (or a format Pillow cannot read)"
+        return f"not an image (or not one of the formats read: {', '.join(FORMATS)})"
     message = str(error)
     if "truncated" in message or "broken data stream" in message or isinstance(error, EOFError):
         return "truncated image (the file ends before the picture does)"

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import cache_folder
-from .images import open_rgb
+from .images import open_image, open_rgb
 from .paths import digest, file_key, remove_abandoned_staging, staging_path
 
 SIDE, FREQUENCIES = 64, 16
@@ -57,7 +57,7 @@ def fingerprint(src):
         if isinstance(src, Image.Image):
             small = open_rgb(src).resize((SIDE, SIDE), Image.Resampling.BOX)
         else:
-            with Image.open(src) as im:
+            with open_image(src) as im:
                 im.draft("RGB", (SIDE * 4, SIDE * 4))  # JPEG: decode at a fraction of the size, still over the side
                 small = open_rgb(im).resize((SIDE, SIDE), Image.Resampling.BOX)
     except Exception:  # not a picture: nothing looks like it

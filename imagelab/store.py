@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image
+from PIL import ExifTags
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import TensorCategory, TensorImage
@@ -25,7 +25,7 @@ from fastai.data.transforms import Categorize, ToTensor
 from fastai.vision.augment import FlipItem, RandomResizedCrop, Resize, ResizeMethod
 
 from .device import copy_to
-from .images import open_rgb, resize_box, val_margin
+from .images import open_image, open_rgb, resize_box, val_margin
 
 # Share of the free memory (the GPU's, else the machine's) that the decoded images may take.
 MEMORY_SHARE = 0.4
@@ -81,7 +81,7 @@ class HeaderMismatch(ValueError):
 
 def upright_size(f):
     """The (h, w) that `open_rgb` decodes `f` to, from its header: EXIF orientations 5 to 8 turn it a quarter."""
-    with Image.open(f) as im:
+    with open_image(f) as im:
         w, h = im.size
         turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
     return (w, h) if turned else (h, w)

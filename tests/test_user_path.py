@@ -270,7 +270,8 @@ def test_batch_cli_gives_each_bad_path_a_row_with_its_reason(tiny_model, tmp_pat
     rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(out.open())}
     reasons = {name: rows[name]["error"] for name in ("empty.jpg", "notes.jpg", "truncated.jpg", "missing.jpg")}
     assert reasons == {"empty.jpg": "not a readable image: empty file",
-                       "notes.jpg": "not a readable image: not an image (or a format Pillow cannot read)",
+                       "notes.jpg": "not a readable image: not an image (or not one of the formats read: JPEG, PNG, "
+                                    "WEBP, GIF, TIFF, BMP, AVIF, JPEG2000, PPM, ICO)",
                        "truncated.jpg": "not a readable image: truncated image (the file ends before the picture does)",
                        "missing.jpg": "no such file or folder"}
     assert rows["cats_0.jpg"]["label1"] in ("cats", "dogs") and not rows["cats_0.jpg"]["error"]

@@ -67,6 +67,9 @@ def invalid_uploads(d):
         "drawing.svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>',
                         "not a readable image"),
         "random.jpg": (np.random.default_rng(0).bytes(5000), "not a readable image"),
+        # Pillow would hand it to Ghostscript, which runs the file's PostScript
+        "vector.eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n",
+                       "not a readable image: not an image"),
         "truncated.jpg": (buf.getvalue()[: len(buf.getvalue()) // 3], "not a readable image"),
         "bomb.png": (png_header_only(40000, 40000), "too large"),
     }
