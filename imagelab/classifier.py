@@ -1,5 +1,8 @@
 """The image classifier as a task of the training loop: labelled folders in, a timm classifier out."""
-from .data import classifier_dls, dataset_split, detect_labels, label_function, pets_images, split_counts
+from pathlib import Path
+
+from .data import (classifier_dls, contradicting_flags, dataset_split, detect_labels, label_function, pets_images,
+                   split_counts)
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
 from .models import check_arch, classifier_learner
@@ -27,6 +30,7 @@ class Classifier(Task):
         splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
         dls = classifier_dls(files, self.get_y, splitter=splitter, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
                              seed=cfg.seed, workers=workers, get_x=get_x)
+        self.note_contradicting_flags(root, dls.train_ds.items, cfg.cache)
         self.counts = split_counts(dls, self.get_y)
         unmeasured = [c for c, n in self.counts["valid"].items() if n == 0]
         if unmeasured:  # the run goes on, but its report says nothing of these classes
@@ -35,6 +39,14 @@ class Classifier(Task):
                   f"measure {'it' if len(unmeasured) == 1 else 'them'}; "
                   f"{'add some to valid/' if 'valid/' in self.split else 'add photos or raise --valid-pct'}")
         return dls
+
+    def note_contradicting_flags(self, root, training, cache):
+        both = contradicting_flags(root, training, self.get_y, cache)
+        if both:  # one picture under two labels: the model learns neither well
+            (flag, own), rel = both[0], lambda f: Path(f).relative_to(root).as_posix()
+            print(f"note: {len(both)} flagged files look like a training image with another label, and both train "
+                  f"(such as {rel(flag)}, {self.get_y(flag)}, like {rel(own)}, {self.get_y(own)}): the cleaner's "
+                  "flagged list moves or removes it")
 
     def learner(self, dls, cfg):
         return classifier_learner(dls, cfg.arch, cfg.pretrained, wd=cfg.wd, label_smoothing=cfg.label_smoothing)

@@ -302,6 +302,18 @@ def with_flagged(root, items, held_out, held_prints=None, cache=None):
     return [i for i in range(len(items)) if i not in held_out and i not in left_out], sorted(held_out)
 
 
+def contradicting_flags(root, items, get_y, cache=None):
+    """(flagged, own) pairs of `items`: a flagged image that looks like one of the dataset's own images with another
+    label (a visitor who says the dataset's label is wrong, or is wrong). `cache`: where fingerprints are kept."""
+    root = Path(root)
+    flagged = [f for f in items if is_flagged(root, f)]
+    own = [f for f in items if not is_flagged(root, f)]
+    if not flagged or not own:
+        return []
+    found = pairs(fingerprints(flagged, cache=cache), fingerprints(own, cache=cache))
+    return [(flagged[i], own[j]) for i, j in found if get_y(flagged[i]) != get_y(own[j])]
+
+
 def split_counts(dls, get_y):
     """Images per class in each split, for the report."""
     counts = {name: Counter(map(get_y, ds.items)) for name, ds in (("train", dls.train_ds), ("valid", dls.valid_ds))}

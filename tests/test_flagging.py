@@ -11,7 +11,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
 
-from conftest import BEARS, fails_with_one_line, run, served, write_image
+from conftest import BEARS, fails_with_one_line, make_folder_dataset, run, served, train_tiny, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 from imagelab.flagging import FLAGGED_NAME, MAX_SIDE, Flagger
@@ -146,3 +146,20 @@ def test_flagged_images_train_and_leave_a_random_split_as_it_was(tmp_path):
     train, valid = random_split(tmp_path, 0.25, 42)(everything)
     assert [everything[i] for i in valid] == valid_before
     assert sum(everything[i].parts[-3] == "flagged" for i in train) == 5
+
+
+def test_a_flag_that_contradicts_a_training_images_label_is_named(tmp_path):
+    """A visitor flags a training photo of a cat as a dog: the picture would train under both labels."""
+    data = tmp_path / "data"
+    make_folder_dataset(data / "train", n=8)
+    make_folder_dataset(data / "valid", n=2)
+    flagged = data / "flagged" / "dogs" / "x.jpg"
+    flagged.parent.mkdir(parents=True)
+    shutil.copy(data / "train" / "cats" / "cats_3.jpg", flagged)
+    shutil.copy(data / "train" / "dogs" / "dogs_5.jpg", flagged.with_name("y.jpg"))  # agrees: nothing to say
+    res = train_tiny(data, tmp_path / "m.pkl", "--flagged")
+    notes = [line for line in res.stdout.splitlines() if "another label" in line]
+    assert notes == ["note: 1 flagged files look like a training image with another label, and both train (such as "
+                     "flagged/dogs/x.jpg, dogs, like train/cats/cats_3.jpg, cats): the cleaner's flagged list moves or "
+                     "removes it"]
+    assert not [line for line in train_tiny(data, tmp_path / "n.pkl").stdout.splitlines() if "another label" in line]
