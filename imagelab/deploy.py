@@ -40,6 +40,7 @@ from .app_options import APPS
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
 from .loading import SERVED_FROM
+from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
 from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging,
@@ -176,7 +177,7 @@ def copy_model(app, model, dest, required, optional=()):
     report = report_dir(dst["pkl"])
     shutil.copytree(report_dir(model), report)
     metrics = json.loads((report / "metrics.json").read_text())
-    (report / "metrics.json").write_text(json.dumps({**metrics, "data": data_name(metrics)}, indent=2) + "\n")
+    write_json({**metrics, "data": data_name(metrics)}, report / "metrics.json")
     return list(files)
 
 

@@ -3,12 +3,24 @@
 Standard library only: the downloader writes its summary without loading the training stack.
 """
 import json
+import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
 
 def write_json(obj, path):
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    """`obj` as strict JSON, which has no NaN or infinity: such a number is written as null."""
+    path.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def versions(packages=("fastai", "timm", "torch")):

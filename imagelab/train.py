@@ -149,22 +149,23 @@ class Run:
         valid = self.history.valid
         cut_short = not valid or self.history.step > valid[-1][0]  # the time budget ended an epoch part way
         last = len(valid) + cut_short
+        if cut_short:  # the unfinished epoch's weights were never validated: the table has no row for them
+            loss = learn.validate()[0]
+            print(f"epoch {last}, cut short by the time budget: valid_loss {loss:.6f}")
+            if not math.isfinite(loss):
+                self.diverged = last
         kept = {"kept": which, "kept_epoch": last, "epochs_trained": last, "stopped_early": self.stopped_early,
                 "diverged_at_epoch": self.diverged}
         if self.diverged:  # the last weights are not numbers: the best epoch's, whatever --keep says
             if self.best is None:
-                raise UserError(f"training diverged: the validation loss was {valid[-1][1]} after epoch "
+                raise UserError(f"training diverged: the validation loss was not a number after epoch "
                                 f"{self.diverged}, and no epoch before had a finite one; nothing was exported: "
                                 f"lower --lr (this run's: {self.lr:g})")
             which = kept["kept"] = "best"
         if which == "last" or self.best is None:
             return kept
-        best_loss = valid[self.best["epoch"] - 1][1]
-        if cut_short:  # the unfinished epoch's weights were never validated: the table has no row for them
-            loss = learn.validate()[0]
-            print(f"epoch {last}, cut short by the time budget: valid_loss {loss:.6f}")
-            if loss < best_loss:
-                return kept
+        if cut_short and not self.diverged and loss < valid[self.best["epoch"] - 1][1]:
+            return kept
         get_model(learn.model).load_state_dict(self.best["model"])
         return {**kept, "kept_epoch": self.best["epoch"]}
 
@@ -324,7 +325,7 @@ def train(task, cfg, cbs=()):
              "start_size": cfg.first_size(),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
-             "valid_loss_per_epoch": [round(v, 5) if math.isfinite(v) else None for _, v in run.history.valid],
+             "valid_loss_per_epoch": [round(v, 5) for _, v in run.history.valid],  # a NaN: null (write_json)
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [Path(f).relative_to(root).as_posix() for f, _ in skipped]}  # as split.json

@@ -205,3 +205,9 @@ def test_train_and_valid_folders_keep_their_split_and_a_task_trained_twice_repor
     assert sorted(split["valid"]) == [f"valid/photos/photos_{i}.jpg" for i in range(4)]
     assert m["split"] == "train/ and valid/ folders" and m["counts"] == {"train": 8, "valid": 4, "skipped": 0}
     assert [epoch for epoch, _ in m["mse_ratio_per_epoch"]] == [1, 2]
+
+
+def test_models_trained_wider_than_a_new_run_may_be_still_load():
+    """--width is capped for new runs only: the weights of a model trained wider before the cap rebuild it."""
+    model = ConvAutoencoder(size=16, code_size=8, depth=1, width=1024)
+    assert model.encoder[0][0].out_channels == 512

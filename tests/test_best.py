@@ -1,6 +1,7 @@
 """Better models from the same run, and why: the best epoch kept, early stopping, both through --resume."""
 import json
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -188,6 +189,30 @@ def test_a_run_that_diverges_at_once_exports_nothing_in_one_line(data, tmp_path)
                "--code-size", "8", "--width", "8", "--bs", "4", "--workers", "0", "--out", out])
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith(
-        "error: training diverged: the validation loss was nan after epoch 1, and no epoch before had a finite one; "
-        "nothing was exported: lower --lr")
+        "error: training diverged: the validation loss was not a number after epoch 1, and no epoch before had a "
+        "finite one; nothing was exported: lower --lr")
     assert list(tmp_path.iterdir()) == []  # no model, no report, no checkpoint
+
+
+class DivergeThenStall(Callback):
+    """The weights turn to NaN at the first epoch's second batch, then the clock runs out: the epoch is cut short."""
+
+    def after_batch(self):
+        if self.training and self.epoch == 0 and self.iter == 1:
+            with torch.no_grad():
+                next(self.learn.model.parameters()).fill_(float("nan"))
+            time.sleep(2.5)
+
+
+def test_an_epoch_the_time_budget_cuts_short_is_checked_for_divergence_too(data, tmp_path, capsys):
+    from imagelab import UserError
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import train
+
+    cfg = ClassifierConfig(data=str(data), arch="resnet18", pretrained=False, epochs=4, size=32, bs=4, presize=False,
+                           time_budget=2.0, keep="last", out=str(tmp_path / "out" / "pets.pkl"))
+    with pytest.raises(UserError, match="training diverged: the validation loss was not a number after epoch 1"):
+        train(Classifier(), cfg, cbs=[DivergeThenStall()])
+    assert "epoch 1, cut short by the time budget: valid_loss nan" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
