@@ -5,11 +5,17 @@ Nothing is ever deleted, and no request can read or move a file outside the data
 `<class>/<file>` (or `flagged/<class>/<file>`, an image the apps' visitors flagged, or `removed/<class>/<file>`
 in the log), each part a plain name, no symlinks, and the resolved result must still sit in the folder it names.
 """
+import contextlib
 import json
 import os
 import threading
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 from PIL import Image
@@ -160,17 +166,27 @@ class Cleaner:
                 plan.append((src, self.root / REMOVED / src.parent.name, None))
             elif a["action"] == "relabel" and src.parent != self.root / a["to"]:
                 plan.append((src, self.root / a["to"], None))
-        with self.moving:
+        with self.locked():
             return self._move(plan, "clean")
 
     def undo(self):
         """Move the files of the last batch not yet undone back where they were."""
-        with self.moving:
+        with self.locked():
             return self._undo()
+
+    @contextlib.contextmanager
+    def locked(self):
+        """One apply or undo at a time on this dataset, also between processes (two cleaners on one folder): each
+        takes the next batch number of the log."""
+        with self.moving, open(self.log, "a+b") as log:
+            if fcntl is not None:  # POSIX; elsewhere, one cleaner per folder
+                fcntl.flock(log, fcntl.LOCK_EX)
+            yield
 
     def _undo(self):
         batches = self.history()
-        # a batch counts as undone once an undo of it ended: one killed part way is done again, from where it stopped
+        # undone: by an undo that moved all it planned; one stopped part way (killed, interrupted, a failed move) is
+        # done again by the next, from where it stopped
         undone = {b.get("undoes") for b in batches if b.get("kind") == "undo" and not b.get("cut_short")}
         todo = [b for b in batches if b.get("kind") == "clean" and b["batch"] not in undone]
         if not todo:
@@ -203,22 +219,27 @@ class Cleaner:
         return lines
 
     def history(self):
-        """The logged batches that moved files, each with the moves it made.
+        """The logged batches, each with the moves it made: those that moved files, and every undo (one that found
+        its files back already still undid its batch).
 
-        A batch is logged twice: what it is about to move ("planned"), then what it moved. Of a batch whose
-        process was killed in between (Ctrl-C on the server, kill -9), the planned moves found done are the ones
-        it made (marked "cut_short")."""
+        A batch is logged twice: what it is about to move ("planned"), then what it moved. One that moved less than
+        it planned is "cut_short": stopped by a failed move or Ctrl-C, or killed in between (Ctrl-C on the server,
+        kill -9), in which case its moves are the planned ones found done."""
         lines = self._lines()
+        planned = {b["batch"]: b for b in lines if b.get("planned")}
         ended = {b["batch"] for b in lines if not b.get("planned")}
         batches = []
         for b in lines:
             if b.get("planned"):
                 if b["batch"] in ended:
-                    continue
-                b = {k: v for k, v in b.items() if k != "planned"}
-                b.update(cut_short=True, moves=[m for m in b["moves"] if self.moved(m)])
-            if b["moves"]:
-                batches.append(b)
+                    continue  # its second line says what moved
+                moves, cut_short = [m for m in b["moves"] if self.moved(m)], True
+            else:  # a log written before the planned lines has only this one
+                moves = b["moves"]
+                cut_short = b["batch"] in planned and len(moves) < len(planned[b["batch"]]["moves"])
+            entry = {**{k: v for k, v in b.items() if k != "planned"}, "moves": moves, "cut_short": cut_short}
+            if moves or entry.get("kind") == "undo":
+                batches.append(entry)
         return batches
 
     def moved(self, move):
@@ -237,10 +258,11 @@ class Cleaner:
             dst = folder / name if name is not None else free_name(folder, src.name, taken)
             taken.add(dst)
             targets.append((src, dst))
-        if not targets:
-            return []
+        if not targets and kind == "clean":
+            return []  # nothing to move (keep, say), nothing to log; an undo is logged even then: its batch is undone
         entry = {"batch": batch, "kind": kind, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._log({**entry, "planned": True, "moves": [{"from": self.rel(s), "to": self.rel(d)} for s, d in targets]})
+        self._log({**entry, "planned": True, "moves": [{"from": self.rel(s), "to": self.rel(d)} for s, d in targets]},
+                  "nothing moved")
         moves = []
         try:
             for src, dst in targets:
@@ -252,12 +274,16 @@ class Cleaner:
         except OSError as e:
             raise UserError(f"moved {len(moves)} of {len(targets)} files, then: {e.strerror}: {e.filename}") from None
         finally:  # the log says exactly what moved, even when a move failed half-way
-            self._log({**entry, "moves": moves})
+            self._log({**entry, "moves": moves}, f"{len(moves)} of {len(targets)} files moved, which undo still finds")
         return moves
 
-    def _log(self, entry):
-        with open(self.log, "a+b") as f:  # a line of its own after one cut short
-            f.write((("\n" if ends_mid_line(f) else "") + json.dumps(entry) + "\n").encode())
+    def _log(self, entry, then):
+        """Append `entry` to the log; a UserError that says `then` (what the batch did) if it cannot be written."""
+        try:
+            with open(self.log, "a+b") as f:  # a line of its own after one cut short
+                f.write((("\n" if ends_mid_line(f) else "") + json.dumps(entry) + "\n").encode())
+        except OSError as e:
+            raise UserError(f"cannot write the cleaning log {self.log}: {e.strerror}; {then}") from None
 
     def rel(self, path):
         return path.relative_to(self.root).as_posix()

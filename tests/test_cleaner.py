@@ -4,12 +4,14 @@ import json
 import math
 import shutil
 import signal
+import subprocess
+import time
 
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from conftest import BEARS, run, served, write_image
+from conftest import BEARS, PY, ROOT, run, served, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 
@@ -129,15 +131,19 @@ KILLED_AFTER_RENAMES = """
 import os, signal, sys
 from imagelab.cleaning import Cleaner
 model, root, action, renames = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+how = sys.argv[5] if len(sys.argv) > 5 else "kill"
 cleaner = Cleaner(model, root)
 done = 0
 
-def kill_after_renames(frame, event, arg):  # SIGKILL itself, as kill -9 would, right after its n-th move
+def kill_after_renames(frame, event, arg):  # right after its n-th move: SIGKILL itself, as kill -9 would, or Ctrl-C
     global done
     if event == "c_return" and arg is os.rename:
         done += 1
         if done == renames:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            sys.setprofile(None)
+            raise KeyboardInterrupt
 
 sys.setprofile(kill_after_renames)
 if action == "apply":
@@ -171,6 +177,47 @@ def test_a_server_killed_while_moving_files_leaves_a_log_that_undoes_them(datase
     assert cleaner.apply([{"file": "grizzly/4.jpg", "action": "remove"}]) == [
         {"from": "grizzly/4.jpg", "to": "removed/grizzly/4.jpg"}]
     assert cleaner.history()[-1]["batch"] == 4  # after the killed batch, the killed undo and the undo
+
+
+
+def test_an_undo_that_finds_its_files_back_still_undoes_its_batch(dataset):
+    """An undo killed after its last move, or stopped part way by Ctrl-C: the next undo finishes it, and the one after
+    undoes the batch before (they stopped at that batch for good)."""
+    model, root, _ = dataset
+    for i in range(5):
+        write_image(root / "grizzly" / f"{i}.jpg", (120, 80, 40), seed=i)
+    before = snapshot(root)
+    cleaner = Cleaner(model, root)
+    cleaner.apply([{"file": "grizzly/0.jpg", "action": "remove"}])
+    cleaner.apply([{"file": f"grizzly/{i}.jpg", "action": "remove"} for i in (1, 2)])
+    killed = run(["-c", KILLED_AFTER_RENAMES, model, root, "undo", 2])  # after both of its moves
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert cleaner.undo() == []  # nothing left to move: its batch is undone all the same
+    assert cleaner.undo() == [{"from": "removed/grizzly/0.jpg", "to": "grizzly/0.jpg"}]
+    assert snapshot(root) == before
+    cleaner.apply([{"file": f"grizzly/{i}.jpg", "action": "remove"} for i in (3, 4)])
+    stopped = run(["-c", KILLED_AFTER_RENAMES, model, root, "undo", 1, "interrupt"])
+    assert "KeyboardInterrupt" in stopped.stderr and len(list((root / "removed" / "grizzly").iterdir())) == 1
+    assert [m["to"] for m in cleaner.undo()] == ["grizzly/3.jpg"]
+    assert snapshot(root) == before
+
+
+def test_two_cleaners_on_one_folder_take_turns(dataset):
+    """A second cleaner (another process) waits while one moves files: each batch has a number of its own."""
+    model, root, _ = dataset
+    for i in range(2):
+        write_image(root / "grizzly" / f"{i}.jpg", (120, 80, 40), seed=i)
+    cleaner = Cleaner(model, root)
+    code = ("import sys; from imagelab.cleaning import Cleaner\n"
+            "Cleaner(sys.argv[1], sys.argv[2]).apply([{'file': 'grizzly/1.jpg', 'action': 'remove'}])")
+    with cleaner.locked():
+        other = subprocess.Popen([PY, "-c", code, str(model), str(root)], cwd=ROOT)
+        time.sleep(8)  # long enough to open the model and reach the lock
+        assert other.poll() is None and (root / "grizzly" / "1.jpg").exists()  # still waiting
+        cleaner._move([(root / "grizzly" / "0.jpg", root / "removed" / "grizzly", None)], "clean")
+    assert other.wait(timeout=60) == 0
+    assert [(b["batch"], b["moves"][0]["from"]) for b in cleaner.history()] == [(1, "grizzly/0.jpg"),
+                                                                                 (2, "grizzly/1.jpg")]
 
 
 TRICKS = [
