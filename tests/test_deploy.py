@@ -111,12 +111,15 @@ def test_model_card_renders_every_field(tiny_model):
     # fine-tuning's frozen epoch is one of the run's epochs, not one more than planned
     fine_tuned = {**metrics, "epochs": 3, "epochs_planned": 4, "epochs_trained": 4, "time_budget": None}
     assert "Trained 4 epochs;" in model_card("pets", fine_tuned)
+    older = {k: v for k, v in fine_tuned.items() if k != "epochs_planned"}  # a metrics.json from before the key
+    assert "Trained 4 epochs;" in model_card("pets", {**older, "pretrained": True})
     # the held-out images are the ones the run held out: drawn at random, or a valid/ folder
     held = sum(metrics["counts"]["valid"].values())
     assert (f"{held} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed "
             f"{metrics['seed']})") in card
     by_folders = model_card("pets", {**metrics, "split": "train/ and valid/ folders"})
     assert f"the {held} images of its `valid/` folder held out" in by_folders and "at random" not in by_folders
+    assert "| valid_pct |" in card and "| valid_pct |" not in by_folders  # a setting that split nothing
 
 
 def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):

@@ -19,13 +19,20 @@ def table(rows, header):
 
 
 def settings(metrics, keys):
-    """The training settings a run recorded, as a Markdown table (keys it did not record are left out)."""
-    return table([(k, metrics[k]) for k in keys if k in metrics], ["setting", "value"])
+    """The training settings a run recorded, as a Markdown table (keys it did not record are left out, and
+    `valid_pct` where folders held the split)."""
+    keys = [k for k in keys if k in metrics and (k != "valid_pct" or random_split(metrics))]
+    return table([(k, metrics[k]) for k in keys], ["setting", "value"])
+
+
+def random_split(metrics):
+    """Whether the run held out images at random (`--valid-pct`, `--seed`), not by `train/` and `valid/` folders."""
+    return metrics.get("split", "random").startswith("random")  # absent from runs before folder splits
 
 
 def held_out(metrics, n):
     """Which `n` images the card's numbers were measured on: the run's split (metrics.json "split")."""
-    if metrics.get("split", "random").startswith("random"):  # absent from runs before folder splits
+    if random_split(metrics):
         return f"{n} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed " \
                f"{metrics['seed']})"
     return f"the {n} images of its `valid/` folder held out"
@@ -35,7 +42,8 @@ def trained(metrics):
     """How the run went, in a sentence: the epochs it trained (the cap, when a time budget or early stopping ended
     it sooner), whose weights were kept, the time, the speed and the versions."""
     done = metrics.get("epochs_trained", metrics["epochs"])
-    cap = metrics.get("epochs_planned", metrics["epochs"])  # fine-tuning's frozen epoch counts (not in --epochs)
+    # fine-tuning's frozen epoch is one of the run's, not of --epochs (runs before epochs_planned: pretrained)
+    cap = metrics.get("epochs_planned", metrics["epochs"] + bool(metrics.get("pretrained")))
     text = f"Trained {done} epoch{'s' * (done != 1)}"
     if metrics.get("time_budget"):
         text += f" in a time budget of {metrics['time_budget']:g} s (at most {cap})"
