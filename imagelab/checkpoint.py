@@ -175,6 +175,11 @@ class Checkpoint(Callback):
 
     def before_fit(self):
         self.saved = time.perf_counter()
+        if self.resumed is not None and self.start_epoch:
+            # Resuming mid-fit: the optimizer's moments as the saved epoch left them. `restore` loaded them before
+            # the fit, for a fit that starts afresh; a fit's own set-up may clear them (fastai's unfreeze, at the
+            # start of fine_tune's second fit), which the uninterrupted run did once, before its first epoch.
+            self.learn.opt.load_state_dict(self.resumed["opt"])
 
     def before_epoch(self):
         # Skipped epochs (fastai's start_epoch) use no randomness, so the streams are set just before

@@ -26,11 +26,12 @@ def saved_epoch(ckpt):
         return 0
 
 
-def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None):
-    """Start a real run that saves every epoch and send `sig` once it has saved one of its own (but is not done)."""
-    before = saved_epoch(ckpt)
-    proc = subprocess.Popen([PY, *map(str, args), "--checkpoint-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env, preexec_fn=interruptible)
+def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None, epoch=None):
+    """Start a real run that saves every epoch and send `sig` once it has saved one of its own (or `epoch`), but is
+    not done."""
+    before = saved_epoch(ckpt) if epoch is None else epoch - 1
+    proc = subprocess.Popen([PY, *map(str, args), "--checkpoint-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
     deadline = time.monotonic() + timeout
     while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -138,6 +139,27 @@ def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path
     b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
     assert a["pretrained"] and b["accuracy"] == a["accuracy"]
     assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
+
+
+def test_fine_tuning_resumes_inside_its_unfrozen_fit(data, tmp_path):
+    """Killed after the unfrozen fit's first epoch: the resumed run goes on with that fit's optimizer moments (fastai's
+    unfreeze, at the fit's start, clears them: the resumed fit must not start them afresh) and ends as the whole run."""
+    env = hub_cache_with_weights(tmp_path / "hf")
+    pretrained = [a for a in command(data, "X") if a != "--no-pretrained"]
+    args = lambda out, *extra: [str(out) if a == "X" else a for a in pretrained] + ["--epochs", "2", *extra]  # noqa: E731
+    whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
+    uninterrupted = run(args(whole), env=env)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env,
+                                                  epoch=2)
+    assert code == -signal.SIGKILL and killed_at == 2  # frozen, unfrozen 1 of 2
+    res = run(args(out, "--resume"), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert epoch_table(res.stdout)[3] == pytest.approx(epoch_table(uninterrupted.stdout)[3], rel=1e-3)
+    wa, wb = weights(whole), weights(out)
+    for name, t in wa.items():
+        if t.is_floating_point():
+            assert torch.allclose(t, wb[name], rtol=1e-3, atol=1e-4), name
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data, tmp_path):
