@@ -197,7 +197,7 @@ class Cleaner:
             src = safe_path(self.root, m["to"], self.classes, under=(REMOVED,))
             dst = safe_path(self.root, m["from"], self.classes, under=(FLAGGED,))
             if not src.exists() and dst.is_file():
-                continue  # put back by an undo that was killed part way
+                continue  # back already: put back by an undo stopped part way, or by hand
             if not src.is_file() or dst.exists():
                 raise UserError(f"cannot undo batch {last['batch']}: {m['to']} has moved or {m['from']} exists")
             plan.append((src, dst.parent, dst.name))
