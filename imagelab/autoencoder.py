@@ -382,6 +382,7 @@ class AutoencoderTask(Task):
     """The autoencoder as a task of the training loop: any folder of images in (labels ignored), a model that
     rebuilds them from a short code out, scored against PCA."""
     kind = "autoencoder"
+    start_competes = True  # it starts as PCA: never export worse than that under --keep best
 
     def default_data(self):
         return pets_images()
@@ -417,8 +418,10 @@ class AutoencoderTask(Task):
         export_graphs(learn.model, artifact_paths(model_path)["onnx"], artifact_paths(model_path)["decoder"])
 
     def summary(self, m, cfg):
-        worse = "" if m["beats_pca"] else (" (no better than PCA, which it started as: more --epochs, or a smaller "
-                                            "--width or --depth, which trains in fewer steps)")
+        advice = ("lower --lr" if m["diverged_at_epoch"] else
+                  "more --epochs, or a smaller --width or --depth, which trains in fewer steps")
+        worse = (f" (no epoch improved on its starting point, PCA, which is what was exported: {advice})"
+                 if m["kept_epoch"] == 0 else "" if m["beats_pca"] else f" (no better than PCA: {advice})")
         return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "
                 f"components {m['pca_mse']:.5f} ({m['pca_psnr']:.2f} dB): ratio {m['mse_ratio_ae_to_pca']:.3f}{worse}; "
                 f"trained in {m['train_seconds']:.0f} s; wrote {cfg.out} and its report")

@@ -129,6 +129,13 @@ class ProgressiveResize(Callback):
         self.resize(self.size)
 
 
+def best_weights(learn, epoch, loss):
+    """What `Run.best` holds: the epoch, its validation loss, and a copy of the weights where they are (a GPU copies
+    in place, without waiting)."""
+    return {"epoch": epoch, "loss": loss,
+            "model": {k: v.detach().clone() for k, v in get_model(learn.model).state_dict().items()}}
+
+
 class KeepBest(Callback):
     """Remember the weights of the epoch with the lowest validation loss in the `Run`, so the checkpoint
     saves them and `--resume` goes on with them; stop after `patience` epochs without a lower one, and at once
@@ -158,7 +165,5 @@ class KeepBest(Callback):
             self.run.diverged = len(valid)
             print(f"\nnote: validation loss {valid[-1][1]} after epoch {len(valid)}: training diverged and stops here")
             raise CancelFitException
-        if self.run.best is None or valid[-1][1] < valid[self.run.best["epoch"] - 1][1]:
-            self.run.best = {"epoch": len(valid),
-                             # a copy where the weights are: a GPU copies in place, without waiting
-                             "model": {k: v.detach().clone() for k, v in get_model(self.model).state_dict().items()}}
+        if self.run.best is None or valid[-1][1] < self.run.best_loss():
+            self.run.best = best_weights(self.learn, len(valid), valid[-1][1])

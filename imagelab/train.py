@@ -23,7 +23,7 @@ from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
 from .augment import faster_augmentation
-from .callbacks import KeepBest, Progress, ProgressiveResize, TimeBudget
+from .callbacks import KeepBest, Progress, ProgressiveResize, TimeBudget, best_weights
 from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, loss_scaler, pick_device, pick_precision
@@ -38,8 +38,12 @@ from .store import StoreDL, store_loaders
 
 
 class Task:
-    """What a kind of model supplies to the loop. Subclasses set `kind` and implement the methods that raise."""
+    """What a kind of model supplies to the loop. Subclasses set `kind` and implement the methods that raise.
+
+    `start_competes`: whether the model before training competes under `--keep best`, as epoch 0 (the
+    autoencoder's starts as PCA: a run that only made it worse exports PCA)."""
     kind = None
+    start_competes = False
 
     def check(self, cfg):
         """One line for a setting this kind of model cannot take (before any work)."""
@@ -122,7 +126,7 @@ class Run:
     def __init__(self, lr, state=None):
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
         self.done, self.seconds_before, self.resumed = 0, 0.0, None
-        self.best, self.stopped_early = None, False  # best: the epoch (from 1) of the lowest validation loss, its weights
+        self.best, self.stopped_early = None, False  # best: the epoch of the lowest validation loss, its loss and weights
         self.diverged = None  # the epoch (from 1) whose validation loss was not a number
         self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:
@@ -144,6 +148,15 @@ class Run:
     def epochs_since_best(self):
         return len(self.history.valid) - self.best["epoch"] if self.best else 0
 
+    def best_loss(self):
+        if "loss" not in self.best:  # a checkpoint written before the loss was kept with the weights
+            return self.history.valid[self.best["epoch"] - 1][1]
+        return self.best["loss"]
+
+    def keep_start(self, learn):
+        """The model as it is, before training, as the best so far: epoch 0."""
+        self.best = best_weights(learn, 0, float(learn.validate()[0]))
+
     def keep(self, learn, which):
         """Put the kept weights into `learn` (`which`: "best" or "last"); returns what metrics.json says of them."""
         valid = self.history.valid
@@ -164,7 +177,7 @@ class Run:
             which = kept["kept"] = "best"
         if which == "last" or self.best is None:
             return kept
-        if cut_short and not self.diverged and loss < valid[self.best["epoch"] - 1][1]:
+        if cut_short and not self.diverged and loss < self.best_loss():
             return kept
         get_model(learn.model).load_state_dict(self.best["model"])
         return {**kept, "kept_epoch": self.best["epoch"]}
@@ -183,6 +196,8 @@ def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
     resize = progressive_resize(learn.dls, cfg, cfg.first_size())
     offset = 0
     with distributed(learn):
+        if task.start_competes and run.done == 0 and run.best is None:
+            run.keep_start(learn)  # in here: a validation gathers the processes' shares
         for n, fit_one in schedule:
             if run.done < offset + n:  # this fit is not finished yet
                 first = run.done - offset

@@ -184,14 +184,27 @@ def test_a_run_that_diverges_stops_and_exports_the_last_finite_epoch(data, tmp_p
 
 
 def test_a_run_that_diverges_at_once_exports_nothing_in_one_line(data, tmp_path):
-    out = tmp_path / "ae.pkl"
-    res = run(["training/train_autoencoder.py", "--data", data, "--lr", "1e6", "--epochs", "2", "--size", "16",
-               "--code-size", "8", "--width", "8", "--bs", "4", "--workers", "0", "--out", out])
+    out = tmp_path / "pets.pkl"
+    res = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--lr", "1e6",
+               "--epochs", "2", "--size", "16", "--bs", "4", "--workers", "0", "--out", out])
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1].startswith(
         "error: training diverged: the validation loss was not a number after epoch 1, and no epoch before had a "
         "finite one; nothing was exported: lower --lr")
     assert list(tmp_path.iterdir()) == []  # no model, no report, no checkpoint
+
+
+def test_an_autoencoder_no_epoch_improves_exports_its_starting_point_pca(data, tmp_path):
+    """The autoencoder starts as PCA (epoch 0 under --keep best): a run that only made it worse, here one that
+    diverged at once, exports PCA rather than nothing or worse."""
+    out = tmp_path / "ae.pkl"
+    res = run(["training/train_autoencoder.py", "--data", data, "--lr", "1e6", "--epochs", "2", "--size", "16",
+               "--code-size", "8", "--width", "8", "--bs", "4", "--workers", "0", "--no-presize", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(out)
+    assert (m["kept"], m["kept_epoch"], m["epochs_trained"], m["diverged_at_epoch"]) == ("best", 0, 1, 1)
+    assert m["ae_mse"] == pytest.approx(m["pca_mse"], rel=1e-5)  # the model's own PCA, on the same images
+    assert "no epoch improved on its starting point, PCA, which is what was exported: lower --lr" in res.stdout
 
 
 class DivergeThenStall(Callback):

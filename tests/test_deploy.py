@@ -111,6 +111,7 @@ def test_model_card_renders_every_field(tiny_model):
     # fine-tuning's frozen epoch is one of the run's epochs, not one more than planned
     fine_tuned = {**metrics, "epochs": 3, "epochs_planned": 4, "epochs_trained": 4, "time_budget": None}
     assert "Trained 4 epochs;" in model_card("pets", fine_tuned)
+    assert "the weights are the model's before training" in model_card("pets", {**fine_tuned, "kept_epoch": 0})
     older = {k: v for k, v in fine_tuned.items() if k != "epochs_planned"}  # a metrics.json from before the key
     assert "Trained 4 epochs;" in model_card("pets", {**older, "pretrained": True})
     # the held-out images are the ones the run held out: drawn at random, or a valid/ folder

@@ -53,7 +53,9 @@ def trained(metrics):
         text += ", stopped early (no lower validation loss)"
     if metrics.get("diverged_at_epoch"):
         text += f", stopped when training diverged at epoch {metrics['diverged_at_epoch']} (a loss not a number)"
-    if metrics.get("kept_epoch"):
+    if metrics.get("kept_epoch") == 0:
+        text += "; the weights are the model's before training (no epoch had a lower validation loss)"
+    elif metrics.get("kept_epoch"):
         why = "the lowest validation loss" if metrics.get("kept") == "best" else "the last"
         text += f"; the weights are epoch {metrics['kept_epoch']}'s ({why})"
     versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
