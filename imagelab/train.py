@@ -126,7 +126,7 @@ class Run:
     def __init__(self, lr, state=None):
         self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
         self.done, self.seconds_before, self.resumed = 0, 0.0, None
-        self.best, self.stopped_early = None, False  # best: the epoch of the lowest validation loss, its loss and weights
+        self.best, self.stopped_early = None, False  # best: the epoch of the lowest validation loss, its loss, weights
         self.diverged = None  # the epoch (from 1) whose validation loss was not a number
         self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:

@@ -170,13 +170,16 @@ AE_TINY = ["--size", "16", "--depth", "2", "--width", "8", "--code-size", "8", "
 
 @pytest.fixture(scope="session")
 def tiny_autoencoder(tmp_path_factory):
-    """A tiny autoencoder trained for two epochs through the real CLI, on generated images plus one corrupt file."""
+    """A tiny autoencoder trained for two epochs through the real CLI, on generated images plus one corrupt file.
+
+    `--keep last`: the trained model, whether or not two epochs beat PCA (with `--keep best` a model that did not is
+    exported as PCA, and the apps would show PCA's picture twice)."""
     def build(tmp):
         data = make_folder_dataset(tmp / "data")
         (data / "cats" / "broken.jpg").write_text("not an image")
         out = tmp / "models" / "ae.pkl"
         res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "2", "--lr", "1e-2", *AE_TINY,
-                   "--out", out])
+                   "--keep", "last", "--out", out])
         assert res.returncode == 0, res.stderr[-3000:]
         assert "broken.jpg" in res.stdout and "PCA" in res.stdout
         return out

@@ -117,11 +117,19 @@ def test_sigkill_then_ctrl_c_then_resume_ends_like_an_uninterrupted_run(data, tm
         assert losses == pytest.approx(epoch_table(uninterrupted.stdout)[epoch], rel=1e-3), epoch
 
 
+def fine_tuning(data, tmp_path, epochs):
+    """(env, args(out, *extra)): a fine-tuning run of `epochs` after the frozen one, its weights in an offline Hub
+    cache."""
+    pretrained = [a for a in command(data, "X") if a != "--no-pretrained"] + ["--epochs", str(epochs)]
+
+    def args(out, *extra):
+        return [str(out) if a == "X" else a for a in pretrained] + list(extra)
+    return hub_cache_with_weights(tmp_path / "hf"), args
+
+
 def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path):
     """fine_tune is two fits; a run killed after the frozen epoch resumes straight into the second one."""
-    env = hub_cache_with_weights(tmp_path / "hf")
-    pretrained = [a for a in command(data, "X") if a != "--no-pretrained"]
-    args = lambda out, *extra: [str(out) if a == "X" else a for a in pretrained] + ["--epochs", "1", *extra]  # noqa: E731
+    env, args = fine_tuning(data, tmp_path, epochs=1)
     whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
     res = run(args(whole), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -144,9 +152,7 @@ def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path
 def test_fine_tuning_resumes_inside_its_unfrozen_fit(data, tmp_path):
     """Killed after the unfrozen fit's first epoch: the resumed run goes on with that fit's optimizer moments (fastai's
     unfreeze, at the fit's start, clears them: the resumed fit must not start them afresh) and ends as the whole run."""
-    env = hub_cache_with_weights(tmp_path / "hf")
-    pretrained = [a for a in command(data, "X") if a != "--no-pretrained"]
-    args = lambda out, *extra: [str(out) if a == "X" else a for a in pretrained] + ["--epochs", "2", *extra]  # noqa: E731
+    env, args = fine_tuning(data, tmp_path, epochs=2)
     whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
     uninterrupted = run(args(whole), env=env)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]

@@ -189,7 +189,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                                ("train_autoencoder", ["--code-size", "100000"], "less than the image's 12,288 numbers"),
                                ("train_autoencoder", ["--width", "0"], "--width must be at least 1, not 0"),
                                # where the channels stop doubling: a wider first level would build the same model
-                               ("train_autoencoder", ["--width", "600"], "--width must be at most 512 (where the channels"),
+                               ("train_autoencoder", ["--width", "600"], "--width must be at most 512 (where"),
                                ("train_autoencoder", ["--sparsity", "inf"], "--sparsity must be 0 or more, not inf")]:
         fails_with_one_line(run([f"training/{script}.py", "--data", data, *args]), says)
     # settings are checked before PyTorch loads: a typo costs no wait
