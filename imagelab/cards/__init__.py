@@ -21,18 +21,18 @@ def table(rows, header):
 def settings(metrics, keys):
     """The training settings a run recorded, as a Markdown table (keys it did not record are left out, and
     `valid_pct` where folders held the split)."""
-    keys = [k for k in keys if k in metrics and (k != "valid_pct" or random_split(metrics))]
+    keys = [k for k in keys if k in metrics and (k != "valid_pct" or split_at_random(metrics))]
     return table([(k, metrics[k]) for k in keys], ["setting", "value"])
 
 
-def random_split(metrics):
+def split_at_random(metrics):
     """Whether the run held out images at random (`--valid-pct`, `--seed`), not by `train/` and `valid/` folders."""
     return metrics.get("split", "random").startswith("random")  # absent from runs before folder splits
 
 
 def held_out(metrics, n):
     """Which `n` images the card's numbers were measured on: the run's split (metrics.json "split")."""
-    if random_split(metrics):
+    if split_at_random(metrics):
         return f"{n} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed " \
                f"{metrics['seed']})"
     return f"the {n} images of its `valid/` folder held out"
