@@ -6,7 +6,7 @@ from .data import (classifier_dls, contradicting_flags, dataset_split, detect_la
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
 from .models import check_arch, classifier_learner
-from .paths import artifact_paths
+from .paths import FOLDER_SPLIT, artifact_paths
 from .reports import classifier_report
 from .train import Task
 
@@ -37,7 +37,7 @@ class Classifier(Task):
             print(f"note: no held-out images of {', '.join(map(str, unmeasured))} "
                   f"({', '.join(str(self.counts['train'][c]) for c in unmeasured)} in training): the report cannot "
                   f"measure {'it' if len(unmeasured) == 1 else 'them'}; "
-                  f"{'add some to valid/' if 'valid/' in self.split else 'add photos or raise --valid-pct'}")
+                  f"{'add some to valid/' if self.split == FOLDER_SPLIT else 'add photos or raise --valid-pct'}")
         return dls
 
     def note_contradicting_flags(self, root, training, cache):

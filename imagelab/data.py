@@ -17,7 +17,7 @@ from .images import check_image, open_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .config import cache_folder
 from .flagging import FLAGGED_NAME
-from .paths import FLAGGED, dataset_files, existing_folder, file_key, is_flagged, staging_path
+from .paths import FLAGGED, FOLDER_SPLIT, dataset_files, existing_folder, file_key, is_flagged, staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -236,7 +236,7 @@ def dataset_split(root, files, valid_pct, seed, cache=None):
     keep their split, else `random_split`."""
     by_folders = folder_split(root, files, cache)
     if by_folders:
-        return by_folders, "train/ and valid/ folders"
+        return by_folders, FOLDER_SPLIT
     return random_split(root, valid_pct, seed, cache), f"random {valid_pct:.0%}"
 
 

@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 FLAGGED, REMOVED, QUARANTINE = "flagged", "removed", "quarantine"
 CLEANING_LOG, DOWNLOAD_SUMMARY = "cleaning-log.jsonl", "download-summary.json"
 BOOKKEEPING = (QUARANTINE, REMOVED, FLAGGED, DOWNLOAD_SUMMARY, CLEANING_LOG)
+# A dataset with train/ and valid/ folders keeps their split (imagelab.data.folder_split); metrics.json "split" then
+# says this, else how the images were drawn at random.
+FOLDER_SPLIT = "train/ and valid/ folders"
 
 
 def default_model(name, root=REPO, suffix=".pkl"):

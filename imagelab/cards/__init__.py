@@ -5,6 +5,7 @@ template `imagelab/cards/<kind>.md` (string.Template: `$name` fields, so the Mar
 no escaping). A fragment `<kind>.<file>.md` is a
 card section shown only when the model repo carries that optional file (`$<file>_section`).
 """
+from ..paths import FOLDER_SPLIT
 
 # The pip packages each way of loading a model needs: its ONNX graph, or its pickled learner (whose classes live in
 # modules that load without the training loop: not accelerate). tests/test_deploy.py runs the cards' code where only
@@ -27,7 +28,7 @@ def settings(metrics, keys):
 
 def split_at_random(metrics):
     """Whether the run held out images at random (`--valid-pct`, `--seed`), not by `train/` and `valid/` folders."""
-    return metrics.get("split", "random").startswith("random")  # absent from runs before folder splits
+    return metrics.get("split") != FOLDER_SPLIT  # absent from runs before folder splits
 
 
 def held_out(metrics, n):
