@@ -189,9 +189,9 @@ class Run:
         return resumed
 
 
-def fit(task, cfg, learn, run, ckpt, writer, settings, extra_cbs):
-    """Every fit of the schedule that is not finished yet, with checkpoints, the time budget and resizing."""
-    schedule = task.fits(cfg, run.lr)
+def fit(task, cfg, schedule, learn, run, ckpt, writer, settings, extra_cbs):
+    """Every fit of the `schedule` (`task.fits`) that is not finished yet, with checkpoints, the time budget and
+    resizing."""
     epochs = sum(n for n, _ in schedule)
     resize = progressive_resize(learn.dls, cfg, cfg.first_size())
     offset = 0
@@ -312,13 +312,14 @@ def train(task, cfg, cbs=()):
                 "images": describe_split(split_files(dls, root))}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
     run = Run(state["lr"] if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg)), state)
-    planned = sum(n for n, _ in task.fits(cfg, run.lr))  # fine_tune's frozen epoch too
+    schedule = task.fits(cfg, run.lr)
+    planned = sum(n for n, _ in schedule)  # fine_tune's frozen epoch too
     if state:
         restore(learn, state)
         print(f"resuming after epoch {state['epoch']} of {planned} from {ckpt}")
     writer = Writer()
     try:
-        fit(task, cfg, learn, run, ckpt, writer, settings, cbs)
+        fit(task, cfg, schedule, learn, run, ckpt, writer, settings, cbs)
     except KeyboardInterrupt:
         writer.wait()  # the checkpoint being written, if any, is the one to resume from
         if main_process:
