@@ -183,10 +183,15 @@ def detect_labels(root, files):
     `flagged/<class>/`, go with either)."""
     root = Path(root)
     files = [f for f in files if not is_flagged(root, f)] or files
+    if split_by_folders(root, files):  # the classes are below train/ and valid/ (and only these are used)
+        files = [f for f in files if f.relative_to(root).parts[0] in ("train", "valid")]
+        tops = {root / "train", root / "valid"}
+    else:
+        tops = {root}
     parents = {f.parent for f in files}
-    if root not in parents and len(parents) >= 2:
+    if not parents & tops and len(parents) >= 2:
         return "folder"
-    if root not in parents:
+    if not parents & tops:
         raise UserError(f"only one class in {root} ({next(iter(parents)).name}/): a classifier needs one "
                         "sub-folder per class, at least two")
     if all(OXFORD_NAME.match(f.stem) for f in files):
@@ -216,10 +221,9 @@ def folder_split(root, files, cache=None):
     Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on. `cache`: where
     look-alike fingerprints are kept (--cache)."""
     root = Path(root)
-    tops = {f.relative_to(root).parts[0] for f in files}
-    if not {"train", "valid"} <= tops:
+    if not split_by_folders(root, files):
         return None
-    others = sorted(tops - {"train", "valid", FLAGGED})
+    others = sorted({f.relative_to(root).parts[0] for f in files} - {"train", "valid", FLAGGED})
     if others:  # a test/ set, say: as fastai's GrandparentSplitter, neither trained on nor measured
         print(f"note: {', '.join(others)} left out: with train/ and valid/ folders, only train/ (and {FLAGGED}/) "
               "trains and only valid/ is measured")
@@ -229,6 +233,11 @@ def folder_split(root, files, cache=None):
         train, valid = with_flagged(root, items, {i for i, top in enumerate(tops) if top == "valid"}, cache=cache)
         return [i for i in train if tops[i] in ("train", FLAGGED)], valid
     return split
+
+
+def split_by_folders(root, files):
+    """Whether `files` (under `root`) are split by `train/` and `valid/` folders, as fastai's from_folder."""
+    return {"train", "valid"} <= {Path(f).relative_to(root).parts[0] for f in files}
 
 
 def dataset_split(root, files, valid_pct, seed, cache=None):
@@ -266,7 +275,8 @@ def random_split(root, valid_pct, seed, cache=None):
     def split(items):
         own = [i for i, f in enumerate(items) if not is_flagged(root, f)]
         prints = fingerprints([items[i] for i in own], cache=cache)
-        first = groups(prints)  # of each image, its group's first image
+        near = pairs(prints)
+        first = groups(prints, near)  # of each image, its group's first image
         heads = sorted(set(first))
         together = len(own) - len(heads)
         if together:
@@ -278,7 +288,13 @@ def random_split(root, valid_pct, seed, cache=None):
         _, valid = RandomSplitter(valid_pct, seed=seed)(heads)
         held = {heads[v] for v in valid}
         kept = [k for k, f in enumerate(first) if f in held]  # in the order of `items`, as with_flagged takes them
-        return with_flagged(root, items, {own[k] for k in kept}, prints[kept], cache)
+        # A like B like C, in two groups (A, B) and (C): B must not train while C is held out
+        chained = {own[a] for i, j in near for a, b in ((i, j), (j, i)) if first[a] not in held and first[b] in held}
+        if chained:
+            print(f"note: {len(chained)} files look like a held-out file of another group of look-alikes (a chain: "
+                  "A like B like C) and are left out of training")
+        train, valid = with_flagged(root, items, {own[k] for k in kept}, prints[kept], cache)
+        return [i for i in train if i not in chained], valid
     return split
 
 

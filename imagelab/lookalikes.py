@@ -160,13 +160,14 @@ def pairs(a, b=None):
     return found
 
 
-def groups(prints):
+def groups(prints, near=None):
     """For each image, the first image of its group of look-alikes (itself when it looks like no earlier one).
+    `near`: `pairs(prints)`, when the caller has them.
 
     Every image of a group looks like its first: A like B and B like C make no group of A and C, which may look
     nothing alike (chained, photos of one layout would merge into a few big groups)."""
     first = list(range(len(prints)))
-    for i, j in sorted(pairs(prints)):  # i < j: each image meets its earlier look-alikes in order
+    for i, j in sorted(pairs(prints) if near is None else near):  # i < j: each meets its earlier look-alikes in order
         if first[j] == j and first[i] == i:
             first[j] = i
     return first

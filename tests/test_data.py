@@ -118,6 +118,24 @@ def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_
     assert "note: 1 flagged files look like held-out images and are left out" in capsys.readouterr().out
 
 
+def test_a_chain_of_lookalikes_does_not_cross_the_split(tmp_path, capsys):
+    """A like B like C (not A like C) make two groups, (A, B) and (C): with C held out, B must not train."""
+    from imagelab.data import random_split
+    from imagelab.lookalikes import fingerprints, pairs
+    for i in range(20):
+        shapes(tmp_path / "data" / ("cats" if i % 2 else "dogs") / f"{i}.jpg", seed=10 + i)
+    with Image.open(shapes(tmp_path / "a.png", seed=1)) as a, Image.open(shapes(tmp_path / "b.png", seed=2)) as b:
+        for k in range(13):  # from one picture to another in steps: neighbours alike, the ends not
+            Image.blend(a, b, k / 12).save(tmp_path / "data" / ("cats" if k % 2 else "dogs") / f"step{k}.png")
+    files = find_images(tmp_path / "data")[0]
+    crossed = 0
+    for seed in range(10):
+        train, valid = random_split(tmp_path / "data", 0.3, seed)(files)
+        assert pairs(fingerprints([files[i] for i in train]), fingerprints([files[i] for i in valid])) == [], seed
+        crossed += len(files) - len(train) - len(valid)
+    assert crossed and "are left out of training" in capsys.readouterr().out
+
+
 def test_the_next_split_of_a_folder_decodes_no_picture_to_find_lookalikes(tmp_path, decodes):
     """A run keeps the fingerprints of its images, flagged ones too, in --cache: the next run on the folder reads
     them (imagelab.lookalikes)."""
@@ -240,6 +258,20 @@ def test_train_and_valid_folders_keep_their_split(tmp_path):
     assert all(f.relative_to(tmp_path).parts[0] == "valid" for f in dls.valid_ds.items) and len(dls.valid_ds) == 4
     assert len(dls.train_ds) == 12 and list(dls.vocab) == ["cats", "dogs"]
     assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None
+
+
+def test_oxford_names_in_train_and_valid_folders_are_labelled_by_name(oxford_dir):
+    """Oxford-IIIT Pet split into train/ and valid/ (a test/ beside them, left out): the classes are the names', not
+    the folders' "train" and "valid"."""
+    for split in ("train", "valid", "test"):
+        (oxford_dir / split).mkdir()
+    for i, f in enumerate(sorted(oxford_dir.glob("*.jpg"))):
+        f.rename(oxford_dir / ("train", "train", "valid", "test")[i % 4] / f.name)
+    files = find_images(oxford_dir)[0]
+    assert detect_labels(oxford_dir, files) == "filename"
+    dls = classifier_dls(files, label_function("filename", "is_cat"), splitter=folder_split(oxford_dir, files),
+                         size=32, min_scale=0.35, bs=2, seed=42, workers=0)
+    assert list(dls.vocab) == ["cat", "dog"]
 
 
 def test_a_test_folder_beside_train_and_valid_is_neither_trained_on_nor_measured(tmp_path, capsys):
