@@ -226,25 +226,6 @@ class RatioToPCA(AvgMetric):
         return "ratio_to_pca"
 
 
-class RatioCurve(Callback):
-    """[(epoch, RatioToPCA)] for every epoch this process trains (a resumed run starts at its first epoch)."""
-    order = 60
-
-    def __init__(self):
-        self.points = []
-
-    def before_epoch(self):
-        self.trained = False
-
-    def after_batch(self):
-        self.trained = self.trained or self.training
-
-    def after_epoch(self):
-        ratio = next((m for m in self.learn.metrics if isinstance(m, RatioToPCA)), None)
-        if self.trained and ratio is not None and ratio.value is not None:
-            self.points.append((self.epoch + 1, round(ratio.value, 5)))
-
-
 def autoencoder_dls(files, *, splitter, size, bs, seed, workers=None, get_x=None):
     """DataLoaders whose target is the input: the same random crop and flip on both.
 
@@ -351,18 +332,20 @@ def plot_ratio_curve(points, path):
     save_fig(fig, path)
 
 
-def autoencoder_report(learn, history, report_dir, curve=()):
+def autoencoder_report(learn, history, report_dir):
     """Score the autoencoder and PCA with as many components on the same held-out images; write the plots.
 
-    PCA is fitted on the training images as the model sees them at validation (resized, centre crop,
-    no augmentation); both are scored on exactly the same held-out tensors.
+    PCA is the model's own linear path, fitted before training on the training images as it saw them at validation
+    (resized, centre crop, no augmentation): the PCA its app shows, and exactly the model before its first step,
+    so a model no epoch improved scores a ratio of 1. Both are scored on the same held-out tensors.
     """
     dls, model = learn.dls, learn.model
-    train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
-    mean, axes = fit_pca(train_x.flatten(1), model.code_size)
-    k = len(axes)
-    pca_x = pca_reconstruct(valid_x.flatten(1), mean, axes).view_as(valid_x)
+    valid_x = preprocessed(dls, dls.valid_ds.items)
+    k = int(model.pca_axes.any(1).sum())  # fewer than code_size with fewer training images (fit_pca)
+    pca_x = batched(lambda m, b: m.pca(b), model, valid_x)
     ae_x, codes = reconstruct(model, valid_x), encode(model, valid_x)
+    curve = [(epoch, round(m["ratio_to_pca"], 5)) for epoch, m in enumerate(history.valid_metrics, 1)
+             if m.get("ratio_to_pca") is not None]
     ae_mse, pca_mse = float(((ae_x - valid_x) ** 2).mean()), float(((pca_x - valid_x) ** 2).mean())
 
     plot_reconstructions({"original": valid_x, "autoencoder": ae_x, f"PCA ({k})": pca_x},
@@ -375,7 +358,7 @@ def autoencoder_report(learn, history, report_dir, curve=()):
             "beats_pca": ae_mse < pca_mse, "pca_components": k,
             "code_mean_abs": float(codes.abs().mean()), "code_zero_fraction": float((codes == 0).float().mean()),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "counts": {"train": len(train_x), "valid": len(valid_x)}}
+            "counts": {"train": len(dls.train_ds), "valid": len(valid_x)}}
 
 
 class AutoencoderTask(Task):
@@ -388,7 +371,6 @@ class AutoencoderTask(Task):
         return pets_images()
 
     def dataloaders(self, cfg, root, files, get_x, workers):
-        self.curve = RatioCurve()  # a run's: one task may train several times
         splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
         return autoencoder_dls(files, splitter=splitter, size=cfg.size, bs=cfg.bs, seed=cfg.seed, workers=workers,
                                get_x=get_x)
@@ -402,10 +384,10 @@ class AutoencoderTask(Task):
         return 2e-3
 
     def callbacks(self, cfg):
-        return [self.curve, *([CodeSparsity(cfg.sparsity)] if cfg.sparsity else [])]
+        return [CodeSparsity(cfg.sparsity)] if cfg.sparsity else []
 
     def report(self, learn, history, folder):
-        return autoencoder_report(learn, history, folder, self.curve.points)
+        return autoencoder_report(learn, history, folder)
 
     def describe(self, cfg, root, dls):
         return {"split": self.split, "counts": {"train": len(dls.train_ds), "valid": len(dls.valid_ds)}}

@@ -12,11 +12,12 @@ from fastai.interpret import ClassificationInterpretation
 
 
 class LossHistory(Callback):
-    """Losses across every fit of a run (fastai's Recorder restarts at each fit, e.g. both halves of fine_tune)."""
+    """Losses across every fit of a run (fastai's Recorder restarts at each fit, e.g. both halves of fine_tune), and
+    each epoch's held-out metrics ({name: value}, in `valid_metrics`)."""
     order = 60  # after the Recorder has smoothed the loss
 
     def __init__(self):
-        self.train, self.valid, self.step, self.pending = [], [], 0, []
+        self.train, self.valid, self.valid_metrics, self.step, self.pending = [], [], [], 0, []
 
     def before_epoch(self):
         self.trained = False
@@ -39,7 +40,10 @@ class LossHistory(Callback):
     def after_epoch(self):
         self.read_pending()
         if self.trained:  # epochs skipped by a resumed run log nothing
-            self.valid.append((self.step, float(self.recorder.values[-1][1])))
+            _, loss, *metrics = self.recorder.values[-1]
+            self.valid.append((self.step, float(loss)))
+            self.valid_metrics.append({name: None if v is None else float(v)
+                                       for name, v in zip(self.recorder.metric_names[3:], metrics)})
 
     def after_fit(self):
         self.read_pending()  # an epoch cut short (the time budget) ends the fit without its after_epoch

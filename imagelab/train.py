@@ -130,7 +130,8 @@ class Run:
         self.diverged = None  # the epoch (from 1) whose validation loss was not a number
         self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:
-            self.history.train, self.history.valid, self.history.step = state["history"]
+            self.history.train, self.history.valid, self.history.step, *metrics = state["history"]
+            self.history.valid_metrics = metrics[0] if metrics else [{} for _ in self.history.valid]  # absent before
             self.done, self.seconds_before, self.resumed = state["epoch"], state["seconds"], state
             self.best = state.get("best")  # absent from checkpoints written before keep-best
             self.fit_started = state.get("fit_started", 0.0)  # absent before fits had budgets of their own
@@ -142,7 +143,8 @@ class Run:
 
     def saved(self):
         """What a checkpoint holds besides weights, optimizer and random streams."""
-        return {"lr": self.lr, "history": (self.history.train, self.history.valid, self.history.step),
+        history = (self.history.train, self.history.valid, self.history.step, self.history.valid_metrics)
+        return {"lr": self.lr, "history": history,
                 "seconds": self.seconds(), "best": self.best, "fit_started": self.fit_started}
 
     def epochs_since_best(self):
