@@ -114,6 +114,8 @@ def test_model_card_renders_every_field(tiny_model):
     assert "the weights are the model's before training" in model_card("pets", {**fine_tuned, "kept_epoch": 0})
     older = {k: v for k, v in fine_tuned.items() if k != "epochs_planned"}  # a metrics.json from before the key
     assert "Trained 4 epochs;" in model_card("pets", {**older, "pretrained": True})
+    exported_only = model_card("pets", {**metrics, "images_trained": 0, "images_per_second": None})
+    assert f"{metrics['train_seconds']} s with " in exported_only and "None images" not in exported_only
     # the held-out images are the ones the run held out: drawn at random, or a valid/ folder
     held = sum(metrics["counts"]["valid"].values())
     assert (f"{held} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed "

@@ -60,7 +60,9 @@ def trained(metrics):
         why = "the lowest validation loss" if metrics.get("kept") == "best" else "the last"
         text += f"; the weights are epoch {metrics['kept_epoch']}'s ({why})"
     versions = ", ".join(f"{k} {v}" for k, v in metrics.get("versions", {}).items())
-    return text + f". {metrics['train_seconds']} s ({metrics['images_per_second']} images/s) with {versions}."
+    # a resumed run that only exported (its last run stopped by a full disk, say) trained no images: no speed
+    speed = f" ({metrics['images_per_second']} images/s)" if metrics.get("images_per_second") else ""
+    return text + f". {metrics['train_seconds']} s{speed} with {versions}."
 
 
 def pct(x, digits=1):
