@@ -136,6 +136,9 @@ class TrainConfig:
         if self.data is not None:
             existing_folder(self.data)
         writable_model_path(self.out)
+        if self.data is not None and Path(self.out).resolve().is_relative_to(Path(self.data).resolve()):
+            raise UserError(f"--out {self.out} is inside --data {self.data}: the next run would train on its report's "
+                            "plots and example images; write the model outside the dataset folder")
         if self.lr == "find" and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # each process would find its own
             raise UserError("--lr find runs in one process: run it once without the launcher (with --epochs 1, say), "
                             "then launch with the rate it prints")

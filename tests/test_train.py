@@ -126,6 +126,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
     for out, says in [(tmp_path / "m.onnx", "--out must name a .pkl file"), (tmp_path / "folder.pkl", "is a folder"),
                       (tmp_path / "file" / "m.pkl", "file is a file")]:
         fails_with_one_line(run(["training/train_pets.py", "--data", tmp_path, "--out", out], timeout=60), says)
+    data = make_folder_dataset(tmp_path / "data", n=3)  # a model in its dataset: its report's images would train
+    res = run(["training/train_autoencoder.py", "--data", data, "--out", data / "models" / "ae.pkl"], timeout=60)
+    fails_with_one_line(res, f"--out {data / 'models' / 'ae.pkl'} is inside --data {data}: the next run would train")
 
 
 def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
