@@ -5,6 +5,7 @@ trained yet, for which it shows how to train one.
 """
 import functools
 import importlib.util
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -54,17 +55,20 @@ class Handoff:
     entry: the oldest go once more than `keep` are waiting."""
 
     def __init__(self, keep=8):
-        self.keep, self.waiting = keep, {}
+        self.keep, self.waiting, self.lock = keep, {}, threading.Lock()  # requests run in threads of their own
 
     def put(self, upload, value):
-        self.waiting[upload] = value
-        while len(self.waiting) > self.keep:
-            self.waiting.pop(next(iter(self.waiting)))
+        with self.lock:
+            self.waiting[upload] = value
+            while len(self.waiting) > self.keep:
+                self.waiting.pop(next(iter(self.waiting)))
         return value
 
     def take(self, upload, compute):
         """The value put for `upload`, or `compute(upload)` when there is none (the first step ran elsewhere)."""
-        return self.waiting.pop(upload, None) or compute(upload)
+        with self.lock:
+            value = self.waiting.pop(upload, None)
+        return value or compute(upload)
 
 
 def on_new_picture(image, examples=None):

@@ -1,12 +1,10 @@
 """Data cleaner: a class's images ordered by the model's loss; keep, relabel or remove each one."""
 import os
-from pathlib import Path
 
 from imagelab import run_cli
-from imagelab.app_options import app_model, app_parser
-from imagelab.paths import default_model
+from imagelab.app_options import app_default_model, app_model, app_parser
 
-MODEL = default_model("bears", Path(__file__).resolve().parents[2])
+MODEL = app_default_model(__file__, "bears")
 
 
 def main(argv=None):
