@@ -7,13 +7,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from .paths import CLEANING_LOG, FLAGGED, REMOVED
+from .paths import CLEANING_LOG, FLAGGED, REMOVED, is_flagged
 from .ui import TURNS, user_errors
 
 
 def choices(record, classes):
     """A class image can go to another class; a flagged one into any class folder, its flagged class's too."""
-    if record["file"].startswith(f"{FLAGGED}/"):
+    if is_flagged(record["file"]):
         return [("keep", "keep"), ("remove", "remove")] + [(f"add to {c}", f"relabel:{c}") for c in classes]
     return [("keep", "keep"), ("remove", "remove")] + [(f"relabel as {c}", f"relabel:{c}")
                                                        for c in classes if c != record["label"]]

@@ -182,7 +182,7 @@ def detect_labels(root, files):
     """'folder' when the images sit in one sub-folder per class, 'filename' for Oxford-style names (flagged images,
     `flagged/<class>/`, go with either)."""
     root = Path(root)
-    files = [f for f in files if not is_flagged(root, f)] or files
+    files = [f for f in files if not is_flagged(f, root)] or files
     if split_by_folders(root, files):  # the classes are below train/ and valid/ (and only these are used)
         files = [f for f in files if f.relative_to(root).parts[0] in ("train", "valid")]
         tops = {root / "train", root / "valid"}
@@ -273,7 +273,7 @@ def random_split(root, valid_pct, seed, cache=None):
     root = Path(root)
 
     def split(items):
-        own = [i for i, f in enumerate(items) if not is_flagged(root, f)]
+        own = [i for i, f in enumerate(items) if not is_flagged(f, root)]
         prints = fingerprints([items[i] for i in own], cache=cache)
         near = pairs(prints)
         first = groups(prints, near)  # of each image, its group's first image
@@ -302,7 +302,7 @@ def with_flagged(root, items, held_out, held_prints=None, cache=None):
     """(train, valid) indices: the held-out ones, and every other but the flagged images that look like a held-out
     one (an app's example, say): trained on, they would be measured on themselves. `held_prints`: the held-out
     images' fingerprints in index order, when the caller has them."""
-    flagged = [i for i, f in enumerate(items) if is_flagged(root, f)]
+    flagged = [i for i, f in enumerate(items) if is_flagged(f, root)]
     if flagged and held_out:
         valid = sorted(held_out)
         if held_prints is None:
@@ -322,8 +322,8 @@ def contradicting_flags(root, items, get_y, cache=None):
     """(flagged, own) pairs of `items`: a flagged image that looks like one of the dataset's own images with another
     label (a visitor who says the dataset's label is wrong, or is wrong). `cache`: where fingerprints are kept."""
     root = Path(root)
-    flagged = [f for f in items if is_flagged(root, f)]
-    own = [f for f in items if not is_flagged(root, f)]
+    flagged = [f for f in items if is_flagged(f, root)]
+    own = [f for f in items if not is_flagged(f, root)]
     if not flagged or not own:
         return []
     found = pairs(fingerprints(flagged, cache=cache), fingerprints(own, cache=cache))

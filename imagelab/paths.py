@@ -153,8 +153,9 @@ def visible_files(folder):
     return sorted(found)
 
 
-def is_flagged(root, path):
-    """Whether `path` is an image the apps' visitors flagged: `root/flagged/<class>/<name>`."""
+def is_flagged(path, root=""):
+    """Whether `path` is an image the apps' visitors flagged: `root/flagged/<class>/<name>` (`root` left out: a path
+    relative to the dataset folder, as split.json and the cleaning log name them)."""
     return Path(path).relative_to(root).parts[0] == FLAGGED
 
 

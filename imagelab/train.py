@@ -31,7 +31,7 @@ from .distributed import OwnRandomness, distributed, leave_distributed, world_si
 from .export import staged_export
 from .metadata import versions, write_json
 from .models import PlainTensors, SmoothLoss
-from .paths import (FLAGGED, checkpoint_path, disk_space, examples_dir, metrics_path,
+from .paths import (checkpoint_path, disk_space, examples_dir, is_flagged, metrics_path,
                     remove_abandoned_staging, split_path)
 from .reports import LossHistory
 from .store import StoreDL, store_loaders
@@ -283,7 +283,7 @@ def describe_split(split):
     """The split of the dataset's own images in a few words that change with any of them: one added or removed
     reshuffles the seeded split, and a run resumed on another would hold out images it has trained on. Images
     flagged in the apps meanwhile only add to the training set (with --flagged)."""
-    own = {name: [f for f in files if not f.startswith(f"{FLAGGED}/")] for name, files in split.items()}
+    own = {name: [f for f in files if not is_flagged(f)] for name, files in split.items()}
     digest = hashlib.sha1(json.dumps(own).encode()).hexdigest()[:12]
     return f"{len(own['train'])} train, {len(own['valid'])} held out ({digest})"
 
