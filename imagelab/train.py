@@ -191,9 +191,9 @@ class Run:
         return resumed
 
 
-def fit(task, cfg, schedule, learn, run, ckpt, writer, settings, extra_cbs):
-    """Every fit of the `schedule` (`task.fits`) that is not finished yet, with checkpoints, the time budget and
-    resizing."""
+def fit(task, cfg, learn, run, *, schedule, ckpt, writer, settings, extra_cbs):
+    """Every fit of the `schedule` (`task.fits`) that is not finished yet, with checkpoints (to `ckpt` by `writer`,
+    for a run with these `settings`), the time budget and resizing."""
     epochs = sum(n for n, _ in schedule)
     resize = progressive_resize(learn.dls, cfg, cfg.first_size())
     offset = 0
@@ -206,8 +206,8 @@ def fit(task, cfg, schedule, learn, run, ckpt, writer, settings, extra_cbs):
                 if first == 0:
                     run.fit_started = run.seconds()
                 budget = [fit_budget(cfg.time_budget, run, n, epochs - offset)] if cfg.time_budget else []
-                checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset, first, run.take_resumed(),
-                                        cfg.checkpoint_every)
+                checkpoint = Checkpoint(ckpt, settings, run.saved, writer, offset=offset, start_epoch=first,
+                                        resumed=run.take_resumed(), every=cfg.checkpoint_every)
                 if isinstance(getattr(learn, "progress", None), Progress):
                     learn.progress.offset = offset
                 own = [OwnRandomness(cfg.seed, offset)] if world_size() > 1 else []
@@ -321,7 +321,7 @@ def train(task, cfg, cbs=()):
         print(f"resuming after epoch {state['epoch']} of {planned} from {ckpt}")
     writer = Writer()
     try:
-        fit(task, cfg, schedule, learn, run, ckpt, writer, settings, cbs)
+        fit(task, cfg, learn, run, schedule=schedule, ckpt=ckpt, writer=writer, settings=settings, extra_cbs=cbs)
     except KeyboardInterrupt:
         writer.wait()  # the checkpoint being written, if any, is the one to resume from
         if main_process:
