@@ -65,6 +65,8 @@ def main(argv=None):
         jobs = {name: partial(train, AutoencoderTask(), cfg, cbs=[turns.callback(name, workers=name == "files")])
                 for name, cfg in configs.items()}
         res, busy, load_before = side_by_side(turns, jobs, device, args.seed)
+        if turns.errors:
+            raise next(iter(turns.errors.values()))
     ips = {name: res[name]["images_trained"] / turns.held[name] for name in configs}
     out = {"data": str(args.data), "train_images": res["memory"]["counts"]["train"],
            "valid_images": res["memory"]["counts"]["valid"], "size": args.size, "bs": args.bs,

@@ -18,7 +18,11 @@ says why), so a busy machine slows them alike, and each is timed only while it h
 recipe's loader processes are paused outside its turns). Our held-out accuracy is measured by the
 exported pipeline on the original files, as the app sees them. Then the `scratch` preset trains for
 as long as the recipe took. The last line printed is one JSON object; "busy" is the share of each run's
-turns that the device computed (the GPU's utilisation, or the CPU time over the cores).
+turns that the device computed (the GPU's utilisation, or the CPU time over the cores). On a GPU, one untimed
+step at every input size the runs train at comes first: CUDA's and cuDNN's one-time set-up (libraries, kernels, a
+plan per shape) would otherwise fall in whichever run trains first. Each run's timing starts once every run is
+ready to train. A run that fails leaves the others' numbers: the JSON line is printed with `errors`, then the
+first failure is raised.
 """
 import argparse
 import json
@@ -40,6 +44,8 @@ from fastai.callback.progress import ProgressCallback
 from fastai.vision.all import (Callback, ImageDataLoaders, RandomResizedCrop, accuracy, aug_transforms, defaults,
                                set_seed, vision_learner)
 from PIL import Image
+from fastai.vision.learner import create_timm_model
+from imagelab.callbacks import progressive_size
 from imagelab.classifier import Classifier
 from imagelab.config import ClassifierConfig
 from imagelab.data import detect_labels, find_images, parent_label, presize
@@ -105,8 +111,16 @@ class Turns:
     """
 
     def __init__(self, names, per="batch"):
-        self.cond, self.names, self.active = threading.Condition(), list(names), set(names)
-        self.turn, self.held, self.per = self.names[0], dict.fromkeys(names, 0.0), per
+        self.cond, self.names, self.active, self.ready = threading.Condition(), list(names), set(names), set()
+        self.turn, self.held, self.per, self.errors = self.names[0], dict.fromkeys(names, 0.0), per, {}
+
+    def wait_for_all(self, name):
+        """Wait until every run still going is ready to train: one run's set-up (decoding its images, say) must not
+        share the machine with another's timed turn."""
+        with self.cond:
+            self.ready.add(name)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.active <= self.ready)
 
     def take(self, name):
         with self.cond:
@@ -154,6 +168,7 @@ class Turns:
             order = 100  # after every other callback of the batch (or the epoch) has run
 
             def before_fit(self):
+                turns.wait_for_all(name)
                 turns.take(name)
 
             def after_batch(self):
@@ -171,15 +186,16 @@ class Turns:
         return TakeTurns()
 
     def run(self, jobs):
-        """Run {name: function} in threads; a failed run gives up its turns so the others can finish."""
-        results, errors = {}, {}
+        """Run {name: function} in threads: {name: result} of the runs that finished. A failed run gives up its turns
+        so the others can finish; its exception is in `errors`."""
+        results = {}
 
         def work(name, fn):
             try:
                 results[name] = fn()
                 self.give(name, done=True, timed=False)
             except BaseException as e:  # reported after every thread ends
-                errors[name] = e
+                self.errors[name] = e
                 with self.cond:
                     self.active.discard(name)
                     if self.turn == name:
@@ -190,8 +206,6 @@ class Turns:
             t.start()
         for t in threads:
             t.join()
-        if errors:
-            raise next(iter(errors.values()))
         return results
 
 
@@ -245,6 +259,30 @@ class Busy(threading.Thread):
         return round(sum(values) / len(values), 3) if values else None
 
 
+def warm_up(arch, sizes, bs, precision, device, seed):
+    """One training step of `arch` at each of `sizes`, in fp32 and in `precision`, channels-last (our trainer) and
+    not (the recipe), and one validation batch: what CUDA and cuDNN set up once per process and shape."""
+    set_seed(seed, reproducible=True)  # cuDNN's plans depend on its deterministic setting: the runs'
+    model = create_timm_model(arch, 2, pretrained=False)[0].to(device)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        model.to(memory_format=layout)
+        for size in sorted(sizes):
+            x = torch.rand(bs, 3, size, size, device=device).contiguous(memory_format=layout)
+            for dtype in {mixed, None}:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = model(x).float().logsumexp(1).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            with torch.no_grad():
+                model.eval()(x)
+            model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def side_by_side(turns, jobs, device, seed):
     """Run {name: function} in `turns` from one seed, sampling how busy the device is: (results, each run's busy
     share, the load average before)."""
@@ -281,6 +319,10 @@ def main(argv=None):
         start = time.perf_counter()
         presize(find_images(split)[0], args.size, args.cache)  # built once per dataset and size, then reused
         cache_seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            sizes = {progressive_size(e / args.epochs, args.epochs, ours.first_size(), args.size)
+                     for e in range(args.epochs)}
+            warm_up(args.arch, sizes | {args.size}, args.bs, precision, device, args.seed)
 
         # Ours takes the first turn: the recipe forks its loader processes only while our threads wait,
         # never while it imports or holds a lock that a forked child would inherit locked.
@@ -289,31 +331,30 @@ def main(argv=None):
                 for name, cfg in configs.items()}
         jobs["recipe"] = lambda: course_recipe(split, args, device, [turns.callback("recipe", workers=True)])
         res, busy, load_before = side_by_side(turns, jobs, device, args.seed)
-        images = res["recipe"]["train_images"] * args.epochs
-        ips = {name: images / turns.held[name] for name in turns.names}
+        images = res["recipe"]["train_images"] if "recipe" in res else n_train
+        ips = {name: images * args.epochs / turns.held[name] for name in res}
         out = {"data": str(args.data), "train_images": n_train, "valid_images": n_valid, "arch": args.arch,
-               "size": args.size, "ours_start_size": res["ours"]["start_size"], "epochs": args.epochs,
-               "bs": args.bs, "turns": turns.per, "lr": args.lr, "device": res["ours"]["device"],
-               "precision": res["ours"]["precision"],
-               "recipe_precision": "fp32",
-               "recipe_images_per_s": round(ips["recipe"], 2), "ours_images_per_s": round(ips["ours"], 2),
-               "speedup": round(ips["ours"] / ips["recipe"], 2),
-               "recipe_accuracy": round(res["recipe"]["accuracy"], 4), "ours_accuracy": round(res["ours"]["accuracy"], 4),
-               # one standard error of an accuracy near these on this many held-out images
-               "accuracy_standard_error": round(standard_error(res["recipe"]["accuracy"], n_valid), 4),
-               "fixed_size_images_per_s": round(ips["fixed"], 2),
-               "fixed_size_speedup": round(ips["fixed"] / ips["recipe"], 2),
-               "fixed_size_accuracy": round(res["fixed"]["accuracy"], 4),
-               "files_images_per_s": round(ips["files"], 2), "files_speedup": round(ips["files"] / ips["recipe"], 2),
-               "files_accuracy": round(res["files"]["accuracy"], 4),
-               "busy": busy,
-               "recipe_seconds": round(turns.held["recipe"], 1), "ours_seconds": round(turns.held["ours"], 1),
-               "fixed_size_seconds": round(turns.held["fixed"], 1), "files_seconds": round(turns.held["files"], 1),
-               **({"fp32_images_per_s": round(ips["fp32"], 2), "precision_speedup": round(ips["ours"] / ips["fp32"], 2),
-                   "fp32_accuracy": round(res["fp32"]["accuracy"], 4), "fp32_seconds": round(turns.held["fp32"], 1)}
-                  if "fp32" in res else {}),
-               "ours_cache_build_seconds": round(cache_seconds, 1),
-               "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+               "size": args.size, "ours_start_size": ours.first_size(), "epochs": args.epochs,
+               "bs": args.bs, "turns": turns.per, "lr": args.lr, "device": str(device), "precision": precision,
+               "recipe_precision": "fp32"}
+        key = {"recipe": "recipe", "ours": "ours", "fixed": "fixed_size", "files": "files", "fp32": "fp32"}
+        for name in turns.names:
+            if name in res:
+                out.update({f"{key[name]}_images_per_s": round(ips[name], 2),
+                            f"{key[name]}_accuracy": round(res[name]["accuracy"], 4),
+                            f"{key[name]}_seconds": round(turns.held[name], 1)})
+        for speedup, (a, b) in {"speedup": ("ours", "recipe"), "fixed_size_speedup": ("fixed", "recipe"),
+                                "files_speedup": ("files", "recipe"), "precision_speedup": ("ours", "fp32")}.items():
+            if a in ips and b in ips:
+                out[speedup] = round(ips[a] / ips[b], 2)
+        if "recipe" in res:  # one standard error of an accuracy near the recipe's on this many held-out images
+            out["accuracy_standard_error"] = round(standard_error(res["recipe"]["accuracy"], n_valid), 4)
+        out.update(busy=busy, ours_cache_build_seconds=round(cache_seconds, 1),
+                   load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+        if turns.errors:  # the runs that finished are measured; the first failure is raised after the line
+            out["errors"] = {name: f"{type(e).__name__}: {e}" for name, e in turns.errors.items()}
+            print(json.dumps(out))
+            raise next(iter(turns.errors.values()))
 
         if args.preset:
             preset = ClassifierConfig.PRESETS["scratch"]

@@ -96,6 +96,14 @@ class Progress(ProgressCallback):
             self.shown = now
 
 
+def progressive_size(done, n_epoch, start, size):
+    """`ProgressiveResize`'s input size once the share `done` of a fit of `n_epoch` epochs is done."""
+    if done >= 0.5 or n_epoch < 2:  # a one-epoch fit (fine_tune's frozen one) trains at full size
+        return size
+    grown = start + (size - start) * done / 0.5
+    return min(size, max(start, round(grown / 8) * 8))  # multiples of 8 suit the convolutions
+
+
 class ProgressiveResize(Callback):
     """fastai's progressive resizing, epoch by epoch: small inputs first, the full `size` for the second half
     of every fit of two epochs or more.
@@ -111,10 +119,7 @@ class ProgressiveResize(Callback):
 
     def size_now(self):
         done = max(self.epoch / self.n_epoch, self.pct_train)  # pct_train: the clock under --time-budget
-        if done >= 0.5 or self.n_epoch < 2:  # a one-epoch fit (fine_tune's frozen one) trains at full size
-            return self.size
-        grown = self.start + (self.size - self.start) * done / 0.5
-        return min(self.size, max(self.start, round(grown / 8) * 8))  # multiples of 8 suit the convolutions
+        return progressive_size(done, self.n_epoch, self.start, self.size)
 
     def resize(self, size):
         self.transform.size = (size, size)

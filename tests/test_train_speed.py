@@ -53,3 +53,47 @@ def test_autoencoder_benchmark_times_both_data_paths(tmp_path):
     for key in ("memory_ratio_to_pca", "files_ratio_to_pca"):
         assert 0 < out[key] < 2, key
     assert set(out["busy"]) == {"memory", "files"}
+
+
+def test_a_run_that_fails_before_training_neither_stops_nor_holds_up_the_others():
+    """Every run waits for the others to be ready to train (their set-up out of its timed turns); one that fails
+    first is not waited for, and the runs that finish are measured (the benchmark prints them with `errors`)."""
+    import sys
+    import threading
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_speed import Turns
+    turns, order = Turns(["ours", "recipe", "files"]), []
+
+    def trains(name):
+        def run():
+            order.append(("ready", name))
+            turns.wait_for_all(name)
+            for _ in range(3):
+                turns.take(name)
+                order.append(name)
+                turns.give(name)
+            return name
+        return run
+
+    def fails():
+        raise RuntimeError("set-up failed")
+    result = {}
+    main = threading.Thread(target=lambda: result.update(turns.run(
+        {"ours": trains("ours"), "recipe": fails, "files": trains("files")})), daemon=True)
+    main.start()
+    main.join(30)
+    assert not main.is_alive() and result == {"ours": "ours", "files": "files"}
+    assert list(turns.errors) == ["recipe"] and str(turns.errors["recipe"]) == "set-up failed"
+    assert {e for e in order[:2]} == {("ready", "ours"), ("ready", "files")}  # nobody trained before both were ready
+    assert order[2:] == ["ours", "files"] * 3  # then turn by turn
+
+
+def test_the_warm_up_before_timed_gpu_runs_runs_on_any_device():
+    """train_speed's untimed warm-up (on a GPU) is a few plain steps: here on the CPU, at tiny sizes."""
+    import sys
+    import torch
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_speed import warm_up
+    warm_up("resnet18", {16, 24}, 2, "bf16", torch.device("cpu"), seed=0)
