@@ -11,7 +11,7 @@ from matplotlib.ticker import MaxNLocator
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.hook import hook_output
-from fastai.learner import AvgMetric, Learner
+from fastai.learner import Learner
 from fastai.losses import L1LossFlat, MSELossFlat
 from fastai.metrics import mse
 from fastai.torch_core import get_model
@@ -23,7 +23,7 @@ from .config import MAX_WIDTH, check_autoencoder_shape
 from .data import RGBImageBlock, dataset_split, pets_images
 from .export import export_weights_only, save_examples, to_onnx
 from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
-from .models import adamw
+from .models import DeviceAvgMetric, adamw
 from .paths import artifact_paths
 from .reports import plot_loss_curve, save_fig
 from .train import Task
@@ -210,7 +210,7 @@ class CodeSparsity(Callback):
         self.hook.remove()
 
 
-class RatioToPCA(AvgMetric):
+class RatioToPCA(DeviceAvgMetric):
     """Held-out MSE over PCA's on the same held-out images (`pca_mse`): below 1, the autoencoder is better."""
 
     def __init__(self, pca_mse):
@@ -255,7 +255,8 @@ def autoencoder_learner(dls, model, loss="mse", wd=None):
     train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
     model.set_pca(train_x)
     pca_mse = float(((batched(lambda m, b: m.pca(b), model, valid_x) - valid_x) ** 2).mean())
-    return Learner(dls, model, loss_func=LOSSES[loss](), metrics=[mse, RatioToPCA(pca_mse)], opt_func=adamw, wd=wd)
+    return Learner(dls, model, loss_func=LOSSES[loss](), metrics=[DeviceAvgMetric(mse), RatioToPCA(pca_mse)],
+                   opt_func=adamw, wd=wd)
 
 
 def preprocessed(dls, items, bs=64):

@@ -6,8 +6,8 @@ from functools import partial
 import timm
 import torch
 from fastai.callback.core import Callback
-from fastai.learner import AvgSmoothLoss
-from fastai.torch_core import to_detach
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss
+from fastai.torch_core import find_bs, to_detach
 from fastai.vision.all import (CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, Normalize, OptimWrapper, accuracy,
                                error_rate, imagenet_stats, vision_learner)
 
@@ -78,8 +78,8 @@ def classifier_learner(dls, arch, pretrained=True, wd=None, label_smoothing=0.0)
         # fastai only adds a Normalize for pretrained models; a scratch model trains better on normalised input too
         dls.add_tfms([Normalize.from_stats(*imagenet_stats)], "after_batch")
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
-    learn = vision_learner(dls, arch, pretrained=pretrained, metrics=[error_rate, accuracy], loss_func=loss, wd=wd,
-                           opt_func=adamw, **extra)
+    learn = vision_learner(dls, arch, pretrained=pretrained, metrics=[DeviceAvgMetric(error_rate),
+                           DeviceAvgMetric(accuracy)], loss_func=loss, wd=wd, opt_func=adamw, **extra)
     return learn
 
 
@@ -109,3 +109,26 @@ class SmoothLoss(AvgSmoothLoss):
         self.count += 1
         loss = to_detach(learn.loss.mean(), cpu=False)  # gathered across processes, as fastai's
         self.val = torch.lerp(loss, self.val.to(loss), self.beta)
+
+
+def add_on_device(metric, learn, value):
+    """Add a batch's `value` to `metric`'s total where it was computed: fastai's AvgLoss and AvgMetric copy each to the
+    CPU, which on a GPU makes the CPU wait for every held-out batch, once for the loss and once for each metric,
+    instead of queueing the next. The epoch's value is read once, at its end."""
+    bs = find_bs(learn.yb)
+    metric.total += learn.to_detach(value, cpu=False) * bs  # gathered across processes, as fastai's
+    metric.count += bs
+
+
+class DeviceAvgLoss(AvgLoss):
+    """fastai's held-out loss (the Recorder's `loss`), summed on the device (`add_on_device`)."""
+
+    def accumulate(self, learn):
+        add_on_device(self, learn, learn.loss.mean())
+
+
+class DeviceAvgMetric(AvgMetric):
+    """fastai's average of `func` over the held-out batches, summed on the device (`add_on_device`)."""
+
+    def accumulate(self, learn):
+        add_on_device(self, learn, self.func(learn.pred, *learn.yb))

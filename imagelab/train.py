@@ -30,7 +30,7 @@ from .device import AnyDeviceMixedPrecision, loss_scaler, pick_device, pick_prec
 from .distributed import OwnRandomness, distributed, leave_distributed, world_size
 from .export import staged_export
 from .metadata import versions, write_json
-from .models import PlainTensors, SmoothLoss
+from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
 from .paths import (checkpoint_path, disk_space, examples_dir, is_flagged, metrics_path,
                     remove_abandoned_staging, split_path)
 from .reports import LossHistory
@@ -261,6 +261,7 @@ def prepare(task, cfg, device, precision):
     learn.model.to(device)  # now, not at the first fit: a resumed run's optimizer state goes where the weights are
     learn.add_cb(PlainTensors())
     learn.recorder.smooth_loss = SmoothLoss(learn.recorder.smooth_loss.beta)
+    learn.recorder.loss = DeviceAvgLoss()
     if hasattr(learn, "progress"):  # absent where the caller turned fastai's bars off
         learn.remove_cb(learn.progress)
         learn.add_cb(Progress())
