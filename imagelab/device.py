@@ -61,15 +61,17 @@ def pick_precision(name, device):
     """'fp32', 'bf16' or 'fp16' for `--precision` on `device`.
 
     auto: bf16 autocast on GPUs that have it (same range as fp32, no loss scaling), fp16 with loss
-    scaling on older GPUs, bf16 on CPUs that compute it natively, fp32 on other CPUs (which emulate bf16,
-    slower than fp32) and on MPS. benchmarks/README.md has what each choice was measured to gain.
+    scaling on older GPUs, fp32 on CPUs and MPS. A CPU that computes bf16 natively trains faster in bf16 while
+    nothing else computes beside it, and several times slower once something does (its many more short parallel
+    steps each wait for a thread the other program holds up), where fp32 hardly notices: bf16 is opt-in there.
+    benchmarks/README.md has what each choice was measured to gain and lose.
     """
     check_precision_name(name)
     kind = device.type
     if name == "auto":
         if kind == "cuda":
             return "bf16" if cuda_has_bf16(device) else "fp16"
-        return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
+        return "fp32"
     if name == "bf16" and kind == "cuda" and not cuda_has_bf16(device):
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not compute bfloat16 (that "
                         "takes an Ampere GPU or later); use fp16 or auto")
