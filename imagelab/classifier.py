@@ -1,8 +1,8 @@
 """The image classifier as a task of the training loop: labelled folders in, a timm classifier out."""
 from pathlib import Path
 
-from .data import (classifier_dls, contradicting_flags, dataset_split, detect_labels, label_function, pets_images,
-                   split_counts)
+from .data import (check_oxford_names, classifier_dls, contradicting_flags, dataset_split, detect_labels,
+                   label_function, pets_images, split_counts, unknown_flagged)
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
 from .models import check_arch, classifier_learner
@@ -26,7 +26,16 @@ class Classifier(Task):
 
     def dataloaders(self, cfg, root, files, get_x, workers):
         self.labels = cfg.labels or detect_labels(root, files)
+        if self.labels == "filename":
+            check_oxford_names(root, files)
         self.get_y = label_function(self.labels, cfg.task)
+        strays = unknown_flagged(root, files, self.get_y)
+        if strays:
+            classes = sorted({self.get_y(f) for f in strays})
+            print(f"note: {len(strays)} flagged images of {', '.join(classes)}, which the dataset has no images of, "
+                  f"are left out (such as {Path(strays[0]).relative_to(root)})")
+            left_out = set(strays)
+            files = [f for f in files if f not in left_out]
         splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
         dls = classifier_dls(files, self.get_y, splitter=splitter, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
                              seed=cfg.seed, workers=workers, get_x=get_x)

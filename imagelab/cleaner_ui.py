@@ -29,7 +29,7 @@ def cleaner_api(cleaner, api_prefix=""):
 
     def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
         """A class's images in a split (valid, train, all, or flagged: those flagged in the apps), highest loss first:
-        [{path, label, predicted, probability, loss}]; limit 0 means all of them."""
+        [{file, label, predicted, probability, loss}]; limit 0 means all of them."""
         return user_errors(cleaner.rank)(label, split, limit or None)
 
     def apply(actions: list[dict]) -> list[dict]:

@@ -194,10 +194,32 @@ def detect_labels(root, files):
     if not parents & tops:
         raise UserError(f"only one class in {root} ({next(iter(parents)).name}/): a classifier needs one "
                         "sub-folder per class, at least two")
-    if all(OXFORD_NAME.match(f.stem) for f in files):
+    if not misnamed(files):
         return "filename"
     raise UserError(f"cannot tell the labels of {root}: use one sub-folder per class, "
                     "or Oxford-style file names like Abyssinian_12.jpg")
+
+
+def misnamed(files):
+    """The files whose names are not Oxford-style (`Abyssinian_12.jpg`): the filename labels cannot read them."""
+    return [f for f in files if not OXFORD_NAME.match(Path(f).stem)]
+
+
+def check_oxford_names(root, files):
+    """One line unless every one of the dataset's own images (flagged ones aside) has an Oxford-style name."""
+    own = [f for f in files if not is_flagged(f, root)]
+    wrong = misnamed(own)
+    if wrong:
+        raise UserError(f"--labels filename reads Oxford-style names like Abyssinian_12.jpg (upper case: a cat), but "
+                        f"{len(wrong)} of {len(own)} are not (such as {Path(wrong[0]).relative_to(root)}): rename "
+                        "them, or use one sub-folder per class")
+
+
+def unknown_flagged(root, files, get_y):
+    """The flagged images of `files` whose class none of the dataset's own images has (flagged in an app that
+    serves another model, say): training on them would add a class the dataset never had."""
+    own = {get_y(f) for f in files if not is_flagged(f, root)}
+    return [f for f in files if is_flagged(f, root) and get_y(f) not in own]
 
 
 def label_function(labels, task):

@@ -101,15 +101,16 @@ def main(argv=None):
         check_output(args.csv)
     predictor = open_model(args.model, CLASSIFIER)
     predictor.tta, predictor.max_pixels = args.tta, None  # your own files: as big as training reads
+    top_k = min(args.top_k, len(predictor.vocab))  # a column per class at most
     items = list(expand(args.paths))
     if not items:  # before --csv is written: an earlier OUT stays as it was
         raise UserError(f"nothing classified: no files in {' '.join(args.paths)}")
-    header = ["path"] + [f"{c}{i}" for i in range(1, args.top_k + 1) for c in ("label", "prob")] + ["error"]
+    header = ["path"] + [f"{c}{i}" for i in range(1, top_k + 1) for c in ("label", "prob")] + ["error"]
     try:
         with output(args.csv) as out:
             writer = csv.writer(out)
             writer.writerow(header)
-            errors = classify(predictor, items, args.top_k, writer, progress=bool(args.csv))
+            errors = classify(predictor, items, top_k, writer, progress=bool(args.csv))
     except BrokenPipeError:  # `| head` has read what it wanted
         stdout_reader_gone()
         return

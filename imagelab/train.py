@@ -270,7 +270,7 @@ def prepare(task, cfg, device, precision):
     if precision != "fp32":
         learn.add_cb(AnyDeviceMixedPrecision(precision, device.type))
     if len(dls.train_ds) < cfg.bs:  # fastai drops incomplete training batches: nothing would be trained
-        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {cfg.bs}")
+        raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {cfg.bs}: lower --bs")
     return root, files, skipped, presized, dls, learn
 
 

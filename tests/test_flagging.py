@@ -118,6 +118,29 @@ def test_flags_are_rate_limited_and_the_folder_is_capped(tmp_path):
         full.flag(write_image(tmp_path / "y.jpg", (1, 2, 3)), "black")
     with pytest.raises(UserError, match="no such folder"):
         Flagger(tmp_path / "missing", CLASSES)
+    other = make_folder_dataset(tmp_path / "other", classes=(("cats", (1, 1, 1)), ("dogs", (2, 2, 2))), n=1)
+    with pytest.raises(UserError, match="holds the folders cats, dogs and none of this model's classes"):
+        Flagger(other, CLASSES)  # another model's dataset: a flag would add a class it never had
+    (other / "train").mkdir()
+    (other / "valid").mkdir()
+    (other / "cats").rename(other / "train" / "black")
+    Flagger(other, CLASSES)  # split by folders: its classes are in train/
+
+
+def test_flagged_images_of_a_class_the_dataset_does_not_have_do_not_train(tmp_path, capsys):
+    from imagelab.data import find_images, parent_label, unknown_flagged
+    data = make_folder_dataset(tmp_path / "data", n=5)
+    write_image(data / "flagged" / "cats" / "0a1b2c3d4e5f6a7b.jpg", (60, 220, 60))
+    polar = write_image(data / "flagged" / "polar" / "f0e1d2c3b4a59687.jpg", (60, 220, 60))
+    files = find_images(data, flagged=True)[0]
+    assert unknown_flagged(data, files, parent_label) == [polar]
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), size=16, bs=2, flagged=True)
+    dls = Classifier().dataloaders(cfg, data, files, None, 0)
+    assert list(dls.vocab) == ["cats", "dogs"] and polar not in dls.train_ds.items + dls.valid_ds.items
+    assert "note: 1 flagged images of polar, which the dataset has no images of, are left out" in \
+        capsys.readouterr().out
 
 
 def test_flagged_images_train_when_the_folders_hold_the_split(tmp_path):

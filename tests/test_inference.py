@@ -72,8 +72,9 @@ def test_batch_cli_reports_bad_files_per_row(tiny_model, tmp_path):
     write_image(folder / "nested" / "b.png", (60, 60, 220))
     (folder / "broken.jpg").write_text("nope")
     out = tmp_path / "out.csv"
-    res = run(["-m", "imagelab.predict", tiny_model, folder, "--top-k", "2", "--csv", out])
+    res = run(["-m", "imagelab.predict", tiny_model, folder, "--top-k", "5", "--csv", out])
     assert res.returncode == 0, res.stderr[-2000:]
+    assert out.read_text().splitlines()[0] == "path,label1,prob1,label2,prob2,error"  # two classes: two columns
     rows = {r["path"].split("/photos/")[1]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"a.jpg", "nested/b.png", "broken.jpg"}
     assert rows["broken.jpg"]["error"].startswith("not a readable image") and not rows["broken.jpg"]["label1"]

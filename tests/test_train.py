@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import (PY, ROOT, fails_with_one_line, in_fresh_process, interruptible, make_folder_dataset, run,
-                      train_tiny, write_image)
+                      shapes, train_tiny, write_image)
 from imagelab import UserError
 from imagelab.export import staged_export
 from imagelab.inference import Predictor
@@ -208,6 +208,14 @@ def test_a_folder_with_one_class_is_told_so(tmp_path):
     one = make_folder_dataset(tmp_path / "one", classes=(("cats", (220, 60, 60)),), n=6)
     res = run(["training/train_pets.py", "--data", one, "--no-pretrained", "--arch", "resnet18"])
     fails_with_one_line(res, "only one class", "cats", "at least two")
+    # names that --labels filename cannot read (Kaggle's cat.1.jpg): one line, not a traceback from inside fastai
+    kaggle = tmp_path / "kaggle"
+    for i in range(10):
+        shapes(kaggle / f"{('cat', 'dog')[i % 2]}.{i}.jpg", seed=i)
+    for task in ("breed", "is_cat"):
+        res = run(["training/train_pets.py", "--data", kaggle, "--labels", "filename", "--task", task,
+                   "--no-pretrained", "--arch", "resnet18"])
+        fails_with_one_line(res, "--labels filename reads Oxford-style names", "10 of 10 are not (such as cat.0.jpg)")
 
 
 def test_lr_find_says_which_rate_it_chose_and_writes_nothing_where_it_runs(tmp_path):
