@@ -45,13 +45,10 @@ def setup():
     small operations waits for its slowest thread. OpenMP reads this once, when PyTorch loads.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-# Installed on import, for the library's users too (a notebook calling imagelab.train.train):
-# fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-# A photo's damaged metadata is the camera's doing, and its picture decodes: nothing for the user to act on.
-warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
+    # fastai's layers call torch.jit.script at import; the deprecation is fastai's to fix, not our users'.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    # A photo's damaged metadata is the camera's doing, and its picture decodes: nothing for the user to act on.
+    warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 
 def stdout_reader_gone():

@@ -17,7 +17,8 @@ from .images import check_image, open_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .config import cache_folder
 from .flagging import FLAGGED_NAME
-from .paths import FLAGGED, FOLDER_SPLIT, dataset_files, existing_folder, file_key, is_flagged, staging_path
+from .paths import (FLAGGED, FOLDER_SPLIT, dataset_files, existing_folder, file_key, is_flagged, split_by_folders,
+                    staging_path)
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -183,15 +184,15 @@ def detect_labels(root, files):
     `flagged/<class>/`, go with either)."""
     root = Path(root)
     files = [f for f in files if not is_flagged(f, root)] or files
-    if split_by_folders(root, files):  # the classes are below train/ and valid/ (and only these are used)
+    if split_by_folders(top_names(root, files)):  # the classes are below train/ and valid/ (only these are used)
         files = [f for f in files if f.relative_to(root).parts[0] in ("train", "valid")]
-        tops = {root / "train", root / "valid"}
+        bases = {root / "train", root / "valid"}
     else:
-        tops = {root}
+        bases = {root}
     parents = {f.parent for f in files}
-    if not parents & tops and len(parents) >= 2:
+    if not parents & bases and len(parents) >= 2:
         return "folder"
-    if not parents & tops:
+    if not parents & bases:
         raise UserError(f"only one class in {root} ({next(iter(parents)).name}/): a classifier needs one "
                         "sub-folder per class, at least two")
     if not misnamed(files):
@@ -243,9 +244,9 @@ def folder_split(root, files, cache=None):
     Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on. `cache`: where
     look-alike fingerprints are kept (--cache)."""
     root = Path(root)
-    if not split_by_folders(root, files):
+    if not split_by_folders(top_names(root, files)):
         return None
-    others = sorted({f.relative_to(root).parts[0] for f in files} - {"train", "valid", FLAGGED})
+    others = sorted(top_names(root, files) - {"train", "valid", FLAGGED})
     if others:  # a test/ set, say: as fastai's GrandparentSplitter, neither trained on nor measured
         print(f"note: {', '.join(others)} left out: with train/ and valid/ folders, only train/ (and {FLAGGED}/) "
               "trains and only valid/ is measured")
@@ -257,9 +258,9 @@ def folder_split(root, files, cache=None):
     return split
 
 
-def split_by_folders(root, files):
-    """Whether `files` (under `root`) are split by `train/` and `valid/` folders, as fastai's from_folder."""
-    return {"train", "valid"} <= {Path(f).relative_to(root).parts[0] for f in files}
+def top_names(root, files):
+    """The top-level names under `root` that `files` are in."""
+    return {Path(f).relative_to(root).parts[0] for f in files}
 
 
 def dataset_split(root, files, valid_pct, seed, cache=None):

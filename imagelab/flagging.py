@@ -21,7 +21,7 @@ from PIL import Image
 from . import UserError
 from .images import read_image
 from .lookalikes import collect, fingerprint, pairs
-from .paths import BOOKKEEPING, FLAGGED, check_class_name, hidden, staging_path
+from .paths import BOOKKEEPING, FLAGGED, check_class_name, hidden, split_by_folders, staging_path
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
 MAX_SIDE = 1024
@@ -37,7 +37,7 @@ def class_folders(root):
         return sorted(e.name for e in os.scandir(path)
                       if e.is_dir() and not hidden(e.name) and e.name not in BOOKKEEPING)
     tops = folders(root)
-    return folders(root / "train") if {"train", "valid"} <= set(tops) else tops
+    return folders(root / "train") if split_by_folders(tops) else tops
 
 
 class Flagger:

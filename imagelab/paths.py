@@ -26,6 +26,12 @@ BOOKKEEPING = (QUARANTINE, REMOVED, FLAGGED, DOWNLOAD_SUMMARY, CLEANING_LOG)
 FOLDER_SPLIT = "train/ and valid/ folders"
 
 
+def split_by_folders(tops):
+    """Whether a dataset folder whose top-level names are `tops` is split by `train/` and `valid/` folders (as
+    fastai's from_folder): its classes are below them."""
+    return {"train", "valid"} <= set(tops)
+
+
 def default_model(name, root=REPO, suffix=".pkl"):
     """`<root>/models/<name>.pkl`: where `training/train_<name>.py` exports by default (root: a checkout or a Space)."""
     return Path(root) / "models" / f"{name}{suffix}"
