@@ -7,8 +7,8 @@ On generated images (two classes of coloured noise, so any working model learns 
 as a user would run it, in its own process: both trainers for 2 epochs on the device, the exported
 learner and ONNX model loaded and used on the CPU in a fresh process that sees no GPU, a run killed
 after its first checkpoint and resumed on the device (and on the CPU when it trained on a GPU: checkpoints move
-between devices), on an accelerator also a run killed on the CPU and resumed there, and the classifier under
-`torchrun --nproc_per_node 1`. Those chains (each trainer with its loading, each kill and resume, torchrun) run
+between devices), on an accelerator also a run killed on the CPU and resumed there, on a CUDA GPU the classifier
+in fp16 with loss scaling, and the classifier under `torchrun --nproc_per_node 1`. Those chains (each trainer with its loading, each kill and resume, torchrun) run
 side by side. The last line printed is one JSON object:
 the device, the precision the trainer chose, and "pass" or the failure for each step.
 """
@@ -124,10 +124,10 @@ def kill_after_first_checkpoint(cmd, ckpt, env=None, timeout=600):
     return "pass" if ckpt.exists() else "fail: no checkpoint before the run ended"
 
 
-def on_accelerator(name):
-    """Whether `--device name` trains on something other than the CPU (a GPU, Apple's MPS)."""
+def device_type(name):
+    """What `--device name` trains on: 'cuda', 'mps' or 'cpu'."""
     from imagelab.device import pick_device
-    return pick_device(name).type != "cpu"
+    return pick_device(name).type
 
 
 def metrics(model):
@@ -186,12 +186,25 @@ def main(argv=None):
                 # --standalone: a free port, not torchrun's fixed 29500, which another launch may hold
                 launcher=(PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"))}
 
-        # The four are independent: side by side, each in its own processes (a machine with a GPU has the cores)
+        def fp16():
+            """fp16 with loss scaling, what `--precision auto` picks on GPUs without bf16 (Colab's and Kaggle's T4),
+            on whatever GPU this is."""
+            half = work / "fp16" / "pets.pkl"
+            step = trained(command("train_pets.py", data, half, args, "--device", args.device, "--precision", "fp16"),
+                           half)
+            if step == "pass" and metrics(half)["precision"] != "fp16":
+                step = f"fail: trained in {metrics(half)['precision']}"
+            return {"classifier_fp16": step}
+
+        # The chains are independent: side by side, each in its own processes (a machine with a GPU has the cores)
         chains = [lambda: train_and_load("classifier", "train_pets.py", work / "pets" / "pets.pkl", LOAD_ON_CPU, "red"),
                   lambda: train_and_load("autoencoder", "train_autoencoder.py", work / "ae" / "ae.pkl", AE_ON_CPU),
                   kill_and_resume, torchrun]
-        if on_accelerator(args.device):
+        kind = device_type(args.device)
+        if kind != "cpu":
             chains.append(from_cpu_to_device)
+        if kind == "cuda":
+            chains.append(fp16)
         with ThreadPoolExecutor(len(chains)) as pool:
             steps = {k: v for done in pool.map(lambda chain: chain(), chains) for k, v in done.items()}
         pets = work / "pets" / "pets.pkl"
