@@ -65,6 +65,17 @@ def plot_loss_curve(history, path):
     save_fig(fig, path)
 
 
+def plot_lr_find(found, path):
+    """lr_find's smoothed loss against the learning rate, the rate it chose marked (`found`: resolve_lr's)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(found["lrs"], found["losses"])
+    ax.axvline(found["lr"], color="red", linestyle="--", label=f"chosen: {found['lr']:.2e} (fastai's valley)")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="loss (smoothed)", title="lr_find")
+    ax.legend()
+    save_fig(fig, path)
+
+
 def confusion(targets, predicted, n):
     cm = np.zeros((n, n), dtype=int)
     np.add.at(cm, (targets, predicted), 1)

@@ -33,7 +33,7 @@ from .metadata import versions, write_json
 from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
 from .paths import (checkpoint_path, disk_space, examples_dir, is_flagged, metrics_path,
                     remove_abandoned_staging, split_path)
-from .reports import LossHistory
+from .reports import LossHistory, plot_lr_find
 from .store import StoreDL, store_loaders
 
 
@@ -97,11 +97,12 @@ def progressive_resize(dls, cfg, start):
 
 
 def resolve_lr(learn, lr, default):
-    """The run's learning rate: `lr` (a number, or "find": fastai's lr_find), else `default`."""
+    """The run's learning rate: `lr` (a number, or "find": fastai's lr_find), else `default`; and what lr_find saw,
+    for the report's plot ({"lrs", "losses", "lr"}), or None."""
     if lr is None:
-        return default
+        return default, None
     if lr != "find":
-        return float(lr)
+        return float(lr), None
     print("finding a learning rate (fastai's lr_find, 100 steps at growing rates)...")
     bars = learn.cbs.filter(lambda cb: isinstance(cb, ProgressCallback))  # fastai's no_bar puts back its own bar
     scaler = loss_scaler(learn)  # fp16's: lr_find's highest rates overflow it on purpose, not the run's
@@ -116,15 +117,16 @@ def resolve_lr(learn, lr, default):
     if scaler is not None:
         scaler.load_state_dict(scale)
     print(f"lr_find chose {found:.2e}")
-    return found
+    rec = learn.recorder  # as fastai's own plot: the last steps, where the loss shoots up, left out
+    return found, {"lrs": [float(x) for x in rec.lrs[:-5]], "losses": [float(x) for x in rec.losses[:-5]], "lr": found}
 
 
 class Run:
     """Where a run stands: the learning rate, the losses so far, the epochs finished over all fits, the time
     spent. A checkpoint saves it and `--resume` starts from it: the only resume bookkeeping."""
 
-    def __init__(self, lr, state=None):
-        self.lr, self.history, self.started = lr, LossHistory(), time.perf_counter()
+    def __init__(self, lr, lr_find=None, state=None):
+        self.lr, self.lr_find, self.history, self.started = lr, lr_find, LossHistory(), time.perf_counter()
         self.done, self.seconds_before, self.resumed = 0, 0.0, None
         self.best, self.stopped_early = None, False  # best: the epoch of the lowest validation loss, its loss, weights
         self.diverged = None  # the epoch (from 1) whose validation loss was not a number
@@ -135,6 +137,7 @@ class Run:
             self.done, self.seconds_before, self.resumed = state["epoch"], state["seconds"], state
             self.best = state.get("best")  # absent from checkpoints written before keep-best
             self.fit_started = state.get("fit_started", 0.0)  # absent before fits had budgets of their own
+            self.lr_find = state.get("lr_find")  # absent before lr_find's curve was kept
         self.first_step = self.history.step
 
     def seconds(self):
@@ -145,7 +148,7 @@ class Run:
         """What a checkpoint holds besides weights, optimizer and random streams."""
         history = (self.history.train, self.history.valid, self.history.step, self.history.valid_metrics)
         return {"lr": self.lr, "history": history,
-                "seconds": self.seconds(), "best": self.best, "fit_started": self.fit_started}
+                "seconds": self.seconds(), "best": self.best, "fit_started": self.fit_started, "lr_find": self.lr_find}
 
     def epochs_since_best(self):
         return len(self.history.valid) - self.best["epoch"] if self.best else 0
@@ -314,7 +317,8 @@ def train(task, cfg, cbs=()):
     settings = {"kind": task.kind, **cfg.settings(), "data": str(root),
                 "images": describe_split(split_files(dls, root))}
     state = load_checkpoint(ckpt, settings) if cfg.resume else None
-    run = Run(state["lr"] if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg)), state)
+    lr, found = (state["lr"], None) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
+    run = Run(lr, found, state)
     schedule = task.fits(cfg, run.lr)
     planned = sum(n for n, _ in schedule)  # fine_tune's frozen epoch too
     if state:
@@ -341,6 +345,7 @@ def train(task, cfg, cbs=()):
     learn.dls = dls  # the report and the exported learner read files, as the app will:
     presized.copies.clear()  # the original files, not their presized copies
     facts = {**kept, "epochs_planned": planned, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr,
+             "lr_find": run.lr_find,
              "start_size": cfg.first_size(),
              "device": str(device), "precision": precision,
              "processes": processes, "resumed_after_epoch": state["epoch"] if state else None,
@@ -384,6 +389,8 @@ def export(task, cfg, learn, history, root, facts):
     learn.remove_cb(AnyDeviceMixedPrecision)  # the report judges the model as it is exported: fp32
     with staged_export(cfg.out) as (tmp_model, tmp_report):
         metrics = task.report(learn, history, tmp_report)
+        if facts["lr_find"]:
+            plot_lr_find(facts["lr_find"], tmp_report / "lr_find.png")
         described = task.describe(cfg, root, dls)
         described["counts"] = {**described["counts"], "skipped": len(facts["skipped_files"])}
         metrics.update({**facts, **described, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -227,7 +227,11 @@ def test_lr_find_says_which_rate_it_chose_and_writes_nothing_where_it_runs(tmp_p
     chosen = [line for line in res.stdout.splitlines() if line.startswith("lr_find chose ")]
     assert len(chosen) == 1, res.stdout[-2000:]
     lr = float(chosen[0].split()[-1])
-    assert json.loads((tmp_path / "m.report" / "metrics.json").read_text())["lr"] == pytest.approx(lr, rel=1e-2)
+    m = json.loads((tmp_path / "m.report" / "metrics.json").read_text())
+    assert m["lr"] == pytest.approx(lr, rel=1e-2) and m["lr_find"]["lr"] == m["lr"]
+    assert len(m["lr_find"]["lrs"]) == len(m["lr_find"]["losses"]) > 50  # what lr_find saw, plotted beside it:
+    with Image.open(tmp_path / "m.report" / "lr_find.png") as im:
+        assert im.format == "PNG" and min(im.size) > 100
     assert "/101" not in res.stdout + res.stderr  # lr_find's own 100 steps show no epoch bars
 
 
