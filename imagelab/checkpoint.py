@@ -54,7 +54,7 @@ def smoothing_state(learn):
 
 
 def load_checkpoint(path, settings):
-    """The saved state, or a `UserError` if there is none or it was made with other settings."""
+    """The saved state, or a `UserError` if there is none or it was made with other `settings`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"nothing to resume: no checkpoint at {path}")
@@ -62,6 +62,12 @@ def load_checkpoint(path, settings):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint is replaced atomically, so this is a foreign or damaged file
         raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}); delete it to start afresh") from None
+    check_settings(path, state, settings)
+    return state
+
+
+def check_settings(path, state, settings):
+    """A `UserError` unless the checkpoint `state` (read from `path`) was made with `settings`."""
     def shown(value):
         return "the default" if value is None else repr(value)
     saved = state["settings"]
@@ -73,7 +79,6 @@ def load_checkpoint(path, settings):
     if changed:
         raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "
                         "rerun with the same options and images, or without --resume to start afresh")
-    return state
 
 
 def restore(learn, state):

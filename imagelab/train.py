@@ -24,7 +24,7 @@ from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 from . import UserError
 from .augment import faster_augmentation
 from .callbacks import KeepBest, Progress, ProgressiveResize, TimeBudget, best_weights
-from .checkpoint import Checkpoint, Writer, load_checkpoint, restore, saved_epoch
+from .checkpoint import Checkpoint, Writer, check_settings, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, loss_scaler, pick_device, pick_precision
 from .distributed import OwnRandomness, distributed, leave_distributed, world_size
@@ -311,12 +311,14 @@ def train(task, cfg, cbs=()):
     task.check(cfg)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
+    options = {k: v for k, v in {"kind": task.kind, **cfg.settings()}.items() if k != "data"}
+    state = load_checkpoint(ckpt, options) if cfg.resume else None  # other options: refused before reading images
     set_seed(cfg.seed, reproducible=True)
     root, files, skipped, presized, dls, learn = prepare(task, cfg, device, precision)
     learn.dls = batches_in_memory(dls, presized, cfg) or dls  # training and validation during the fits
-    settings = {"kind": task.kind, **cfg.settings(), "data": str(root),
-                "images": describe_split(split_files(dls, root))}
-    state = load_checkpoint(ckpt, settings) if cfg.resume else None
+    settings = {**options, "data": str(root), "images": describe_split(split_files(dls, root))}
+    if state:
+        check_settings(ckpt, state, {k: settings[k] for k in ("data", "images")})
     lr, found = (state["lr"], None) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
     run = Run(lr, found, state)
     schedule = task.fits(cfg, run.lr)

@@ -186,6 +186,7 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     assert code == -signal.SIGKILL
     res = run(command(data, out, "--resume", "--size", "48"))
     assert res.returncode == 2 and "other settings" in res.stderr and "size 32 (now 48)" in res.stderr
+    assert " images (" not in res.stdout  # refused before the images were read (a large folder takes minutes)
     next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
     res = run(command(data, out, "--resume"))
     assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
