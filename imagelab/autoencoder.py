@@ -326,8 +326,8 @@ def plot_ratio_curve(points, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     if points:
         ax.plot(*zip(*points), "o-", label="autoencoder / PCA")
-    else:  # the time budget ended the only epoch before its validation
-        ax.text(0.5, 0.75, "no epoch ran to its end", ha="center", transform=ax.transAxes)
+    else:  # the time budget ended the only epoch before its validation, or an earlier version's checkpoint resumed
+        ax.text(0.5, 0.75, "no epoch's ratio was recorded", ha="center", transform=ax.transAxes)
         ax.set_ylim(0, 2)
     ax.axhline(1, color="grey", linestyle="--", label="PCA")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

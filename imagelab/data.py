@@ -183,12 +183,8 @@ def detect_labels(root, files):
     """'folder' when the images sit in one sub-folder per class, 'filename' for Oxford-style names (flagged images,
     `flagged/<class>/`, go with either)."""
     root = Path(root)
-    files = [f for f in files if not is_flagged(f, root)] or files
-    if split_by_folders(top_names(root, files)):  # the classes are below train/ and valid/ (only these are used)
-        files = [f for f in files if f.relative_to(root).parts[0] in ("train", "valid")]
-        bases = {root / "train", root / "valid"}
-    else:
-        bases = {root}
+    files = [f for f in labelled(root, files) if not is_flagged(f, root)] or files
+    bases = {root / "train", root / "valid"} if split_by_folders(top_names(root, files)) else {root}
     parents = {f.parent for f in files}
     if not parents & bases and len(parents) >= 2:
         return "folder"
@@ -206,9 +202,17 @@ def misnamed(files):
     return [f for f in files if not OXFORD_NAME.match(Path(f).stem)]
 
 
+def labelled(root, files):
+    """The `files` a run labels: with `train/` and `valid/` folders, those in them and the flagged ones (a `test/`
+    beside them is left out, folder_split); else all."""
+    if not split_by_folders(top_names(root, files)):
+        return files
+    return [f for f in files if Path(f).relative_to(root).parts[0] in ("train", "valid", FLAGGED)]
+
+
 def check_oxford_names(root, files):
     """One line unless every one of the dataset's own images (flagged ones aside) has an Oxford-style name."""
-    own = [f for f in files if not is_flagged(f, root)]
+    own = [f for f in labelled(root, files) if not is_flagged(f, root)]
     wrong = misnamed(own)
     if wrong:
         raise UserError(f"--labels filename reads Oxford-style names like Abyssinian_12.jpg (upper case: a cat), but "
@@ -219,6 +223,7 @@ def check_oxford_names(root, files):
 def unknown_flagged(root, files, get_y):
     """The flagged images of `files` whose class none of the dataset's own images has (flagged in an app that
     serves another model, say): training on them would add a class the dataset never had."""
+    files = labelled(root, files)
     own = {get_y(f) for f in files if not is_flagged(f, root)}
     return [f for f in files if is_flagged(f, root) and get_y(f) not in own]
 
@@ -313,11 +318,12 @@ def random_split(root, valid_pct, seed, cache=None):
         kept = [k for k, f in enumerate(first) if f in held]  # in the order of `items`, as with_flagged takes them
         # A like B like C, in two groups (A, B) and (C): B must not train while C is held out
         chained = {own[a] for i, j in near for a, b in ((i, j), (j, i)) if first[a] not in held and first[b] in held}
+        train, valid = with_flagged(root, items, {own[k] for k in kept}, prints[kept], cache)
+        train = [i for i in train if i not in chained]
         if chained:
             print(f"note: {len(chained)} files look like a held-out file of another group of look-alikes (a chain: "
-                  "A like B like C) and are left out of training")
-        train, valid = with_flagged(root, items, {own[k] for k in kept}, prints[kept], cache)
-        return [i for i in train if i not in chained], valid
+                  f"A like B like C) and are left out of training: {len(train)} train, {len(valid)} held out")
+        return train, valid
     return split
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from . import UserError
 from .images import read_image
 from .lookalikes import collect, fingerprint, pairs
-from .paths import BOOKKEEPING, FLAGGED, check_class_name, hidden, split_by_folders, staging_path
+from .paths import BOOKKEEPING, FLAGGED, check_class_name, hidden, staging_path
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
 MAX_SIDE = 1024
@@ -31,13 +31,14 @@ PER_MINUTE = 30
 FLAGGED_NAME = re.compile(r"[0-9a-f]{16}\.jpg")  # what `Flagger.flag` names a file: its content's hash
 
 
-def class_folders(root):
-    """The names of the folders a dataset's classes would be (those in `train/` where it is split by folders)."""
-    def folders(path):
-        return sorted(e.name for e in os.scandir(path)
-                      if e.is_dir() and not hidden(e.name) and e.name not in BOOKKEEPING)
-    tops = folders(root)
-    return folders(root / "train") if split_by_folders(tops) else tops
+def folder_names(root):
+    """The names of the folders under `root`, at any depth (a class is named by its images' folder, wherever it is),
+    hidden ones and the dataset tools' own left out."""
+    found = set()
+    for top, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if not hidden(d) and not (top == str(root) and d in BOOKKEEPING)]
+        found.update(dirs)
+    return sorted(found)
 
 
 class Flagger:
@@ -52,8 +53,8 @@ class Flagger:
         if not self.root.is_dir():
             raise UserError(f"no such folder to keep flagged images in: {root}")
         self.classes = [check_class_name(str(c)) for c in classes]
-        folders = class_folders(self.root)
-        if folders and not set(folders) & set(self.classes):  # Oxford-style datasets have no class folders
+        folders = [f for f in folder_names(self.root) if f not in ("train", "valid")]
+        if folders and not set(folders) & set(self.classes):  # Oxford-style datasets may have no folders
             raise UserError(f"{root} holds the folders {', '.join(folders[:5])}{', ...' * (len(folders) > 5)} and "
                             f"none of this model's classes ({', '.join(self.classes)}): flag into the dataset the "
                             "model was trained on")

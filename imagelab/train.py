@@ -402,6 +402,8 @@ def export(task, cfg, learn, history, root, facts):
         task.save_examples(dls, examples_dir(tmp_model))
         learn.dls.to("cpu")  # a learner trained on a GPU loads on a machine without one
         learn.model.cpu()
+        for metric in (learn.recorder.loss, learn.recorder.smooth_loss, *learn.metrics):
+            metric.reset()  # their sums live on the device they were computed on
         learn.export(tmp_model.resolve())
         task.export(learn, tmp_model)
     return metrics

@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import SHARED, make_folder_dataset, shapes, write_image
 from imagelab import UserError
-from imagelab.data import (Presized, breed, check_image, classifier_dls, detect_labels, find_images, folder_split,
-                           is_cat, label_function, open_rgb, parent_label, presize, split_counts)
+from imagelab.data import (Presized, breed, check_image, check_oxford_names, classifier_dls, detect_labels, find_images,
+                           folder_split, is_cat, label_function, open_rgb, parent_label, presize, split_counts)
 from uploads import png_header_only
 
 OXFORD = ["Abyssinian_12.jpg", "Egyptian_Mau_100.jpg", "american_bulldog_3.jpg", "great_pyrenees_7.jpg"]
@@ -267,8 +267,10 @@ def test_oxford_names_in_train_and_valid_folders_are_labelled_by_name(oxford_dir
         (oxford_dir / split).mkdir()
     for i, f in enumerate(sorted(oxford_dir.glob("*.jpg"))):
         f.rename(oxford_dir / ("train", "train", "valid", "test")[i % 4] / f.name)
+    write_image(oxford_dir / "test" / "holiday.jpg", (1, 2, 3))  # left out with test/: its name labels nothing
     files = find_images(oxford_dir)[0]
     assert detect_labels(oxford_dir, files) == "filename"
+    check_oxford_names(oxford_dir, files)
     dls = classifier_dls(files, label_function("filename", "is_cat"), splitter=folder_split(oxford_dir, files),
                          size=32, min_scale=0.35, bs=2, seed=42, workers=0)
     assert list(dls.vocab) == ["cat", "dog"]

@@ -121,10 +121,11 @@ def test_flags_are_rate_limited_and_the_folder_is_capped(tmp_path):
     other = make_folder_dataset(tmp_path / "other", classes=(("cats", (1, 1, 1)), ("dogs", (2, 2, 2))), n=1)
     with pytest.raises(UserError, match="holds the folders cats, dogs and none of this model's classes"):
         Flagger(other, CLASSES)  # another model's dataset: a flag would add a class it never had
-    (other / "train").mkdir()
-    (other / "valid").mkdir()
-    (other / "cats").rename(other / "train" / "black")
-    Flagger(other, CLASSES)  # split by folders: its classes are in train/
+    for layout in (["train/black", "valid/black"], ["train/black"], ["images/black"], ["train/x", "valid/teddy"]):
+        ours = tmp_path / "ours" / "-".join(layout).replace("/", "_")
+        for folder in layout:  # a class is named by its images' folder, wherever that is
+            write_image(ours / folder / "1.jpg", (1, 1, 1))
+        Flagger(ours, CLASSES)
 
 
 def test_flagged_images_of_a_class_the_dataset_does_not_have_do_not_train(tmp_path, capsys):
