@@ -25,9 +25,9 @@ class Classifier(Task):
         return pets_images()
 
     def dataloaders(self, cfg, root, files, get_x, workers):
-        self.labels = cfg.labels or detect_labels(root, files)
-        if self.labels == "filename":
+        if cfg.labels == "filename":  # asked for, not detected (detect_labels checks the names it reads)
             check_oxford_names(root, files)
+        self.labels = cfg.labels or detect_labels(root, files)
         self.get_y = label_function(self.labels, cfg.task)
         strays = unknown_flagged(root, files, self.get_y)
         if strays:

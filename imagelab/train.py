@@ -137,7 +137,6 @@ class Run:
             self.done, self.seconds_before, self.resumed = state["epoch"], state["seconds"], state
             self.best = state.get("best")  # absent from checkpoints written before keep-best
             self.fit_started = state.get("fit_started", 0.0)  # absent before fits had budgets of their own
-            self.lr_find = state.get("lr_find")  # absent before lr_find's curve was kept
         self.first_step = self.history.step
 
     def seconds(self):
@@ -319,7 +318,8 @@ def train(task, cfg, cbs=()):
     settings = {**options, "data": str(root), "images": describe_split(split_files(dls, root))}
     if state:
         check_settings(ckpt, state, {k: settings[k] for k in ("data", "images")})
-    lr, found = (state["lr"], None) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
+    # lr_find's curve is absent from checkpoints written before it was kept
+    lr, found = (state["lr"], state.get("lr_find")) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
     run = Run(lr, found, state)
     schedule = task.fits(cfg, run.lr)
     planned = sum(n for n, _ in schedule)  # fine_tune's frozen epoch too
