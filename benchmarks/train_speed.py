@@ -15,7 +15,8 @@ ours trains in mixed precision (`--precision`; auto picks it where the device co
 is the same trainer in fp32, to show what the precision adds and whether it costs accuracy. The
 runs train at the same time in threads that take turns batch by batch (epoch by epoch on a GPU: `Turns`
 says why), so a busy machine slows them alike, and each is timed only while it holds its turn (the
-recipe's loader processes are paused outside its turns). Our held-out accuracy is measured by the
+recipe's loader processes are paused outside its turns); each thread augments as its own run does, the recipe
+with fastai's as it ships (imagelab/augment.py). Our held-out accuracy is measured by the
 exported pipeline on the original files, as the app sees them. Then the `scratch` preset trains for
 as long as the recipe took. The last line printed is one JSON object; "busy" is the share of each run's
 turns that the device computed (the GPU's utilisation, or the CPU time over the cores). On a GPU, one untimed

@@ -17,16 +17,18 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
 - Its warp builds each batch's 8 x 8 perspective systems corner by corner, entry by entry, each entry an
   operation of its own, where a few stacked operations build the same systems.
 
-`faster_augmentation()` installs the replacements in fastai for the length of a training run
-(imagelab.train.train); fastai itself could take them. Outside a run fastai is as it ships: loading an
-exported learner changes nothing in it. tests/test_device.py checks that a whole `aug_transforms` pipeline
+`faster_augmentation()` gives the replacements to fastai for the length of a training run
+(imagelab.train.train), in the run's own thread; fastai itself could take them. Outside a run fastai is as it
+ships: loading an exported learner changes nothing in it. tests/test_device.py checks that a whole `aug_transforms` pipeline
 gives what fastai's own gives.
 
 `--mix`'s `MixUp` and `CutMix` are fastai's callbacks drawing the same pairs and weights, copied to the
 device without waiting: fastai's copy each batch's weights and shuffle from ordinary memory, and its CutMix
 cuts a box whose corners it computes on the device and then reads to slice.
 """
+import threading
 from contextlib import contextmanager
+from functools import wraps
 
 import torch
 import torch.nn.functional as F
@@ -153,26 +155,51 @@ REPLACEMENTS = {(augment, "_grid_sample"): _grid_sample, (augment, "apply_perspe
 ORIGINALS = {(owner, name): getattr(owner, name) for owner, name in REPLACEMENTS}
 
 
+def _either(key, ours):
+    theirs = ORIGINALS[key]
+
+    @wraps(theirs)
+    def either(*args, **kwargs):
+        return (ours if getattr(_thread, "ours", False) else theirs)(*args, **kwargs)
+    return either
+
+
+# Installed while any run trains; each thread then gets the augmentation that its own run asked for, so a run
+# beside another in the same process (train_speed's course recipe beside ours) keeps fastai's as it ships.
+EITHER = {key: _either(key, ours) for key, ours in REPLACEMENTS.items()}
+_thread = threading.local()
+_lock = threading.Lock()
+_runs = 0
+
+
 def install(functions):
     for (owner, name), f in functions.items():
         setattr(owner, name, f)
 
 
 @contextmanager
-def installed(functions):
-    before = {(owner, name): getattr(owner, name) for owner, name in functions}
-    install(functions)
+def _augmentation(ours):
+    global _runs
+    with _lock:
+        if _runs == 0:
+            install(EITHER)
+        _runs += 1
+    before, _thread.ours = getattr(_thread, "ours", False), ours
     try:
         yield
     finally:
-        install(before)
+        _thread.ours = before
+        with _lock:
+            _runs -= 1
+            if _runs == 0:
+                install(ORIGINALS)
 
 
 def faster_augmentation():
-    """fastai's augmentation computed by the functions above (also a decorator)."""
-    return installed(REPLACEMENTS)
+    """fastai's augmentation computed by the functions above in this thread (also a decorator)."""
+    return _augmentation(True)
 
 
 def fastais_own():
-    """fastai's augmentation as fastai ships it, for the tests and benchmarks that compare."""
-    return installed(ORIGINALS)
+    """fastai's augmentation as fastai ships it in this thread, for the tests and benchmarks that compare."""
+    return _augmentation(False)
