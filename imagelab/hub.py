@@ -43,7 +43,7 @@ def resolve_model(spec, prefer=(".onnx", ".safetensors"), needs=None):
     For a Hub model the weights-only artifacts beside FILE (its config and the first of `<stem><suffix>`
     for the suffixes in `prefer` that the repo has, with the artifacts `needs[suffix]` names: an
     autoencoder's graph of an image comes with its graph of a code) are fetched instead of FILE: they load
-    without running any pickle.
+    without running any pickle. A learner (.pkl) is never fetched: loading one runs whatever code it holds.
     """
     spec = str(spec)
     if not spec.startswith(HF_PREFIX):
@@ -53,18 +53,21 @@ def resolve_model(spec, prefer=(".onnx", ".safetensors"), needs=None):
     if len(parts) < 3 or not all(parts):
         raise UserError(f"expected hf://USER/REPO/FILE[@REVISION], got {spec}")
     repo_id, filename, revision = "/".join(parts[:2]), "/".join(parts[2:]), revision or None
-    beside = artifact_paths(filename)
+    beside, why = artifact_paths(filename), "nothing but it to load"
     try:
         hub_file(repo_id, beside["config"].as_posix(), revision, what="model config")
-    except UserError:
-        return Path(hub_file(repo_id, filename, revision, what="model"))
-    for suffix in prefer:
-        try:
-            for artifact in (needs or {}).get(suffix, ()):
-                hub_file(repo_id, beside[artifact].as_posix(), revision, what="model")
-            return Path(hub_file(repo_id, Path(filename).with_suffix(suffix).as_posix(), revision, what="model"))
-        except UserError:
-            pass
+        for suffix in prefer:
+            try:
+                for artifact in (needs or {}).get(suffix, ()):
+                    hub_file(repo_id, beside[artifact].as_posix(), revision, what="model")
+                return Path(hub_file(repo_id, Path(filename).with_suffix(suffix).as_posix(), revision, what="model"))
+            except UserError as e:
+                why = str(e)
+    except UserError as e:
+        why = str(e)
+    if Path(filename).suffix == ".pkl":
+        raise UserError(f"{spec}: {why}; a learner (.pkl) is not loaded from the Hub, where anyone's "
+                        "pickle could run code here (download it, and pass its path, only if you trust who made it)")
     return Path(hub_file(repo_id, filename, revision, what="model"))
 
 

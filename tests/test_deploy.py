@@ -213,6 +213,36 @@ def test_hub_models_load_from_a_warm_cache_offline(tiny_model, tmp_path):
     assert "not in the local Hub cache" in res.stderr
 
 
+class RunsCode:
+    """What a stranger's pickle can hold: unpickling it makes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_learner_is_never_unpickled_from_the_hub(tiny_model, tmp_path):
+    """A repo with no weights-only export beside its .pkl (anyone's, or one whose config did not download): the
+    pickle is not loaded, since loading it would run whatever code it holds."""
+    import torch
+    evil, marker = tmp_path / "evil" / "pets.pkl", tmp_path / "pickle-code-ran"
+    evil.parent.mkdir()
+    torch.save(RunsCode(marker), evil)
+    img = write_image(tmp_path / "x.jpg", (220, 60, 60))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    fill_hub_cache(tmp_path / "hf", "stranger/pets", [evil])
+    fill_hub_cache(tmp_path / "hf", "someone/pets", [tiny_model, tiny_model.with_name("pets.config.json")])
+    for repo, says in (("stranger", "model config stranger/pets/pets.config.json"),
+                       ("someone", "model someone/pets/pets.safetensors")):  # its config, but no weights-only export
+        res = run(["-m", "imagelab.predict", f"hf://{repo}/pets/pets.pkl", img], env=env)
+        fails_with_one_line(res, says, "a learner (.pkl) is not loaded from the Hub")
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)
+    assert marker.exists()  # what the stranger's pickle would have done
+
+
 def test_autoencoder_space_runs_alone(tiny_autoencoder, tmp_path):
     out = tmp_path / "build" / "autoencoder-space"
     res = run(["-m", "imagelab.deploy", "autoencoder", "--model", tiny_autoencoder, "--space-out", out])
