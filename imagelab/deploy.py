@@ -44,7 +44,7 @@ from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
 from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging,
-                    report_dir, staging_path)
+                    report_dir, split_path, staging_path)
 
 CARDS = Path(__file__).with_name("cards")
 WEB = Path(__file__).with_name("web")
@@ -175,9 +175,11 @@ def copy_model(app, model, dest, required, optional=()):
     for kind, path in files.items():
         shutil.copy2(path, dst[kind])
     report = report_dir(dst["pkl"])
-    shutil.copytree(report_dir(model), report)
+    # The names of the user's files (which trained, which were held out or skipped) stay on their machine.
+    shutil.copytree(report_dir(model), report, ignore=shutil.ignore_patterns(split_path(model).name))
     metrics = json.loads((report / "metrics.json").read_text())
-    write_json({**metrics, "data": data_name(metrics)}, report / "metrics.json")
+    published = {k: v for k, v in metrics.items() if k != "skipped_files"}
+    write_json({**published, "data": data_name(metrics)}, report / "metrics.json")
     return list(files)
 
 

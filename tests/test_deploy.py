@@ -631,16 +631,22 @@ def test_a_model_repo_from_an_export_carries_the_learner(project):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_published_files_name_the_data_folder_not_its_path(deployed, tiny_model):
+def test_published_files_name_the_data_folder_not_its_path_nor_its_files(deployed, tiny_model):
     space, repo, _ = deployed
     data = json.loads((tiny_model.with_name("pets.report") / "metrics.json").read_text())["data"]
     assert Path(data).is_absolute()  # the trainer's disk
+    split = json.loads((tiny_model.with_name("pets.report") / "split.json").read_text())
+    trained = [f for names in split.values() for f in names]
+    assert len(trained) > 10
     for copy in (space / "models" / "pets.report" / "metrics.json", repo / "pets.report" / "metrics.json"):
-        assert json.loads(copy.read_text())["data"] == Path(data).name, copy
+        published = json.loads(copy.read_text())
+        assert published["data"] == Path(data).name and "skipped_files" not in published, copy
     for folder in (space, repo):
         for name, content in tree(folder).items():
             if not name.endswith((".pkl", ".onnx", ".safetensors")):  # the model files' own metadata: not here
                 assert str(Path(data).parent).encode() not in content, name
+                assert not [f for f in trained if f.encode() in content], name  # nor the names of their files
+        assert not [n for n in tree(folder) if n.endswith("split.json")]
     assert json.loads((tiny_model.with_name("pets.report") / "metrics.json").read_text())["data"] == data
 
 
