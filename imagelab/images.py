@@ -32,12 +32,14 @@ def open_rgb(src):
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)  # a model sees one picture: an animation is its first frame, as a still of it would be
     im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale: convert("RGB") would clip everything above 255 to white. A 32-bit "I" image does
-        # not say its range: one whose values all fit in 8 bits is read as 8-bit.
-        a = np.asarray(im, dtype=np.float64)
-        sixteen = im.mode != "I" or a.max() > 255
-        im = Image.fromarray(np.clip(np.rint(a / 257) if sixteen else a, 0, 255).astype(np.uint8))
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit and 32-bit greyscale: convert("RGB") would clip everything above 255 to white, and a float
+        # image's usual 0 to 1 to black. A 32-bit image does not say its range: a float one whose values all fit
+        # in 0 to 1 is read so, one whose values all fit in 8 bits as 8-bit, any other as 16-bit.
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = a.max(initial=0)
+        scale = 255 if im.mode == "F" and top <= 1 else 1 / 257 if im.mode.startswith("I;16") or top > 255 else 1
+        im = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.new("RGB", rgba.size, "white")

@@ -4,6 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastai.data.transforms import RandomSplitter
 from PIL import Image
@@ -195,6 +196,11 @@ def test_open_rgb_handles_alpha_palette_and_exif():
     # 16 bits a channel, as the browser draws them: a dark 16-bit image stays dark, whatever its brightest pixel
     assert open_rgb(Image.new("I;16", (4, 4), 120 * 257)).getpixel((0, 0)) == (120,) * 3
     assert open_rgb(Image.new("I;16", (4, 4), 200)).getpixel((0, 0)) == (1,) * 3
+    # 32-bit float: 0 to 1 as the float images of science and graphics have it, else as the integers are read
+    for values, grey in (([0.0, 0.5, 1.0], [0, 128, 255]), ([0.0, 100.0, 200.0], [0, 100, 200]),
+                         ([0.0, 60 * 257.0, 70000.0], [0, 60, 255]), ([float("nan"), 0.25, 1.0], [0, 64, 255])):
+        f = open_rgb(Image.fromarray(np.array([values], dtype=np.float32)))
+        assert f.mode == "RGB" and [f.getpixel((x, 0)) for x in range(3)] == [(g,) * 3 for g in grey], values
     wide = Image.new("RGB", (30, 10), "blue")
     exif = wide.getexif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display"

@@ -25,6 +25,7 @@ def valid_uploads(d):
 
     save("cmyk.jpg", rgb.convert("CMYK"))
     save("grey16.png", Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)))
+    save("float32.tiff", Image.fromarray(_gradient(64, 48)[:, :, 0].astype(np.float32) / 255))  # values 0 to 1
     save("palette.png", rgb.convert("P", palette=Image.ADAPTIVE))
     save("la.png", rgb.convert("LA"))
     rgba = rgb.convert("RGBA")
