@@ -5,8 +5,10 @@ never in a script's `__main__`, so a `.pkl` loads from any script, server or Spa
 """
 import argparse
 import os
+import socket
 import sys
 import warnings
+from urllib.parse import urlparse
 
 
 class UserError(Exception):
@@ -25,6 +27,29 @@ def first_line(error, limit=200):
     """An exception in one line of at most `limit` characters: its type, and its message's first line if any."""
     message = str(error).strip()
     return (f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__)[:limit]
+
+
+def proxy_for(url):
+    """The proxy the usual environment (`HTTPS_PROXY`, `NO_PROXY`, ...) sets for `url`, if any."""
+    from urllib.request import getproxies, proxy_bypass  # here: every entry point imports this package
+    parts = urlparse(url)
+    return None if proxy_bypass(parts.hostname or "") else getproxies().get(parts.scheme)
+
+
+def reachable(url, proxy=None, timeout=3.0):
+    """Whether one TCP connect to `url`'s host (or to `proxy`'s, where its client goes through one) succeeds:
+    seconds, where a client's retries offline take a minute."""
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    target = urlparse(proxy or url)
+    if not target.hostname:
+        return False
+    port = target.port or {"http": 80, "https": 443}.get(target.scheme, 1080)  # else a SOCKS proxy's
+    try:
+        with socket.create_connection((target.hostname, port), timeout):
+            return True
+    except OSError:
+        return False
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -12,18 +12,17 @@ honours the usual proxy settings (`HTTPS_PROXY`, or ddgs's `DDGS_PROXY`) and `SS
 """
 import hashlib
 import os
-import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from urllib.parse import urlparse
-from urllib.request import Request, getproxies, proxy_bypass, urlopen
+from urllib.request import Request, urlopen
 from uuid import uuid4
 
 from tqdm.auto import tqdm
 
-from . import UserError, first_line
+from . import UserError, first_line, proxy_for, reachable
 from .config import require
 from .images import check_image, open_image
 from .lookalikes import collect, fingerprint, fingerprints, pairs
@@ -40,22 +39,12 @@ HEADERS = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) imagelab", "Accept": "
 
 def search_proxy():
     """The proxy the search client will use, if any: ddgs's own setting first, then the usual environment."""
-    return os.environ.get("DDGS_PROXY") or (None if proxy_bypass(SEARCH_HOST) else getproxies().get("https"))
+    return os.environ.get("DDGS_PROXY") or proxy_for(f"https://{SEARCH_HOST}")
 
 
 def search_reachable(timeout=3.0):
     """One TCP connect to the search host (or its proxy): seconds instead of the client's timeouts offline."""
-    proxy = search_proxy()
-    if proxy:
-        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = url.hostname, url.port or 1080
-    else:
-        host, port = SEARCH_HOST, 443
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return reachable(f"https://{SEARCH_HOST}", search_proxy(), timeout)
 
 
 def search_images(query, n, backend="auto", timeout=10):

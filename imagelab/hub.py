@@ -1,25 +1,19 @@
 """Hugging Face Hub access that fails fast and clearly when the network is not there."""
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from . import UserError, first_line
+from . import UserError, first_line, proxy_for, reachable
 from .paths import artifact_paths
 
 HF_PREFIX = "hf://"
 
 
 def hub_reachable(timeout=3.0):
-    """One TCP connect to the Hub: seconds instead of the client's minute of retries when offline."""
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """One TCP connect to the Hub (or the proxy its client goes through): seconds instead of the client's minute of
+    retries when offline."""
+    return reachable(constants.ENDPOINT, proxy_for(constants.ENDPOINT), timeout)
 
 
 def hub_file(repo_id, filename, revision=None, what="file"):

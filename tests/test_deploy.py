@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from importlib import metadata
@@ -153,6 +154,20 @@ def test_push_without_login_or_network_fails_first_with_one_line(tiny_model, tmp
         assert time.monotonic() - start < 60
         fails_with_one_line(res, message)
         assert not out.exists() and not (tmp_path / "repo").exists()
+
+
+def test_the_hub_is_reached_through_the_users_proxy():
+    """Behind a proxy the Hub's client goes through it (HTTPS_PROXY): the quick check before a download or a push
+    must knock there, not at a Hub the machine cannot reach directly."""
+    code = "from imagelab.hub import hub_reachable; print(hub_reachable())"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["HF_ENDPOINT"] = "https://hub.invalid"  # no such host: unreachable but through the proxy
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        address = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        seen = {name: run(["-c", code], env={**env, **extra}).stdout.strip() for name, extra in [
+            ("direct", {}), ("proxy", {"HTTPS_PROXY": address}), ("bypassed", {"HTTPS_PROXY": address,
+                                                                               "NO_PROXY": "hub.invalid"})]}
+    assert seen == {"direct": "False", "proxy": "True", "bypassed": "False"}
 
 
 @pytest.mark.parametrize("args, message", [
