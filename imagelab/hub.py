@@ -2,7 +2,6 @@
 from pathlib import Path
 
 from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from . import UserError, first_line, proxy_for, reachable
 from .paths import artifact_paths
@@ -27,7 +26,7 @@ def hub_file(repo_id, filename, revision=None, what="file"):
                         "(offline, and not in the local Hub cache)")
     try:
         return hf_hub_download(repo_id, filename, revision=revision)
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+    except Exception as e:  # the Hub's answers (HfHubHTTPError), and any failure of the network or the disk meanwhile
         raise UserError(f"cannot download the {what} {where}: {first_line(e)}") from None
 
 

@@ -75,6 +75,9 @@ def open_model(spec, kind, train=None):
         return _serve(kind, path, learn)
     except UserError:
         raise
+    except ImportError as e:  # a .pkl or .safetensors where only ONNX Runtime was installed (a Space's requirements)
+        raise UserError(f"cannot load the model {path}: it needs {e.name or first_line(e)}, which is not installed "
+                        "here (serve its .onnx, or install this project's requirements.txt)") from None
     except Exception as e:  # a corrupt or foreign file fails in many ways, all of them "does not load"
         raise UserError(f"cannot load the model {path}: {first_line(e)} (a damaged or incomplete copy? export or "
                         "download it again)") from None

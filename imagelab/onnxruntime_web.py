@@ -9,6 +9,7 @@ Standard library only.
 import argparse
 import base64
 import hashlib
+import http.client
 import io
 import os
 import tarfile
@@ -55,7 +56,7 @@ def download():
     try:
         with urllib.request.urlopen(url, timeout=TIMEOUT) as r:
             return r.read()
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # HTTPException: a connection cut short
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot fetch {PACKAGE} {VERSION} from {url} ({reason}); the static Space serves it from its "
                         f"own folder: run this once online (python -m imagelab.onnxruntime_web), then it works offline")

@@ -422,6 +422,14 @@ def test_classifier_card_onnx_code_runs_without_imagelab(pets_repo, pets_hub, ti
     lines = run_card_code(onnx_code, hf_home, here, installs=pip_line_before(card, onnx_code))
     expected = Predictor(tiny_model).predict(here / "photo.jpg")
     assert lines[1:] == [f"{label} {p:.4f}" for label, p in expected.items()]  # the app's exact preprocessing
+    clear = here.with_name("transparent")  # a PNG whose left half is see-through: on white, as the app has it
+    clear.mkdir(exist_ok=True)
+    rgba = np.full((50, 70, 4), (30, 160, 40, 255), np.uint8)
+    rgba[:, :35, 3] = np.linspace(0, 200, 35, dtype=np.uint8)
+    Image.fromarray(rgba).save(clear / "photo.jpg", format="PNG")
+    lines = run_card_code(onnx_code, hf_home, clear, installs=pip_line_before(card, onnx_code))
+    expected = Predictor(tiny_model).predict(clear / "photo.jpg")
+    assert lines[1:] == [f"{label} {p:.4f}" for label, p in expected.items()]
     assert f"pip install onnxruntime=={pinned('onnxruntime')} numpy==" in card
 
 

@@ -52,6 +52,21 @@ def test_weights_only_artifacts_load_without_pickle(tiny_model, tmp_path):
     assert not (tmp_path / tiny_model.name).exists()
 
 
+def test_a_model_form_whose_packages_are_not_installed_says_so(tiny_model, tmp_path):
+    """A Space installs ONNX Runtime, not PyTorch: a .pkl or .safetensors alone there is not "a damaged copy"."""
+    from imagelab.paths import artifact_paths
+    code = ("import sys\nsys.modules['torch'] = None  # as if not installed\n"
+            "from imagelab import run_cli\nfrom imagelab.loading import open_model\n"
+            "run_cli(lambda argv: open_model(sys.argv[1], 'classifier'))")
+    beside = artifact_paths(tiny_model)
+    for name, files in (("weights", [beside["weights"], beside["config"]]), ("learner", [tiny_model])):
+        (tmp_path / name).mkdir()
+        for f in files:
+            shutil.copy(f, tmp_path / name)
+        res = run(["-c", code, tmp_path / name / files[0].name])
+        fails_with_one_line(res, "it needs torch, which is not installed", "serve its .onnx")
+
+
 def test_read_image_refuses_bad_files_quickly(tmp_path):
     for name, (path, message) in invalid_uploads(tmp_path).items():
         with pytest.raises(UserError, match=message):
