@@ -136,6 +136,17 @@ def test_autoencoder_model_card_and_repo_folder(tiny_autoencoder, tmp_path):
     assert f"| autoencoder | {metrics['ae_mse']:.5f} | {metrics['ae_psnr']:.2f} |" in card
     assert f"| PCA, {metrics['pca_components']} components | {metrics['pca_mse']:.5f} |" in card
     assert f"{metrics['mse_ratio_ae_to_pca']:.3f}" in card and "autoencoder.report/reconstructions.png" in card
+    ran = {**metrics, "kept": "best", "epochs_trained": 3, "mse_ratio_per_epoch": [[1, 0.9], [2, 0.95], [3, 0.97]]}
+    for kept, says in ((1, "epoch 1's"), (0, "the model's before training, PCA's")):
+        picked = model_card("autoencoder", {**ran, "kept_epoch": kept})
+        assert f"weights ({says}, under `--keep best`) were chosen by their loss on these held-out images" in picked
+        assert "the last epoch's ratio was 0.970" in picked
+    for unpicked in ({**ran, "kept_epoch": 3}, {**ran, "kept": "last", "kept_epoch": 3}):  # the last: chosen by nothing
+        assert "were chosen by" not in model_card("autoencoder", unpicked)
+    k = metrics["pca_components"]
+    assert f"PCA with {k} components, fitted" in model_card("autoencoder", {**metrics, "code_size": k})
+    assert (f"PCA with {k} components (fewer than the code's {k + 1} numbers: {metrics['counts']['train']} training "
+            "images give no more)") in model_card("autoencoder", {**metrics, "code_size": k + 1})
     assert (repo / "autoencoder.pkl").is_file() and (repo / "autoencoder.report" / "reconstructions.png").is_file()
     code = ("import sys; from imagelab.loading import open_model\n"
             "print(open_model(sys.argv[1], 'autoencoder').reconstruct(sys.argv[2]).reconstruction.size)")

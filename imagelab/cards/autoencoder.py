@@ -22,8 +22,20 @@ def summary(metrics):
     return f"{metrics['ae_psnr']:.1f} dB held-out PSNR"
 
 
+def chosen(metrics):
+    """What the ratio owes to choosing the exported epoch on the images it is scored on: the last epoch's beside it."""
+    kept, last, curve = metrics.get("kept_epoch"), metrics.get("epochs_trained"), dict(metrics["mse_ratio_per_epoch"])
+    if metrics.get("kept") != "best" or kept == last or last not in curve:
+        return ""
+    which = "the model's before training, PCA's" if kept == 0 else f"epoch {kept}'s"
+    return (f" The exported weights ({which}, under `--keep best`) were chosen by their loss on these held-out "
+            f"images, which favours them; the last epoch's ratio was {curve[last]:.3f} (the curve below).")
+
+
 def fields(metrics):
     k, counts = metrics["pca_components"], metrics["counts"]
+    fewer = "" if k == metrics["code_size"] else \
+        f" (fewer than the code's {metrics['code_size']} numbers: {counts['train']} training images give no more)"
     scores = table([("autoencoder", f"{metrics['ae_mse']:.5f}", f"{metrics['ae_psnr']:.2f}"),
                     (f"PCA, {k} components", f"{metrics['pca_mse']:.5f}", f"{metrics['pca_psnr']:.2f}")],
                    ["held-out images", "MSE", "PSNR (dB)"])
@@ -33,5 +45,6 @@ def fields(metrics):
         "code_size": metrics["code_size"], "size": metrics["size"], "scores": scores,
         "settings": settings(metrics, ("code_size", "depth", "width", "blocks", "loss", "sparsity", "size", "epochs",
                                        "bs", "lr", "seed", "valid_pct", "parameters")),
-        "mse_ratio": f"{metrics['mse_ratio_ae_to_pca']:.3f}",
+        "mse_ratio": f"{metrics['mse_ratio_ae_to_pca']:.3f}", "chosen": chosen(metrics),
+        "pca": f"{k} components" + fewer,
     }
