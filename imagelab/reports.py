@@ -131,6 +131,14 @@ def plot_heatmaps(learn, dl, probs, targets, losses, path, k):
     save_fig(fig, path)
 
 
+@torch.no_grad()
+def mirror_averaged(learn, dl, probs):
+    """`probs` averaged with the mirror images': the TTA that `Predictor(tta=True)` (`predict --tta`) serves."""
+    learn.model.eval()
+    mirrored = torch.cat([learn.loss_func.activation(learn.model(x.flip(-1))).float().cpu() for x, _ in dl])
+    return (probs + mirrored) / 2
+
+
 def classifier_report(learn, history, report_dir, top_k=9):
     """Write the plots into `report_dir` and return the held-out metrics."""
     dl = learn.dls.valid.new(shuffle=False, drop_last=False)
@@ -147,6 +155,7 @@ def classifier_report(learn, history, report_dir, top_k=9):
     with learn.no_bar():
         tta_probs, _ = learn.tta(dl=dl)  # fastai's: 4 passes with the training augmentation, blended with the plain one
     return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
+            "mirror_tta_accuracy": float((mirror_averaged(learn, dl, probs).argmax(1) == targets).float().mean()),
             "tta_accuracy": float((tta_probs.argmax(1) == targets).float().mean()),
             "tta_seconds": round(time.perf_counter() - start, 2),
             "per_class": per_class(cm, vocab), "confusion_matrix": cm.tolist(), "vocab": vocab}

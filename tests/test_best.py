@@ -130,7 +130,11 @@ def test_heatmap_peak_lies_on_the_object_not_the_background(tmp_path):
     mirrored = tmp_path / "mirrored.png"
     ImageOps.mirror(Image.open(tmp_path / "data" / held_out[0])).save(mirrored)
     both = predictor.probabilities([tmp_path / "data" / held_out[0], mirrored]).mean(0)
-    assert np.allclose(Predictor(out, tta=True).probabilities([tmp_path / "data" / held_out[0]])[0], both, atol=1e-4)
+    flip = Predictor(out, tta=True)
+    assert np.allclose(flip.probabilities([tmp_path / "data" / held_out[0]])[0], both, atol=1e-4)
+    served = np.mean([next(iter(flip.predict(tmp_path / "data" / name))) == name.split("/")[0] for name in held_out])
+    metrics = json.loads(out.with_name("shapes.report").joinpath("metrics.json").read_text())
+    assert metrics["mirror_tta_accuracy"] == pytest.approx(served)  # the report's is the TTA predict --tta serves
     # The square covers a quarter of the image: a heatmap blind to it would peak inside about one time in four.
     assert inside >= 2 / 3 * len(held_out), f"{inside} of {len(held_out)}"
     model = load_learner(out).model.eval()  # the graph's closed-form gradient is the one autograd computes
