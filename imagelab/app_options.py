@@ -64,10 +64,12 @@ def app_default_model(app_file, name):
     return bundled if bundled.exists() else paths.default_model(name, here.parents[1])
 
 
-def app_model(model, app, default):
-    """Open `model`, which `app` serves, once, before anything is built: a UserError if it cannot be served.
+def train_hint(app, model, default):
+    """How to train `app`'s model, to say where `model` is missing: only when it is the `default` path (a path the
+    user gave may just be mistyped)."""
+    return APPS[app].train if Path(model).resolve() == Path(default).resolve() else None
 
-    The train command is named only when the model missing is `default`, not a path the user gave.
-    """
-    kind, train = APPS[app]
-    return open_model(model, kind, train if model == str(default) else None)
+
+def app_model(model, app, default):
+    """Open `model`, which `app` serves, once, before anything is built: a UserError if it cannot be served."""
+    return open_model(model, APPS[app].kind, train_hint(app, model, default))

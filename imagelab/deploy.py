@@ -36,7 +36,7 @@ from string import Template
 from urllib.parse import quote
 
 from . import UserError, first_line, run_cli, stdout_reader_gone
-from .app_options import APPS
+from .app_options import APPS, train_hint
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
 from .loading import SERVED_FROM
@@ -483,14 +483,13 @@ def check_args(args):
 
 
 def check_model(model, app):
-    """`model` (--model; None: the app's default) as a Path, or one line if there is none; training is suggested
-    for the default path only, as the apps do: a path the user gave may just be mistyped."""
+    """`model` (--model; None: the app's default) as a Path, or one line if there is none."""
     default = default_model(app)
     model = Path(model or default)
     if model.suffix not in {s for forms in SERVED_FROM.values() for s in forms} or model.name.endswith(".decoder.onnx"):
         raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
     if not model.is_file():
-        train = APPS[app].train if model.resolve() == default.resolve() else None
+        train = train_hint(app, model, default)
         raise UserError(f"no model at {model}" + (f": train one first with `{train}`" if train else ""))
     return model
 
