@@ -1,6 +1,7 @@
 """Places an app can run from in the tests: a checkout without trained models, a Hub cache holding a model."""
 import os
 import shutil
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -14,15 +15,32 @@ def repo_app_without_models(app, tmp_path):
     return dest, {"PYTHONPATH": str(ROOT)}
 
 
+def fill_hub_cache(hf_home, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567"):
+    """Put files in the Hub's own cache layout, as a download would have: blobs, a snapshot, refs/main.
+
+    `files`: paths (each lands at the repo's top) or a folder (its whole tree, as a snapshot download has it).
+    """
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    if isinstance(files, Path):
+        files = {p.relative_to(files).as_posix(): p for p in files.rglob("*") if p.is_file()}
+    else:
+        files = {p.name: p for p in files}
+    for name, src in files.items():
+        blob = repo / "blobs" / f"blob-{name.replace('/', '--')}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, blob)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return commit
+
+
 def hub_cache(home, repo_id, files):
-    """A Hugging Face cache (HF_HOME) in which `repo_id` holds `files` at main: hf:// models served offline."""
-    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text("1" * 40)
-    snapshot = repo / "snapshots" / ("1" * 40)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy(f, snapshot / f.name)
+    """A Hugging Face cache (HF_HOME) in which `repo_id` holds `files` at main: the environment that serves hf://
+    models from it offline."""
+    fill_hub_cache(home, repo_id, files)
     return {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 

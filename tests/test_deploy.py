@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
+from checkouts import fill_hub_cache
 from conftest import PY, ROOT, fails_with_one_line, interruptible, run, served, write_image
 from hub_server import Hub
 from imagelab.deploy import INTERRUPTED, MARKER, build_model_repo, model_card
@@ -200,28 +201,6 @@ def test_help_names_every_flag():
     for flag in ("--model", "--space", "--space-out", "--model-repo", "--model-out", "--push"):
         assert flag in res.stdout, flag
     assert "Nothing is uploaded without --push" in res.stdout
-
-
-def fill_hub_cache(hf_home, repo_id, files, commit="0123456789abcdef0123456789abcdef01234567"):
-    """Put files in the Hub's own cache layout, as a download would have: blobs, a snapshot, refs/main.
-
-    `files`: paths (each lands at the repo's top) or a folder (its whole tree, as a snapshot download has it).
-    """
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    if isinstance(files, Path):
-        files = {p.relative_to(files).as_posix(): p for p in files.rglob("*") if p.is_file()}
-    else:
-        files = {p.name: p for p in files}
-    for name, src in files.items():
-        blob = repo / "blobs" / f"blob-{name.replace('/', '--')}"
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, blob)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return commit
 
 
 def test_hub_models_load_from_a_warm_cache_offline(tiny_model, tmp_path):
