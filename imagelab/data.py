@@ -290,6 +290,13 @@ def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, seed, workers
         raise UserError(f"no validation images among {len(files)} images: raise --valid-pct")
     if len(dls.vocab) < 2:
         raise UserError(f"only one class ({dls.vocab[0]}) among {len(files)} images: a classifier needs at least two")
+    held = Counter(str(get_y(f)) for f in dls.valid_ds.items)
+    untrained = sorted(set(held) - set(map(str, dls.vocab)))  # fastai's vocab is the training images' labels
+    if untrained:
+        it, n = "it" if len(untrained) == 1 else "them", sum(held[c] for c in untrained)
+        raise UserError(f"no training images of {', '.join(untrained)}: {'the only one is' if n == 1 else f'all {n} are'}"
+                        f" held out, so the model could not learn {it}; add photos of {it} (to train/ where folders "
+                        f"hold the split), or move {'its folder' if it == 'it' else 'their folders'} out")
     return dls
 
 

@@ -295,6 +295,31 @@ def test_a_test_folder_beside_train_and_valid_is_neither_trained_on_nor_measured
     assert "note: test left out: with train/ and valid/ folders" in capsys.readouterr().out
 
 
+def test_a_class_with_no_training_images_stops_the_run_before_training(tmp_path):
+    """Its held-out images name a label that the model's classes (the training images') lack: fastai would fail on
+    the first of them (mid-epoch, in a loader process), a traceback after minutes of training."""
+    for split, label, n in (("train", "cats", 6), ("train", "dogs", 6), ("valid", "cats", 2), ("valid", "dogs", 2),
+                            ("valid", "birds", 2)):
+        for i in range(n):
+            write_image(tmp_path / "folders" / split / label / f"{i}.jpg", (40 * i, 90, 30), seed=i)
+    files, _ = find_images(tmp_path / "folders")
+    with pytest.raises(UserError, match=r"^no training images of birds: all 2 are held out, so the model could not "
+                                        r"learn it; add photos of it \(to train/"):
+        classifier_dls(files, parent_label, splitter=folder_split(tmp_path / "folders", files), size=32,
+                       min_scale=0.35, bs=4, seed=42, workers=0)
+    data = make_folder_dataset(tmp_path / "data", n=10)
+    write_image(data / "bears" / "bear_0.jpg", (90, 60, 30))  # one photo: held out by some seeds
+    files, _ = find_images(data)
+    stopped = []
+    for seed in range(8):
+        try:
+            classifier_dls(files, parent_label, splitter=RandomSplitter(0.2, seed=seed), size=32, min_scale=0.35,
+                           bs=4, seed=seed, workers=0)
+        except UserError as e:
+            stopped.append(str(e))
+    assert stopped and len(stopped) < 8 and all(s.startswith("no training images of bears: the only one is held out") for s in stopped)
+
+
 def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):
     from imagelab.classifier import Classifier
     from imagelab.config import ClassifierConfig
