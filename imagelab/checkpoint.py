@@ -19,7 +19,7 @@ from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
 from .device import loss_scaler, mps_available
-from .paths import disk_space, staging_path
+from .paths import staging_path, write_failure
 
 
 def train_loader(learn):
@@ -156,8 +156,7 @@ class Writer:
             self.thread = None
         if self.error is not None and check:
             (error, path), self.error = self.error, None
-            why = error.strerror if isinstance(error, OSError) else error
-            raise UserError(f"cannot write the checkpoint {path}: {why}{disk_space(path.parent)}") from error
+            raise UserError(f"cannot write the checkpoint {path}: {write_failure(error, path.parent)}") from error
 
 
 class Checkpoint(Callback):

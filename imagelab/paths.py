@@ -4,6 +4,7 @@ gives what it keeps of a file.
 Light (the standard library, and psutil for one check): the downloader, the cleaner and the apps use these
 rules without the training stack.
 """
+import errno
 import glob
 import hashlib
 import os
@@ -58,6 +59,12 @@ def writable_model_path(path):
         raise UserError(f"cannot write {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: {existing} is not writable (read-only, or not yours)")
+    probe = existing / staging_path(path).name  # the longest name an export writes, where it will write
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:  # a name too long for the disk, a system folder (/proc, /sys), root's files on a network disk
+        raise UserError(f"cannot write {path}: {e.strerror} ({existing})") from None
     return path
 
 
@@ -130,13 +137,21 @@ def remove_abandoned_staging(path):
             p.unlink(missing_ok=True)
 
 
-def disk_space(folder):
-    """' (N MB free on its disk)' for a message about a failed write (torch's own message may not say the disk is
-    full), or '' if the folder cannot tell."""
+def write_failure(error, folder):
+    """Why a file could not be written into `folder`, in a few words: the system's reason, and the disk's free space
+    where it may be full. PyTorch's writer fails with a message of its own ("unexpected pos ...") that never says."""
+    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return error.strerror or str(error)
+    reason = error.strerror if isinstance(error, OSError) else "the file could not be written whole"
     try:
-        return f" ({shutil.disk_usage(folder).free // 2**20:,} MB free on its disk)"
+        return f"{reason} ({shutil.disk_usage(folder).free // 2**20:,} MB free on its disk without the unfinished files)"
     except OSError:
-        return ""
+        return reason
+
+
+def torch_write_failed(error):
+    """Whether `error` is PyTorch's writer failing to write a file (a full disk, as a rule)."""
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in ("PytorchStreamWriter", "inline_container"))
 
 
 def hidden(name):

@@ -5,7 +5,6 @@ this loop does the rest for all of them: checking the files, presizing, progress
 `--time-budget`, checkpoints and `--resume`, distributed launch, and the all-or-nothing export of the
 learner, its weights-only artifacts and its report.
 """
-import errno
 import hashlib
 import json
 import math
@@ -31,8 +30,8 @@ from .distributed import OwnRandomness, distributed, leave_distributed, world_si
 from .export import staged_export
 from .metadata import versions, write_json
 from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
-from .paths import (checkpoint_path, disk_space, examples_dir, is_flagged, metrics_path,
-                    remove_abandoned_staging, split_path)
+from .paths import (checkpoint_path, examples_dir, is_flagged, metrics_path, remove_abandoned_staging, split_path,
+                    torch_write_failed, write_failure)
 from .reports import LossHistory, plot_lr_find
 from .store import StoreDL, store_loaders
 
@@ -370,12 +369,12 @@ def export_run(task, cfg, learn, history, root, facts, writer, ckpt):
         writer.wait(check=False)
         say_how_to_resume(ckpt)
         raise
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+    except (OSError, RuntimeError) as e:
+        if not isinstance(e, OSError) and not torch_write_failed(e):
             raise
         writer.wait(check=False)
         again = f"; {ckpt} holds the run: rerun with --resume to export it" if ckpt.exists() else ""
-        raise UserError(f"cannot write {cfg.out} and its report: {e.strerror}{disk_space(Path(cfg.out).parent)}; "
+        raise UserError(f"cannot write {cfg.out} and its report: {write_failure(e, Path(cfg.out).parent)}; "
                         f"the previous model is as it was{again}") from None
 
 

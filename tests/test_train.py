@@ -123,12 +123,38 @@ def test_an_export_that_fails_while_moving_in_puts_every_previous_file_back(tmp_
 def test_an_output_that_cannot_be_written_is_refused_before_training(tmp_path):
     (tmp_path / "folder.pkl").mkdir()
     (tmp_path / "file").write_text("not a folder")
+    long = "a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 10) + ".pkl"  # fits, but its export's staging name does not
     for out, says in [(tmp_path / "m.onnx", "--out must name a .pkl file"), (tmp_path / "folder.pkl", "is a folder"),
-                      (tmp_path / "file" / "m.pkl", "file is a file")]:
+                      (tmp_path / "file" / "m.pkl", "file is a file"), (tmp_path / long, "File name too long"),
+                      (tmp_path / "new" / long, f"File name too long ({tmp_path})"),  # its folder is made later
+                      ("/proc/m.pkl", "cannot write /proc/m.pkl: ")]:
         fails_with_one_line(run(["training/train_pets.py", "--data", tmp_path, "--out", out], timeout=60), says)
     data = make_folder_dataset(tmp_path / "data", n=3)  # a model in its dataset: its report's images would train
     res = run(["training/train_autoencoder.py", "--data", data, "--out", data / "models" / "ae.pkl"], timeout=60)
     fails_with_one_line(res, f"--out {data / 'models' / 'ae.pkl'} is inside --data {data}: the next run would train")
+
+
+def test_a_write_that_fails_says_why_and_the_free_space_only_where_the_disk_may_be_full(tmp_path):
+    """PyTorch's writer, out of room (here a file-size limit, as a full disk would stop it), says "unexpected pos":
+    the message says the file was not written whole, with the disk's free space; a name too long says just that."""
+    code = f"""
+import resource, signal, sys, torch
+from imagelab.paths import torch_write_failed, write_failure
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+for write in (lambda: torch.save(torch.zeros(1 << 20), {str(tmp_path / "big.pt")!r}),
+              lambda: open({str(tmp_path / ("n" * 300))!r}, "wb")):
+    try:
+        write()
+    except Exception as e:
+        print(torch_write_failed(e), write_failure(e, {str(tmp_path)!r}))
+"""
+    res = run(["-c", code])
+    assert res.returncode == 0, res.stderr[-2000:]
+    full, long = res.stdout.splitlines()
+    assert full.startswith("True the file could not be written whole (") and full.endswith(
+        " MB free on its disk without the unfinished files)")
+    assert long == "False File name too long"
 
 
 def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
