@@ -10,9 +10,15 @@ import hashlib
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +115,44 @@ def staging_path(path):
     """A hidden sibling of `path`, unique to this process and thread: written first, then renamed onto `path`."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+@contextmanager
+def one_run_writes(model):
+    """Hold the lock of `model` (`.<name>.lock` beside it) for the block: one run at a time trains into `--out`, its
+    checkpoint, report and exports; another is refused with one line instead of overwriting them meanwhile. POSIX
+    (flock); elsewhere runs are not guarded."""
+    if fcntl is None:
+        yield
+        return
+    model = Path(model)
+    lock = model.with_name(f".{model.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip()
+            f.close()
+            raise UserError(f"another run{f' (process {pid})' if pid.isdigit() else ''} is training into {model}: "
+                            "wait for it to end, or give another --out") from None
+        try:
+            if os.path.samestat(os.stat(lock), os.fstat(f.fileno())):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # the run before removed it as it ended, after this one opened it: lock the file now there
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while holding it: whoever opened it meanwhile sees it gone, and opens anew
+        f.close()
 
 
 def digest(*parts):

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,8 +31,8 @@ from .distributed import OwnRandomness, distributed, leave_distributed, world_si
 from .export import staged_export
 from .metadata import versions, write_json
 from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
-from .paths import (checkpoint_path, examples_dir, is_flagged, metrics_path, remove_abandoned_staging, split_path,
-                    torch_write_failed, write_failure)
+from .paths import (checkpoint_path, examples_dir, is_flagged, metrics_path, one_run_writes, remove_abandoned_staging,
+                    split_path, torch_write_failed, write_failure)
 from .reports import LossHistory, plot_lr_find
 from .store import StoreDL, store_loaders
 
@@ -299,6 +300,11 @@ def train(task, cfg, cbs=()):
     writes the checkpoint, the report and the model (the others return None).
     """
     cfg.check()
+    with one_run_writes(cfg.out) if rank_distrib() == 0 else nullcontext():
+        return _train(task, cfg, cbs)
+
+
+def _train(task, cfg, cbs):
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
     if main_process:  # what runs killed while writing these left behind

@@ -157,7 +157,7 @@ for write in (lambda: torch.save(torch.zeros(1 << 20), {str(tmp_path / "big.pt")
     assert long == "False File name too long"
 
 
-def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
+def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_write_meanwhile(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=40)
     out = tmp_path / "pets.pkl"
     out.write_bytes(b"previous model")
@@ -169,6 +169,9 @@ def test_ctrl_c_during_training_keeps_the_previous_model(tmp_path):
     seen = ""
     while "epoch" not in seen and time.monotonic() < deadline:  # the table header: training has begun
         seen += proc.stdout.read(1)
+    other = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--out", out])
+    fails_with_one_line(other, f"another run (process {proc.pid}) is training into {out}: wait for it to end")
+    assert proc.poll() is None  # the other run was refused, and this one goes on
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
