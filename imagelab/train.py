@@ -257,7 +257,9 @@ def prepare(task, cfg, device, precision):
         print(f"skipped {f}: {why}")
     presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)
     dls = task.dataloaders(cfg, root, files, presized, loader_workers(cfg, device))
-    print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out")
+    left_out = len(files) - len(dls.train_ds) - len(dls.valid_ds)  # each for a reason a note above gave
+    print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train, {len(dls.valid_ds)} held out"
+          + (f", {left_out} left out" if left_out else ""))
     learn = task.learner(dls, cfg)
     dls.to(device)  # after the learner: fastai puts the Normalize it adds on its default device, not --device
     learn.model.to(device)  # now, not at the first fit: a resumed run's optimizer state goes where the weights are

@@ -335,3 +335,18 @@ def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, caps
         "note: no held-out images of bears (1 in training): the report cannot measure it; add photos or raise "
         "--valid-pct"]
     assert task.describe(cfg, data, dls)["counts"]["valid"] == {"bears": 0, "cats": 2, "dogs": 2}
+
+
+def test_the_line_before_training_counts_the_images_left_out(tmp_path, capsys):
+    import torch
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import prepare
+    data = make_folder_dataset(tmp_path / "data", n=5)
+    write_image(data / "flagged" / "polar" / "f0e1d2c3b4a59687.jpg", (60, 220, 60))  # a class the data lacks
+    (data / "cats" / "broken.jpg").write_text("not an image")
+    cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), size=16, bs=2, flagged=True,
+                           pretrained=False, arch="resnet18", cache=str(tmp_path / "cache"))
+    prepare(Classifier(), cfg, torch.device("cpu"), "fp32")
+    out = capsys.readouterr().out
+    assert "are left out" in out and "11 images (1 skipped): 8 to train, 2 held out, 1 left out\n" in out
