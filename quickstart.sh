@@ -10,14 +10,24 @@ for arg in "$@"; do  # the options are parsed with the standard library alone: n
     --out=*) model=${arg#--out=};;
     -h|--help)
       echo "bash quickstart.sh [OPTIONS]: set up .venv (requirements.txt), train the pet classifier with OPTIONS,"
-      echo "then serve it on http://127.0.0.1:7860. Without options it downloads Oxford-IIIT Pet (800 MB) and"
-      echo "ImageNet weights; offline: --data ../shared/data/catsdogs --preset scratch --time-budget 120."
+      echo "then serve it on http://127.0.0.1:7860 (GRADIO_SERVER_PORT=N: port N). Without options it downloads"
+      echo "Oxford-IIIT Pet (800 MB) and ImageNet weights; offline: --data ../shared/data/catsdogs --preset scratch"
+      echo "--time-budget 120."
       echo "OPTIONS are training/train_pets.py's:"
       echo
       PYTHONPATH=. exec python3 training/train_pets.py --help;;
   esac
   previous=$arg
 done
+port=${GRADIO_SERVER_PORT:-7860}  # found taken now, not after the training
+if ! python3 -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a port closed a moment ago is free
+s.bind((sys.argv[1], int(sys.argv[2])))' "${GRADIO_SERVER_NAME:-127.0.0.1}" "$port" 2>/dev/null; then
+  echo "error: port $port is taken (another app?): GRADIO_SERVER_PORT=$((port + 1)) bash quickstart.sh ... serves on" \
+       "another" >&2
+  exit 2
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt

@@ -2,6 +2,7 @@
 import csv
 import os
 import shutil
+import socket
 import subprocess
 
 import numpy as np
@@ -58,6 +59,20 @@ def test_the_shell_scripts_answer_help_and_start_nothing():
         assert res.returncode == 0 and says in res.stdout, (script, res.stdout[-2000:], res.stderr[-2000:])
         assert "Running on" not in res.stdout + res.stderr
     assert (sorted((ROOT / "build").glob("*")) if (ROOT / "build").exists() else []) == made  # no check was started
+
+
+def test_the_quick_start_finds_its_port_taken_before_it_sets_up_or_trains(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        copy = tmp_path / "checkout"  # a checkout without .venv: the check comes before the set-up
+        copy.mkdir()
+        shutil.copy(ROOT / "quickstart.sh", copy)
+        res = subprocess.run(["bash", "quickstart.sh", "--data", "photos"], cwd=copy, capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "GRADIO_SERVER_PORT": str(port)})
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: port {port} is taken (another app?): GRADIO_SERVER_PORT={port + 1} bash quickstart.sh ... serves "
+        "on another")
+    assert sorted(p.name for p in copy.iterdir()) == ["quickstart.sh"]
 
 
 # --- one check at start ------------------------------------------------------------------------------------
