@@ -191,10 +191,12 @@ def detect_labels(root, files):
     if not parents & bases:
         raise UserError(f"only one class in {root} ({next(iter(parents)).name}/): a classifier needs one "
                         "sub-folder per class, at least two")
-    if not misnamed(files):
+    wrong = misnamed(files)
+    if not wrong:
         return "filename"
-    raise UserError(f"cannot tell the labels of {root}: use one sub-folder per class, "
-                    "or Oxford-style file names like Abyssinian_12.jpg")
+    raise UserError(f"cannot tell the labels of {root}: some images are outside class sub-folders, and {len(wrong)} of "
+                    f"{len(files)} are not named like Abyssinian_12.jpg (such as {Path(wrong[0]).relative_to(root)}): "
+                    "use one sub-folder per class, or Oxford-style file names")
 
 
 def misnamed(files):

@@ -48,6 +48,12 @@ def test_detect_labels(tmp_path, oxford_dir):
     write_image(loose / "beach.jpg", (0, 0, 0))
     with pytest.raises(UserError, match="cannot tell the labels"):
         detect_labels(loose, find_images(loose)[0])
+    stray = tmp_path / "stray"
+    for name in [*OXFORD, "README.jpg"]:  # one name among Oxford-style ones: named, to be fixed
+        write_image(stray / name, (0, 0, 0))
+    with pytest.raises(UserError, match=r"^cannot tell the labels of .*: some images are outside class sub-folders, "
+                                        r"and 1 of 5 are not named like Abyssinian_12.jpg \(such as README.jpg\)"):
+        detect_labels(stray, find_images(stray)[0])
 
 
 def test_flagged_images_keep_their_folders_class_beside_oxford_names(oxford_dir):
