@@ -249,9 +249,8 @@ def batches_in_memory(dls, presized, cfg):
     return batches
 
 
-def prepare(task, cfg, device, precision):
-    """The data and the learner on `device`: (root, files, skipped, presized, dls, learn)."""
-    root = Path(cfg.data) if cfg.data else task.default_data()
+def prepare(task, cfg, root, device, precision):
+    """The data in `root` and the learner on `device`: (files, skipped, presized, dls, learn)."""
     files, skipped = find_images(root, flagged=cfg.flagged)
     for f, why in skipped:
         print(f"skipped {f}: {why}")
@@ -275,7 +274,7 @@ def prepare(task, cfg, device, precision):
         learn.add_cb(AnyDeviceMixedPrecision(precision, device.type))
     if len(dls.train_ds) < cfg.bs:  # fastai drops incomplete training batches: nothing would be trained
         raise UserError(f"only {len(dls.train_ds)} training images, fewer than --bs {cfg.bs}: lower --bs")
-    return root, files, skipped, presized, dls, learn
+    return files, skipped, presized, dls, learn
 
 
 def split_files(dls, root):
@@ -318,13 +317,14 @@ def _train(task, cfg, cbs):
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     options = {k: v for k, v in {"kind": task.kind, **cfg.settings()}.items() if k != "data"}
-    state = load_checkpoint(ckpt, options) if cfg.resume else None  # other options: refused before reading images
+    root = Path(cfg.data) if cfg.data else task.default_data()
+    state = load_checkpoint(ckpt, {**options, "data": str(root)}) if cfg.resume else None  # before reading images
     set_seed(cfg.seed, reproducible=True)
-    root, files, skipped, presized, dls, learn = prepare(task, cfg, device, precision)
+    files, skipped, presized, dls, learn = prepare(task, cfg, root, device, precision)
     learn.dls = batches_in_memory(dls, presized, cfg) or dls  # training and validation during the fits
     settings = {**options, "data": str(root), "images": describe_split(split_files(dls, root))}
     if state:
-        check_settings(ckpt, state, {k: settings[k] for k in ("data", "images")})
+        check_settings(ckpt, state, {"images": settings["images"]})
     # lr_find's curve is absent from checkpoints written before it was kept
     lr, found = (state["lr"], state.get("lr_find")) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
     run = Run(lr, found, state)

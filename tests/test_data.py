@@ -353,6 +353,6 @@ def test_the_line_before_training_counts_the_images_left_out(tmp_path, capsys):
     (data / "cats" / "broken.jpg").write_text("not an image")
     cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), size=16, bs=2, flagged=True,
                            pretrained=False, arch="resnet18", cache=str(tmp_path / "cache"))
-    prepare(Classifier(), cfg, torch.device("cpu"), "fp32")
+    prepare(Classifier(), cfg, data, torch.device("cpu"), "fp32")
     out = capsys.readouterr().out
     assert "are left out" in out and "11 images (1 skipped): 8 to train, 2 held out, 1 left out\n" in out

@@ -187,6 +187,10 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     res = run(command(data, out, "--resume", "--size", "48"))
     assert res.returncode == 2 and "other settings" in res.stderr and "size 32 (now 48)" in res.stderr
     assert " images (" not in res.stdout  # refused before the images were read (a large folder takes minutes)
+    elsewhere = shutil.copytree(data, tmp_path / "elsewhere")  # the same images in another folder: other data
+    res = run(command(elsewhere, out, "--resume"))
+    assert res.returncode == 2 and f"data {str(data)!r} (now {str(elsewhere)!r})" in res.stderr, res.stderr[-2000:]
+    assert "checking images" not in res.stderr and " images (" not in res.stdout
     next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
     res = run(command(data, out, "--resume"))
     assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
