@@ -313,6 +313,8 @@ def _train(task, cfg, cbs):
         remove_abandoned_staging(cfg.out)
     if not cfg.resume and ckpt.exists() and main_process:
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
+    if Path(cfg.out).exists() and main_process:  # the apps serve it: said while Ctrl-C still keeps it
+        print(f"note: this run replaces {cfg.out}{made_on(cfg.out)} as it ends (--out elsewhere keeps it)")
     task.check(cfg)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
@@ -384,6 +386,14 @@ def export_run(task, cfg, learn, history, root, facts, writer, ckpt):
         again = f"; {ckpt} holds the run: rerun with --resume to export it" if ckpt.exists() else ""
         raise UserError(f"cannot write {cfg.out} and its report: {write_failure(e, Path(cfg.out).parent)}; "
                         f"the previous model is as it was{again}") from None
+
+
+def made_on(model):
+    """' (trained on DATE)' from the report beside `model`, or '' where it does not say."""
+    try:
+        return f" (trained on {json.loads(metrics_path(model).read_text())['created'][:10]})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def say_how_to_resume(ckpt):

@@ -36,6 +36,8 @@ def test_report_beside_the_model(tiny_model):
     examples = sorted(p.name for p in (report / "examples").iterdir())
     assert examples and all(n.endswith(".jpg") for n in examples)
     assert not [p for p in tiny_model.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    from imagelab.train import made_on
+    assert made_on(tiny_model) == f" (trained on {m['created'][:10]})" and made_on(report / "none.pkl") == ""
     modes = {p.suffix: p.stat().st_mode & 0o777 for p in tiny_model.parent.iterdir() if p.is_file()}
     assert len(set(modes.values())) == 1, modes  # each as the user's umask has it (safetensors' own: owner only)
 
@@ -169,6 +171,7 @@ def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_
     seen = ""
     while "epoch" not in seen and time.monotonic() < deadline:  # the table header: training has begun
         seen += proc.stdout.read(1)
+    assert f"note: this run replaces {out} as it ends (--out elsewhere keeps it)" in seen  # said while Ctrl-C keeps it
     other = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--out", out])
     fails_with_one_line(other, f"another run (process {proc.pid}) is training into {out}: wait for it to end")
     assert proc.poll() is None  # the other run was refused, and this one goes on
