@@ -6,13 +6,14 @@ this loop does the rest for all of them: checking the files, presizing, progress
 learner, its weights-only artifacts and its report.
 """
 import hashlib
+import io
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -301,7 +302,8 @@ def train(task, cfg, cbs=()):
     writes the checkpoint, the report and the model (the others return None).
     """
     cfg.check()
-    with one_run_writes(cfg.out) if rank_distrib() == 0 else nullcontext():
+    # Every process reads the same images and would say the same notes: the main one says them, once.
+    with one_run_writes(cfg.out) if rank_distrib() == 0 else redirect_stdout(io.StringIO()):
         return _train(task, cfg, cbs)
 
 

@@ -22,6 +22,7 @@ def test_two_cpu_processes_train_and_only_the_main_one_writes(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("wrote ") == 1, res.stdout[-2000:]  # one process reports and exports
+    assert res.stdout.count(" to train, ") == 1, res.stdout[-2000:]  # and says what it found
     assert sorted(p.name for p in out.parent.iterdir()) == [  # no checkpoint, no temporaries
         "pets.config.json", "pets.onnx", "pets.pkl", "pets.report", "pets.safetensors"]
     m = json.loads((out.with_name("pets.report") / "metrics.json").read_text())
