@@ -1,5 +1,7 @@
 """What a training run shows: loss curve, confusion matrix, top losses with their heatmaps and metrics.json."""
+import random
 import time
+from contextlib import contextmanager
 
 import matplotlib
 
@@ -131,6 +133,20 @@ def plot_heatmaps(learn, dl, probs, targets, losses, path, k):
     save_fig(fig, path)
 
 
+@contextmanager
+def drawn_from(seed):
+    """Python's and PyTorch's random streams seeded for the block (fastai's augmentation draws from both), and as
+    they were after it."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the CPU's, and each GPU's
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 @torch.no_grad()
 def mirror_averaged(learn, dl, probs):
     """`probs` averaged with the mirror images': the TTA that `Predictor(tta=True)` (`predict --tta`) serves."""
@@ -152,7 +168,7 @@ def classifier_report(learn, history, report_dir, top_k=9):
     plot_heatmaps(learn, dl, probs, targets, losses, report_dir / "heatmaps.png", min(top_k, len(losses)))
     accuracy = float(np.trace(cm) / cm.sum())
     start = time.perf_counter()
-    with learn.no_bar():
+    with learn.no_bar(), drawn_from(0):  # the same augmentation every time: a report of the same model says the same
         tta_probs, _ = learn.tta(dl=dl)  # fastai's: 4 passes with the training augmentation, blended with the plain one
     return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
             "mirror_tta_accuracy": float((mirror_averaged(learn, dl, probs).argmax(1) == targets).float().mean()),

@@ -1,4 +1,5 @@
 """Better models from the same run, and why: the best epoch kept, early stopping, both through --resume."""
+import contextlib
 import json
 import signal
 import time
@@ -233,3 +234,21 @@ def test_an_epoch_the_time_budget_cuts_short_is_checked_for_divergence_too(data,
         train(Classifier(), cfg, cbs=[DivergeThenStall()])
     assert "epoch 1, cut short by the time budget: valid_loss nan" in capsys.readouterr().out
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_reports_tta_draws_the_same_augmentation_every_time(tmp_path):
+    """fastai's learn.tta augments at random: seeded, a report of the same model says the same."""
+    from imagelab.data import classifier_dls, find_images, parent_label
+    from imagelab.models import classifier_learner
+    from imagelab.reports import drawn_from
+    from fastai.data.transforms import RandomSplitter
+    data = make_folder_dataset(tmp_path / "data", n=8)
+    files, _ = find_images(data)
+    dls = classifier_dls(files, parent_label, splitter=RandomSplitter(0.5, seed=0), size=32, min_scale=0.35, bs=4,
+                         seed=0, workers=0)
+    learn = classifier_learner(dls, "resnet18", pretrained=False)
+    runs = []
+    for seeded in (True, True, False):
+        with learn.no_bar(), (drawn_from(0) if seeded else contextlib.nullcontext()):
+            runs.append(learn.tta(dl=dls.valid)[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
