@@ -19,8 +19,8 @@ On a GPU the CPU's part of a batch is what limits training, and fastai's augment
 
 `faster_augmentation()` gives the replacements to fastai for the length of a training run
 (imagelab.train.train), in the run's own thread; fastai itself could take them. Outside a run fastai is as it
-ships: loading an exported learner changes nothing in it. tests/test_device.py checks that a whole `aug_transforms` pipeline
-gives what fastai's own gives.
+ships: loading an exported learner changes nothing in it. tests/test_device.py checks that a whole
+`aug_transforms` pipeline gives what fastai's own gives.
 
 `--mix`'s `MixUp` and `CutMix` are fastai's callbacks drawing the same pairs and weights, copied to the
 device without waiting: fastai's copy each batch's weights and shuffle from ordinary memory, and its CutMix

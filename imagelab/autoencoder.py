@@ -331,7 +331,8 @@ def plot_ratio_curve(points, path):
         ax.set_ylim(0, 2)
     ax.axhline(1, color="grey", linestyle="--", label="PCA")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="held-out MSE ratio (presized copies)", title="Autoencoder against PCA, epoch by epoch")
+    ax.set(xlabel="epoch", ylabel="held-out MSE ratio (presized copies)",
+           title="Autoencoder against PCA, epoch by epoch")
     ax.legend()
     save_fig(fig, path)
 

@@ -296,9 +296,10 @@ def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, seed, workers
     untrained = sorted(set(held) - set(map(str, dls.vocab)))  # fastai's vocab is the training images' labels
     if untrained:
         it, n = "it" if len(untrained) == 1 else "them", sum(held[c] for c in untrained)
-        raise UserError(f"no training images of {', '.join(untrained)}: {'the only one is' if n == 1 else f'all {n} are'}"
-                        f" held out, so the model could not learn {it}; add photos of {it} (to train/ where folders "
-                        f"hold the split), or move {'its folder' if it == 'it' else 'their folders'} out")
+        held_out = "the only one is held out" if n == 1 else f"all {n} are held out"
+        raise UserError(f"no training images of {', '.join(untrained)}: {held_out}, so the model could not learn "
+                        f"{it}; add photos of {it} (to train/ where folders hold the split), or move "
+                        f"{'its folder' if it == 'it' else 'their folders'} out")
     return dls
 
 

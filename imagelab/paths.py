@@ -188,7 +188,8 @@ def write_failure(error, folder):
         return error.strerror or str(error)
     reason = error.strerror if isinstance(error, OSError) else "the file could not be written whole"
     try:
-        return f"{reason} ({shutil.disk_usage(folder).free // 2**20:,} MB free on its disk without the unfinished files)"
+        free = shutil.disk_usage(folder).free // 2**20
+        return f"{reason} ({free:,} MB free on its disk without the unfinished files)"
     except OSError:
         return reason
 

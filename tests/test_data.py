@@ -323,7 +323,8 @@ def test_a_class_with_no_training_images_stops_the_run_before_training(tmp_path)
                            bs=4, seed=seed, workers=0)
         except UserError as e:
             stopped.append(str(e))
-    assert stopped and len(stopped) < 8 and all(s.startswith("no training images of bears: the only one is held out") for s in stopped)
+    assert stopped and len(stopped) < 8
+    assert all(s.startswith("no training images of bears: the only one is held out") for s in stopped)
 
 
 def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):
