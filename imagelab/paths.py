@@ -10,7 +10,7 @@ import hashlib
 import os
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from . import UserError
@@ -127,6 +127,7 @@ def one_run_writes(model):
         return
     model = Path(model)
     lock = model.with_name(f".{model.name}.lock")
+    made = not lock.parent.exists()
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(lock, "a+")
@@ -153,6 +154,9 @@ def one_run_writes(model):
     finally:
         lock.unlink(missing_ok=True)  # while holding it: whoever opened it meanwhile sees it gone, and opens anew
         f.close()
+        if made:  # for the lock alone, when the run ended before it exported anything
+            with suppress(OSError):
+                lock.parent.rmdir()
 
 
 def digest(*parts):
