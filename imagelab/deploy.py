@@ -183,9 +183,23 @@ def copy_model(app, model, dest, required, optional=()):
     return list(files)
 
 
+def generated(path):
+    """Whether `path` is what running the code beside it writes: Python's bytecode, and the stub (`<module>.pyi`)
+    Gradio writes beside every module that defines a component (`imagelab.ui.ImageUpload`), each time it is imported.
+    Never copied; in a built folder, not the user's: trying a Space in its folder must not block the next build."""
+    path = Path(path)
+    return ("__pycache__" in path.parts or path.suffix == ".pyc"
+            or (path.suffix == ".pyi" and path.with_suffix(".py").is_file()))
+
+
+def ignore_generated(folder, names):
+    """`shutil.copytree`'s `ignore`: the `generated` files among `names` in `folder`."""
+    return {name for name in names if generated(Path(folder) / name)}
+
+
 def copy_library(dest):
     """This project's `imagelab/`: a Space's app imports it, and a `.pkl` names its classes."""
-    shutil.copytree(REPO / "imagelab", dest / "imagelab", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi"))
+    shutil.copytree(REPO / "imagelab", dest / "imagelab", ignore=ignore_generated)
 
 
 def write_lfs_rules(dest, extra=()):
@@ -203,13 +217,14 @@ def built_files(folder):
 
 
 def not_built(out):
-    """What `out` holds that no earlier build wrote there (all of it, without MARKER's list): a `.git`, notes, a
-    `.venv` made inside it are the user's, and replacing the folder would delete them."""
+    """What `out` holds that no earlier build wrote there (all of it, without MARKER's list), but what running the
+    build wrote (`generated`): a `.git`, notes, a `.venv` made inside it are the user's, and replacing the folder
+    would delete them."""
     try:
         listed = set(json.loads((out / MARKER).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return sorted(p.name for p in out.iterdir())  # no list of deploy's: the folder is the user's, not walked
-    return [f for f in built_files(out) if f not in listed]
+    return [f for f in built_files(out) if f not in listed and not generated(out / f)]
 
 
 def check_out(out, model, app, what="the Space"):
@@ -287,7 +302,7 @@ def build_space(app, model, out, space_id=None, repo_id=None):
     check_out(out, model, app)
     metrics, kind = load_metrics(model, app)
     with staged(out) as stage:
-        shutil.copytree(REPO / "apps" / app, stage, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "apps" / app, stage, ignore=ignore_generated)
         copy_library(stage)
         (stage / "models").mkdir()
         copy_model(app, model, stage / "models", space_files(metrics, kind))

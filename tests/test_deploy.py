@@ -585,6 +585,30 @@ def test_a_build_replaces_only_an_earlier_build_or_an_empty_folder(project):
     assert tree(project) == before and not (project / "build" / "pets-space").exists()
 
 
+def test_trying_the_space_before_the_push_does_not_block_the_next_build(project):
+    """The README's workflow: build, run the Space's app in its folder, build again with the Hub ids."""
+    space = project / "build" / "space"
+    res = deploy(project, "--out", space)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # PYTHONDONTWRITEBYTECODE unset: a user's Python writes bytecode beside the library it imports
+    with served([space / "app.py"], cwd=space, env={"PYTHONPATH": None, "MODEL_PATH": None,
+                                                    "PYTHONDONTWRITEBYTECODE": None}) as url:
+        out = Client(url, verbose=False).predict(handle_file(str(write_image(project / "x.jpg", (220, 60, 60)))),
+                                                 api_name="/predict")
+        assert out["label"] in ("cats", "dogs")
+    ran = set(tree(space)) - {MARKER, *json.loads((space / MARKER).read_text())["files"]}
+    assert "imagelab/ui.pyi" in ran and any("__pycache__/" in n for n in ran), ran  # what the app wrote
+    res = deploy(project, "--out", space, "--space", "alice/pets", "--model-repo", "alice/pets-model")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "alice/pets" in (space / "README.md").read_text()
+    assert not [n for n in tree(space) if n.endswith((".pyc", ".pyi"))]  # a fresh build: nothing of the last run
+    # what the user adds beside them is still theirs
+    (space / "imagelab" / "notes.pyi").write_text("mine")  # a stub of no module: written by no app
+    fails_with_one_line(deploy(project, "--out", space), "will not build the Space in",
+                        "it holds files that deploy did not write (imagelab/notes.pyi)")
+    assert (space / "imagelab" / "notes.pyi").read_text() == "mine"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "../models"], "it is or holds the model"),
     (["--out", ".."], "it is or holds the current folder"),
