@@ -77,16 +77,23 @@ class Flagger:
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=90)
         data = buf.getvalue()
-        folder = self.folder / check_class_name(label)
-        path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.jpg"  # the same image flagged twice is kept once
-        if not path.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            staged = staging_path(path)
-            try:
-                staged.write_bytes(data)
-                os.replace(staged, path)
-            finally:
-                staged.unlink(missing_ok=True)
+        name = f"{hashlib.sha256(data).hexdigest()[:16]}.jpg"  # the same image flagged twice is kept once
+        path = self.folder / check_class_name(label) / name
+        # The latest flag of a picture wins: kept under two labels, it would train both ways. Written before the
+        # other copies go, so the picture is never lost; under the lock, so two visitors flagging it at once leave
+        # one copy, not none.
+        with self.lock:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                staged = staging_path(path)
+                try:
+                    staged.write_bytes(data)
+                    os.replace(staged, path)
+                finally:
+                    staged.unlink(missing_ok=True)
+            for other in self.folder.glob(f"*/{name}"):
+                if other != path:
+                    other.unlink(missing_ok=True)
         return path.relative_to(self.root).as_posix()
 
     def take_turn(self):

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from gradio_client import Client, handle_file
@@ -102,14 +103,37 @@ def test_an_apps_endpoints_take_turns_together(tiny_model, tmp_path):
     assert any(Status.IN_QUEUE in codes for codes in seen), seen  # 4 requests, 2 turns: some waited
 
 
+def test_the_latest_flag_of_a_picture_wins(tiny_model, tmp_path):
+    """A picture flagged as cats, then as dogs, is kept once, as dogs: two labels would train it both ways."""
+    photo = write_image(tmp_path / "up.jpg", (220, 60, 60))
+    (tmp_path / "data").mkdir()
+    with served(["apps/pets/app.py", "--model", tiny_model, "--flag-data", tmp_path / "data"]) as url:
+        client = Client(url, verbose=False)
+        first = SAVED.search(client.predict(handle_file(str(photo)), "cats", api_name="/flag"))[1]
+        latest = SAVED.search(client.predict(handle_file(str(photo)), "dogs", api_name="/flag"))[1]
+    assert first.replace("/cats/", "/dogs/") == latest
+    assert all_files(tmp_path / "data") == [latest]
+
+
+def test_concurrent_flags_of_one_picture_keep_exactly_one_copy(tmp_path):
+    image = write_image(tmp_path / "x.jpg", (40, 40, 40), size=(640, 480))
+    flagger = Flagger(tmp_path, CLASSES, per_minute=1000)
+    labels = CLASSES * 8
+    with ThreadPoolExecutor(len(labels)) as pool:
+        kept = list(pool.map(lambda label: flagger.flag(image, label), labels))
+    files = all_files(tmp_path / "flagged")
+    assert len(files) == 1 and f"flagged/{files[0]}" in kept, files
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]  # no staged copy left
+
+
 def test_flags_are_rate_limited_and_the_folder_is_capped(tmp_path):
     image = write_image(tmp_path / "x.jpg", (40, 40, 40))
     fast = Flagger(tmp_path, CLASSES, per_minute=3)
     for label in ["../black", "flagged", "panda", "", None]:  # what a caller other than the page could send
         with pytest.raises(UserError, match="not a class of this model"):
             fast.flag(image, label)
-    for label in CLASSES:
-        fast.flag(image, label)
+    for i, label in enumerate(CLASSES):  # three pictures: one flagged under three labels is kept once
+        fast.flag(write_image(tmp_path / f"{i}.jpg", (40, 40, 40), seed=i), label)
     with pytest.raises(UserError, match="too many flags"):
         fast.flag(image, "black")
     assert len(list((tmp_path / "flagged").rglob("*.jpg"))) == 3
