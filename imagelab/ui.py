@@ -25,6 +25,8 @@ CONCURRENCY, QUEUE_SIZE = 2, 256
 TURNS = dict(concurrency_id="model")
 # Where a visitor's image can come from: a file, the clipboard (paste), or the camera.
 SOURCES = ["upload", "webcam", "clipboard"]
+# How many of the classes a classifier panel answers with, most likely first.
+TOP = 3
 # Gradio shows an image smaller than its frame at its own size: a 64-pixel reconstruction would be a thumbnail in
 # the middle of an empty frame. Images marked `pixels` fill their frame instead, with their pixels kept square
 # and sharp (no smoothing that would hide what the model got wrong).
@@ -47,6 +49,13 @@ class ImageUpload(gr.Image):
         if payload is not None and payload.path is not None:
             return payload.path
         return super().preprocess(payload)
+
+
+def given(*images):
+    """One line for a request that lacks one of `images`, as for a bad upload: an API or MCP caller may send none
+    (the page's uploads always hold one)."""
+    if any(image is None for image in images):
+        raise UserError("upload an image first" if len(images) == 1 else "upload both images first")
 
 
 class Handoff:
@@ -85,11 +94,11 @@ def emptied(outputs):
 
 
 def listen(listeners, fn, inputs, outputs, api_name, clear=None, then=None):
-    """`fn` on each of `listeners` (the first one's is the API endpoint `api_name`), in the app's turns; `then`,
+    """`fn` on each of `listeners` (the first one's is the API endpoint `api_name`, if any), in the app's turns; `then`,
     (fn, outputs), after it succeeds; `clear`: outputs emptied when it fails, so that a bad upload's message is
     not shown beside the last good upload's results."""
     for i, listener in enumerate(listeners):
-        public = dict(api_name=api_name) if i == 0 else dict(api_visibility="private")
+        public = dict(api_name=api_name) if i == 0 and api_name else dict(api_visibility="private")
         # always_last: a picture given while the last one's run is pending runs next (Gradio's default for an
         # upload drops it, and the panels would show two pictures' results)
         step = listener(fn, inputs, outputs, **public, **TURNS, trigger_mode="always_last")
@@ -130,7 +139,7 @@ def user_errors(fn, name=None, doc=None):
 
 
 def classifier_panel(model, train_command, api_name="predict", flag_data=None):
-    """Image → top-3 labels, rendered into the enclosing Blocks; instructions if the model is missing.
+    """Image → the top `TOP` labels, rendered into the enclosing Blocks; instructions if the model is missing.
 
     With `flag_data` (a dataset folder) a visitor can flag a wrong answer with the right class, kept in
     `<flag_data>/flagged/<class>/` (`imagelab.flagging`); endpoint `<api_name less predict>flag`.
@@ -143,26 +152,27 @@ def classifier_panel(model, train_command, api_name="predict", flag_data=None):
     explained = Handoff()  # an upload's labels, view and heatmap, for the heatmap step
 
     def classify(image):
-        if image is None:
-            return None
+        given(image)
         if not clf.has_heatmap:
-            return clf.predict(image, k=3)
-        return explained.put(image, clf.explain(image, k=3))[0]
+            return clf.predict(image, k=TOP)
+        return explained.put(image, clf.explain(image, k=TOP))[0]
 
-    def heatmap(image):
-        if image is None or not clf.has_heatmap:
+    def heatmap(image):  # runs only after `classify` took the image
+        if not clf.has_heatmap:
             return None
         _, view, heat = explained.take(image, clf.explain)
         return overlay(view, heat)
 
-    # An AI assistant reads this to decide when to call the tool: it must say what the model can tell apart.
+    # An AI assistant reads this to decide when to call the tool: it must say what the model can tell apart, and
+    # what it gets back from this model.
+    n = len(clf.vocab)
+    answered = f"the {TOP} most likely classes" if n > TOP else "both classes" if n == 2 else f"all {n} classes"
     doc = (f"Classify an image into one of these classes: {classes}. It recognises only these "
-           f"{len(clf.vocab)} classes and always answers one of them.\n\nArgs:\n    image: the image to classify "
-           f"(JPEG, PNG, WEBP, ...)\n\nReturns:\n    the most likely class and the top 3 classes with their "
-           f"probabilities")
+           f"{n} classes and always answers one of them.\n\nArgs:\n    image: the image to classify "
+           f"(JPEG, PNG, WEBP, ...)\n\nReturns:\n    the most likely class, and {answered} with their probabilities")
     with gr.Row():
         image = ImageUpload(type="filepath", image_mode=None, sources=SOURCES, label="Image")
-        label = gr.Label(num_top_classes=3, label="Prediction")
+        label = gr.Label(num_top_classes=TOP, label="Prediction")
         heat = gr.Image(label="Where it looked (Grad-CAM of the predicted class)", type="pil", interactive=False,
                         visible=clf.has_heatmap)
     if flag_data:
@@ -181,8 +191,7 @@ def flag_panel(clf, image, root, api_name):
     flagger = Flagger(root, clf.vocab, held_out=examples_dir(clf.path).glob("*.jpg"))
 
     def flag(image, label):
-        if image is None:
-            raise UserError("upload an image first")
+        given(image)
         return f"Thanks: kept as `{flagger.flag(image, label)}` for the next training run."
 
     doc = (f"Report that the model named an image wrongly, giving its right class (one of {', '.join(clf.vocab)}); "
@@ -218,18 +227,21 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     reconstructions = Handoff()  # an upload's Reconstruction, for the comparison step
 
     def reconstruct(image):
-        return None if image is None else reconstructions.put(image, ae.reconstruct(image)).reconstruction
+        given(image)
+        return reconstructions.put(image, ae.reconstruct(image)).reconstruction
 
     @user_errors
-    def compare(image):
-        if image is None:
-            return None, None, ""
+    def compare(image):  # runs only after `reconstruct` took the image
         r = reconstructions.take(image, ae.reconstruct)
         return r.original, r.pca, (f"**Autoencoder: PSNR {r.psnr:.2f} dB** · PCA with as many components: PSNR "
                                    f"{r.pca_psnr:.2f} dB ({r.psnr - r.pca_psnr:+.2f} dB; all at {ae.size}x{ae.size})")
 
     def interpolate(a, b, steps):
-        return None if a is None or b is None else ae.interpolate(a, b, round(steps))
+        given(a, b)
+        return ae.interpolate(a, b, round(steps))
+
+    def interpolate_shown(a, b, steps):  # the page runs it as each image comes: until both are there, no strip
+        return None if a is None or b is None else interpolate(a, b, steps)
 
     # What an AI assistant reads to decide when to call each tool (--mcp), and what it gets back.
     square = f"{ae.size}x{ae.size}"
@@ -241,7 +253,6 @@ def autoencoder_panel(model, train_command, api_prefix=""):
                        f"steps: how many images, from 3 to 12\n\nReturns:\n    one PNG: the {square} decodings "
                        f"side by side, from the first image to the second")
     reconstruct = user_errors(reconstruct, doc=reconstruct_doc)
-    interpolate = user_errors(interpolate, doc=interpolate_doc)
 
     # PNG: the exact pixels, no webp loss; at the model's size, which `pixels` (CSS) scales up to the frame
     shown = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])
@@ -264,8 +275,11 @@ def autoencoder_panel(model, train_command, api_prefix=""):
         steps = gr.Slider(3, 12, value=8, step=1, label="Steps")
     strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
     pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
-    listen([*on_new_picture(a, pairs), b.upload, steps.input], interpolate, [a, b, steps], strip,
-           f"{api_prefix}interpolate")
+    listen([*on_new_picture(a, pairs), b.upload, steps.input], user_errors(interpolate_shown), [a, b, steps], strip,
+           None)
+    # The API's endpoint on no event of the page's: the page waits for a pair, and the caller is told what it lacks.
+    gr.on([], user_errors(interpolate, doc=interpolate_doc), [a, b, steps], strip, api_name=f"{api_prefix}interpolate",
+          **TURNS)
     gr.on([a.clear, b.clear], None, None, strip, js=emptied([strip]))
 
 

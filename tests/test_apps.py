@@ -66,3 +66,16 @@ def test_a_handoff_gives_the_next_step_what_the_first_computed_once_and_forgets_
     assert handoff.take("b.jpg", lambda upload: f"computed for {upload}") == "computed for b.jpg"  # taken once
     assert handoff.take("a.jpg", lambda upload: f"computed for {upload}") == "computed for a.jpg"
     assert handoff.take("c.jpg", lambda upload: "computed again") == "c's"
+
+
+def test_a_request_without_an_image_gets_one_line(pets_app, tiny_autoencoder):
+    """An API caller that sends no image is told so, as a bad upload is (the page never sends none)."""
+    with pytest.raises(AppError, match="upload an image first"):
+        Client(pets_app, verbose=False).predict(None, api_name="/predict")
+    with served(["apps/autoencoder/app.py", "--model", tiny_autoencoder]) as url:
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="upload an image first"):
+            client.predict(None, api_name="/reconstruct")
+        with pytest.raises(AppError, match="upload both images first"):
+            client.predict(None, None, 4, api_name="/interpolate")
+    assert "Traceback" not in pets_app.log.read_text() and "Traceback" not in url.log.read_text()

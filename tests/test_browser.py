@@ -76,6 +76,22 @@ def test_autoencoder_tab_shows_a_reconstruction(site, tmp_path):
     screenshot(page, "autoencoder-tab")
 
 
+def test_the_interpolation_waits_quietly_for_its_second_image(site, tmp_path):
+    """Its API answers a missing image with one line; the page, where a visitor gives one image and then the other,
+    shows nothing until both are there."""
+    page, _ = site
+    panel = open_tab(page, "Autoencoder")
+    uploads = panel.locator("input[type=file]")  # the image to rebuild, then From and To
+    strip = panel.locator(".block", has=page.get_by_text("Interpolation", exact=True)).last
+    uploads.nth(1).set_input_files(str(write_image(tmp_path / "a.png", (200, 90, 40))))
+    page.wait_for_timeout(3000)  # the interpolation's run for the first image is over by now
+    assert not page.get_by_test_id("toast-text").count(), page.get_by_test_id("toast-text").all_inner_texts()
+    assert "rror" not in strip.inner_text() and not strip.locator("img").count(), strip.inner_text()
+    uploads.nth(2).set_input_files(str(write_image(tmp_path / "b.png", (40, 90, 200))))
+    expect(strip.locator("img").first).to_be_visible(timeout=60_000)
+    screenshot(page, "autoencoder-interpolation")
+
+
 def test_a_replaced_upload_runs_once_and_an_invalid_one_clears_the_last_results(site, tmp_path):
     """Gradio fires `change` twice when an upload replaces another: the apps listen to the visitor's upload
     instead, so the model runs once, and a bad upload's message shows once, without the last image's heatmap."""

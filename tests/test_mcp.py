@@ -35,6 +35,8 @@ def test_mcp_client_lists_predict_and_gets_the_models_label(tiny_model, tmp_path
         tools, results = asyncio.run(session_calls(url, "predict", images))
     # What an assistant reads to pick the tool: what the model tells apart.
     assert "cats" in tools["predict"].description and "dogs" in tools["predict"].description
+    assert "top 3" not in tools["predict"].description  # a 2-class model answers with both classes
+    assert "both classes with their probabilities" in tools["predict"].description
     assert "flag" not in tools  # flagging is off unless the app's owner turns it on
     expected = Predictor(tiny_model)
     for image, result in zip(images, results):
