@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+from gradio_client.utils import is_http_url_like
 
-from . import UserError
+from . import UserError, first_line
 from .hub import HF_PREFIX
 from .inference import overlay
 from .loading import AUTOENCODER, CLASSIFIER, open_model
@@ -49,6 +50,17 @@ class ImageUpload(gr.Image):
         if payload is not None and payload.path is not None:
             return payload.path
         return super().preprocess(payload)
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path):
+        """Gradio fetches an image an API or MCP caller gives as a URL here, before any app code runs, and answers a
+        failure with a generic message and a traceback on the server: one line instead."""
+        try:
+            return await super().async_move_resource_to_block_cache(url_or_file_path)
+        except Exception as e:
+            if not is_http_url_like(str(url_or_file_path)):
+                raise
+            raise gr.Error(f"cannot download the image at {url_or_file_path} ({first_line(e)}): send the image "
+                           "itself", print_exception=False) from None
 
 
 def given(*images):

@@ -282,3 +282,18 @@ def tiny_bears(tmp_path_factory):
         assert res.returncode == 0, res.stderr[-3000:]
         return out, data, res
     return once_per_run(tmp_path_factory, "bears", build)
+
+
+@pytest.fixture
+def missing_pictures(tmp_path):
+    """An image URL that cannot be fetched: a file server on 127.0.0.1 that answers 404 to every path (Gradio
+    refuses to fetch from a private address anyway, before it asks)."""
+    (tmp_path / "empty").mkdir()
+    server = subprocess.Popen([PY, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
+                               tmp_path / "empty"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = re.search(r"port (\d+)", server.stdout.readline())[1]
+        yield f"http://127.0.0.1:{port}/cat.jpg"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

@@ -1,6 +1,7 @@
 """The apps as real servers on 127.0.0.1, called the way README shows: gradio_client."""
 import json
 import os
+import re
 import socket
 import urllib.request
 
@@ -79,3 +80,9 @@ def test_a_request_without_an_image_gets_one_line(pets_app, tiny_autoencoder):
         with pytest.raises(AppError, match="upload both images first"):
             client.predict(None, None, 4, api_name="/interpolate")
     assert "Traceback" not in pets_app.log.read_text() and "Traceback" not in url.log.read_text()
+
+
+def test_an_image_url_that_cannot_be_fetched_gets_one_line(pets_app, missing_pictures):
+    with pytest.raises(AppError, match=f"cannot download the image at {re.escape(missing_pictures)}"):
+        Client(pets_app, verbose=False).predict(handle_file(missing_pictures), api_name="/predict")
+    assert "Traceback" not in pets_app.log.read_text()

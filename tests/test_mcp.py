@@ -73,3 +73,16 @@ def test_mcp_client_rebuilds_and_blends_images_through_the_autoencoder(tiny_auto
         assert picture.mimeType == "image/png"
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(picture.data))).convert("RGB"), int)
         assert got.shape == np.asarray(want).shape and np.abs(got - np.asarray(want, int)).max() == 0
+
+
+def test_an_image_url_the_app_cannot_fetch_is_one_line_for_the_assistant(tiny_model, missing_pictures):
+    async def call(url):
+        async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return await session.call_tool("predict", {"image": missing_pictures})
+
+    with served(["apps/pets/app.py", "--model", tiny_model, "--mcp"]) as url:
+        result = asyncio.run(call(url))
+        assert result.isError and f"cannot download the image at {missing_pictures}" in result.content[0].text
+        assert "Traceback" not in url.log.read_text()
