@@ -86,3 +86,9 @@ def test_an_image_url_that_cannot_be_fetched_gets_one_line(pets_app, missing_pic
     with pytest.raises(AppError, match=f"cannot download the image at {re.escape(missing_pictures)}"):
         Client(pets_app, verbose=False).predict(handle_file(missing_pictures), api_name="/predict")
     assert "Traceback" not in pets_app.log.read_text()
+
+
+def test_a_host_that_is_not_this_machines_stops_the_app_with_one_line(tiny_model):
+    # 192.0.2.1: TEST-NET-1, reserved for documentation, an address of no machine here
+    res = run(["apps/pets/app.py", "--model", tiny_model, "--host", "192.0.2.1", "--port", "7999"], timeout=120)
+    fails_with_one_line(res, "cannot listen on 192.0.2.1:7999", "192.0.2.1 is not an address of this machine")
