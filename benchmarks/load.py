@@ -8,11 +8,13 @@ import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import numpy as np
 from gradio_client import Client, handle_file
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import HelpFormatter, UserError, first_line, run_cli
 
 
 def client_session(url, image, api_name, n, timeout):
@@ -39,6 +41,12 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=10, help="per client")
     p.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
     args = p.parse_args(argv)
+    if not Path(args.image).is_file():
+        raise UserError(f"{args.image}: no such image file")
+    try:  # once before the clock starts: a wrong URL is one line, not every client's traceback or failure
+        Client(args.url, verbose=False)
+    except (httpx.HTTPError, ValueError) as e:  # nothing listening, or no Gradio app there
+        raise UserError(f"{args.url}: no Gradio app answers there, is it running? ({first_line(e)})") from None
     start = time.perf_counter()
     with ThreadPoolExecutor(args.clients) as pool:
         runs = list(pool.map(lambda _: client_session(args.url, args.image, args.api_name, args.requests,

@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 from checkouts import hub_cache, repo_app_without_models, with_env
-from conftest import ROOT, fails_with_one_line, in_fresh_process, run, served, write_image
+from conftest import ROOT, fails_with_one_line, free_port, in_fresh_process, run, served, write_image
 from imagelab.loading import SERVED_FROM, open_model
 
 APPS = ["app.py", "apps/pets/app.py", "apps/bears/app.py", "apps/autoencoder/app.py", "apps/cleaner/app.py"]
@@ -59,6 +59,13 @@ def test_the_shell_scripts_answer_help_and_start_nothing():
         assert res.returncode == 0 and says in res.stdout, (script, res.stdout[-2000:], res.stderr[-2000:])
         assert "Running on" not in res.stdout + res.stderr
     assert (sorted((ROOT / "build").glob("*")) if (ROOT / "build").exists() else []) == made  # no check was started
+
+
+def test_the_load_benchmark_says_in_one_line_that_nothing_answers_at_its_url(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
+    image = write_image(tmp_path / "load.jpg", (60, 60, 220))
+    res = run(["benchmarks/load.py", "--url", url, "--image", image, "--clients", "2", "--requests", "1"], timeout=60)
+    fails_with_one_line(res, url, "no Gradio app answers there")
 
 
 def test_the_quick_start_finds_its_port_taken_before_it_sets_up_or_trains(tmp_path):
