@@ -17,17 +17,9 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli, setup
-
-setup()  # before PyTorch loads: OpenMP reads its wait policy once
-from fastai.callback.progress import ProgressCallback  # noqa: E402
-from fastai.vision.all import defaults  # noqa: E402
-from imagelab.autoencoder import AutoencoderTask  # noqa: E402
-from imagelab.config import AutoencoderConfig  # noqa: E402
-from imagelab.data import find_images, presize  # noqa: E402
-from imagelab.device import pick_device  # noqa: E402
-from imagelab.train import loader_workers, train  # noqa: E402
-from train_speed import Turns, side_by_side  # noqa: E402  (benchmarks/, the script's own folder)
+from imagelab import HelpFormatter, run_cli
+from imagelab.config import AutoencoderConfig
+from train_speed import Turns, side_by_side  # benchmarks/, the script's own folder
 
 
 def parse(argv=None):
@@ -50,6 +42,12 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    from fastai.callback.progress import ProgressCallback  # the training stack: after --help, after run_cli's setup()
+    from fastai.vision.all import defaults
+    from imagelab.autoencoder import AutoencoderTask
+    from imagelab.data import find_images, presize
+    from imagelab.device import pick_device
+    from imagelab.train import loader_workers, train
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         common = {"data": args.data, "size": args.size, "epochs": args.epochs, "bs": args.bs,

@@ -20,19 +20,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli, setup
+from imagelab import HelpFormatter, run_cli
 
-setup()  # before PyTorch loads: OpenMP reads its wait policy once
-import torch  # noqa: E402
-from fastai.vision.all import (IntToFloatTensor, Normalize, Pipeline, TensorImage, aug_transforms,  # noqa: E402
-                               imagenet_stats)
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from imagelab.augment import fastais_own, faster_augmentation  # noqa: E402
-from imagelab.data import find_images, presize  # noqa: E402
-from imagelab.device import pick_device  # noqa: E402
-from imagelab.store import ImageStore, crop_box, pixels, resized  # noqa: E402
+from device_check import make_images
 
-from device_check import make_images  # noqa: E402
+# torch and fastai are imported where they are used: --help answers at once, and run_cli's setup() (OpenMP's
+# wait policy, read once) comes before PyTorch loads.
 
 
 def parse(argv=None):
@@ -47,23 +40,38 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
+def count_ops(setting, fn):
+    """The PyTorch operations that one call of `fn` dispatches, in `setting`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with setting(), Ops() as counted:
+        fn()
+    return counted.count
 
 
 def sync(device):
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def main(argv=None):
     args = parse(argv)
+    import torch
+    from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, TensorImage, aug_transforms, imagenet_stats
+    from imagelab.augment import fastais_own, faster_augmentation
+    from imagelab.data import find_images, presize
+    from imagelab.device import pick_device
+    from imagelab.store import ImageStore, crop_box, pixels, resized
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else make_images(Path(tmp) / "data", args.bs)
@@ -85,7 +93,7 @@ def main(argv=None):
         "augment_fastai": (fastais_own, lambda: aug(batch)),
         "augment_ours": (faster_augmentation, lambda: aug(batch)),
     }
-    ms, ops = {name: [] for name in runs}, {}
+    ms = {name: [] for name in runs}
     for _ in range(args.turns):
         for name, (setting, fn) in runs.items():
             with setting():
@@ -96,10 +104,7 @@ def main(argv=None):
                     fn()
                 sync(device)
             ms[name].append((time.perf_counter() - start) / args.reps * 1000)
-    for name, (setting, fn) in runs.items():
-        with setting(), Ops() as counted:
-            fn()
-        ops[name] = counted.count
+    ops = {name: count_ops(setting, fn) for name, (setting, fn) in runs.items()}
     best = {name: min(v) for name, v in ms.items()}
     out = {"device": str(device), "size": args.size, "bs": args.bs,
            "ms_per_batch": {name: round(v, 2) for name, v in best.items()}, "ops_per_batch": ops,

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from imagelab import HelpFormatter, run_cli
-from imagelab.data import RGBImage, find_images
 from imagelab.inference import Predictor, overlay
 from imagelab.paths import examples_dir
 
@@ -67,7 +66,8 @@ def main(argv=None):
     p.add_argument("--cold-start", action="store_true", help="also time app.py from launch to first answer")
     args = p.parse_args(argv)
 
-    from fastai.learner import load_learner
+    from fastai.learner import load_learner  # the training stack: after --help
+    from imagelab.data import RGBImage, find_images
     learn = load_learner(args.model, cpu=True)
     predictor, flip = Predictor(args.model), Predictor(args.model, tta=True)
     files = find_images(args.images)[0]

@@ -18,16 +18,13 @@ import time
 import warnings
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli, setup
+from imagelab import HelpFormatter, run_cli
+from imagelab.config import ClassifierConfig
 
-setup()  # before PyTorch loads: OpenMP reads its wait policy once
-import torch  # noqa: E402
-from fastai.callback.core import Callback  # noqa: E402
-from imagelab.classifier import Classifier  # noqa: E402
-from imagelab.config import ClassifierConfig  # noqa: E402
-from imagelab.train import train  # noqa: E402
+from device_check import make_images
 
-from device_check import make_images  # noqa: E402
+# torch and fastai are imported where they are used: --help answers at once, and run_cli's setup() (OpenMP's
+# wait policy, read once) comes before PyTorch loads.
 
 # (phase, the event that ends it); each phase starts where the one before it ended
 STEP = [("forward", "after_pred"), ("loss", "after_loss"), ("backward", "after_backward"), ("optimizer", "after_step"),
@@ -52,6 +49,7 @@ def parse(argv=None):
 
 def clock():
     """The time once the device has finished what was asked of it."""
+    import torch
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -63,6 +61,8 @@ class Phases:
     """Two callbacks that time a fit: one before every other callback of each event, one after them all."""
 
     def __init__(self):
+        import torch
+        from fastai.callback.core import Callback
         self.step = {name: [] for name, _ in STEP} | {"data": []}
         self.epoch = {"validation": [], "epoch_end": []}
         phases = self
@@ -122,6 +122,9 @@ class Phases:
 
 def main(argv=None):
     args = parse(argv)
+    import torch
+    from imagelab.classifier import Classifier
+    from imagelab.train import train
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else make_images(Path(tmp) / "data", args.images)
         cfg = ClassifierConfig(data=str(data), arch=args.arch, pretrained=False, size=args.size, start_size=args.size,

@@ -37,22 +37,14 @@ import time
 from functools import partial
 from pathlib import Path
 
-from imagelab import HelpFormatter, UserError, run_cli, setup
-
-setup()  # before PyTorch loads: OpenMP reads its wait policy once (both runs)
-import psutil  # noqa: E402
-from fastai.callback.progress import ProgressCallback
-from fastai.vision.all import (Callback, ImageDataLoaders, RandomResizedCrop, accuracy, aug_transforms, defaults,
-                               set_seed, vision_learner)
+import psutil
 from PIL import Image
-from fastai.vision.learner import create_timm_model
-from imagelab.callbacks import progressive_size
-from imagelab.classifier import Classifier
+
+from imagelab import HelpFormatter, UserError, run_cli
 from imagelab.config import ClassifierConfig
-from imagelab.data import detect_labels, find_images, parent_label, presize
-from imagelab.device import pick_device, pick_precision
-from imagelab.train import loader_workers, train
-import torch  # noqa: E402
+
+# torch and fastai are imported where they are used: --help answers at once, and run_cli's setup() (OpenMP's
+# wait policy, read once) comes before PyTorch loads.
 
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
@@ -87,6 +79,7 @@ def split_folder(data, dest, valid_pct, seed):
     The links carry the extension of their real format, so fastai's `get_image_files` (which goes by
     extension) and our trainer (which goes by content) see exactly the same images.
     """
+    from imagelab.data import detect_labels, find_images, parent_label
     files, _ = find_images(data)
     if detect_labels(data, files) != "folder":
         raise UserError(f"{data}: the benchmark needs one sub-folder per class")
@@ -129,6 +122,7 @@ class Turns:
         self.since = time.perf_counter()
 
     def give(self, name, done=False, timed=True):
+        import torch
         if torch.cuda.is_available():  # a run's queued GPU work is its own time, not the next run's
             torch.cuda.synchronize()
         if timed:
@@ -148,6 +142,7 @@ class Turns:
         The recipe's loader processes would otherwise go on decoding while the other run holds the turn,
         taking its cores and saving the recipe time: each run gets the machine only during its turns.
         """
+        from fastai.callback.core import Callback
         turns = self
 
         def signal_workers(sig):
@@ -212,6 +207,7 @@ class Turns:
 
 def course_recipe(split, args, device, cbs):
     """The fastai course's recipe, as in the book and the course notebooks (from scratch: no weights offline)."""
+    from fastai.vision.all import ImageDataLoaders, RandomResizedCrop, accuracy, aug_transforms, vision_learner
     workers = {} if args.workers is None else {"num_workers": args.workers}
     dls = ImageDataLoaders.from_folder(split, train="train", valid="valid", seed=args.seed, bs=args.bs,
                                        item_tfms=RandomResizedCrop(args.size, min_scale=args.min_scale),
@@ -242,6 +238,7 @@ class Busy(threading.Thread):
         self.process.cpu_percent()
 
     def sample(self):
+        import torch
         if self.device.type == "cuda":
             try:
                 return torch.cuda.utilization(self.device) / 100
@@ -263,6 +260,9 @@ class Busy(threading.Thread):
 def warm_up(arch, sizes, bs, precision, device, seed):
     """One training step of `arch` at each of `sizes`, in fp32 and in `precision`, channels-last (our trainer) and
     not (the recipe), and one validation batch: what CUDA and cuDNN set up once per process and shape."""
+    import torch
+    from fastai.torch_core import set_seed
+    from fastai.vision.learner import create_timm_model
     set_seed(seed, reproducible=True)  # cuDNN's plans depend on its deterministic setting: the runs'
     model = create_timm_model(arch, 2, pretrained=False)[0].to(device)
     opt = torch.optim.AdamW(model.parameters(), fused=True)
@@ -287,6 +287,7 @@ def warm_up(arch, sizes, bs, precision, device, seed):
 def side_by_side(turns, jobs, device, seed):
     """Run {name: function} in `turns` from one seed, sampling how busy the device is: (results, each run's busy
     share, the load average before)."""
+    from fastai.torch_core import set_seed
     load_before = os.getloadavg()[0]
     busy = Busy(turns, device)
     busy.start()
@@ -298,6 +299,13 @@ def side_by_side(turns, jobs, device, seed):
 
 def main(argv=None):
     args = parse(argv)
+    from fastai.callback.progress import ProgressCallback
+    from fastai.vision.all import defaults
+    from imagelab.callbacks import progressive_size
+    from imagelab.classifier import Classifier
+    from imagelab.data import find_images, presize
+    from imagelab.device import pick_device, pick_precision
+    from imagelab.train import loader_workers, train
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:

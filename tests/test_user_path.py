@@ -14,6 +14,7 @@ from conftest import ROOT, fails_with_one_line, free_port, in_fresh_process, run
 from imagelab.loading import SERVED_FROM, open_model
 
 APPS = ["app.py", "apps/pets/app.py", "apps/bears/app.py", "apps/autoencoder/app.py", "apps/cleaner/app.py"]
+BENCHMARKS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("*.py"))
 
 
 def only(files, folder):
@@ -59,6 +60,20 @@ def test_the_shell_scripts_answer_help_and_start_nothing():
         assert res.returncode == 0 and says in res.stdout, (script, res.stdout[-2000:], res.stderr[-2000:])
         assert "Running on" not in res.stdout + res.stderr
     assert (sorted((ROOT / "build").glob("*")) if (ROOT / "build").exists() else []) == made  # no check was started
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_every_benchmark_answers_help_and_refuses_a_bad_option_before_torch_loads(script):
+    """As `python benchmarks/X.py` runs: the script's own folder first on sys.path (its siblings import each other)."""
+    code = ("import os, runpy, sys, time\nstart = time.monotonic()\nscript, option = sys.argv[1:]\n"
+            "sys.argv, sys.path[0] = [script, option], os.path.dirname(os.path.abspath(script))\n"
+            "try:\n    runpy.run_path(script, run_name='__main__')\nexcept SystemExit as e:\n    status = e.code\n"
+            "print(status, round(time.monotonic() - start, 2), "
+            "sorted({'gradio', 'torch', 'fastai', 'onnxruntime'} & set(sys.modules)))")
+    for option, status in [("--help", "0"), ("--no-such-option", "2")]:
+        line = in_fresh_process(code, script, option, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        said, seconds, loaded = line.split(" ", 2)
+        assert said == status and loaded == "[]" and float(seconds) < 3, (script, option, line)
 
 
 def test_the_load_benchmark_says_in_one_line_that_nothing_answers_at_its_url(tmp_path):
