@@ -40,6 +40,10 @@ class Classifier(Task):
         dls = classifier_dls(files, self.get_y, splitter=splitter, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
                              seed=cfg.seed, workers=workers, get_x=get_x)
         self.note_contradicting_flags(root, dls.train_ds.items, cfg.cache)
+        # What the model will tell apart, and why: a --task given for a folder of class folders has nothing to read
+        how = "the folder names" if self.labels == "folder" else f"Oxford-style file names, --task {cfg.task}"
+        names = ", ".join(map(str, dls.vocab[:12])) + (f", ... ({len(dls.vocab)})" if len(dls.vocab) > 12 else "")
+        print(f"classes from {how}: {names}")
         self.counts = split_counts(dls, self.get_y)
         unmeasured = [c for c, n in self.counts["valid"].items() if n == 0]
         if unmeasured:  # the run goes on, but its report says nothing of these classes

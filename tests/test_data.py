@@ -339,6 +339,7 @@ def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, caps
     dls = task.dataloaders(cfg, data, files, None, 0)
     assert "bears" in {parent_label(f) for f in dls.train_ds.items}  # so it is not held out
     assert capsys.readouterr().out.splitlines() == [
+        "classes from the folder names: bears, cats, dogs",
         "note: no held-out images of bears (1 in training): the report cannot measure it; add photos or raise "
         "--valid-pct"]
     assert task.describe(cfg, data, dls)["counts"]["valid"] == {"bears": 0, "cats": 2, "dogs": 2}
@@ -357,3 +358,21 @@ def test_the_line_before_training_counts_the_images_left_out(tmp_path, capsys):
     prepare(Classifier(), cfg, data, torch.device("cpu"), "fp32")
     out = capsys.readouterr().out
     assert "are left out" in out and "11 images (1 skipped): 8 to train, 2 held out, 1 left out\n" in out
+
+
+def test_the_run_says_which_classes_it_learns_and_where_their_names_come_from(oxford_dir, tmp_path_factory, capsys):
+    """A `--task` given for class folders has no file names to read: the line says the folders name the classes."""
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    tmp_path = tmp_path_factory.mktemp("more")  # oxford_dir is the test's own tmp_path
+
+    def said(data, **options):
+        cfg = ClassifierConfig(data=str(data), size=16, bs=2, pretrained=False, arch="resnet18",
+                               cache=str(tmp_path / "cache"), **options)
+        Classifier().dataloaders(cfg, data, find_images(data)[0], None, 0)
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("classes from")]
+
+    assert said(oxford_dir, task="is_cat") == ["classes from Oxford-style file names, --task is_cat: cat, dog"]
+    many = make_folder_dataset(tmp_path / "many", n=5, classes=[(f"c{i:02d}", (10 * i, 90, 30)) for i in range(13)])
+    assert said(many, task="breed") == [
+        "classes from the folder names: c00, c01, c02, c03, c04, c05, c06, c07, c08, c09, c10, c11, ... (13)"]
