@@ -19,15 +19,12 @@ for arg in "$@"; do  # the options are parsed with the standard library alone: n
   esac
   previous=$arg
 done
-port=${GRADIO_SERVER_PORT:-7860}  # found taken now, not after the training
-if ! python3 -c 'import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a port closed a moment ago is free
-s.bind((sys.argv[1], int(sys.argv[2])))' "${GRADIO_SERVER_NAME:-127.0.0.1}" "$port" 2>/dev/null; then
-  echo "error: port $port is taken (another app?): GRADIO_SERVER_PORT=$((port + 1)) bash quickstart.sh ... serves on" \
-       "another" >&2
-  exit 2
-fi
+port=${GRADIO_SERVER_PORT:-7860}  # checked now, not after the training (the library's check: standard library only)
+PYTHONPATH=. python3 -c 'import sys
+from imagelab import run_cli
+from imagelab.app_options import check_listen
+run_cli(lambda argv: check_listen(sys.argv[1], int(sys.argv[2]), how=sys.argv[3]))' \
+  "${GRADIO_SERVER_NAME:-127.0.0.1}" "$port" "GRADIO_SERVER_PORT=$((port + 1)) bash quickstart.sh ..." || exit 2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt

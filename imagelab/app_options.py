@@ -3,11 +3,13 @@
 Standard library only, like `imagelab.paths`.
 """
 import argparse
+import errno
 import os
+import socket
 from pathlib import Path
 from typing import NamedTuple
 
-from . import HelpFormatter, paths
+from . import HelpFormatter, UserError, paths
 from .loading import FORMS, open_model
 
 
@@ -73,3 +75,29 @@ def train_hint(app, model, default):
 def app_model(model, app, default):
     """Open `model`, which `app` serves, once, before anything is built: a UserError if it cannot be served."""
     return open_model(model, APPS[app].kind, train_hint(app, model, default))
+
+
+def check_listen(host, port, how="--port"):
+    """One line if `host`:`port` cannot be listened on, found before the server tries: uvicorn prints a line of its
+    own (`ERROR: [Errno 99] ...`) before the app's error. Bound as uvicorn binds (IPv6 where the host has a colon);
+    `how`: how to choose another port."""
+    host = host or "127.0.0.1"  # Gradio's for an empty name
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no owner
+            s.bind((host.strip("[]"), port))
+    except OSError as e:
+        raise cannot_listen(host, port, e, how) from None
+
+
+def cannot_listen(host, port, error, how="--port"):
+    code, where = getattr(error, "errno", None), f"[{host.strip('[]')}]" if ":" in host else host
+    if code == errno.EADDRINUSE:
+        why = f"the port is in use (choose another with {how})"
+    elif code == errno.EACCES:
+        why = f"ports below 1024 need root (choose another with {how})"
+    elif isinstance(error, socket.gaierror) or code in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        why = f"{host} is not an address of this machine"
+    else:
+        why = f"the port is in use (choose another with {how}) or {host} is not an address of this machine"
+    return UserError(f"cannot listen on {where}:{port}: {why} ({str(error).split('.')[0]})")

@@ -3,10 +3,8 @@
 A panel takes the model `loading.open_model` opened when the app started, or the path of a model not
 trained yet, for which it shows how to train one.
 """
-import errno
 import functools
 import importlib.util
-import socket
 import threading
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import gradio as gr
 from gradio_client.utils import is_http_url_like
 
 from . import UserError, first_line
+from .app_options import cannot_listen, check_listen
 from .hub import HF_PREFIX
 from .inference import overlay
 from .loading import AUTOENCODER, CLASSIFIER, open_model
@@ -307,26 +306,3 @@ def launch(demo, host, port, mcp=False):
         demo.launch(server_name=host, server_port=port, max_file_size=MAX_UPLOAD, mcp_server=mcp, css=CSS)
     except OSError as e:  # taken since check_listen; Gradio's message names only the port
         raise cannot_listen(host, port, e) from None
-
-
-def check_listen(host, port):
-    """One line if `host`:`port` cannot be listened on, found before Gradio tries: uvicorn would print a line of its
-    own (its `ERROR: [Errno 99] ...`) before Gradio's error."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no owner
-            s.bind(address)
-    except OSError as e:
-        raise cannot_listen(host, port, e) from None
-
-
-def cannot_listen(host, port, error):
-    if getattr(error, "errno", None) == errno.EADDRINUSE:
-        why = "the port is in use (choose another with --port)"
-    elif isinstance(error, socket.gaierror) or getattr(error, "errno", None) == errno.EADDRNOTAVAIL:
-        why = f"{host} is not an address of this machine"
-    else:
-        why = f"the port is in use (choose another with --port) or {host} is not an address of this machine"
-    return UserError(f"cannot listen on {host}:{port}: {why} ({str(error).split('.')[0]})")

@@ -10,7 +10,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 from checkouts import repo_app_without_models
-from conftest import fails_with_one_line, run, served, write_image
+from conftest import fails_with_one_line, free_port, run, served, write_image
+from imagelab import UserError
 
 
 def test_pets_app_predicts(pets_app, tmp_path):
@@ -92,3 +93,14 @@ def test_a_host_that_is_not_this_machines_stops_the_app_with_one_line(tiny_model
     # 192.0.2.1: TEST-NET-1, reserved for documentation, an address of no machine here
     res = run(["apps/pets/app.py", "--model", tiny_model, "--host", "192.0.2.1", "--port", "7999"], timeout=120)
     fails_with_one_line(res, "cannot listen on 192.0.2.1:7999", "192.0.2.1 is not an address of this machine")
+
+
+def test_the_listen_check_takes_every_host_the_server_takes_and_names_what_is_wrong():
+    from imagelab.app_options import check_listen
+    port = free_port()
+    for host in ("", "0.0.0.0", "127.0.0.1", "localhost", "::", "[::1]"):  # "": Gradio's 127.0.0.1
+        check_listen(host, port)
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as taken:
+        with pytest.raises(UserError, match=rf"^cannot listen on \[::1\]:{taken.getsockname()[1]}: the port is in use "
+                                            r"\(choose another with --port\)"):
+            check_listen("::1", taken.getsockname()[1])
