@@ -1,6 +1,7 @@
 """Hugging Face Hub access that fails fast and clearly when the network is not there."""
 from pathlib import Path
 
+from httpx2 import HTTPError as ClientError  # huggingface_hub's HTTP client: its network errors
 from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_from_cache
 
 from . import UserError, first_line, proxy_for, reachable
@@ -26,7 +27,7 @@ def hub_file(repo_id, filename, revision=None, what="file"):
                         "(offline, and not in the local Hub cache)")
     try:
         return hf_hub_download(repo_id, filename, revision=revision)
-    except Exception as e:  # the Hub's answers (HfHubHTTPError), and any failure of the network or the disk meanwhile
+    except (ClientError, OSError, ValueError) as e:  # the Hub's answers and the network's failures, the disk, a bad id
         raise UserError(f"cannot download the {what} {where}: {first_line(e)}") from None
 
 

@@ -75,10 +75,12 @@ def open_model(spec, kind, train=None):
         return _serve(kind, path, learn)
     except UserError:
         raise
-    except ImportError as e:  # a .pkl or .safetensors where only ONNX Runtime was installed (a Space's requirements)
-        raise UserError(f"cannot load the model {path}: it needs {e.name or first_line(e)}, which is not installed "
-                        "here (serve its .onnx, or install this project's requirements.txt)") from None
     except Exception as e:  # a corrupt or foreign file fails in many ways, all of them "does not load"
+        if isinstance(e, ImportError) and e.name and e.name.split(".")[0] != __package__:
+            # a .pkl or .safetensors where only ONNX Runtime was installed (a Space's requirements); a module of
+            # this package that a pickle names but this version lacks is the generic case
+            raise UserError(f"cannot load the model {path}: it needs {e.name}, which is not installed here (serve "
+                            "its .onnx, or install this project's requirements.txt)") from None
         raise UserError(f"cannot load the model {path}: {first_line(e)} (a damaged or incomplete copy? export or "
                         "download it again)") from None
 

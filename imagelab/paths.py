@@ -10,10 +10,10 @@ import hashlib
 import os
 import shutil
 import threading
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
-from . import UserError
+from . import UserError, first_line
 
 try:
     import fcntl
@@ -65,7 +65,8 @@ def writable_model_path(path):
         raise UserError(f"cannot write {path}: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {path}: {existing} is not writable (read-only, or not yours)")
-    probe = existing / staging_path(path).name  # the longest name an export writes, where it will write
+    # the longest name a run writes (the checkpoint's staging name), where it will write
+    probe = existing / max(staging_path(path).name, staging_path(checkpoint_path(path)).name, key=len)
     try:
         probe.mkdir()
         probe.rmdir()
@@ -127,7 +128,6 @@ def one_run_writes(model):
         return
     model = Path(model)
     lock = model.with_name(f".{model.name}.lock")
-    made = not lock.parent.exists()
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(lock, "a+")
@@ -154,9 +154,6 @@ def one_run_writes(model):
     finally:
         lock.unlink(missing_ok=True)  # while holding it: whoever opened it meanwhile sees it gone, and opens anew
         f.close()
-        if made:  # for the lock alone, when the run ended before it exported anything
-            with suppress(OSError):
-                lock.parent.rmdir()
 
 
 def digest(*parts):
@@ -185,12 +182,20 @@ def remove_abandoned_staging(path):
             p.unlink(missing_ok=True)
 
 
+# What a write fails with because of where it writes (not a bug): the disk full, read-only or not ours, a name too long.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                errno.EIO}
+
+
 def write_failure(error, folder):
     """Why a file could not be written into `folder`, in a few words: the system's reason, and the disk's free space
     where it may be full. PyTorch's writer fails with a message of its own ("unexpected pos ...") that never says."""
-    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return error.strerror or str(error)
-    reason = error.strerror if isinstance(error, OSError) else "the file could not be written whole"
+    if torch_write_failed(error):
+        reason = "the file could not be written whole"
+    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason = error.strerror
+    else:
+        return error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
     try:
         free = shutil.disk_usage(folder).free // 2**20
         return f"{reason} ({free:,} MB free on its disk without the unfinished files)"

@@ -134,13 +134,16 @@ def plot_heatmaps(learn, dl, probs, targets, losses, path, k):
 
 
 @contextmanager
-def drawn_from(seed):
-    """Python's and PyTorch's random streams seeded for the block (fastai's augmentation draws from both), and as
-    they were after it."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # the CPU's, and each GPU's
+def drawn_from(seed, device):
+    """Python's and PyTorch's random streams (the CPU's, and `device`'s on a GPU) seeded for the block, as they were
+    after it: fastai's augmentation draws from them."""
+    state, gpu = random.getstate(), [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
         random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        if gpu:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         try:
             yield
         finally:
@@ -168,7 +171,7 @@ def classifier_report(learn, history, report_dir, top_k=9):
     plot_heatmaps(learn, dl, probs, targets, losses, report_dir / "heatmaps.png", min(top_k, len(losses)))
     accuracy = float(np.trace(cm) / cm.sum())
     start = time.perf_counter()
-    with learn.no_bar(), drawn_from(0):  # the same augmentation every time: a report of the same model says the same
+    with learn.no_bar(), drawn_from(0, dl.device or torch.device("cpu")):  # the same augmentation every time: a report of the same model says the same
         tta_probs, _ = learn.tta(dl=dl)  # fastai's: 4 passes with the training augmentation, blended with the plain one
     return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
             "mirror_tta_accuracy": float((mirror_averaged(learn, dl, probs).argmax(1) == targets).float().mean()),

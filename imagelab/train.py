@@ -32,8 +32,8 @@ from .distributed import OwnRandomness, distributed, leave_distributed, world_si
 from .export import staged_export
 from .metadata import versions, write_json
 from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
-from .paths import (checkpoint_path, examples_dir, is_flagged, metrics_path, one_run_writes, remove_abandoned_staging,
-                    split_path, torch_write_failed, write_failure)
+from .paths import (WRITE_ERRORS, checkpoint_path, examples_dir, is_flagged, metrics_path, one_run_writes,
+                    remove_abandoned_staging, split_path, torch_write_failed, write_failure)
 from .reports import LossHistory, plot_lr_find
 from .store import StoreDL, store_loaders
 
@@ -382,8 +382,8 @@ def export_run(task, cfg, learn, history, root, facts, writer, ckpt):
         say_how_to_resume(ckpt)
         raise
     except (OSError, RuntimeError) as e:
-        if not isinstance(e, OSError) and not torch_write_failed(e):
-            raise
+        if not (getattr(e, "errno", None) in WRITE_ERRORS or torch_write_failed(e)):
+            raise  # a held-out file moved or damaged meanwhile, say: its own message says more than "cannot write"
         writer.wait(check=False)
         again = f"; {ckpt} holds the run: rerun with --resume to export it" if ckpt.exists() else ""
         raise UserError(f"cannot write {cfg.out} and its report: {write_failure(e, Path(cfg.out).parent)}; "

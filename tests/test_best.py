@@ -249,6 +249,6 @@ def test_the_reports_tta_draws_the_same_augmentation_every_time(tmp_path):
     learn = classifier_learner(dls, "resnet18", pretrained=False)
     runs = []
     for seeded in (True, True, False):
-        with learn.no_bar(), (drawn_from(0) if seeded else contextlib.nullcontext()):
+        with learn.no_bar(), (drawn_from(0, torch.device("cpu")) if seeded else contextlib.nullcontext()):
             runs.append(learn.tta(dl=dls.valid)[0])
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])

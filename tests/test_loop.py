@@ -166,6 +166,24 @@ def test_fine_tunings_fits_share_the_budget_and_each_runs_its_whole_schedule(dat
     assert m["epochs_trained"] < 100 and m["train_seconds"] < 2 * 12
 
 
+def test_a_failure_in_the_report_that_is_no_failed_write_is_not_called_one(data, tmp_path):
+    """Only the disk's refusals become "cannot write ... and its report": a held-out photo deleted before the report
+    read it (the cleaner moves files while a run trains) keeps its own error."""
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+    from imagelab.train import train
+
+    class PhotoGone(Classifier):
+        def report(self, learn, history, folder):
+            return open(tmp_path / "moved-away.jpg", "rb")
+
+    cfg = ClassifierConfig(data=str(data), out=str(tmp_path / "m.pkl"), arch="resnet18", pretrained=False, epochs=1,
+                           size=32, bs=8)
+    with pytest.raises(FileNotFoundError, match="moved-away.jpg"):
+        train(PhotoGone(), cfg)
+    assert not (tmp_path / "m.pkl").exists()
+
+
 AGREEING = """
 import json, sys, time
 import torch

@@ -145,7 +145,8 @@ from imagelab.paths import torch_write_failed, write_failure
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 for write in (lambda: torch.save(torch.zeros(1 << 20), {str(tmp_path / "big.pt")!r}),
-              lambda: open({str(tmp_path / ("n" * 300))!r}, "wb")):
+              lambda: open({str(tmp_path / ("n" * 300))!r}, "wb"),
+              lambda: torch.save(lambda: None, {str(tmp_path / "code.pt")!r})):  # no disk's fault: its own words
     try:
         write()
     except Exception as e:
@@ -153,10 +154,11 @@ for write in (lambda: torch.save(torch.zeros(1 << 20), {str(tmp_path / "big.pt")
 """
     res = run(["-c", code])
     assert res.returncode == 0, res.stderr[-2000:]
-    full, long = res.stdout.splitlines()
+    full, long, unpicklable = res.stdout.splitlines()
     assert full.startswith("True the file could not be written whole (") and full.endswith(
         " MB free on its disk without the unfinished files)")
     assert long == "False File name too long"
+    assert unpicklable.startswith("False AttributeError: Can't ") and "MB free" not in unpicklable
 
 
 def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_write_meanwhile(tmp_path):
