@@ -171,7 +171,8 @@ def classifier_report(learn, history, report_dir, top_k=9):
     plot_heatmaps(learn, dl, probs, targets, losses, report_dir / "heatmaps.png", min(top_k, len(losses)))
     accuracy = float(np.trace(cm) / cm.sum())
     start = time.perf_counter()
-    with learn.no_bar(), drawn_from(0, dl.device or torch.device("cpu")):  # the same augmentation every time: a report of the same model says the same
+    # the same augmentation every time: a report of the same model says the same
+    with learn.no_bar(), drawn_from(0, dl.device or torch.device("cpu")):
         tta_probs, _ = learn.tta(dl=dl)  # fastai's: 4 passes with the training augmentation, blended with the plain one
     return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
             "mirror_tta_accuracy": float((mirror_averaged(learn, dl, probs).argmax(1) == targets).float().mean()),
