@@ -1,11 +1,15 @@
 """Hugging Face Hub access that fails fast and clearly when the network is not there."""
 from pathlib import Path
 
-from httpx2 import HTTPError as ClientError  # huggingface_hub's HTTP client: its network errors
 from huggingface_hub import constants, get_token, hf_hub_download, try_to_load_from_cache
 
 from . import UserError, first_line, proxy_for, reachable
 from .paths import artifact_paths
+
+try:  # the HTTP client of huggingface_hub, whose errors a download may raise (the network failing midway)
+    from httpx2 import HTTPError as ClientError  # huggingface_hub 2
+except ImportError:
+    from httpx import HTTPError as ClientError  # huggingface_hub 1 (the GPU machine's)
 
 HF_PREFIX = "hf://"
 
