@@ -158,17 +158,19 @@ class Run:
             return self.history.valid[self.best["epoch"] - 1][1]
         return self.best["loss"]
 
-    def keep_start(self, learn):
-        """The model as it is, before training, as the best so far: epoch 0."""
-        self.best = best_weights(learn, 0, float(learn.validate()[0]))
+    def keep_start(self, learn, cbs):
+        """The model as it is, before training, as the best so far: epoch 0 (its loss with the task's
+        callbacks `cbs`, as the epochs' own)."""
+        self.best = best_weights(learn, 0, float(learn.validate(cbs=cbs)[0]))
 
-    def keep(self, learn, which):
-        """Put the kept weights into `learn` (`which`: "best" or "last"); returns what metrics.json says of them."""
+    def keep(self, learn, which, cbs):
+        """Put the kept weights into `learn` (`which`: "best" or "last"); returns what metrics.json says of them.
+        `cbs`: the task's callbacks, which a last epoch cut short is validated with, as the others were."""
         valid = self.history.valid
         cut_short = not valid or self.history.step > valid[-1][0]  # the time budget ended an epoch part way
         last = len(valid) + cut_short
         if cut_short:  # the unfinished epoch's weights were never validated: the table has no row for them
-            loss = learn.validate()[0]
+            loss = learn.validate(cbs=cbs)[0]
             print(f"epoch {last}, cut short by the time budget: valid_loss {loss:.6f}")
             if not math.isfinite(loss):
                 self.diverged = last
@@ -202,7 +204,7 @@ def fit(task, cfg, learn, run, *, schedule, ckpt, writer, settings, extra_cbs):
     offset = 0
     with distributed(learn):
         if task.start_competes and run.done == 0 and run.best is None:
-            run.keep_start(learn)  # in here: a validation gathers the processes' shares
+            run.keep_start(learn, task.callbacks(cfg))  # in here: a validation gathers the processes' shares
         for n, fit_one in schedule:
             if run.done < offset + n:  # this fit is not finished yet
                 first = run.done - offset
@@ -354,7 +356,7 @@ def _train(task, cfg, cbs):
                         "exported; give it more seconds")
     if not main_process:
         return None
-    kept = run.keep(learn, cfg.keep)  # judged on the loaders it trained with
+    kept = run.keep(learn, cfg.keep, task.callbacks(cfg))  # judged on the loaders it trained with
     learn.dls = dls  # the report and the exported learner read files, as the app will:
     presized.copies.clear()  # the original files, not their presized copies
     facts = {**kept, "epochs_planned": planned, "kind": task.kind, **cfg.record(), "data": str(root), "lr": run.lr,

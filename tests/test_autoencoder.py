@@ -17,7 +17,7 @@ from PIL import Image
 
 from checkouts import repo_app_without_models
 from uploads import invalid_uploads, valid_uploads
-from conftest import PY, make_folder_dataset, run, served, write_image
+from conftest import AE_TINY, PY, make_folder_dataset, run, served, write_image
 from imagelab import UserError
 from imagelab.autoencoder import CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, preprocessed
 from imagelab.data import find_images
@@ -71,6 +71,32 @@ def test_sparsity_gives_exact_zeros_in_the_code(tmp_path):
     plain, sparse = codes(0.0), codes(1.0)
     assert (sparse == 0).sum() > (plain == 0).sum()  # nine steps: the threshold has only begun to rise
     assert sparse.abs().mean() < plain.abs().mean()
+
+
+def test_a_sparse_models_loss_is_its_objective_and_its_threshold_is_not_decayed(tmp_path):
+    files, _ = find_images(make_folder_dataset(tmp_path, n=8))
+    learn, lam = tiny_learner(files, sparse=True), 0.5
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2, wd=0.1, cbs=[CodeSparsity(lam)])
+    assert learn.opt.state[learn.model.shrink.threshold]["do_wd"] is False
+    x = preprocessed(learn.dls, learn.dls.valid_ds.items)
+    with torch.no_grad():
+        penalty = lam * float(learn.model.eval().encode(x).abs().mean())
+    assert penalty > 0
+    # validate() runs a fit's callbacks too: the held-out loss that picks epochs is what training minimises
+    assert learn.validate(cbs=[CodeSparsity(lam)])[0] == pytest.approx(learn.validate()[0] + penalty, rel=1e-4)
+
+
+def test_a_sparse_run_under_keep_best_exports_its_sparsest_best_epoch_not_pca(tmp_path):
+    data, out = make_folder_dataset(tmp_path / "data", n=8), tmp_path / "sparse.pkl"
+    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "4", "--lr", "1e-2", *AE_TINY,
+               "--sparsity", "1", "--out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "sparse.report" / "metrics.json").read_text())
+    losses = m["valid_loss_per_epoch"]
+    assert m["kept"] == "best" and m["kept_epoch"] == 1 + losses.index(min(losses))  # by reconstruction: PCA's
+    assert m["code_zero_fraction"] > 0
+    assert f"{m['code_zero_fraction']:.0%} of the code's numbers are 0" in res.stdout
 
 
 def test_report_and_pca_on_the_same_images(ae_model):
