@@ -1,5 +1,5 @@
 """Look-alikes (imagelab.lookalikes): what a folder holds twice, how far apart other photos are, and whether copies
-of a photo (smaller, recompressed, converted, brightened) are still found.
+of a photo (smaller, recompressed, converted, brightened, mirrored) are still found.
 
     python benchmarks/lookalikes.py --data ../shared/data/catsdogs ../shared/data/bears
 
@@ -22,7 +22,8 @@ from PIL import Image, ImageEnhance
 
 from imagelab import HelpFormatter, run_cli
 from imagelab.images import open_rgb
-from imagelab.lookalikes import MAX_BITS, MAX_COLOUR, WORDS, Fingerprints, collect, fingerprint, fingerprints, pairs
+from imagelab.lookalikes import (MAX_BITS, MAX_COLOUR, WORDS, Fingerprints, bit_distances, collect, fingerprint,
+                                 fingerprints, pairs)
 from imagelab.paths import dataset_files
 
 COPIES = {  # what the same photo looks like on another site
@@ -31,6 +32,7 @@ COPIES = {  # what the same photo looks like on another site
     "PNG": lambda im: encoded(im, "PNG"),
     "WEBP q75": lambda im: encoded(im, "WEBP", 75),
     "10% brighter, JPEG q90": lambda im: encoded(ImageEnhance.Brightness(im).enhance(1.1), "JPEG", 90),
+    "mirrored, JPEG q90": lambda im: encoded(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", 90),
     "2.5% cropped off each side, JPEG q90": lambda im: encoded(im.crop(
         (im.width // 40, im.height // 40, im.width - im.width // 40, im.height - im.height // 40)), "JPEG", 90),
 }
@@ -44,7 +46,7 @@ def encoded(im, fmt, quality=None):
 
 
 def distances(a, b):
-    return int(np.bitwise_count(a[0] ^ b[0]).sum()), round(float(np.abs(a[1] - b[1]).max()), 1)
+    return int(bit_distances(a[0], b[0])), round(float(np.abs(a[1] - b[1]).max()), 1)
 
 
 def timed(make):
@@ -63,7 +65,7 @@ def survey(folder, closest=6):
     start = time.perf_counter()
     found = pairs(prints)
     compare = time.perf_counter() - start
-    bits = np.bitwise_count(prints.bits[:, None] ^ prints.bits[None]).sum(-1).astype(float)
+    bits = bit_distances(prints.bits[:, None], prints.bits[None]).astype(float)
     bits[np.tril_indices(len(files))] = np.inf  # each pair once
     for a, b in found:
         bits[a, b] = np.inf  # listed as look-alikes
@@ -88,7 +90,7 @@ def one_layout(folder, n=200):
         canvas.paste(im, ((256 - im.width) // 2, (256 - im.height) // 2))
         shots.append(encoded(canvas, "JPEG", 90))
     prints = fingerprints(shots)
-    bits = np.bitwise_count(prints.bits[:, None] ^ prints.bits[None]).sum(-1)
+    bits = bit_distances(prints.bits[:, None], prints.bits[None])
     closest = int(bits[np.triu_indices(len(shots), 1)].min())
     return {"photos": len(shots), "lookalikes": len(pairs(prints)), "closest_bits": closest}
 
@@ -108,7 +110,7 @@ def copies(folders, n):
 def scale(n):
     """Seconds to compare every pair of `n` random fingerprints: a folder of that many images."""
     rng = np.random.default_rng(0)
-    prints = Fingerprints(rng.integers(0, 2 ** 63, (n, WORDS), dtype=np.uint64), rng.uniform(0, 255, (n, 3)),
+    prints = Fingerprints(rng.integers(0, 2 ** 63, (n, 2, WORDS), dtype=np.uint64), rng.uniform(0, 255, (n, 3)),
                           np.ones(n, bool))
     start = time.perf_counter()
     pairs(prints)

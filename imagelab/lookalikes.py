@@ -1,4 +1,4 @@
-"""Look-alikes: one picture in two files (resized, recompressed, converted), found by a perceptual hash.
+"""Look-alikes: one picture in two files (resized, recompressed, converted, mirrored), found by a perceptual hash.
 
 An image search returns the same photo from many sites, and photo folders hold copies. A picture on both sides
 of the train/valid split is measured on what was trained on; the downloader keeps one of them, and the split
@@ -7,7 +7,8 @@ keeps look-alikes on one side. No fastai or torch here: the downloader uses it.
 The hash says which of a 64 x 64 grey thumbnail's lowest 16 x 16 cosine frequencies (its mean left out: 255
 bits) are above their median, and keeps the thumbnail's mean colour: copies of one photo differ in a few bits
 and a few levels, other photos in many more, even photos of one layout, such as small objects on white
-(benchmarks/README.md, "Look-alikes").
+(benchmarks/README.md, "Look-alikes"). Each image also has the bits of its mirror image: training flips pictures,
+so a photo and its mirror image on both sides of the split are one picture trained on and measured.
 
 A file's fingerprint is kept in the cache (beside the presized copies) until the file changes: a later run on the
 same folder decodes only its new and changed files.
@@ -29,11 +30,12 @@ WORDS = 4  # the 255 bits, in four 64-bit words: compared a word at a time
 MAX_BITS, MAX_COLOUR = 26, 32  # of 255 bits; of 255 levels, in any channel (a retouched copy shifts colours)
 _n = np.arange(SIDE)
 _DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: medians ignore scale
-VERSION = 1  # part of every cache key: bump it when the way fingerprints are made changes
+VERSION = 2  # part of every cache key: bump it when the way fingerprints are made changes
 
 
 class Fingerprints:
-    """The bits (N x 4 words) and mean colours (N x 3) of N images, and which have them (`known`)."""
+    """The bits (N x 2 x 4 words: the image's, its mirror image's) and mean colours (N x 3) of N images, and which
+    have them (`known`)."""
 
     def __init__(self, bits, colours, known):
         self.bits, self.colours, self.known = bits, colours, known
@@ -50,7 +52,7 @@ class Fingerprints:
 
 
 def fingerprint(src):
-    """(bits, mean colour) of the picture in `src` (a file, or an image decoded already); None for one that does not
+    """(bits of the picture and of its mirror image, mean colour) of the picture in `src` (a file, or an image decoded already); None for one that does not
     decode or is one flat colour (whose bits would be rounding noise: two such files are the same only byte for
     byte)."""
     try:
@@ -66,11 +68,25 @@ def fingerprint(src):
     grey = rgb @ [0.299, 0.587, 0.114]
     if grey.std() < 1:
         return None
+    return np.stack([hash_bits(grey), hash_bits(grey[:, ::-1])]), rgb.mean((0, 1))
+
+
+def hash_bits(grey):
+    """Which of the lowest cosine frequencies of `grey` (SIDE x SIDE) are above their median, in WORDS words."""
     freq = (_DCT @ grey @ _DCT.T)[:FREQUENCIES, :FREQUENCIES].ravel()[1:]
     bits = np.zeros(8 * WORDS, np.uint8)
     packed = np.packbits(freq > np.median(freq))
     bits[:len(packed)] = packed
-    return bits.view(np.uint64), rgb.mean((0, 1))
+    return bits.view(np.uint64)
+
+
+def bit_distances(a, b):
+    """Bits that differ between the fingerprint bits `a` and `b` (... x 2 x WORDS, broadcast): between the pictures,
+    or between `a`'s mirror image and `b`, whichever is fewer. (Mirroring flips the signs of the odd horizontal
+    frequencies, whose median is near 0: `b`'s mirror image against `a` differs in about as many bits.)"""
+    def differ(x):  # a word at a time, in uint8: at most 255 bits differ
+        return sum(np.bitwise_count(a[..., x, w] ^ b[..., 0, w]) for w in range(WORDS))
+    return np.minimum(differ(0), differ(1))
 
 
 def fingerprints(paths, workers=8, cache=None):
@@ -136,8 +152,8 @@ def save(store, found):
 
 def collect(found):
     """`Fingerprints` of what `fingerprint` found for each image (None: nothing)."""
-    nothing = (np.zeros(WORDS, np.uint64), np.zeros(3))
-    return Fingerprints(np.array([(f or nothing)[0] for f in found], np.uint64).reshape(len(found), WORDS),
+    nothing = (np.zeros((2, WORDS), np.uint64), np.zeros(3))
+    return Fingerprints(np.array([(f or nothing)[0] for f in found], np.uint64).reshape(len(found), 2, WORDS),
                         np.array([(f or nothing)[1] for f in found], np.float64).reshape(len(found), 3),
                         np.array([f is not None for f in found], bool))
 
@@ -150,7 +166,7 @@ def pairs(a, b=None):
     found = []
     for start in range(0, len(mine), rows):
         i = mine[start:start + rows]
-        bits = sum(np.bitwise_count(a.bits[i, None, w] ^ b.bits[None, theirs, w]) for w in range(WORDS))
+        bits = bit_distances(a.bits[i, None], b.bits[None, theirs])
         near_i, near_j = np.nonzero(bits <= MAX_BITS)
         i, j = i[near_i], theirs[near_j]
         keep = np.abs(a.colours[i] - b.colours[j]).max(-1) <= MAX_COLOUR

@@ -96,16 +96,17 @@ def test_photos_of_one_layout_are_not_lookalikes(tmp_path):
 
 
 def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_do_not_train(tmp_path, capsys):
-    """One picture in two files (resized, recompressed) on both sides of the split would be measured on what was
-    trained on; without look-alikes the split is fastai's own."""
+    """One picture in two files (resized, recompressed, mirrored: training flips pictures) on both sides of the
+    split would be measured on what was trained on; without look-alikes the split is fastai's own."""
     from imagelab.data import random_split
     pictures = [shapes(tmp_path / ("cats" if i % 2 else "dogs") / f"{i}.jpg", seed=i) for i in range(40)]
     own = find_images(tmp_path)[0]
     for seed in range(3):
         assert random_split(tmp_path, 0.2, seed)(own) == tuple(map(sorted, RandomSplitter(0.2, seed=seed)(own)))
-    for picture in pictures[::4]:  # a tenth of the pictures twice: bigger, as another JPEG
+    for k, picture in enumerate(pictures[::4]):  # a tenth of the pictures twice: bigger, as another JPEG, or mirrored
         with Image.open(picture) as im:
-            im.resize((192, 144)).save(picture.with_name(f"{picture.stem}-copy.jpg"), quality=80)
+            copy = im.resize((192, 144)) if k % 2 else im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            copy.save(picture.with_name(f"{picture.stem}-copy.jpg"), quality=80)
     files = find_images(tmp_path)[0]
     copies = [(files.index(f), files.index(f.with_name(f.name.replace("-copy", "")))) for f in files
               if "-copy" in f.name]
