@@ -72,7 +72,7 @@ def cleaner_panel(cleaner, api_prefix=""):
 
     def undo_and_refresh(label, split, limit):
         moves = user_errors(cleaner.undo)()
-        return refresh(label, split, limit, f"Undid {len(moves)} moves. ")
+        return refresh(label, split, limit, f"Undid {len(moves)} move{'s' * (len(moves) != 1)}. ")
 
     undo_button.click(undo_and_refresh, [label, split, limit], [status, records], api_visibility="private",
                       **TURNS)
@@ -92,13 +92,14 @@ def image_grid(cleaner, records, view, status, refresh):
                 with gr.Column(min_width=170, scale=0):
                     gr.Image(cleaner.thumbnail(rec["file"]), height=170, interactive=False, buttons=[],
                              label=f"{rec['predicted']} {rec['probability']:.2f} · loss {rec['loss']:.2f}")
+                    name = Path(rec["file"]).name
                     decisions.append(gr.Dropdown(choices(rec, cleaner.classes), value="keep", interactive=True,
-                                                 show_label=False, info=Path(rec["file"]).name[:28]))
+                                                 label=f"What to do with {name}", show_label=False, info=name[:28]))
         apply_button = gr.Button("Apply", variant="primary")
 
         def apply_and_refresh(label, split, limit, *chosen):
             moves = user_errors(cleaner.apply)([action(r, c) for r, c in zip(recs, chosen) if c != "keep"])
-            return refresh(label, split, limit, f"Moved {len(moves)} files. ")
+            return refresh(label, split, limit, f"Moved {len(moves)} file{'s' * (len(moves) != 1)}. ")
 
         apply_button.click(apply_and_refresh, [*view, *decisions], [status, records], api_visibility="private",
                            **TURNS)

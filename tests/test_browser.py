@@ -1,5 +1,6 @@
 """The root app in a real browser (Debian's Chromium driven by Playwright), tab by tab, as a person uses it."""
 import io
+import re
 import shutil
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_cleaner_tab_removes_and_undoes_a_file(site):
     panel.get_by_label("all", exact=True).check()  # every image of the class, not only the held-out ones
     panel.get_by_role("button", name="Show").click()
     expect(panel.get_by_text("images of").first).to_be_visible(timeout=60_000)
-    first = panel.get_by_role("combobox").nth(1)  # nth(0) is the class picker; then one per image, worst first
+    first = panel.get_by_role("combobox", name=re.compile("^What to do with ")).first  # one per image, worst first
     expect(first).to_be_visible()
     names = lambda folder: {p.name for p in folder.iterdir()}  # noqa: E731
     before, removed_before = names(data / "black"), names(data / "removed" / "black")
@@ -151,9 +152,9 @@ def test_cleaner_tab_removes_and_undoes_a_file(site):
     page.get_by_role("option", name="remove", exact=True).click()
     screenshot(page, "cleaner-tab")
     panel.get_by_role("button", name="Apply", exact=True).click()
-    expect(panel.get_by_text("Moved 1 files").first).to_be_visible(timeout=60_000)
+    expect(panel.get_by_text("Moved 1 file.").first).to_be_visible(timeout=60_000)
     moved = before - names(data / "black")
     assert len(moved) == 1 and names(data / "removed" / "black") - removed_before == moved
     panel.get_by_role("button", name="Undo last apply").click()
-    expect(panel.get_by_text("Undid 1 moves").first).to_be_visible(timeout=60_000)
+    expect(panel.get_by_text("Undid 1 move.").first).to_be_visible(timeout=60_000)
     assert names(data / "black") == before and names(data / "removed" / "black") == removed_before
