@@ -40,7 +40,8 @@ def split_by_folders(tops):
 
 
 def default_model(name, root=REPO, suffix=".pkl"):
-    """`<root>/models/<name>.pkl`: where `training/train_<name>.py` exports by default (root: a checkout or a Space)."""
+    """`<root>/models/<name>.pkl`: where `training/train_<name>.py` exports by default and the apps look (root: a
+    checkout, whatever the working folder, or a Space)."""
     return Path(root) / "models" / f"{name}{suffix}"
 
 

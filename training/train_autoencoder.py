@@ -6,10 +6,11 @@
 """
 from imagelab import run_cli
 from imagelab.config import AutoencoderConfig, ConfigParser
+from imagelab.paths import default_model
 
 
 def main(argv=None):
-    parser = ConfigParser(AutoencoderConfig, __doc__.splitlines()[0], out="models/autoencoder.pkl")
+    parser = ConfigParser(AutoencoderConfig, __doc__.splitlines()[0], out=str(default_model("autoencoder")))
     cfg = parser.config_from(parser.parse_args(argv))
     from imagelab.autoencoder import AutoencoderTask
     from imagelab.train import train

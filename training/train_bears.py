@@ -9,11 +9,12 @@ from pathlib import Path
 
 from imagelab import UserError, run_cli
 from imagelab.config import ClassifierConfig, ConfigParser
+from imagelab.paths import default_model
 from imagelab.download import make_dataset
 
 
 def main(argv=None):
-    parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out="models/bears.pkl")
+    parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out=str(default_model("bears")))
     g = parser.add_argument_group("download (a web image search per class; --data skips it)")
     g.add_argument("--download", action="store_true", help="search and download into --dest, then train on it "
                    "(the default when --dest does not exist yet)")

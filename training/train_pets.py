@@ -6,10 +6,11 @@
 """
 from imagelab import run_cli
 from imagelab.config import ClassifierConfig, ConfigParser
+from imagelab.paths import default_model
 
 
 def main(argv=None):
-    parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out="models/pets.pkl", task="is_cat")
+    parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out=str(default_model("pets")), task="is_cat")
     cfg = parser.config_from(parser.parse_args(argv))
     from imagelab.classifier import Classifier
     from imagelab.train import train
