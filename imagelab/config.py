@@ -95,8 +95,8 @@ class TrainConfig:
     device: str = knob("auto", "hardware", "where to train: auto (a CUDA GPU, else Apple's MPS, else the CPU), "
                        "cpu, cuda, cuda:N or mps", resume=False)
     precision: str = knob("auto", "hardware", "auto: bf16 autocast on GPUs that have it, fp16 with loss scaling on "
-                          "older ones, bf16 on CPUs that compute it natively (AVX512-BF16 or AMX), fp32 on other "
-                          "CPUs and MPS; exports are fp32 whatever trained", resume=False,
+                          "older ones, fp32 on CPUs and MPS (bf16 on a CPU that computes it natively, AVX512-BF16 or "
+                          "AMX, is yours to ask for); exports are fp32 whatever trained", resume=False,
                           choices=PRECISIONS)
     time_budget: float | None = knob(None, "training", "train for this long or --epochs, whichever ends "
                                      "first: the one-cycle schedule follows the nearer end", metavar="SECONDS")
