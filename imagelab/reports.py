@@ -78,6 +78,11 @@ def plot_lr_find(found, path):
     save_fig(fig, path)
 
 
+def standard_error(p, n):
+    """One standard error of a share `p` (an accuracy) measured on `n` independent images."""
+    return (p * (1 - p) / n) ** 0.5
+
+
 def confusion(targets, predicted, n):
     cm = np.zeros((n, n), dtype=int)
     np.add.at(cm, (targets, predicted), 1)
@@ -174,7 +179,8 @@ def classifier_report(learn, history, report_dir, top_k=9):
     # the same augmentation every time: a report of the same model says the same
     with learn.no_bar(), drawn_from(0, dl.device or torch.device("cpu")):
         tta_probs, _ = learn.tta(dl=dl)  # fastai's: 4 passes with the training augmentation, blended with the plain one
-    return {"accuracy": accuracy, "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
+    return {"accuracy": accuracy, "accuracy_standard_error": standard_error(accuracy, len(targets)),
+            "error_rate": 1 - accuracy, "valid_loss": float(losses.mean()),
             "mirror_tta_accuracy": float((mirror_averaged(learn, dl, probs).argmax(1) == targets).float().mean()),
             "tta_accuracy": float((tta_probs.argmax(1) == targets).float().mean()),
             "tta_seconds": round(time.perf_counter() - start, 2),

@@ -100,6 +100,17 @@ def test_model_card_renders_every_field(tiny_model):
     for key in ("arch", "size", "epochs", "bs", "lr", "seed", "min_scale", "valid_pct"):
         assert f"| {key} | {metrics[key]} |" in card, key
     assert f"{metrics['accuracy']:.2%}" in card and str(metrics["train_seconds"]) in card
+    held = sum(metrics["counts"]["valid"].values())
+    se = (metrics["accuracy"] * (1 - metrics["accuracy"]) / held) ** 0.5
+    assert metrics["accuracy_standard_error"] == pytest.approx(se)
+    assert f"**{metrics['accuracy']:.2%}** ± {se:.1%} (one standard error;" in card
+    # the held-out images that chose the exported epoch flatter it: the card says so whenever the choice mattered
+    assert "These images also chose" not in model_card("pets", {**metrics, "kept": "best", "kept_epoch": 3,
+                                                                 "epochs_trained": 3})
+    assert "These images also chose the exported weights (epoch 2's" in model_card(
+        "pets", {**metrics, "kept": "best", "kept_epoch": 2, "epochs_trained": 3})
+    assert "These images also chose" not in model_card("pets", {**metrics, "kept": "last", "kept_epoch": 3,
+                                                                 "epochs_trained": 3})
     assert "pets.report/confusion_matrix.png" in card
     assert "Intended use and limitations" in card and "load_learner(" in card and "InferenceSession(" in card
     assert f"Trained on a folder named `{Path(metrics['data']).name}`" in card
@@ -119,7 +130,6 @@ def test_model_card_renders_every_field(tiny_model):
     exported_only = model_card("pets", {**metrics, "images_trained": 0, "images_per_second": None})
     assert f"{metrics['train_seconds']} s with " in exported_only and "None images" not in exported_only
     # the held-out images are the ones the run held out: drawn at random, or a valid/ folder
-    held = sum(metrics["counts"]["valid"].values())
     assert (f"{held} images held out ({metrics['valid_pct']:.0%} of the pictures, drawn at random with seed "
             f"{metrics['seed']})") in card
     by_folders = model_card("pets", {**metrics, "split": "train/ and valid/ folders"})

@@ -19,6 +19,21 @@ def summary(metrics):
     return f"{metrics['accuracy']:.1%} held-out accuracy"
 
 
+def uncertainty(metrics):
+    """' ± SE' of the accuracy (runs before it was recorded: nothing)."""
+    se = metrics.get("accuracy_standard_error")
+    return "" if se is None else f" ± {se:.1%}"
+
+
+def chosen(metrics):
+    """What the held-out numbers owe to choosing the exported epoch on the same images."""
+    if metrics.get("kept") != "best" or metrics.get("kept_epoch") == metrics.get("epochs_trained"):
+        return ""
+    return (f" These images also chose the exported weights (epoch {metrics['kept_epoch']}'s, the lowest loss on "
+            "them, under `--keep best`), which flatters these numbers a little; `--keep last` gives numbers "
+            "nothing was chosen by.")
+
+
 def fields(metrics):
     vocab, counts = metrics["vocab"], metrics["counts"]
     held = sum(counts["valid"].values())
@@ -32,6 +47,7 @@ def fields(metrics):
         "settings": settings(metrics, ("arch", "pretrained", "size", "start_size", "min_scale", "epochs", "bs", "lr",
                                        "seed", "valid_pct")),
         "accuracy": f"{metrics['accuracy']:.2%}", "error_rate": f"{metrics['error_rate']:.2%}",
+        "uncertainty": uncertainty(metrics), "chosen": chosen(metrics),
         "valid_loss": f"{metrics['valid_loss']:.4f}", "valid_images": held,
         "classes": len(vocab), "vocab": ", ".join(vocab), "arch": metrics["arch"],
     }
