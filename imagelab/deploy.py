@@ -107,7 +107,7 @@ def pip_pins(packages):
     return " ".join(f"{p}=={pins[p]}" if p in pins else p for p in packages)
 
 
-def context(app, metrics, repo_id=None, space_id=None):
+def context(app, metrics, *, space_id=None, repo_id=None):
     """Every `$field` a README or card template may use: the run's metrics, the app's text, the Hub ids."""
     kind = card_kind(metrics)
     _, title, about = app_readme(app)
@@ -130,23 +130,24 @@ def fill(template, fields):
     return Template(template).substitute(fields)
 
 
-def model_summary(metrics, report, repo_id=None):
+def model_summary(metrics, report, *, repo_id=None):
     summary = f"Model: `{metrics.get('arch', metrics['kind'])}`, {card_kind(metrics).summary(metrics)}"
     if repo_id:
         summary += f" ([{repo_id}](https://huggingface.co/{repo_id}))"
     return summary + f"; the report is in `{report}/`."
 
 
-def space_readme(app, metrics, space_id=None, repo_id=None):
-    fields = context(app, metrics, repo_id, space_id)
-    return fill(app_readme(app)[0], {**fields, "model_summary": model_summary(metrics, f"models/{app}.report", repo_id)})
+def space_readme(app, metrics, *, space_id=None, repo_id=None):
+    fields = context(app, metrics, space_id=space_id, repo_id=repo_id)
+    summary = model_summary(metrics, f"models/{app}.report", repo_id=repo_id)
+    return fill(app_readme(app)[0], {**fields, "model_summary": summary})
 
 
-def model_card(app, metrics, repo_id=None, files=None):
+def model_card(app, metrics, *, repo_id=None, files=None):
     """A Hub model card from the run's metrics.json, for a repo holding `files` (default: the kind's required ones)."""
     kind = card_kind(metrics)
     files = set(kind.REPO_FILES if files is None else files)
-    fields = context(app, metrics, repo_id)
+    fields = context(app, metrics, repo_id=repo_id)
     for optional in kind.OPTIONAL_FILES:
         fragment = CARDS / f"{metrics['kind']}.{optional}.md"
         if fragment.is_file():
@@ -297,7 +298,7 @@ def space_files(metrics, kind, static=False):
     return kind.STATIC_FILES
 
 
-def build_space(app, model, out, space_id=None, repo_id=None):
+def build_space(app, model, out, *, space_id=None, repo_id=None):
     """Write a folder that is a complete Space: app, library, requirements, model, examples, README, LFS rules."""
     check_out(out, model, app)
     metrics, kind = load_metrics(model, app)
@@ -308,7 +309,7 @@ def build_space(app, model, out, space_id=None, repo_id=None):
         copy_model(app, model, stage / "models", space_files(metrics, kind))
         check_outputs(stage / "models" / f"{app}.onnx", kind.GRAPH_OUTPUTS, "a Space")
         write_lfs_rules(stage)
-        (stage / "README.md").write_text(space_readme(app, metrics, space_id, repo_id))
+        (stage / "README.md").write_text(space_readme(app, metrics, space_id=space_id, repo_id=repo_id))
     return Path(out)
 
 
@@ -322,7 +323,7 @@ def check_outputs(graph, names, what="a static Space"):
                         f"with this version of training/ to publish it as {what}")
 
 
-def build_static_space(app, model, out, space_id=None, repo_id=None):
+def build_static_space(app, model, out, *, space_id=None, repo_id=None):
     """Write a folder that is a complete static Space: the page, the model's ONNX graph and config, its report
     and examples, onnxruntime-web, README, LFS rules. Any file server serves it; nothing runs on a server."""
     check_out(out, model, app)
@@ -339,7 +340,7 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
             shutil.copy2(WEB / name, stage)
         config = json.loads((stage / f"{app}.config.json").read_text())
         template = app_readme(app)[0]
-        fields = {**context(app, metrics, repo_id, space_id), "runtime": RUNTIME_VERSION,
+        fields = {**context(app, metrics, space_id=space_id, repo_id=repo_id), "runtime": RUNTIME_VERSION,
                   "emoji": front_matter_value(template, "emoji"), "color_from": front_matter_value(template, "colorFrom"),
                   "color_to": front_matter_value(template, "colorTo"), **kind.static_fields(config)}
         examples = sorted(p.relative_to(stage).as_posix() for p in examples_dir(stage / f"{app}.pkl").glob("*"))
@@ -351,13 +352,13 @@ def build_static_space(app, model, out, space_id=None, repo_id=None):
         page["main"] = fill((WEB / part).read_text(), page)
         (stage / "index.html").write_text(fill((WEB / "page.html").read_text(), page), encoding="utf-8")
         write_lfs_rules(stage, extra=["*.wasm"])
-        (stage / "README.md").write_text(fill((CARDS / readme).read_text(),
-                                              {**fields, "model_summary": model_summary(metrics, f"{app}.report", repo_id)}),
+        summary = model_summary(metrics, f"{app}.report", repo_id=repo_id)
+        (stage / "README.md").write_text(fill((CARDS / readme).read_text(), {**fields, "model_summary": summary}),
                                          encoding="utf-8")
     return Path(out)
 
 
-def build_model_repo(app, model, out, repo_id=None):
+def build_model_repo(app, model, out, *, repo_id=None):
     """A folder for a Hub model repo: the model files, the report, the library the `.pkl` needs, and the card."""
     check_out(out, model, app, "the model repo")
     metrics, kind = load_metrics(model, app)
@@ -366,7 +367,7 @@ def build_model_repo(app, model, out, repo_id=None):
         files = copy_model(app, model, stage, kind.REPO_FILES, kind.OPTIONAL_FILES)
         copy_library(stage)
         write_lfs_rules(stage)
-        (stage / "README.md").write_text(model_card(app, metrics, repo_id, files))
+        (stage / "README.md").write_text(model_card(app, metrics, repo_id=repo_id, files=files))
     return Path(out)
 
 
@@ -528,13 +529,13 @@ def main(argv=None):
         if args.space and not args.static:
             say(PAID_GRADIO.format(app=args.app, space=args.space))
     if args.static:
-        build_static_space(args.app, model, space, args.space, args.model_repo)
+        build_static_space(args.app, model, space, space_id=args.space, repo_id=args.model_repo)
         say(f"wrote {space} (static Space); {serve_hint(space)}")
     else:
-        build_space(args.app, model, space, args.space, args.model_repo)
+        build_space(args.app, model, space, space_id=args.space, repo_id=args.model_repo)
         say(f"wrote {space}; {run_alone_hint(space)}")
     if repo:
-        build_model_repo(args.app, model, repo, args.model_repo)
+        build_model_repo(args.app, model, repo, repo_id=args.model_repo)
         say(f"wrote {repo} (model repo{' ' + args.model_repo if args.model_repo else ''})")
     if args.push:
         push([*([(space, args.space, "space", "static" if args.static else "gradio")] if args.space else []),

@@ -472,7 +472,7 @@ def test_autoencoder_card_pickle_code_runs_without_imagelab(tiny_autoencoder, tm
     shutil.copytree(tiny_autoencoder.parent, model.parent)
     for path in artifact_paths(model).values():  # a .pkl-only export, as older training runs wrote
         path.unlink(missing_ok=True)
-    repo = build_model_repo("autoencoder", model, tmp_path / "repo", "bob/ae")
+    repo = build_model_repo("autoencoder", model, tmp_path / "repo", repo_id="bob/ae")
     card = (repo / "README.md").read_text()
     assert not (repo / "autoencoder.onnx").exists() and "onnxruntime" not in card  # no ONNX export: no ONNX code
     fill_hub_cache(tmp_path / "hf", "bob/ae", repo)
@@ -486,7 +486,7 @@ def test_autoencoder_card_onnx_code_runs_without_imagelab(tiny_autoencoder, tmp_
     """The card's ONNX Runtime code, on the repo's own export, gives the app's PSNR (its own preprocessing, in fastai's
     arithmetic), and its decoder code the app's walk between two photos, to the pixel."""
     from imagelab.loading import open_model
-    repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo", "bob/ae")
+    repo = build_model_repo("autoencoder", tiny_autoencoder, tmp_path / "repo", repo_id="bob/ae")
     card = (repo / "README.md").read_text()
     names = {p.name for p in repo.iterdir()}
     assert {"autoencoder.onnx", "autoencoder.decoder.onnx", "autoencoder.config.json"} <= names
