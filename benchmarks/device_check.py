@@ -37,10 +37,11 @@ LOAD_ON_CPU = """
 import sys
 import torch
 from imagelab.loading import load_trusted_learner, open_model
+from imagelab.paths import artifact_paths
 assert not torch.cuda.is_available()
 model, image, label = sys.argv[1:]
 pkl = str(load_trusted_learner(model).predict(image)[0])
-probs = open_model(model.replace(".pkl", ".onnx"), "classifier").predict(image, k=2)
+probs = open_model(artifact_paths(model)["onnx"], "classifier").predict(image, k=2)
 assert pkl == max(probs, key=probs.get) == label, (pkl, probs, label)
 print("pass")
 """
@@ -51,9 +52,10 @@ import sys
 import numpy as np
 import torch
 from imagelab.loading import open_model
+from imagelab.paths import artifact_paths
 assert not torch.cuda.is_available()
 model, image = sys.argv[1:]
-for path in (model, model.replace(".pkl", ".safetensors")):
+for path in (model, artifact_paths(model)["weights"]):
     reconstruction = open_model(path, "autoencoder").reconstruct(image).reconstruction
     assert np.asarray(reconstruction).std() > 0, path
 print("pass")

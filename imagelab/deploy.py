@@ -39,12 +39,12 @@ from . import UserError, first_line, run_cli, stdout_reader_gone
 from .app_options import APPS, train_hint
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
-from .loading import SERVED_FROM
+from .loading import SERVED_FROM, read_config
 from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
-from .paths import (REPO, artifact_paths, default_model, examples_dir, metrics_path, remove_abandoned_staging,
-                    report_dir, split_path, staging_path)
+from .paths import (DECODER, REPO, artifact_paths, default_model, examples_dir, metrics_path,
+                    remove_abandoned_staging, report_dir, split_path, staging_path)
 
 CARDS = Path(__file__).with_name("cards")
 WEB = Path(__file__).with_name("web")
@@ -139,7 +139,8 @@ def model_summary(metrics, report, *, repo_id=None):
 
 def space_readme(app, metrics, *, space_id=None, repo_id=None):
     fields = context(app, metrics, space_id=space_id, repo_id=repo_id)
-    summary = model_summary(metrics, f"models/{app}.report", repo_id=repo_id)
+    # the report beside the Space's model, from the Space's root
+    summary = model_summary(metrics, report_dir(default_model(app, root="")).as_posix(), repo_id=repo_id)
     return fill(app_readme(app)[0], {**fields, "model_summary": summary})
 
 
@@ -175,12 +176,11 @@ def copy_model(app, model, dest, required, optional=()):
     dst = {"pkl": dest / f"{app}.pkl", **artifact_paths(dest / f"{app}.pkl")}
     for kind, path in files.items():
         shutil.copy2(path, dst[kind])
-    report = report_dir(dst["pkl"])
     # The names of the user's files (which trained, which were held out or skipped) stay on their machine.
-    shutil.copytree(report_dir(model), report, ignore=shutil.ignore_patterns(split_path(model).name))
-    metrics = json.loads((report / "metrics.json").read_text())
+    shutil.copytree(report_dir(model), report_dir(dst["pkl"]), ignore=shutil.ignore_patterns(split_path(model).name))
+    metrics = json.loads(metrics_path(dst["pkl"]).read_text())
     published = {k: v for k, v in metrics.items() if k != "skipped_files"}
-    write_json({**published, "data": data_name(metrics)}, report / "metrics.json")
+    write_json({**published, "data": data_name(metrics)}, metrics_path(dst["pkl"]))
     return list(files)
 
 
@@ -338,7 +338,7 @@ def build_static_space(app, model, out, *, space_id=None, repo_id=None):
         write_runtime(stage / "onnxruntime-web")
         for name in (script, "images.js"):
             shutil.copy2(WEB / name, stage)
-        config = json.loads((stage / f"{app}.config.json").read_text())
+        config = read_config(stage / f"{app}.pkl")
         template = app_readme(app)[0]
         fields = {**context(app, metrics, space_id=space_id, repo_id=repo_id), "runtime": RUNTIME_VERSION,
                   "emoji": front_matter_value(template, "emoji"), "color_from": front_matter_value(template, "colorFrom"),
@@ -352,7 +352,7 @@ def build_static_space(app, model, out, *, space_id=None, repo_id=None):
         page["main"] = fill((WEB / part).read_text(), page)
         (stage / "index.html").write_text(fill((WEB / "page.html").read_text(), page), encoding="utf-8")
         write_lfs_rules(stage, extra=["*.wasm"])
-        summary = model_summary(metrics, f"{app}.report", repo_id=repo_id)
+        summary = model_summary(metrics, report_dir(f"{app}.pkl").as_posix(), repo_id=repo_id)
         (stage / "README.md").write_text(fill((CARDS / readme).read_text(), {**fields, "model_summary": summary}),
                                          encoding="utf-8")
     return Path(out)
@@ -502,7 +502,7 @@ def check_model(model, app):
     """`model` (--model; None: the app's default) as a Path, or one line if there is none."""
     default = default_model(app)
     model = Path(model or default)
-    if model.suffix not in {s for forms in SERVED_FROM.values() for s in forms} or model.name.endswith(".decoder.onnx"):
+    if model.suffix not in {s for forms in SERVED_FROM.values() for s in forms} or model.name.endswith(DECODER):
         raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
     if not model.is_file():
         train = train_hint(app, model, default)

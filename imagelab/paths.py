@@ -95,6 +95,10 @@ def split_path(model):
     return report_dir(model) / "split.json"
 
 
+# An autoencoder's graph of a code, beside its graph of an image (`ae.onnx`): not a model that serves by itself.
+DECODER = ".decoder.onnx"
+
+
 def artifact_paths(model):
     """The weights-only artifacts beside a learner: `pets.pkl` -> `pets.safetensors`, `pets.config.json`, `pets.onnx`
     (and an autoencoder's `ae.decoder.onnx`, code to image).
@@ -104,7 +108,7 @@ def artifact_paths(model):
     model = Path(model)
     return {"weights": model.with_suffix(".safetensors"), "onnx": model.with_suffix(".onnx"),
             "config": model.with_name(model.stem + ".config.json"),
-            "decoder": model.with_name(model.stem + ".decoder.onnx")}
+            "decoder": model.with_name(model.stem + DECODER)}
 
 
 def checkpoint_path(model):
