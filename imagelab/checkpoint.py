@@ -19,7 +19,7 @@ from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
 from .device import loss_scaler, mps_available
-from .paths import staging_path, write_failure
+from .paths import nothing_to_resume, staging_path, write_failure
 
 
 def train_loader(learn):
@@ -57,7 +57,7 @@ def load_checkpoint(path, settings):
     """The saved state, or a `UserError` if there is none or it was made with other `settings`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"nothing to resume: no checkpoint at {path}")
+        raise nothing_to_resume(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint is replaced atomically, so this is a foreign or damaged file

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import HelpFormatter, UserError
-from .paths import checkpoint_path, existing_folder, writable_model_path
+from .paths import checkpoint_path, existing_folder, nothing_to_resume, writable_model_path
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -143,7 +143,7 @@ class TrainConfig:
             raise UserError("--lr find runs in one process: run it once without the launcher (with --epochs 1, say), "
                             "then launch with the rate it prints")
         if self.resume and not checkpoint_path(self.out).exists():
-            raise UserError(f"nothing to resume: no checkpoint at {checkpoint_path(self.out)}")
+            raise nothing_to_resume(checkpoint_path(self.out))
 
     def first_size(self):
         """Progressive resizing's first input size: --start-size, else half of --size where the model allows."""

@@ -39,7 +39,7 @@ from . import UserError, first_line, run_cli, stdout_reader_gone
 from .app_options import APPS, train_hint
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
-from .loading import SERVED_FROM, read_config
+from .loading import SERVED_FROM, no_model, read_config
 from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
@@ -502,11 +502,10 @@ def check_model(model, app):
     """`model` (--model; None: the app's default) as a Path, or one line if there is none."""
     default = default_model(app)
     model = Path(model or default)
-    if model.suffix not in {s for forms in SERVED_FROM.values() for s in forms} or model.name.endswith(DECODER):
+    if model.suffix not in SERVED_FROM[APPS[app].kind] or model.name.endswith(DECODER):
         raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
     if not model.is_file():
-        train = train_hint(app, model, default)
-        raise UserError(f"no model at {model}" + (f": train one first with `{train}`" if train else ""))
+        raise no_model(model, train_hint(app, model, default))
     return model
 
 

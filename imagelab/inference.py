@@ -16,7 +16,7 @@ from PIL import Image
 from . import UserError, first_line
 from .hub import resolve_model
 from .images import MAX_PIXELS, read_image, resize_box
-from .loading import load_trusted_learner, read_config
+from .loading import load_trusted_learner, no_model, read_config
 from .paths import artifact_paths
 
 # What the apps read from each exported graph: a classifier's (its heatmap: models exported before it lack it),
@@ -125,7 +125,7 @@ class Predictor:
             self.config = learner_config(learn)
             graph = self._onnx(learn.model)
         else:
-            raise UserError(f"no model at {path}")
+            raise no_model(path)
         self.session = onnx_session(graph)
         self.vocab, self.tta = self.config["vocab"], tta
         self.max_pixels = MAX_PIXELS  # an app's upload; None for the owner's own files (the batch CLI, the cleaner)

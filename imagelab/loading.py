@@ -50,6 +50,11 @@ def learner_kind(learn):
     return CLASSIFIER if getattr(learn.dls, "vocab", None) is not None else None
 
 
+def no_model(path, train=None):
+    """The one line for a model file that is not there; with `train`, the command that makes it."""
+    return UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
+
+
 def open_model(spec, kind, train=None):
     """The served object for model `spec` (a path or hf://...): a `Predictor` or a `Reconstructor`.
 
@@ -59,7 +64,7 @@ def open_model(spec, kind, train=None):
     from .hub import resolve_model  # here: the apps read this module's names before their options, without the Hub
     path = resolve_model(spec, prefer=SERVED_FROM[kind][1:], needs=SERVED_WITH[kind])
     if not path.is_file():
-        raise UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
+        raise no_model(path, train)
     if path.suffix not in SERVED_FROM[kind]:
         raise UserError(f"cannot serve {path}: {article(kind)} is served from {FORMS[kind]}")
     try:

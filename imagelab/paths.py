@@ -117,6 +117,11 @@ def checkpoint_path(model):
     return model.with_name(model.stem + ".ckpt")
 
 
+def nothing_to_resume(checkpoint):
+    """The one line of --resume where there is no checkpoint at `checkpoint`: found by the options' check, or later."""
+    return UserError(f"nothing to resume: no checkpoint at {checkpoint}")
+
+
 def staging_path(path):
     """A hidden sibling of `path`, unique to this process and thread: written first, then renamed onto `path`."""
     path = Path(path)
