@@ -17,8 +17,8 @@ from .images import check_image, open_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .config import cache_folder
 from .flagging import FLAGGED_NAME
-from .paths import (FLAGGED, FOLDER_SPLIT, dataset_files, existing_folder, file_key, is_flagged, split_by_folders,
-                    staging_path)
+from .paths import (FLAGGED, FOLDER_SPLIT, LABELLED_FOLDERS, SPLIT_FOLDERS, TRAIN, VALID, dataset_files,
+                    existing_folder, file_key, is_flagged, split_by_folders, staging_path)
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")
@@ -184,7 +184,7 @@ def detect_labels(root, files):
     `flagged/<class>/`, go with either)."""
     root = Path(root)
     files = [f for f in labelled(root, files) if not is_flagged(f, root)] or files
-    bases = {root / "train", root / "valid"} if split_by_folders(top_names(root, files)) else {root}
+    bases = {root / f for f in SPLIT_FOLDERS} if split_by_folders(top_names(root, files)) else {root}
     parents = {f.parent for f in files}
     if not parents & bases and len(parents) >= 2:
         return "folder"
@@ -209,7 +209,7 @@ def labelled(root, files):
     beside them is left out, folder_split); else all."""
     if not split_by_folders(top_names(root, files)):
         return files
-    return [f for f in files if Path(f).relative_to(root).parts[0] in ("train", "valid", FLAGGED)]
+    return [f for f in files if Path(f).relative_to(root).parts[0] in LABELLED_FOLDERS]
 
 
 def check_oxford_names(root, files):
@@ -253,15 +253,15 @@ def folder_split(root, files, cache=None):
     root = Path(root)
     if not split_by_folders(top_names(root, files)):
         return None
-    others = sorted(top_names(root, files) - {"train", "valid", FLAGGED})
+    others = sorted(top_names(root, files) - set(LABELLED_FOLDERS))
     if others:  # a test/ set, say: as fastai's GrandparentSplitter, neither trained on nor measured
         print(f"note: {', '.join(others)} left out: with train/ and valid/ folders, only train/ (and {FLAGGED}/) "
               "trains and only valid/ is measured")
 
     def split(items):
         tops = [Path(f).relative_to(root).parts[0] for f in items]
-        train, valid = with_flagged(root, items, {i for i, top in enumerate(tops) if top == "valid"}, cache=cache)
-        return [i for i in train if tops[i] in ("train", FLAGGED)], valid
+        train, valid = with_flagged(root, items, {i for i, top in enumerate(tops) if top == VALID}, cache=cache)
+        return [i for i in train if tops[i] in (TRAIN, FLAGGED)], valid
     return split
 
 

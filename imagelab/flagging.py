@@ -21,7 +21,7 @@ from PIL import Image
 from . import UserError
 from .images import read_image
 from .lookalikes import collect, fingerprint, pairs
-from .paths import BOOKKEEPING, FLAGGED, check_class_name, hidden, staging_path
+from .paths import BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, check_class_name, hidden, staging_path
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
 MAX_SIDE = 1024
@@ -53,7 +53,7 @@ class Flagger:
         if not self.root.is_dir():
             raise UserError(f"no such folder to keep flagged images in: {root}")
         self.classes = [check_class_name(str(c)) for c in classes]
-        folders = [f for f in folder_names(self.root) if f not in ("train", "valid")]
+        folders = [f for f in folder_names(self.root) if f not in SPLIT_FOLDERS]
         if folders and not set(folders) & set(self.classes):  # Oxford-style datasets may have no folders
             raise UserError(f"{root} holds the folders {', '.join(folders[:5])}{', ...' * (len(folders) > 5)} and "
                             f"none of this model's classes ({', '.join(self.classes)}): flag into the dataset the "

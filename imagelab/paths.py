@@ -28,15 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 FLAGGED, REMOVED, QUARANTINE = "flagged", "removed", "quarantine"
 CLEANING_LOG, DOWNLOAD_SUMMARY = "cleaning-log.jsonl", "download-summary.json"
 BOOKKEEPING = (QUARANTINE, REMOVED, FLAGGED, DOWNLOAD_SUMMARY, CLEANING_LOG)
-# A dataset with train/ and valid/ folders keeps their split (imagelab.data.folder_split); metrics.json "split" then
-# says this, else how the images were drawn at random.
-FOLDER_SPLIT = "train/ and valid/ folders"
+# A dataset with train/ and valid/ folders keeps their split (imagelab.data.folder_split): train/ and the flagged
+# images train, valid/ is measured, any other top-level folder (a test/ set) is left out. metrics.json "split" then
+# says FOLDER_SPLIT, else how the images were drawn at random.
+SPLIT_FOLDERS = TRAIN, VALID = "train", "valid"
+LABELLED_FOLDERS = (*SPLIT_FOLDERS, FLAGGED)
+FOLDER_SPLIT = f"{TRAIN}/ and {VALID}/ folders"
 
 
 def split_by_folders(tops):
     """Whether a dataset folder whose top-level names are `tops` is split by `train/` and `valid/` folders (as
     fastai's from_folder): its classes are below them."""
-    return {"train", "valid"} <= set(tops)
+    return set(SPLIT_FOLDERS) <= set(tops)
 
 
 def default_model(name, root=REPO, suffix=".pkl"):
