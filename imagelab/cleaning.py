@@ -81,8 +81,8 @@ class Cleaner:
         if isinstance(model, Predictor):
             self.predictor = model
         else:
-            self.predictor = open_model(model, CLASSIFIER)
-            self.predictor.max_pixels = None  # the dataset's images: as big as training reads
+            # max_pixels: the dataset's images, as big as training reads
+            self.predictor = open_model(model, CLASSIFIER, max_pixels=None)
         self.classes = [check_class_name(str(c)) for c in self.predictor.vocab]
         split = split_path(self.predictor.path)
         self.split = json.loads(split.read_text()) if split.is_file() else {}

@@ -109,10 +109,11 @@ class Predictor:
     `loading.open_model`, which first checks that it is a classifier.
 
     `tta`: average the probabilities of the image and its mirror image (flip test-time augmentation,
-    twice the model's time).
+    twice the model's time). `max_pixels`: the largest image read, for an app's uploads; None for the owner's own
+    files (the batch CLI, the cleaner).
     """
 
-    def __init__(self, path, learn=None, tta=False):
+    def __init__(self, path, learn=None, tta=False, max_pixels=MAX_PIXELS):
         self.path = path = resolve_model(path)
         paths, self.config = artifact_paths(path), read_config(path)
         if self.config and paths["onnx"].is_file():
@@ -127,8 +128,7 @@ class Predictor:
         else:
             raise no_model(path)
         self.session = onnx_session(graph)
-        self.vocab, self.tta = self.config["vocab"], tta
-        self.max_pixels = MAX_PIXELS  # an app's upload; None for the owner's own files (the batch CLI, the cleaner)
+        self.vocab, self.tta, self.max_pixels = self.config["vocab"], tta, max_pixels
         self.has_heatmap = "heatmap" in output_names(self.session)
         w, h = self.config["crop"]
         self.session.run(None, {"image": np.zeros((1, 3, h, w), np.float32)})  # warm up now, not on a request

@@ -55,8 +55,9 @@ def no_model(path, train=None):
     return UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
 
 
-def open_model(spec, kind, train=None):
-    """The served object for model `spec` (a path or hf://...): a `Predictor` or a `Reconstructor`.
+def open_model(spec, kind, train=None, **options):
+    """The served object for model `spec` (a path or hf://...): a `Predictor` or a `Reconstructor`, made with
+    `options` (a Predictor's `tta`, `max_pixels`).
 
     A UserError says in one line what is wrong: no such file (with `train`, the command that makes
     it), a form this kind cannot be served from, a file that does not load, a model of another kind.
@@ -77,7 +78,7 @@ def open_model(spec, kind, train=None):
         if got != kind:
             raise UserError(f"{path} is {article(got or 'unknown kind of')} model, not {article(kind)}: "
                             f"this program serves {kind}s")
-        return _serve(kind, path, learn)
+        return _serve(kind, path, learn, options)
     except UserError:
         raise
     except Exception as e:  # a corrupt or foreign file fails in many ways, all of them "does not load"
@@ -90,9 +91,9 @@ def open_model(spec, kind, train=None):
                         "download it again)") from None
 
 
-def _serve(kind, path, learn):
+def _serve(kind, path, learn, options):
     from .inference import Predictor, Reconstructor
-    return (Predictor if kind == CLASSIFIER else Reconstructor)(path, learn=learn)
+    return (Predictor if kind == CLASSIFIER else Reconstructor)(path, learn=learn, **options)
 
 
 def article(word):

@@ -99,8 +99,8 @@ def main(argv=None):
     require([("--top-k", args.top_k, args.top_k >= 1, "at least 1")])
     if args.csv:
         check_output(args.csv)
-    predictor = open_model(args.model, CLASSIFIER)
-    predictor.tta, predictor.max_pixels = args.tta, None  # your own files: as big as training reads
+    # max_pixels: your own files, as big as training reads
+    predictor = open_model(args.model, CLASSIFIER, tta=args.tta, max_pixels=None)
     top_k = min(args.top_k, len(predictor.vocab))  # a column per class at most
     items = list(expand(args.paths))
     if not items:  # before --csv is written: an earlier OUT stays as it was
