@@ -328,7 +328,7 @@ def random_split(root, valid_pct, seed, cache=None):
         kept = [k for k, f in enumerate(first) if f in held]  # in the order of `items`, as with_flagged takes them
         # A like B like C, in two groups (A, B) and (C): B must not train while C is held out
         chained = {own[a] for i, j in near for a, b in ((i, j), (j, i)) if first[a] not in held and first[b] in held}
-        train, valid = with_flagged(root, items, {own[k] for k in kept}, prints[kept], cache)
+        train, valid = with_flagged(root, items, {own[k] for k in kept}, held_prints=prints[kept], cache=cache)
         train = [i for i in train if i not in chained]
         if chained:
             print(f"note: {len(chained)} files look like a held-out file of another group of look-alikes (a chain: "

@@ -220,7 +220,7 @@ class StoreDL(DataLoader):
     between epochs (progressive resizing).
     """
 
-    def __init__(self, store, labels, crops, size, train, after_batch, device, **kwargs):
+    def __init__(self, store, *, labels, crops, size, train, after_batch, device, **kwargs):
         super().__init__(list(range(len(store))), after_batch=after_batch, device=device, **kwargs)
         self.store, self.labels, self.crops, self.size, self.train = store, labels, crops, size, train
         # one batched cut where every operation is a kernel to launch; a CPU computes less resizing image by image
@@ -288,6 +288,6 @@ def store_loaders(dls, copies):
             store = ImageStore(files, where, pin=where.type == "cpu" and device.type == "cuda", shapes=split_shapes)
         except HeaderMismatch:  # the file path decodes whatever a file holds
             return None
-        loaders.append(StoreDL(store, y, crops, size, train, dl.after_batch, device,
-                               bs=dl.bs, shuffle=train, drop_last=train))
+        loaders.append(StoreDL(store, labels=y, crops=crops, size=size, train=train, after_batch=dl.after_batch,
+                               device=device, bs=dl.bs, shuffle=train, drop_last=train))
     return DataLoaders(*loaders, device=device)

@@ -312,13 +312,8 @@ def train(task, cfg, cbs=()):
 def _train(task, cfg, cbs):
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
-    if main_process:  # what runs killed while writing these left behind
-        remove_abandoned_staging(ckpt)
-        remove_abandoned_staging(cfg.out)
-    if not cfg.resume and ckpt.exists() and main_process:
-        print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
-    if Path(cfg.out).exists() and main_process:  # the apps serve it: said while Ctrl-C still keeps it
-        print(f"note: this run replaces {cfg.out}{made_on(cfg.out)} as it ends (--out elsewhere keeps it)")
+    if main_process:
+        before_run(cfg, ckpt)
     task.check(cfg)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
@@ -368,17 +363,29 @@ def _train(task, cfg, cbs):
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [Path(f).relative_to(root).as_posix() for f, _ in skipped]}  # as split.json
-    metrics = export_run(task, cfg, learn, run.history, root, facts, writer, ckpt)  # as the last checkpoint is written
+    # as the last checkpoint is written
+    metrics = export_run(task, cfg, learn, history=run.history, root=root, facts=facts, writer=writer, ckpt=ckpt)
     writer.wait(check=False)  # the run is complete: a failed last write loses nothing
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     print(task.summary(metrics, cfg))
     return metrics
 
 
-def export_run(task, cfg, learn, history, root, facts, writer, ckpt):
+def before_run(cfg, ckpt):
+    """The main process's start of a run: what runs killed while writing the checkpoint or the model left behind is
+    removed, and a note says what this run leaves or replaces."""
+    remove_abandoned_staging(ckpt)
+    remove_abandoned_staging(cfg.out)
+    if not cfg.resume and ckpt.exists():
+        print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
+    if Path(cfg.out).exists():  # the apps serve it: said while Ctrl-C still keeps it
+        print(f"note: this run replaces {cfg.out}{made_on(cfg.out)} as it ends (--out elsewhere keeps it)")
+
+
+def export_run(task, cfg, learn, *, history, root, facts, writer, ckpt):
     """`export`; a Ctrl-C or a full disk meanwhile says in one line that the checkpoint still holds the run."""
     try:
-        return export(task, cfg, learn, history, root, facts)
+        return export(task, cfg, learn, history=history, root=root, facts=facts)
     except KeyboardInterrupt:
         writer.wait(check=False)
         say_how_to_resume(ckpt)
@@ -406,7 +413,7 @@ def say_how_to_resume(ckpt):
               file=sys.stderr)
 
 
-def export(task, cfg, learn, history, root, facts):
+def export(task, cfg, learn, *, history, root, facts):
     """The learner, its weights-only artifacts and its report, moved into place together or not at all."""
     dls = learn.dls
     learn.remove_cb(AnyDeviceMixedPrecision)  # the report judges the model as it is exported: fp32

@@ -289,7 +289,7 @@ def autoencoder_panel(model, train_command, api_prefix=""):
     strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
     pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
     listen([*on_new_picture(a, pairs), b.upload, steps.input], user_errors(interpolate_shown), [a, b, steps], strip,
-           None)
+           api_name=None)
     # The API's endpoint on no event of the page's: the page waits for a pair, and the caller is told what it lacks.
     gr.on([], user_errors(interpolate, doc=interpolate_doc), [a, b, steps], strip, api_name=f"{api_prefix}interpolate",
           **TURNS)
