@@ -23,6 +23,13 @@ class UserError(Exception):
         return self.line
 
 
+def require(rules):
+    """One line for the first of `rules` (option, value, whether it holds, what the value must be) that fails."""
+    for option, value, holds, must in rules:
+        if not holds:
+            raise UserError(f"{option} must be {must}, not {value}")
+
+
 def first_line(error, limit=200):
     """An exception in one line of at most `limit` characters: its type, and its message's first line if any."""
     message = str(error).strip()

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from . import HelpFormatter, UserError
-from .paths import checkpoint_path, existing_folder, nothing_to_resume, writable_model_path
+from . import HelpFormatter, UserError, require
+from .paths import cache_folder, checkpoint_path, existing_folder, nothing_to_resume, writable_model_path
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -32,16 +32,6 @@ def check_device_name(name):
 def check_precision_name(name):
     if name not in PRECISIONS:
         raise UserError(f"unknown --precision {name!r}: use {', '.join(PRECISIONS)}")
-
-
-def cache_folder(cache=None):
-    """Where presized copies, look-alike fingerprints and downloaded runtimes live: `cache` (--cache) when given, else
-    $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
-    if cache:
-        return Path(cache)
-    if os.environ.get("IMAGELAB_CACHE"):
-        return Path(os.environ["IMAGELAB_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
 
 
 def parse_lr(text):
@@ -241,13 +231,6 @@ def check_autoencoder_shape(size, code_size, depth, width, blocks):
     if size % 2 ** depth:
         raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth} (each of the --depth {depth} "
                         "blocks halves the image)")
-
-
-def require(rules):
-    """One line for the first of `rules` (option, value, whether it holds, what the value must be) that fails."""
-    for option, value, holds, must in rules:
-        if not holds:
-            raise UserError(f"{option} must be {must}, not {value}")
 
 
 def add_option(group, f):

@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from . import UserError, first_line
 from .images import check_image, open_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
-from .config import cache_folder
 from .flagging import FLAGGED_NAME
-from .paths import (FLAGGED, FOLDER_SPLIT, LABELLED_FOLDERS, SPLIT_FOLDERS, TRAIN, VALID, dataset_files,
-                    existing_folder, file_key, is_flagged, split_by_folders, staging_path)
+from .paths import (FLAGGED, FOLDER_SPLIT, LABELLED_FOLDERS, SPLIT_FOLDERS, TRAIN, VALID, cache_folder,
+                    dataset_files, existing_folder, file_key, is_flagged, split_by_folders, staging_path)
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")

@@ -22,8 +22,7 @@ from uuid import uuid4
 
 from tqdm.auto import tqdm
 
-from . import UserError, first_line, proxy_for, reachable
-from .config import require
+from . import UserError, first_line, proxy_for, reachable, require
 from .images import check_image, open_image
 from .lookalikes import collect, fingerprint, fingerprints, pairs
 from .metadata import write_json

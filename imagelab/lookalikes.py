@@ -21,9 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import cache_folder
 from .images import open_image, open_rgb
-from .paths import digest, file_key, remove_abandoned_staging, staging_path
+from .paths import cache_folder, digest, file_key, remove_abandoned_staging, staging_path
 
 SIDE, FREQUENCIES = 64, 16
 WORDS = 4  # the 255 bits, in four 64-bit words: compared a word at a time
@@ -91,7 +90,7 @@ def bit_distances(a, b):
 
 def fingerprints(paths, workers=8, cache=None):
     """The fingerprints of `paths`, files or open files (one that does not decode looks like nothing). Those of files
-    are kept in `cache` (imagelab.config.cache_folder) and read back while the file is unchanged."""
+    are kept in `cache` (imagelab.paths.cache_folder) and read back while the file is unchanged."""
     paths = list(paths)
     keys = [cache_key(p) for p in paths]
     stores = {folder: store_path(cache, folder) for folder in {Path(p).parent for p, k in zip(paths, keys) if k}}

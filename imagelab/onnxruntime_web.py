@@ -18,8 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from . import UserError, run_cli
-from .config import cache_folder
-from .paths import staging_path
+from .paths import cache_folder, staging_path
 
 PACKAGE = "onnxruntime-web"
 VERSION = "1.30.0"

@@ -1,5 +1,5 @@
-"""Where things live: the files beside a model, which names in a dataset folder are images, and the names a cache
-gives what it keeps of a file.
+"""Where things live: the files beside a model, which names in a dataset folder are images, the cache folder and the
+names a cache gives what it keeps of a file.
 
 Light (the standard library, and psutil for one check): the downloader, the cleaner and the apps use these
 rules without the training stack.
@@ -167,6 +167,16 @@ def one_run_writes(model):
     finally:
         lock.unlink(missing_ok=True)  # while holding it: whoever opened it meanwhile sees it gone, and opens anew
         f.close()
+
+
+def cache_folder(cache=None):
+    """Where presized copies, look-alike fingerprints and downloaded runtimes live: `cache` (--cache) when given, else
+    $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
+    if cache:
+        return Path(cache)
+    if os.environ.get("IMAGELAB_CACHE"):
+        return Path(os.environ["IMAGELAB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imagelab"
 
 
 def digest(*parts):

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import HelpFormatter, UserError, run_cli, stdout_reader_gone
-from .config import require
+from . import HelpFormatter, UserError, require, run_cli, stdout_reader_gone
 from .loading import CLASSIFIER, FORMS, open_model
 from .paths import staging_path, visible_files
 
