@@ -10,10 +10,10 @@ from pathlib import Path
 
 from imagelab import UserError, run_cli
 from imagelab.app_options import APPS, app_parser
-from imagelab.loading import open_model
+from imagelab.loading import CLASSIFIER, open_model
 from imagelab.paths import default_model
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent  # this file's checkout: not always the imported imagelab's (an install, a copy)
 
 
 def tab_model(app):
@@ -43,12 +43,12 @@ def build():
     from imagelab.ui import autoencoder_panel, classifier_panel
     with gr.Blocks(title="Image apps") as demo:
         gr.Markdown("# Image apps\nfastai models trained on your own machine.")
-        for app in ("pets", "bears"):
+        for app in [app for app, served in APPS.items() if served.kind == CLASSIFIER]:
             with gr.Tab(app.title()):
-                classifier_panel(models[app], APPS[app].train, api_name=f"{app}_predict",
+                classifier_panel(models[app], train_command=APPS[app].train, api_name=f"{app}_predict",
                                  flag_data=os.environ.get(f"{app.upper()}_FLAG_DATA") or None)
         with gr.Tab("Autoencoder"):
-            autoencoder_panel(models["autoencoder"], APPS["autoencoder"].train, api_prefix="autoencoder_")
+            autoencoder_panel(models["autoencoder"], train_command=APPS["autoencoder"].train, api_prefix="autoencoder_")
         with gr.Tab("Cleaner"):
             if clean:
                 cleaner_panel(clean, api_prefix="cleaner_")

@@ -126,12 +126,14 @@ def missing_model(model_path, train_command):
                 "then restart this app.")
 
 
-def opened(model, kind, train_command):
-    """The served object for `model`; None, with the training instructions rendered, for a model not there yet."""
+def opened(model, kind, train_command=None):
+    """The served object for `model` (opened already, or a path); with `train_command`, None and the training
+    instructions rendered for a model not there yet."""
     if not isinstance(model, (str, Path)):
         return model
-    if not str(model).startswith(HF_PREFIX) and not Path(model).exists():
-        return missing_model(model, train_command)
+    if train_command and not str(model).startswith(HF_PREFIX) and not Path(model).exists():
+        missing_model(model, train_command)
+        return None
     return open_model(model, kind)
 
 
@@ -151,8 +153,9 @@ def user_errors(fn, name=None, doc=None):
     return run
 
 
-def classifier_panel(model, train_command, api_name="predict", flag_data=None):
-    """Image → the top `TOP` labels, rendered into the enclosing Blocks; instructions if the model is missing.
+def classifier_panel(model, *, train_command=None, api_name="predict", flag_data=None):
+    """Image → the top `TOP` labels, rendered into the enclosing Blocks; `train_command`'s instructions if the model
+    (a path) is missing.
 
     With `flag_data` (a dataset folder) a visitor can flag a wrong answer with the right class, kept in
     `<flag_data>/flagged/<class>/` (`imagelab.flagging`); endpoint `<api_name less predict>flag`.
@@ -223,13 +226,13 @@ def classifier_demo(title, description, model, flag_data=None):
     """A standalone classifier app: what `apps/<name>/app.py` serves, endpoints `predict` (and `flag`)."""
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"# {title}\n{description}")
-        classifier_panel(model, None, flag_data=flag_data)
+        classifier_panel(model, flag_data=flag_data)
     return demo
 
 
-def autoencoder_panel(model, train_command, api_prefix=""):
+def autoencoder_panel(model, *, train_command=None, api_prefix=""):
     """Upload → the autoencoder's reconstruction beside PCA's, with both PSNRs; two uploads → the images between
-    their codes.
+    their codes; `train_command`'s instructions if the model (a path) is missing.
 
     Endpoints `<api_prefix>reconstruct` (the reconstruction) and `<api_prefix>interpolate` (a strip).
     """

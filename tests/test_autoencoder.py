@@ -194,7 +194,7 @@ def test_root_app_has_an_autoencoder_tab(ae_model, tmp_path):
         with Image.open(out) as im:
             assert im.size == (16, 16)
     with gr.Blocks() as demo:  # the tab without a model explains how to train one
-        autoencoder_panel(tmp_path / "missing.pkl", "python training/train_autoencoder.py")
+        autoencoder_panel(tmp_path / "missing.pkl", train_command="python training/train_autoencoder.py")
     assert "No model at" in json.dumps(demo.config) and "training/train_autoencoder.py" in json.dumps(demo.config)
 
 

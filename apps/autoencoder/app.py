@@ -1,6 +1,6 @@
 """Autoencoder: upload a photo, see it rebuilt from a code of a few numbers, and walk between two photos' codes."""
 from imagelab import run_cli
-from imagelab.app_options import APPS, app_default_model, app_model, app_parser
+from imagelab.app_options import app_default_model, app_model, app_parser
 
 MODEL = app_default_model(__file__, "autoencoder")
 
@@ -12,7 +12,7 @@ def main(argv=None):
     from imagelab.ui import autoencoder_panel, launch
     with gr.Blocks(title="Autoencoder") as demo:
         gr.Markdown("# Autoencoder\nUpload a photo: it is squeezed into a short code and rebuilt from it.")
-        autoencoder_panel(model, APPS["autoencoder"].train)
+        autoencoder_panel(model)
     launch(demo, args.host, args.port, args.mcp)
 
 

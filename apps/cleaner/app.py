@@ -4,6 +4,7 @@ import os
 from imagelab import run_cli
 from imagelab.app_options import app_default_model, app_model, app_parser
 
+# The bear classifier's: its dataset, from a web image search, is the one that needs cleaning.
 MODEL = app_default_model(__file__, "bears")
 
 
