@@ -1,10 +1,11 @@
-"""The training loop's own fastai callbacks: the clock, the progress bar, progressive resizing, the best epoch.
+"""The training loop's own fastai callbacks: the clock, the progress bar, progressive resizing, the losses, the best
+epoch.
 
 fastai runs a learner's callbacks, event by event, in the order of their `order`; these depend on it:
 - fastai's TrainEvalCallback sets `pct_train` (the fit's progress) from the epochs alone at each epoch's start;
   `TimeBudget` comes right after it and makes it the clock's, when the clock is ahead; `ProgressiveResize` comes
   next and picks the epoch's input size from it; fastai's ParamScheduler (60) reads it at every batch.
-- imagelab.reports.LossHistory logs the epoch's losses (60), then `KeepBest` reads them, then
+- `LossHistory` logs the epoch's losses (60), then `KeepBest` reads them, then
   imagelab.checkpoint.Checkpoint (65) saves what both hold, then imagelab.distributed.OwnRandomness replaces the
   random streams a resumed run restored.
 - imagelab.models.PlainTensors (100) comes after everything that changes the batch (MixUp, CutMix,
@@ -13,12 +14,12 @@ fastai runs a learner's callbacks, event by event, in the order of their `order`
 import math
 import time
 
+import torch
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
 from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import get_model, rank_distrib
 
 from .distributed import agreed_max, world_size
-from .reports import LossHistory
 
 
 class TimeBudget(Callback):
@@ -132,6 +133,44 @@ class ProgressiveResize(Callback):
 
     def after_fit(self):
         self.resize(self.size)
+
+
+class LossHistory(Callback):
+    """Losses across every fit of a run (fastai's Recorder restarts at each fit, e.g. both halves of fine_tune), and
+    each epoch's held-out metrics ({name: value}, in `valid_metrics`)."""
+    order = 60  # after the Recorder has smoothed the loss
+
+    def __init__(self):
+        self.train, self.valid, self.valid_metrics, self.step, self.pending = [], [], [], 0, []
+
+    def before_epoch(self):
+        self.trained = False
+
+    def after_batch(self):
+        if self.training:
+            self.step += 1
+            self.trained = True
+            # read once an epoch: reading a GPU's value after each batch would make the CPU wait for the GPU
+            self.pending.append((self.step, self.recorder.smooth_loss.value))
+
+    def read_pending(self):
+        if self.pending:
+            steps, values = zip(*self.pending)
+            # extended, not reassigned: assigning a callback attribute that the learner also has (its model's
+            # `train`) makes fastai warn
+            self.train.extend(zip(steps, torch.stack(values).float().tolist()))
+            self.pending = []
+
+    def after_epoch(self):
+        self.read_pending()
+        if self.trained:  # epochs skipped by a resumed run log nothing
+            _, loss, *metrics = self.recorder.values[-1]
+            self.valid.append((self.step, float(loss)))
+            self.valid_metrics.append({name: None if v is None else float(v)
+                                       for name, v in zip(self.recorder.metric_names[3:], metrics)})
+
+    def after_fit(self):
+        self.read_pending()  # an epoch cut short (the time budget) ends the fit without its after_epoch
 
 
 def best_weights(learn, epoch, loss):

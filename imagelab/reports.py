@@ -9,46 +9,7 @@ matplotlib.use("Agg")  # files only: training runs on servers and in CI without 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from fastai.callback.core import Callback
 from fastai.interpret import ClassificationInterpretation
-
-
-class LossHistory(Callback):
-    """Losses across every fit of a run (fastai's Recorder restarts at each fit, e.g. both halves of fine_tune), and
-    each epoch's held-out metrics ({name: value}, in `valid_metrics`)."""
-    order = 60  # after the Recorder has smoothed the loss
-
-    def __init__(self):
-        self.train, self.valid, self.valid_metrics, self.step, self.pending = [], [], [], 0, []
-
-    def before_epoch(self):
-        self.trained = False
-
-    def after_batch(self):
-        if self.training:
-            self.step += 1
-            self.trained = True
-            # read once an epoch: reading a GPU's value after each batch would make the CPU wait for the GPU
-            self.pending.append((self.step, self.recorder.smooth_loss.value))
-
-    def read_pending(self):
-        if self.pending:
-            steps, values = zip(*self.pending)
-            # extended, not reassigned: assigning a callback attribute that the learner also has (its model's
-            # `train`) makes fastai warn
-            self.train.extend(zip(steps, torch.stack(values).float().tolist()))
-            self.pending = []
-
-    def after_epoch(self):
-        self.read_pending()
-        if self.trained:  # epochs skipped by a resumed run log nothing
-            _, loss, *metrics = self.recorder.values[-1]
-            self.valid.append((self.step, float(loss)))
-            self.valid_metrics.append({name: None if v is None else float(v)
-                                       for name, v in zip(self.recorder.metric_names[3:], metrics)})
-
-    def after_fit(self):
-        self.read_pending()  # an epoch cut short (the time budget) ends the fit without its after_epoch
 
 
 def save_fig(fig, path):

@@ -24,7 +24,7 @@ from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
 from . import UserError
 from .augment import faster_augmentation
-from .callbacks import KeepBest, Progress, ProgressiveResize, TimeBudget, best_weights
+from .callbacks import KeepBest, LossHistory, Progress, ProgressiveResize, TimeBudget, best_weights
 from .checkpoint import Checkpoint, Writer, check_settings, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, loss_scaler, pick_device, pick_precision
@@ -34,7 +34,7 @@ from .metadata import versions, write_json
 from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
 from .paths import (WRITE_ERRORS, checkpoint_path, examples_dir, is_flagged, metrics_path, one_run_writes,
                     remove_abandoned_staging, split_path, torch_write_failed, write_failure)
-from .reports import LossHistory, plot_lr_find
+from .reports import plot_lr_find
 from .store import StoreDL, store_loaders
 
 
