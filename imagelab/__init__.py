@@ -30,10 +30,10 @@ def require(rules):
             raise UserError(f"{option} must be {must}, not {value}")
 
 
-def first_line(error, limit=200):
-    """An exception in one line of at most `limit` characters: its type, and its message's first line if any."""
+def first_line(error):
+    """An exception in one line of at most 200 characters: its type, and its message's first line if any."""
     message = str(error).strip()
-    return (f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__)[:limit]
+    return (f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__)[:200]
 
 
 def proxy_for(url):
@@ -43,7 +43,10 @@ def proxy_for(url):
     return None if proxy_bypass(parts.hostname or "") else getproxies().get(parts.scheme)
 
 
-def reachable(url, proxy=None, timeout=3.0):
+CONNECT_TIMEOUT = 3.0  # seconds: `reachable`'s one try
+
+
+def reachable(url, proxy=None):
     """Whether one TCP connect to `url`'s host (or to `proxy`'s, where its client goes through one) succeeds:
     seconds, where a client's retries offline take a minute."""
     if proxy and "://" not in proxy:
@@ -53,7 +56,7 @@ def reachable(url, proxy=None, timeout=3.0):
         return False
     port = target.port or {"http": 80, "https": 443}.get(target.scheme, 1080)  # else a SOCKS proxy's
     try:
-        with socket.create_connection((target.hostname, port), timeout):
+        with socket.create_connection((target.hostname, port), CONNECT_TIMEOUT):
             return True
     except OSError:
         return False

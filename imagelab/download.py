@@ -41,9 +41,9 @@ def search_proxy():
     return os.environ.get("DDGS_PROXY") or proxy_for(f"https://{SEARCH_HOST}")
 
 
-def search_reachable(timeout=3.0):
+def search_reachable():
     """One TCP connect to the search host (or its proxy): seconds instead of the client's timeouts offline."""
-    return reachable(f"https://{SEARCH_HOST}", search_proxy(), timeout)
+    return reachable(f"https://{SEARCH_HOST}", search_proxy())
 
 
 def search_images(query, n, backend="auto", timeout=10):

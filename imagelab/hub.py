@@ -14,10 +14,10 @@ except ImportError:
 HF_PREFIX = "hf://"
 
 
-def hub_reachable(timeout=3.0):
+def hub_reachable():
     """One TCP connect to the Hub (or the proxy its client goes through): seconds instead of the client's minute of
     retries when offline."""
-    return reachable(constants.ENDPOINT, proxy_for(constants.ENDPOINT), timeout)
+    return reachable(constants.ENDPOINT, proxy_for(constants.ENDPOINT))
 
 
 def hub_file(repo_id, filename, revision=None, what="file"):

@@ -7,6 +7,8 @@ import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
+LIBRARIES = ("fastai", "timm", "torch")  # whose versions a model's metrics.json records
+
 
 def write_json(obj, path):
     """`obj` as strict JSON, which has no NaN or infinity: such a number is written as null."""
@@ -23,11 +25,11 @@ def finite(obj):
     return obj
 
 
-def versions(packages=("fastai", "timm", "torch")):
+def versions():
     """The versions of the libraries a model was trained with, for its metrics.json."""
     def installed(name):
         try:
             return version(name)
         except PackageNotFoundError:
             return None
-    return {**{name: installed(name) for name in packages}, "python": platform.python_version()}
+    return {**{name: installed(name) for name in LIBRARIES}, "python": platform.python_version()}
