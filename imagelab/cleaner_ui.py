@@ -29,8 +29,13 @@ def cleaner_api(cleaner, api_prefix=""):
 
     def list_images(label: str, split: str = "all", limit: int = 0) -> list[dict]:
         """A class's images in a split (valid, train, all, or flagged: those flagged in the apps), highest loss first:
-        [{file, label, predicted, probability, loss}]; limit 0 means all of them."""
-        return user_errors(cleaner.rank)(label, split, limit or None)
+        [{file, label, predicted, probability, loss}]; limit 0 means all of them. Files the page cannot name (not
+        UTF-8) are left out, with a warning that says how many."""
+        records = user_errors(cleaner.rank)(label, split, limit or None)
+        unlisted = cleaner.unlisted(label, split)
+        if unlisted:
+            gr.Warning(unlisted)
+        return records
 
     def apply(actions: list[dict]) -> list[dict]:
         """Carry out [{file: '<class>/<file>', action: 'keep'|'remove'|'relabel', to: '<class>'}]; returns the
@@ -65,8 +70,9 @@ def cleaner_panel(cleaner, api_prefix=""):
 
     def refresh(label, split, limit, message=""):
         ranked = user_errors(cleaner.rank)(label, split)
-        recs = ranked[:int(limit)]
-        return f"{message}{len(recs)} of {len(ranked)} images of **{label}** ({split}), highest loss first.", recs
+        recs, unlisted = ranked[:int(limit)], cleaner.unlisted(label, split)
+        return (f"{message}{len(recs)} of {len(ranked)} images of **{label}** ({split}), highest loss first."
+                + (f" {unlisted}." if unlisted else "")), recs
 
     show.click(refresh, [label, split, limit], [status, records], api_visibility="private", **TURNS)
 

@@ -3,7 +3,8 @@ the user marks to another class folder or to `removed/`, logging every move so t
 
 Nothing is ever deleted, and no request can read or move a file outside the dataset root: every path is
 `<class>/<file>` (or `flagged/<class>/<file>`, an image the apps' visitors flagged, or `removed/<class>/<file>`
-in the log), each part a plain name, no symlinks, and the resolved result must still sit in the folder it names.
+in the log), each part a plain name in UTF-8, no symlinks, and the resolved result must still sit in the folder it
+names.
 """
 import contextlib
 import json
@@ -27,12 +28,30 @@ from .paths import CLEANING_LOG, FLAGGED, REMOVED, check_class_name, existing_fo
 ACTIONS = ("keep", "relabel", "remove")
 
 
+def unsendable(rel):
+    """Why the relative path `rel` (as the disk names it) cannot be listed and sent back in a request, or None.
+    JSON carries UTF-8 text: a name that is not UTF-8 (its bytes held by Python as lone surrogates) can neither be
+    shown nor named in a request; `plain_name` refuses a backslash. Such files are left out, and named in `unlisted`."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    return "holds a backslash" if "\\" in rel else None
+
+
+def printable(rel):
+    """`rel` to show in a message, its bytes that are not UTF-8 as \\xff escapes."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def safe_path(root, rel, classes, under=()):
     """`root/<class>/<file>` (or `root/<top>/<class>/<file>` for a `top` in `under`: REMOVED, FLAGGED) for the
     relative path `rel`, checked to be inside `root`, through no symlink, with `<class>` one of `classes`;
     else a UserError."""
     if not isinstance(rel, str):
         raise UserError(f"not a path: {rel!r}")
+    if unsendable(rel):  # no page lists it: a request made it up
+        raise UserError(f"not a path the cleaner lists ({unsendable(rel)}): {rel!r}")
     parts = rel.split("/")
     folder = root
     if parts[0] in under:
@@ -98,8 +117,22 @@ class Cleaner:
         self.moving = threading.Lock()  # one apply or undo at a time: each takes the next batch number of the log
 
     def files(self, label, split="all"):
-        """Relative paths of the readable images of class `label` in `split` (a plain file each, no links);
-        split `flagged`: those flagged in the apps (`flagged/<label>/`), not yet moved into the class folder."""
+        """Relative paths of the readable images of class `label` in `split` (a plain file each, no links, named in
+        UTF-8); split `flagged`: those flagged in the apps (`flagged/<label>/`), not yet moved into the class folder."""
+        return [r for r in self._candidates(label, split) if not unsendable(r) and check_image(self.root / r) is None]
+
+    def unlisted(self, label, split="all"):
+        """One line on the files of `label` in `split` that `files` leaves out for their names ("" when none)."""
+        names = [printable(r) for r in self._candidates(label, split) if unsendable(r)]
+        if not names:
+            return ""
+        them = "it" if len(names) == 1 else "them"
+        return (f"{len(names)} file{'s' * (len(names) > 1)} left out ({names[0]}{', ...' * (len(names) > 1)}): a name "
+                f"that is not valid UTF-8 (or holds a backslash) cannot be sent back from the page; rename {them} to "
+                f"clean {them} here")
+
+    def _candidates(self, label, split):
+        """The relative paths of every plain file of `label` in `split`, named as the disk names them."""
         if label not in self.classes:
             raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
         if split not in self.splits:
@@ -114,7 +147,7 @@ class Cleaner:
         if split in ("valid", "train"):
             chosen = set(self.split[split])
             rels = [r for r in rels if r in chosen]
-        return [r for r in rels if check_image(self.root / r) is None]
+        return rels
 
     def rank(self, label, split="all", limit=None):
         """The `limit` (None or 0: all) images of `label` in `split` with the highest loss, each with the model's

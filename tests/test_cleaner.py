@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -17,13 +18,16 @@ from imagelab.cleaning import Cleaner
 
 CLASSES = [label for label, _ in BEARS]
 BAD = ("empty.jpg", "notes.jpg", "truncated.jpg")
+NOT_UTF8 = os.fsdecode(b"\xff\xfebad.jpg")  # a name a disk holds (a scrape, an old archive) that JSON cannot carry
 
 
 @pytest.fixture
 def dataset(tiny_bears, tmp_path):
-    """A copy of the trained-on folder (the cleaner moves files), a file outside it and a link to that file."""
+    """A copy of the trained-on folder (the cleaner moves files), a file outside it and a link to that file, and an
+    image whose name is not UTF-8."""
     model, data, _ = tiny_bears
     root = shutil.copytree(data, tmp_path / "data")
+    shutil.copy(root / "black" / "00000000.jpg", root / "black" / NOT_UTF8)
     secret = write_image(tmp_path / "secret.jpg", (1, 2, 3))
     (root / "grizzly" / "link.jpg").symlink_to(secret)
     return model, root, secret
@@ -37,13 +41,19 @@ def snapshot(root):
 
 def test_images_are_ranked_by_loss_per_class_and_split(dataset):
     model, root, _ = dataset
+    shutil.copy(root / "teddy" / "00000000.jpg", root / "teddy" / "back\\slash.jpg")  # a name apply would refuse
     cleaner = Cleaner(model, root)
     assert cleaner.classes == CLASSES and cleaner.splits == ["valid", "train", "all", "flagged"]
     split = json.loads(model.with_name("bears.report").joinpath("split.json").read_text())
     for label in CLASSES:
         everything = cleaner.rank(label, "all")
-        files = sorted(f"{label}/{p.name}" for p in (root / label).iterdir() if p.name not in BAD + ("link.jpg",))
-        assert sorted(r["file"] for r in everything) == files  # no unreadable file, no link
+        files = sorted(f"{label}/{p.name}" for p in (root / label).iterdir()
+                       if p.name not in BAD + ("link.jpg", NOT_UTF8, "back\\slash.jpg"))
+        assert sorted(r["file"] for r in everything) == files  # no unreadable file, no link, no name to refuse
+        odd = {"black": "black/\\xff\\xfebad.jpg", "teddy": "teddy/back\\slash.jpg"}.get(label)
+        assert cleaner.unlisted(label) == (f"1 file left out ({odd}): a name that is not valid UTF-8 (or holds a "
+                                           "backslash) cannot be sent back from the page; rename it to clean it here"
+                                           if odd else "")
         assert [r["loss"] for r in everything] == sorted((r["loss"] for r in everything), reverse=True)
         for r in everything:
             assert r["label"] == label and r["predicted"] in CLASSES and 1 / 3 <= r["probability"] <= 1
@@ -227,6 +237,7 @@ TRICKS = [
     "grizzly//00000000.jpg", "./grizzly/00000000.jpg", "grizzly/00000000.jpg/", "grizzly/no-such.jpg",
     "grizzly", "", None, 42, ["grizzly", "00000000.jpg"],
     "flagged/../secret.jpg", "flagged/grizzly/../../secret.jpg", "flagged/quarantine/q.jpg", "removed/flagged/x.jpg",
+    f"black/{NOT_UTF8}",  # there, but never listed: its name could not come back from the page (JSON's "\\udcff...")
 ]
 
 
@@ -272,12 +283,23 @@ def test_targets_links_and_a_forged_log_are_refused(dataset, tmp_path):
     assert not (tmp_path / "stolen.jpg").exists() and secret.exists()
 
 
+def drain(queue):
+    """What an asyncio queue holds now (a finished gradio_client job's updates: its warnings among them)."""
+    while not queue.empty():
+        yield queue.get_nowait()
+
+
 def test_cleaner_app_over_http(dataset):
     model, root, secret = dataset
     with served(["apps/cleaner/app.py", "--model", model, "--data", root]) as url:
         client = Client(url, verbose=False)
         listed = client.predict("grizzly", "all", 4, api_name="/list")
         assert len(listed) == 4 and listed == sorted(listed, key=lambda r: -r["loss"])
+        # a file named in bytes that are not UTF-8 is left out of its class's list, with a warning that says so
+        job, cleaner = client.submit("black", "all", 0, api_name="/list"), Cleaner(model, root)
+        assert sorted(r["file"] for r in job.result()) == sorted(r["file"] for r in cleaner.rank("black"))
+        warnings = [u.log for u in drain(job.communicator.updates) if getattr(u, "log", None)]
+        assert warnings == [(cleaner.unlisted("black"), "warning")] and "1 file left out" in warnings[0][0]
         before = snapshot(root)
         relabel, remove = listed[0]["file"], listed[1]["file"]
         moves = client.predict([{"file": relabel, "action": "relabel", "to": "teddy"},
