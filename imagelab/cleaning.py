@@ -60,8 +60,11 @@ def safe_path(root, rel, classes, under=()):
         raise UserError(f"not <class>/<file> of this dataset: {rel!r}")
     path = folder / check_class_name(parts[0]) / plain_name(parts[1])
     for p in (folder, path.parent, path):
+        where = "" if p == path else f" ({p.relative_to(root).as_posix()}/ is one)"
         if p.is_symlink():
-            raise UserError(f"refusing a symbolic link: {rel!r}")
+            raise UserError(f"refusing a symbolic link: {rel!r}{where}")
+        if p != path and p.exists() and not p.is_dir():
+            raise UserError(f"not a folder: {p.relative_to(root).as_posix()} (in {rel!r})")
     if path.resolve().parent != (folder / parts[0]).resolve() or not path.resolve().is_relative_to(root):
         raise UserError(f"outside the dataset: {rel!r}")
     return path
@@ -291,6 +294,11 @@ class Cleaner:
             dst = folder / name if name is not None else free_name(folder, src.name, taken)
             taken.add(dst)
             targets.append((src, dst))
+            try:  # where a file goes passes the checks of where one comes from: through a link (`removed` leading
+                # out of the dataset, say) it would land out of undo's reach
+                safe_path(self.root, self.rel(dst), self.classes, under=(REMOVED, FLAGGED))
+            except UserError as e:
+                raise UserError(f"nothing moved: {e}") from None
         if not targets and kind == "clean":
             return []  # nothing to move (keep, say), nothing to log; an undo is logged even then: its batch is undone
         entry = {"batch": batch, "kind": kind, **extra, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

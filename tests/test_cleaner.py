@@ -256,6 +256,45 @@ def test_path_tricks_are_refused(dataset, trick):
     assert not (root / "cleaning-log.jsonl").exists()
 
 
+def linked(path, to):
+    """`path` made a symbolic link to the folder `to` (created, after what `path` held is moved away)."""
+    if path.exists():
+        path.rename(path.with_name(f".{path.name}.away"))
+    to.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(to, target_is_directory=True)
+
+
+# Where a move goes, made a link or a file on the disk (by hand, by another tool, after the cleaner started): the
+# destination and each of its folders pass the same checks as a source, and the whole batch is refused.
+DESTINATION_TRICKS = {
+    "removed links out": (lambda root, out: linked(root / "removed", out), {"file": "grizzly/00000000.jpg",
+                                                                            "action": "remove"}),
+    "removed/<class> links out": (lambda root, out: linked(root / "removed" / "grizzly", out),
+                                  {"file": "grizzly/00000000.jpg", "action": "remove"}),
+    "removed/<class> links to a class": (lambda root, out: linked(root / "removed" / "grizzly", root / "black"),
+                                         {"file": "grizzly/00000000.jpg", "action": "remove"}),
+    "class folder links out": (lambda root, out: linked(root / "black", out),
+                               {"file": "grizzly/00000000.jpg", "action": "relabel", "to": "black"}),
+    "removed is a file": (lambda root, out: shutil.rmtree(root / "removed") or (root / "removed").write_text("x"),
+                          {"file": "grizzly/00000000.jpg", "action": "remove"}),
+}
+
+
+@pytest.mark.parametrize("trick", DESTINATION_TRICKS)
+def test_destination_tricks_are_refused(dataset, tmp_path, trick):
+    model, root, _ = dataset
+    cleaner = Cleaner(model, root)  # before the trick: it started on a sound folder
+    setup, entry = DESTINATION_TRICKS[trick]
+    setup(root, tmp_path / "elsewhere")
+    before = snapshot(root)
+    with pytest.raises(UserError, match="^nothing moved: (refusing a symbolic link|not a folder)"):
+        cleaner.apply([{"file": "teddy/00000000.jpg", "action": "relabel", "to": "grizzly"}, entry])
+    assert snapshot(root) == before and not list((tmp_path / "elsewhere").rglob("*"))
+    assert not (root / "cleaning-log.jsonl").read_text()  # nothing logged: nothing to undo
+    with pytest.raises(UserError, match="nothing to undo"):
+        cleaner.undo()
+
+
 def test_targets_links_and_a_forged_log_are_refused(dataset, tmp_path):
     model, root, secret = dataset
     cleaner = Cleaner(model, root)
