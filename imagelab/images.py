@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import UserError
+from .paths import not_regular
 
 # Refuse images whose header claims more pixels than this before decoding them: a 40000x40000 PNG
 # of a few KB would otherwise take gigabytes of memory.
@@ -63,6 +64,8 @@ def val_margin(size, val_xtra):
 
 def check_image(path):
     """None if `path` decodes fully as an image, else the reason it does not."""
+    if not_regular(path):  # a named pipe: opened, it would wait for a writer forever
+        return not_regular(path)
     try:
         with open_image(path) as im:
             im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: a full read of every byte, much faster

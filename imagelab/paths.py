@@ -9,6 +9,7 @@ import glob
 import hashlib
 import os
 import shutil
+import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -235,10 +236,21 @@ def hidden(name):
     return name.startswith(".")
 
 
+def not_regular(path):
+    """The reason to skip a named pipe, socket or device, or a link to one, unopened: opening a pipe waits for a writer
+    that may never come, and a device may never end. None for a file, or a path not there (its reader says why)."""
+    try:
+        mode = os.stat(path).st_mode  # stat opens nothing
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
 def visible_files(folder):
-    """Every file under `folder` (recursive, through links to folders: a class folder is often one), none hidden or
-    inside a hidden folder, in a stable order. A folder reached twice (a link back up) is read once; a link that
-    leads nowhere is listed, for its reader to say so."""
+    """Every entry under `folder` that is not a folder (recursive, through links to folders: a class folder is often
+    one), none hidden or inside a hidden folder, in a stable order. A folder reached twice (a link back up) is read
+    once; a link that leads nowhere, a named pipe or a link to one is listed, for its reader to say so
+    (`not_regular`, before it opens anything)."""
     found, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
@@ -247,7 +259,7 @@ def visible_files(folder):
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not hidden(d))
-        found += [p for p in (Path(top) / f for f in files if not hidden(f)) if p.is_file() or p.is_symlink()]
+        found += [Path(top) / f for f in files if not hidden(f)]
     return sorted(found)
 
 

@@ -19,17 +19,17 @@ from tqdm.auto import tqdm
 
 from . import HelpFormatter, UserError, require, run_cli, stdout_reader_gone
 from .loading import CLASSIFIER, FORMS, open_model
-from .paths import staging_path, visible_files
+from .paths import not_regular, staging_path, visible_files
 
 
 def expand(paths):
     """(path, None) for each file as given and each file in a folder (recursively, hidden files skipped), in a
-    stable order; (path, reason) for a path that is not there."""
+    stable order; (path, reason) for a path that is not there or not a regular file (a named pipe: never opened)."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from ((f, None) for f in visible_files(p))
+            yield from ((f, not_regular(f)) for f in visible_files(p))
         elif p.exists():
-            yield p, None
+            yield p, not_regular(p)
         else:
             yield p, "no such file or folder"
 

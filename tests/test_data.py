@@ -1,4 +1,5 @@
 """Label functions, the Oxford file-name parser, label-scheme detection and the image checks."""
+import csv
 import io
 import os
 import shutil
@@ -9,7 +10,7 @@ import pytest
 from fastai.data.transforms import RandomSplitter
 from PIL import Image
 
-from conftest import SHARED, make_folder_dataset, shapes, write_image
+from conftest import SHARED, make_folder_dataset, run, shapes, write_image
 from imagelab import UserError
 from imagelab.data import (Presized, breed, check_image, check_oxford_names, classifier_dls, detect_labels, find_images,
                            folder_split, is_cat, label_function, open_rgb, parent_label, presize, split_counts)
@@ -193,6 +194,34 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     (only_bad / "x.jpg").write_text("nope")
     with pytest.raises(UserError, match="no readable images"):
         find_images(only_bad)
+
+
+FIND_IMAGES = """
+import sys
+from imagelab.data import find_images
+good, bad = find_images(sys.argv[1])
+print(len(good), *sorted(f"{f.name}: {why}" for f, why in bad), sep="\\n")
+"""
+
+
+def test_named_pipes_are_skipped_never_opened(tiny_model, tmp_path):
+    """A named pipe (or a link to one) in a dataset, or named to predict: opened, it would wait for a writer forever
+    (and Ctrl-C would not stop the threads that wait). Each is skipped with its reason; bounded runs, so that a
+    regression fails instead of hanging the tests."""
+    data = make_folder_dataset(tmp_path / "data", n=3)
+    os.mkfifo(tmp_path / "pipe")
+    (data / "cats" / "pipe.jpg").symlink_to(tmp_path / "pipe")
+    os.mkfifo(data / "dogs" / "fifo.jpg")
+    (data / "dogs" / "zero.jpg").symlink_to("/dev/zero")  # a device: it would never end
+    res = run(["-c", FIND_IMAGES, data], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines() == ["6", "fifo.jpg: not a regular file", "pipe.jpg: not a regular file",
+                                       "zero.jpg: not a regular file"]
+    out = tmp_path / "out.csv"
+    res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "pipe", data, "--csv", out], timeout=120)
+    assert res.returncode == 0 and "6 classified, 4 unreadable" in res.stderr, res.stderr[-2000:]
+    errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader(out.open()) if r["error"]}
+    assert errors == dict.fromkeys(["pipe", "pipe.jpg", "fifo.jpg", "zero.jpg"], "not a regular file")
 
 
 def test_open_rgb_handles_alpha_palette_and_exif():
