@@ -70,6 +70,20 @@ def safe_path(root, rel, classes, under=()):
     return path
 
 
+def damage(entry):
+    """What is wrong with a log line's JSON as a batch that `Cleaner._move` writes, or None: a line edited by hand, or
+    by another program, that undo cannot read."""
+    if not isinstance(entry, dict) or type(entry.get("batch")) is not int:
+        return "not a numbered batch"
+    if entry.get("kind") not in ("clean", "undo") or (entry["kind"] == "undo" and type(entry.get("undoes")) is not int):
+        return "neither a clean nor the undo of a numbered batch"
+    moves = entry.get("moves")
+    if not isinstance(moves, list) or not all(isinstance(m, dict) and isinstance(m.get("from"), str)
+                                              and isinstance(m.get("to"), str) for m in moves):
+        return "its moves are not each a 'from' and a 'to'"
+    return None
+
+
 def ends_mid_line(f):
     """Whether the binary file `f` ends with a line that lacks its newline (a write cut short by a crash)."""
     if f.seek(0, os.SEEK_END) == 0:
@@ -220,6 +234,11 @@ class Cleaner:
             yield
 
     def _undo(self):
+        _, damaged = self._lines()
+        if damaged:  # it may be the batch to undo, or say which one an undo undid
+            number, wrong, _ = damaged[0]
+            raise UserError(f"cannot undo: line {number} of {self.log} is damaged ({wrong}); put it right or delete "
+                            "it, then undo again (the other lines are as they were)")
         batches = self.history()
         # undone: by an undo that moved all it planned; one stopped part way (killed, interrupted, a failed move) is
         # done again by the next, from where it stopped
@@ -240,19 +259,24 @@ class Cleaner:
         return self._move(plan, "undo", undoes=last["batch"])
 
     def _lines(self):
-        """Every batch line of the log. A line that is not one (a write cut short by a crash or a full disk) is
-        passed over: the rest of the log still undoes."""
+        """(batches, damaged): every batch line of the log, and (line number, what is wrong, its batch number or None)
+        of each line that is JSON but no batch (`damage`). A line that is not JSON (a write cut short by a crash or a
+        full disk) is passed over: the rest of the log still undoes."""
         if not self.log.is_file():
-            return []
-        lines = []
-        for line in self.log.read_text(errors="replace").splitlines():
+            return [], []
+        batches, damaged = [], []
+        for number, line in enumerate(self.log.read_text(errors="replace").splitlines(), 1):
             try:
-                batch = json.loads(line)
+                entry = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(batch, dict) and isinstance(batch.get("batch"), int) and isinstance(batch.get("moves"), list):
-                lines.append(batch)
-        return lines
+            wrong = damage(entry)
+            if wrong is None:
+                batches.append(entry)
+            else:
+                batch = entry.get("batch") if isinstance(entry, dict) and type(entry.get("batch")) is int else None
+                damaged.append((number, wrong, batch))
+        return batches, damaged
 
     def history(self):
         """The logged batches, each with the moves it made: those that moved files, and every undo (one that found
@@ -261,7 +285,7 @@ class Cleaner:
         A batch is logged twice: what it is about to move ("planned"), then what it moved. One that moved less than
         it planned is "cut_short": stopped by a failed move or Ctrl-C, or killed in between (Ctrl-C on the server,
         kill -9), in which case its moves are the planned ones found done."""
-        lines = self._lines()
+        lines, _ = self._lines()
         planned = {b["batch"]: b for b in lines if b.get("planned")}
         ended = {b["batch"] for b in lines if not b.get("planned")}
         batches = []
@@ -280,15 +304,13 @@ class Cleaner:
 
     def moved(self, move):
         """Whether the logged `move` was made: its file is at its destination and gone from where it was."""
-        try:
-            return (self.root / move["to"]).is_file() and not (self.root / move["from"]).exists()
-        except (KeyError, TypeError):  # not a move this cleaner wrote
-            return False
+        return (self.root / move["to"]).is_file() and not (self.root / move["from"]).exists()
 
     def _move(self, plan, kind, **extra):
         """Move each (file, folder, name) (name None: the file's own, or a free variant), never overwriting;
         log the moves as one batch, before and after they are made (`history`)."""
-        batch = 1 + max((b["batch"] for b in self._lines()), default=0)
+        batches, damaged = self._lines()  # a damaged line's number too: put right, it must not share it
+        batch = 1 + max([b["batch"] for b in batches] + [n for _, _, n in damaged if n is not None], default=0)
         targets, taken = [], set()
         for src, folder, name in plan:
             dst = folder / name if name is not None else free_name(folder, src.name, taken)

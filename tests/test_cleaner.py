@@ -100,6 +100,48 @@ def test_a_log_line_cut_short_is_passed_over(dataset):
     assert snapshot(root) == before
 
 
+DAMAGED = {  # JSON lines that no cleaner wrote (edited by hand, say), and what undo says of each
+    "a move without to": ({"batch": 2, "kind": "clean", "moves": [{"from": "grizzly/00000003.webp"}]},
+                          "its moves are not each a 'from' and a 'to'"),
+    "a move that is a string": ({"batch": 2, "kind": "clean", "moves": ["grizzly/00000003.webp"]},
+                                "its moves are not each a 'from' and a 'to'"),
+    "an undo of a list": ({"batch": 2, "kind": "undo", "undoes": [1], "moves": []},
+                          "neither a clean nor the undo of a numbered batch"),
+    "no moves": ({"batch": 2, "kind": "clean"}, "its moves are not each a 'from' and a 'to'"),
+    "a batch named": ({"batch": "two", "kind": "clean", "moves": []}, "not a numbered batch"),
+    "not an object": ([1, 2], "not a numbered batch"),
+}
+
+
+@pytest.mark.parametrize("damaged", DAMAGED)
+def test_a_damaged_log_line_is_named_in_one_line_and_the_rest_is_kept(dataset, damaged):
+    model, root, _ = dataset
+    cleaner = Cleaner(model, root)
+    before = snapshot(root)
+    first = cleaner.apply([{"file": "grizzly/00000003.webp", "action": "remove"}])
+    log = root / "cleaning-log.jsonl"
+    line, wrong = DAMAGED[damaged]
+    with open(log, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    message = (f"cannot undo: line 3 of {log} is damaged ({wrong}); put it right or delete it, then undo again (the "
+               "other lines are as they were)")
+    with pytest.raises(UserError) as refused:
+        cleaner.undo()
+    assert str(refused.value) == message
+    second = cleaner.apply([{"file": "teddy/00000000.jpg", "action": "relabel", "to": "black"}])
+    numbered = damaged not in ("a batch named", "not an object")
+    assert json.loads(log.read_text().splitlines()[-1])["batch"] == (3 if numbered else 2)  # never the same number
+    kept = log.read_text()
+    with pytest.raises(UserError) as refused:
+        cleaner.undo()
+    assert str(refused.value) == message
+    assert log.read_text() == kept and (root / "black" / "00000000_1.jpg").exists()  # nothing lost, nothing moved
+    log.write_text("".join(x for x in kept.splitlines(keepends=True) if json.loads(x) != line))  # the user deletes it
+    assert cleaner.undo() == [{"from": m["to"], "to": m["from"]} for m in second]
+    assert cleaner.undo() == [{"from": m["to"], "to": m["from"]} for m in first]
+    assert snapshot(root) == before
+
+
 def test_apply_moves_exactly_the_chosen_files_and_undo_puts_them_back(dataset):
     model, root, _ = dataset
     cleaner = Cleaner(model, root)
