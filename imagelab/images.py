@@ -30,8 +30,10 @@ def open_image(src):
 def open_rgb(src):
     """Any image (path, file or PIL) as upright 8-bit RGB: the one decoder used by training and serving."""
     im = src if isinstance(src, Image.Image) else open_image(src)
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)  # a model sees one picture: an animation is its first frame, as a still of it would be
+    # A model sees one picture: an animation is its first frame, as a still of it would be. Not `n_frames`, which
+    # walks every page of a TIFF: a broken pointer to a page after the first would fail a file `check_image` passed.
+    if im.tell():
+        im.seek(0)
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit and 32-bit greyscale: convert("RGB") would clip everything above 255 to white, and a float

@@ -183,3 +183,23 @@ def test_exported_graphs_pool_without_adaptive_max_pool():
     expected = head(x)
     assert torch.equal(exportable(head)(x), expected)
     assert not any(isinstance(m, torch.nn.AdaptiveMaxPool2d) for m in head.modules())
+
+
+def test_a_tiff_whose_next_page_is_broken_decodes_as_it_was_checked(tmp_path):
+    """Checking reads a file's first page; decoding for training must read no more, or a checked file fails later."""
+    import torch
+    from PIL import Image
+    from imagelab.data import find_images
+    from imagelab.images import check_image, open_rgb
+    from imagelab.store import ImageStore
+    from uploads import tiff_with_broken_next_page
+    page = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8))
+    (tmp_path / "cats").mkdir()
+    tiff = tiff_with_broken_next_page(tmp_path / "cats" / "scan.tiff", page)
+    write_image(tmp_path / "dogs" / "a.jpg", (60, 60, 220))
+    assert check_image(tiff) is None
+    assert np.array_equal(np.asarray(open_rgb(tiff)), np.asarray(page))
+    files, skipped = find_images(tmp_path)
+    assert tiff in files and skipped == []
+    store = ImageStore(files, torch.device("cpu"))  # where training decoded every checked file
+    assert torch.equal(store.image(files.index(tiff)), torch.from_numpy(np.asarray(page)).permute(2, 0, 1))

@@ -44,7 +44,21 @@ def valid_uploads(d):
     save("photo.bmp", rgb)
     save("photo.tiff", rgb)
     save("jpeg_named.png", rgb, format="JPEG")
+    out["broken_next_page.tiff"] = tiff_with_broken_next_page(d / "broken_next_page.tiff", rgb)
     return out
+
+
+def tiff_with_broken_next_page(path, im):
+    """`im` as a TIFF whose first page is whole but whose pointer to a next page points past the end of the file."""
+    im.save(path)
+    data = bytearray(path.read_bytes())
+    order = "<" if data[:2] == b"II" else ">"
+    first = struct.unpack(order + "I", data[4:8])[0]
+    entries = struct.unpack(order + "H", data[first:first + 2])[0]
+    pointer = first + 2 + 12 * entries  # after the first page's entries: where its next page is
+    data[pointer:pointer + 4] = struct.pack(order + "I", len(data) + 1000)
+    path.write_bytes(data)
+    return path
 
 
 def png_header_only(width, height):
