@@ -35,19 +35,45 @@ def open_rgb(src):
     if im.tell():
         im.seek(0)
     im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit and 32-bit greyscale: convert("RGB") would clip everything above 255 to white, and a float
-        # image's usual 0 to 1 to black. A 32-bit image does not say its range: a float one whose values all fit
-        # in 0 to 1 is read so, one whose values all fit in 8 bits as 8-bit, any other as 16-bit.
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
-        top = a.max(initial=0)
-        scale = 255 if im.mode == "F" and top <= 1 else 1 / 257 if im.mode.startswith("I;16") or top > 255 else 1
-        im = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
+    if im.mode in WIDE_GREYS:
+        im = grey_to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.new("RGB", rgba.size, "white")
         im.paste(rgba, mask=rgba.getchannel("A"))
     return im.convert("RGB")
+
+
+WIDE_GREYS = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Pixels of a wide grey image converted at a time: its float copy of a few MB, not one the size of the whole picture.
+STRIP = 1 << 18
+
+
+def grey_to_8bit(im):
+    """A 16-bit or 32-bit greyscale image as 8-bit ("L"), converted a strip of rows at a time.
+
+    convert("RGB") would clip everything above 255 to white, and a float image's usual 0 to 1 to black. A 32-bit image
+    does not say its range: a float one whose values all fit in 0 to 1 is read so, one whose values all fit in 8 bits
+    as 8-bit, any other as 16-bit.
+    """
+    rows = max(1, STRIP // max(im.width, 1))
+
+    def strips():
+        for y in range(0, im.height, rows):
+            a = np.asarray(im.crop((0, y, im.width, min(y + rows, im.height))), dtype=np.float64)
+            yield y, np.nan_to_num(a, copy=False)
+
+    if im.mode.startswith("I;16"):
+        scale = 1 / 257
+    else:
+        top = max((a.max(initial=0) for _, a in strips()), default=0)
+        scale = 255 if im.mode == "F" and top <= 1 else 1 / 257 if top > 255 else 1
+    out = Image.new("L", im.size)
+    for y, a in strips():
+        a *= scale
+        np.rint(a, out=a)
+        out.paste(Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8)), (0, y))
+    return out
 
 
 def resize_box(w, h, size, pcts=(0.5, 0.5)):

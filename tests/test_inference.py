@@ -203,3 +203,63 @@ def test_a_tiff_whose_next_page_is_broken_decodes_as_it_was_checked(tmp_path):
     assert tiff in files and skipped == []
     store = ImageStore(files, torch.device("cpu"))  # where training decoded every checked file
     assert torch.equal(store.image(files.index(tiff)), torch.from_numpy(np.asarray(page)).permute(2, 0, 1))
+
+
+def whole_image_grey_to_8bit(im):
+    """How open_rgb converted a 16-bit or 32-bit grey image before it went a strip at a time: the reference."""
+    from PIL import Image
+    a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    top = a.max(initial=0)
+    scale = 255 if im.mode == "F" and top <= 1 else 1 / 257 if im.mode.startswith("I;16") or top > 255 else 1
+    return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
+
+
+def test_wide_greys_convert_a_strip_at_a_time_as_the_whole_image_did(tmp_path):
+    """16-bit and 32-bit greys give the pixels the whole-image conversion gave, in every mode and range, also where
+    the brightest pixel is in a later strip than the first."""
+    from PIL import Image
+    from imagelab.images import STRIP, grey_to_8bit
+    rng = np.random.default_rng(0)
+    h, w = 3 * STRIP // 600 + 7, 600  # three strips and a few rows
+    ramp = np.linspace(0, 1, h * w).reshape(h, w)
+    arrays = {"16-bit": (ramp * 65535).astype(np.uint16), "16-bit big-endian": (ramp * 65535).astype(">u2"),
+              "32-bit int in 8 bits": (ramp * 255).astype(np.int32),
+              "32-bit int": (ramp * 70000 - 100).astype(np.int32), "float 0 to 1": ramp.astype(np.float32),
+              "float 0 to 255": (ramp * 255).astype(np.float32), "float 16-bit": (ramp * 65535).astype(np.float32),
+              "noise": rng.integers(0, 65536, (h, w)).astype(np.uint16)}
+    odd = (ramp * 2).astype(np.float32)
+    odd[0, :3], odd[-1, -2:] = [np.nan, np.inf, -np.inf], [np.nan, 0.5]
+    arrays["float with nan and inf"] = odd
+    modes = set()
+    for name, a in arrays.items():
+        images = [Image.fromarray(a)]
+        if images[0].mode.startswith("I;16"):  # also as a PNG decodes it
+            images[0].save(tmp_path / f"{name}.png")
+            images.append(Image.open(tmp_path / f"{name}.png"))
+        for im in images:
+            modes.add(im.mode)
+            assert np.array_equal(np.asarray(grey_to_8bit(im)), np.asarray(whole_image_grey_to_8bit(im))), name
+    assert modes == {"I;16", "I;16B", "I", "F"}
+    assert np.asarray(read_image(tmp_path / "16-bit.png")).max() == 255
+
+
+def test_a_large_16_bit_grey_costs_the_memory_of_an_8_bit_one(tmp_path):
+    """A 16-bit PNG of a few KB claims as many pixels as an 8-bit one: the float copies of the whole picture made each
+    request cost hundreds of MB more (tracemalloc sees numpy's and Python's memory)."""
+    import tracemalloc
+    from PIL import Image
+    from imagelab.images import open_rgb
+    side = 3000  # 9 megapixels: a float64 copy of the whole picture is 72 MB
+    wide = (np.add.outer(np.arange(side), np.arange(side)) * 7 % 65536).astype(np.uint16)
+    peaks = {}
+    for name, a in (("8-bit", (wide >> 8).astype(np.uint8)), ("16-bit", wide)):
+        Image.fromarray(a).save(tmp_path / f"{name}.png")
+        with Image.open(tmp_path / f"{name}.png") as im:
+            im.load()
+            tracemalloc.start()
+            try:
+                open_rgb(im)
+                peaks[name] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    assert peaks["16-bit"] - peaks["8-bit"] < 16 * 2**20, peaks
