@@ -64,6 +64,21 @@ class ImageUpload(gr.Image):
                            "itself", print_exception=False) from None
 
 
+class WholeNumber(gr.Slider):
+    """`gr.Slider` whose value an API or MCP caller may send as anything: none, text, a number out of its range.
+    Gradio's own check fails on the first two with a generic message and prints a traceback for all three; this one
+    answers with one line and passes on a whole number."""
+    is_template = True  # rendered by the frontend as a plain Slider
+
+    def preprocess(self, payload):
+        number = isinstance(payload, (int, float)) and not isinstance(payload, bool)
+        if not number or not self.minimum <= payload <= self.maximum:  # NaN is in no range
+            shown = repr(payload) if len(repr(payload)) <= 40 else f"{repr(payload)[:40]}..."
+            raise gr.Error(f"{self.label.lower()} must be a number from {self.minimum:g} to {self.maximum:g}, not "
+                           f"{shown}", print_exception=False)
+        return round(payload)
+
+
 def given(*images):
     """One line for a request that lacks one of `images`, as for a bad upload: an API or MCP caller may send none
     (the page's uploads always hold one)."""
@@ -254,7 +269,7 @@ def autoencoder_panel(model, *, train_command=None, api_prefix=""):
 
     def interpolate(a, b, steps):
         given(a, b)
-        return ae.interpolate(a, b, round(steps))
+        return ae.interpolate(a, b, steps)
 
     def interpolate_shown(a, b, steps):  # the page runs it as each image comes: until both are there, no strip
         return None if a is None or b is None else interpolate(a, b, steps)
@@ -288,7 +303,7 @@ def autoencoder_panel(model, *, train_command=None, api_prefix=""):
     gr.Markdown("### Between two images\nDecode codes evenly spaced from the first image's code to the second's.")
     with gr.Row():
         a, b = ImageUpload(label="From", **upload), ImageUpload(label="To", **upload)
-        steps = gr.Slider(3, 12, value=8, step=1, label="Steps")
+        steps = WholeNumber(3, 12, value=8, step=1, label="Steps")
     strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
     pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
     listen([*on_new_picture(a, pairs), b.upload, steps.input], user_errors(interpolate_shown), [a, b, steps], strip,

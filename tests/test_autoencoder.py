@@ -1,6 +1,7 @@
 """The autoencoder end to end: training, the PCA comparison, export, reloading elsewhere, the apps."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -184,6 +185,20 @@ def test_app_reconstructs_over_http(ae_model, tmp_path):
                 client.predict(handle_file(str(photo)), handle_file(str(path)), 4, api_name="/interpolate")
             assert time.monotonic() - start < 6, name
         assert client.predict(handle_file(str(other)), api_name="/reconstruct")  # still serving
+
+
+def test_bad_steps_are_one_line_and_no_traceback_in_the_servers_log(ae_model, tmp_path):
+    """An API or MCP caller may send any steps: each bad one is told in one line, and the log stays quiet."""
+    a, b = (handle_file(str(write_image(tmp_path / f"{i}.jpg", (60 * i, 60, 220)))) for i in range(2))
+    with served(["apps/autoencoder/app.py", "--model", ae_model]) as url:
+        client = Client(url, verbose=False)
+        for steps, shown in ((None, "None"), ("abc", "'abc'"), (2, "2"), (13, "13"),
+                             (True, "True"), ("x" * 500, "'" + "x" * 39 + "...")):
+            with pytest.raises(AppError, match=rf"^steps must be a number from 3 to 12, not {re.escape(shown)}$"):
+                client.predict(a, b, steps, api_name="/interpolate")
+        with Image.open(client.predict(a, b, 4.4, api_name="/interpolate")) as im:
+            assert im.size == (64, 16)  # 4 pictures
+        assert "Traceback" not in url.log.read_text()
 
 
 def test_root_app_has_an_autoencoder_tab(ae_model, tmp_path):
