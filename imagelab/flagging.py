@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -21,7 +22,8 @@ from PIL import Image
 from . import UserError
 from .images import read_image
 from .lookalikes import collect, fingerprint, pairs
-from .paths import BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, check_class_name, hidden, staging_path
+from .paths import (BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, WRITE_ERRORS, check_class_name, hidden, staging_path,
+                    write_failure)
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
 MAX_SIDE = 1024
@@ -59,6 +61,7 @@ class Flagger:
                             f"none of this model's classes ({', '.join(self.classes)}): flag into the dataset the "
                             "model was trained on")
         self.folder = self.root / FLAGGED
+        self.check_writable()
         self.per_minute, self.max_files = per_minute, max_files
         self.recent, self.lock = deque(), threading.Lock()
         self.held_out = collect([fingerprint(f) for f in held_out])
@@ -82,7 +85,7 @@ class Flagger:
         # The latest flag of a picture wins: kept under two labels, it would train both ways. Written before the
         # other copies go, so the picture is never lost; under the lock, so two visitors flagging it at once leave
         # one copy, not none.
-        with self.lock:
+        with self.lock, self.writing("could not keep the image"):
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 staged = staging_path(path)
@@ -95,6 +98,28 @@ class Flagger:
                 if other != path:
                     other.unlink(missing_ok=True)
         return path.relative_to(self.root).as_posix()
+
+    def check_writable(self):
+        """One line when the app starts if flagged images cannot be written (a read-only disk, a folder not ours), not
+        an error at every visitor's flag: a file written into the folder that will hold them, and removed."""
+        where = self.folder if self.folder.is_dir() else self.root
+        with self.writing(f"cannot keep flagged images in {self.root}"):
+            probe = staging_path(where / "probe")
+            try:
+                probe.write_bytes(b"")
+            finally:
+                probe.unlink(missing_ok=True)
+
+    @contextmanager
+    def writing(self, failed):
+        """A write that fails because of where it writes (a full or read-only disk, a folder not ours) as one line,
+        `failed` and why, not a traceback."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in WRITE_ERRORS:
+                raise
+            raise UserError(f"{failed}: {write_failure(e, self.root)}") from None
 
     def take_turn(self):
         """Refuse a flag beyond `per_minute` in the last minute (all visitors together) or a full folder."""

@@ -1,8 +1,10 @@
 """Flag to retrain: a wrong answer flagged in the app lands in flagged/<class>/, shows in the cleaner, and a
 retrain with --flagged includes it; hostile uploads are refused or stored only as a re-encoded JPEG."""
 import json
+import os
 import re
 import shutil
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
 
-from conftest import BEARS, fails_with_one_line, make_folder_dataset, run, served, train_tiny, write_image
+from conftest import BEARS, fails_with_one_line, free_port, make_folder_dataset, run, served, train_tiny, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 from imagelab.flagging import FLAGGED_NAME, MAX_SIDE, Flagger
@@ -181,6 +183,44 @@ def test_flagged_images_train_when_the_folders_hold_the_split(tmp_path):
 def test_a_missing_flag_folder_stops_the_app_with_one_line(tiny_model, tmp_path):
     res = run(["apps/pets/app.py", "--model", tiny_model, "--flag-data", tmp_path / "typo", "--port", "1"], timeout=120)
     fails_with_one_line(res, "no such folder to keep flagged images in", "typo")
+
+
+# Runs an app (argv[3:]) with mounts of its own, `folder` (argv[1]) bound onto itself, read-only with argv[2] "ro": as a
+# read-only disk is for the app alone (root writes through file permissions, not through a read-only mount).
+OWN_MOUNTS = """
+import ctypes, os, runpy, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x20000):  # CLONE_NEWNS
+    sys.exit(f"unshare: {os.strerror(ctypes.get_errno())}")
+folder, mode = sys.argv[1:3]
+subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+subprocess.run(["mount", "--bind", folder, folder], check=True)
+if mode == "ro":
+    subprocess.run(["mount", "-o", "remount,ro,bind", folder], check=True)
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts of its own need root (as a user, chmod makes a folder read-only)")
+def test_a_flag_folder_that_cannot_be_written_is_one_line(tiny_model, tmp_path):
+    """Found when the app starts, which stops; and when it turns read-only later, each flag is told in one line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    app = ["apps/pets/app.py", "--model", tiny_model, "--flag-data", data]
+    res = run(["-c", OWN_MOUNTS, data, "ro", *app, "--port", free_port()], timeout=60)  # not served: it stops
+    fails_with_one_line(res, f"cannot keep flagged images in {data}: Read-only file system")
+    with served(["-c", OWN_MOUNTS, data, "rw", *app]) as url:
+        client = Client(url, verbose=False)
+        kept = SAVED.search(client.predict(handle_file(str(write_image(tmp_path / "a.jpg", (220, 60, 60)))), "cats",
+                                           api_name="/flag"))[1]
+        subprocess.run(["nsenter", "-t", str(url.proc.pid), "-m", "mount", "-o", "remount,ro,bind", data], check=True)
+        other = handle_file(str(write_image(tmp_path / "b.jpg", (60, 60, 220))))
+        for _ in range(2):
+            with pytest.raises(AppError, match="^could not keep the image: Read-only file system$"):
+                client.predict(other, "dogs", api_name="/flag")
+        assert client.predict(other, api_name="/predict")["label"] in ("cats", "dogs")  # still serving
+        assert "Traceback" not in url.log.read_text()
+    assert all_files(data) == [kept]
 
 
 def test_flagged_images_train_and_leave_a_random_split_as_it_was(tmp_path):
