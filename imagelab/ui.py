@@ -3,12 +3,14 @@
 A panel takes the model `loading.open_model` opened when the app started, or the path of a model not
 trained yet, for which it shows how to train one.
 """
+import base64
 import functools
 import importlib.util
 import threading
 from pathlib import Path
 
 import gradio as gr
+from gradio.processing_utils import save_bytes_to_cache
 from gradio_client.utils import is_http_url_like
 
 from . import UserError, first_line
@@ -18,8 +20,9 @@ from .inference import overlay
 from .loading import AUTOENCODER, CLASSIFIER, open_model
 from .paths import FLAGGED, examples_dir
 
-# A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying.
-MAX_UPLOAD = "25mb"
+# A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying. In bytes: of an
+# uploaded file (Gradio refuses a bigger upload), and of one an API caller sends inside the request as a data: URL.
+MAX_UPLOAD = 25 * 2**20
 # Two requests run at once on a 2-core CPU Space (ONNX Runtime uses the cores within each); the rest wait
 # in a bounded queue instead of piling up in memory. Gradio counts them per event: every event that decodes an
 # upload or runs a model takes its turn in one group, so that an app's endpoints together run two.
@@ -43,14 +46,21 @@ class ImageUpload(gr.Image):
     """`gr.Image` that passes the uploaded file's path on undecoded.
 
     Gradio would open every upload with PIL first and answer a bad one with a bare "Error"; the app
-    decodes it itself (`images.read_image`) and says what is wrong.
+    decodes it itself (`images.read_image`) and says what is wrong. An image an API caller sends inside the request,
+    as a data: URL, Gradio would decode whole and re-encode before any limit of the app's: it is written to a file
+    as it came, for the same decoder.
     """
     is_template = True  # rendered by the frontend as a plain Image
 
     def preprocess(self, payload):
-        if payload is not None and payload.path is not None:
+        if payload is None:
+            return None
+        if payload.path is not None:
             return payload.path
-        return super().preprocess(payload)
+        if (payload.url or "").startswith("data:"):
+            return data_url_file(payload.url, self.GRADIO_CACHE)
+        raise gr.Error("no image in the request: send a file, an http(s) URL or a data:image/...;base64,... URL",
+                       print_exception=False)
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         """Gradio fetches an image an API or MCP caller gives as a URL here, before any app code runs, and answers a
@@ -77,6 +87,24 @@ class WholeNumber(gr.Slider):
             raise gr.Error(f"{self.label.lower()} must be a number from {self.minimum:g} to {self.maximum:g}, not "
                            f"{shown}", print_exception=False)
         return round(payload)
+
+
+def data_url_file(url, folder):
+    """The bytes of a `data:...;base64,...` URL, written as they are to a file in `folder` (its path): refused before
+    they are decoded from base64 when they are more than an upload may be, in one line when they are not base64."""
+    header, comma, data = url.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise gr.Error("not a readable image: a data: URL must hold its image in base64 (data:image/png;base64,...)",
+                       print_exception=False)
+    if len(data) // 4 * 3 > MAX_UPLOAD:
+        raise gr.Error(f"image too large: {len(data) // 4 * 3 / 2**20:.1f} MB (limit {MAX_UPLOAD / 2**20:g} MB)",
+                       print_exception=False)
+    try:
+        image = base64.b64decode(data)
+    except ValueError as e:  # binascii.Error: bad padding; or characters that are not ASCII
+        raise gr.Error(f"not a readable image: the data: URL's base64 is broken ({str(e).split(':')[0]})",
+                       print_exception=False) from None
+    return save_bytes_to_cache(image, "image.data", folder)
 
 
 def given(*images):

@@ -1,10 +1,14 @@
 """The apps as real servers on 127.0.0.1, called the way README shows: gradio_client."""
+import base64
+import io
 import json
 import os
 import re
 import socket
+import time
 import urllib.request
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -86,6 +90,48 @@ def test_a_request_without_an_image_gets_one_line(pets_app, tiny_autoencoder):
 def test_an_image_url_that_cannot_be_fetched_gets_one_line(pets_app, missing_pictures):
     with pytest.raises(AppError, match=f"cannot download the image at {re.escape(missing_pictures)}"):
         Client(pets_app, verbose=False).predict(handle_file(missing_pictures), api_name="/predict")
+    assert "Traceback" not in pets_app.log.read_text()
+
+
+def sent_inside(data, kind="image/png"):
+    """An image as an API caller may send it inside the request: a data: URL, no file uploaded."""
+    return {"path": None, "url": f"data:{kind};base64,{base64.b64encode(data).decode()}",
+            "meta": {"_type": "gradio.FileData"}}
+
+
+def test_an_image_sent_as_a_data_url_goes_through_the_apps_decoder_and_limits(pets_app, tmp_path):
+    """Classified as the same file uploaded (Gradio decoded it and re-encoded it as WEBP), and refused as an upload
+    would be, in one line, before its pixels or even its base64 are decoded."""
+    from PIL import Image
+    from test_serving import peak_rss_mb
+    from uploads import png_header_only
+    client = Client(pets_app, verbose=False)
+    photo = write_image(tmp_path / "red.png", (220, 60, 60), size=(120, 90))
+    assert (client.predict(sent_inside(photo.read_bytes()), api_name="/predict")
+            == client.predict(handle_file(str(photo)), api_name="/predict"))
+    big = tmp_path / "big.png"  # 42 megapixels, one colour: a few hundred KB
+    Image.new("RGB", (7000, 6000), (220, 60, 60)).save(big)
+    heavy = io.BytesIO()  # 30 megapixels of noise: more bytes than an upload may have
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3200, 3200, 3), np.uint8)).save(heavy, "PNG",
+                                                                                               compress_level=1)
+    before = peak_rss_mb(pets_app.proc)
+    refused = [(sent_inside(big.read_bytes()), "image too large: 7000x6000 pixels"),
+               (sent_inside(png_header_only(13300, 13300)), "image too large: 13300x13300 pixels"),
+               # Gradio reads the request itself before the app: a few copies of its 40 MB, not a 30-megapixel decode
+               (sent_inside(heavy.getvalue()), r"image too large: 29\.\d MB \(limit 25 MB\)"),
+               (sent_inside(b"\0\0\0", "image/jpeg"), "not a readable image: not an image"),
+               (sent_inside(b"hello", "text/plain"), "not a readable image: not an image"),
+               ({**sent_inside(b""), "url": "data:image/png;base64,abcde"},
+                r"not a readable image: the data: URL's base64 is broken \(Invalid base64"),
+               ({**sent_inside(b""), "url": "data:image/png,hello"}, "must hold its image in base64"),
+               ({**sent_inside(b""), "url": None}, "no image in the request")]
+    for i, (payload, message) in enumerate(refused):
+        start = time.monotonic()
+        with pytest.raises(AppError, match=message):
+            client.predict(payload, api_name="/predict")
+        assert time.monotonic() - start < 3, message
+        if i == 1:
+            assert peak_rss_mb(pets_app.proc) - before < 50  # the pictures were not decoded
     assert "Traceback" not in pets_app.log.read_text()
 
 
