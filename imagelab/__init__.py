@@ -72,6 +72,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with `HelpFormatter`, whose mistakes (a mistyped option or value) are one line, as every other
+    error here is: its usage block is what `--help` is for."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists the options)\n")
+
+
 def setup():
     """The process-wide settings of an entry point; call it before torch is imported (run_cli does).
 

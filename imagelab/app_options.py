@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import NamedTuple
 
-from . import HelpFormatter, UserError, paths
+from . import ArgumentParser, UserError, paths
 from .loading import FORMS, open_model
 
 
@@ -38,7 +38,7 @@ def port(text):
 def app_parser(description, app=None, model=None, flagging=False):
     """Options every app takes; `--model` (a model of the kind `app` serves, `model` unless given) when it
     serves one; `--flag-data` where visitors may flag wrong answers (a classifier app)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=description)
     if model is not None:
         p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(model)),
                        help=f"exported {APPS[app].kind} ({FORMS[APPS[app].kind]}); also the MODEL_PATH environment "

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from . import HelpFormatter, UserError, require
+from . import ArgumentParser, UserError, require
 from .paths import cache_folder, checkpoint_path, existing_folder, nothing_to_resume, writable_model_path
 
 
@@ -251,11 +251,11 @@ def as_options(values):
     return " ".join(one(k, v) for k, v in values.items())
 
 
-class ConfigParser(argparse.ArgumentParser):
+class ConfigParser(ArgumentParser):
     """The options of a config class in groups; `--preset NAME` sets defaults that the options given override."""
 
     def __init__(self, config, description, **defaults):
-        super().__init__(description=description, formatter_class=HelpFormatter)
+        super().__init__(description=description)
         self.config = config
         if config.PRESETS:
             self.add_argument("--preset", choices=list(config.PRESETS), help="defaults for a kind of run, which "
@@ -270,7 +270,7 @@ class ConfigParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         if self.config.PRESETS:
-            pre = argparse.ArgumentParser(add_help=False)
+            pre = ArgumentParser(add_help=False)
             pre.add_argument("--preset", choices=self.config.PRESETS)
             preset = pre.parse_known_args(args)[0].preset
             if preset:

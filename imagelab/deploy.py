@@ -35,7 +35,7 @@ from pathlib import Path
 from string import Template
 from urllib.parse import quote
 
-from . import UserError, first_line, run_cli, stdout_reader_gone
+from . import ArgumentParser, UserError, first_line, run_cli, stdout_reader_gone
 from .app_options import APPS, train_hint
 from .cards import PACKAGES, trained
 from .hub import require_hub_login
@@ -467,8 +467,8 @@ PAID_GRADIO = ("note: Hugging Face runs a Gradio Space only on paid hardware (PR
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m imagelab.deploy", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m imagelab.deploy", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("app", choices=apps(), help="which app (a folder apps/<app>/ with a README.md)")
     p.add_argument("--model", help="trained model: its .pkl, or an export beside it (default: models/<app>.pkl)")
     p.add_argument("--space", metavar="USER/SPACE", help="the Space's id: filled into its README; --push uploads there")

@@ -6,7 +6,6 @@ The version and the tarball's integrity hash are pinned here; a tarball that doe
 The verified tarball is kept in the imagelab cache, so only the first static build needs the network.
 Standard library only.
 """
-import argparse
 import base64
 import hashlib
 import http.client
@@ -17,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import UserError, run_cli
+from . import ArgumentParser, UserError, run_cli
 from .paths import cache_folder, staging_path
 
 PACKAGE = "onnxruntime-web"
@@ -91,7 +90,7 @@ def write_runtime(dest, cache=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m imagelab.onnxruntime_web", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m imagelab.onnxruntime_web", description=__doc__.split("\n\n")[0])
     p.parse_args(argv)
     tarball()
     print(f"{PACKAGE} {VERSION} verified in {cached_tarball()}")

@@ -8,7 +8,6 @@ every path was mistyped), the rows are still written and the program ends with o
 The CSV is UTF-8; a file name that is not (as a disk may hold) is written as the bytes it has. `--csv OUT`
 appears whole when the run ends: an interrupted run leaves no half-written file, and an earlier OUT as it was.
 """
-import argparse
 import csv
 import os
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import HelpFormatter, UserError, require, run_cli, stdout_reader_gone
+from . import ArgumentParser, UserError, require, run_cli, stdout_reader_gone
 from .loading import CLASSIFIER, FORMS, open_model
 from .paths import not_regular, staging_path, visible_files
 
@@ -86,8 +85,7 @@ def output(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m imagelab.predict", description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m imagelab.predict", description=__doc__.splitlines()[0])
     p.add_argument("model", help=f"exported classifier: {FORMS[CLASSIFIER]} (a .pkl alone is unpickled: trusted only)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     p.add_argument("--top-k", type=int, default=1, help="labels per image")

@@ -229,6 +229,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                                ("train_autoencoder", ["--width", "600"], "--width must be at most 512 (where"),
                                ("train_autoencoder", ["--sparsity", "inf"], "--sparsity must be 0 or more, not inf")]:
         fails_with_one_line(run([f"training/{script}.py", "--data", data, *args]), says)
+    # argparse's own mistakes too, a mistyped option or value: one line, not its usage block
+    for script, args, says in [("train_bears", ["--mix", "cutmx"], "error: argument --mix: invalid choice: 'cutmx'"),
+                               ("train_pets", ["--bogus"], "error: unrecognized arguments: --bogus"),
+                               ("train_pets", ["--preset", "scrach"], "error: argument --preset: invalid choice"),
+                               ("train_autoencoder", ["--loss", "l2"], "error: argument --loss: invalid choice")]:
+        fails_with_one_line(run([f"training/{script}.py", "--data", data, *args]), says, "(--help lists the options)")
+    fails_with_one_line(run(["apps/pets/app.py", "--port", "x"]), "error: argument --port: not a port number")
+    fails_with_one_line(run(["-m", "imagelab.predict"]), "error: the following arguments are required")
     # settings are checked before PyTorch loads: a typo costs no wait
     for args, says in [(["--data", tmp_path / "typo", "--resume"], f"no such folder: {tmp_path / 'typo'}"),
                        (["--data", data, "--device", "gpu"], "unknown --device 'gpu': use auto, cpu, cuda, cuda:N or mps")]:
