@@ -10,11 +10,11 @@ one JSON object.
 """
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
 from imagelab import HelpFormatter, run_cli
+from train_speed import standard_error  # benchmarks/, the script's own folder
 
 # The preset before this table changed it: resnet18 with 20 epochs at most.
 BEFORE = {"arch": "resnet18", "epochs": 20}
@@ -49,7 +49,7 @@ def main(argv=None):
             m = train(Classifier(), cfg)
             n = sum(m["counts"]["valid"].values())
             row = {"variant": name, **extra, "arch": cfg.arch, "accuracy": round(m["accuracy"], 4),
-                   "standard_error": round(math.sqrt(m["accuracy"] * (1 - m["accuracy"]) / n), 4),
+                   "standard_error": round(standard_error(m["accuracy"], n), 4),
                    "tta_accuracy": round(m["tta_accuracy"], 4), "tta_seconds": m["tta_seconds"],
                    "kept_epoch": m["kept_epoch"], "epochs_trained": m["epochs_trained"],
                    "valid_loss": round(m["valid_loss"], 4), "train_seconds": m["train_seconds"],

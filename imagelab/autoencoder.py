@@ -261,7 +261,7 @@ def autoencoder_learner(dls, model, loss="mse", wd=None):
     """
     train_x, valid_x = preprocessed(dls, dls.train_ds.items), preprocessed(dls, dls.valid_ds.items)
     model.set_pca(train_x)
-    pca_mse = float(((batched(lambda m, b: m.pca(b), model, valid_x) - valid_x) ** 2).mean())
+    pca_mse = float(((pca(model, valid_x) - valid_x) ** 2).mean())
     return Learner(dls, model, loss_func=LOSSES[loss](), metrics=[DeviceAvgMetric(mse), RatioToPCA(pca_mse)],
                    opt_func=adamw, wd=wd)
 
@@ -286,6 +286,11 @@ def reconstruct(model, x):
 
 def encode(model, x):
     return batched(lambda m, b: m.encode(b), model, x)
+
+
+def pca(model, x):
+    """PCA's reconstruction of `x`: the model's own linear path."""
+    return batched(lambda m, b: m.pca(b), model, x)
 
 
 def fit_pca(x, k):
@@ -354,7 +359,7 @@ def autoencoder_report(learn, history, report_dir):
     dls, model = learn.dls, learn.model
     valid_x = preprocessed(dls, dls.valid_ds.items)
     k = int(model.pca_axes.any(1).sum())  # fewer than code_size with fewer training images (fit_pca)
-    pca_x = batched(lambda m, b: m.pca(b), model, valid_x)
+    pca_x = pca(model, valid_x)
     ae_x, codes = reconstruct(model, valid_x), encode(model, valid_x)
     curve = [(epoch, round(m["ratio_to_pca"], 5)) for epoch, m in enumerate(history.valid_metrics, 1)
              if m.get("ratio_to_pca") is not None]

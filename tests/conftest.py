@@ -113,8 +113,8 @@ def in_fresh_process(code, *args, cwd, env=None, timeout=180):
     return res.stdout.strip().splitlines()[-1]
 
 
-def train_tiny(data, out, *extra, timeout=300, cwd=ROOT):
-    res = run([ROOT / "training" / "train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18",
+def train_tiny(data, out, *extra, timeout=300, cwd=ROOT, script="train_pets.py"):
+    res = run([ROOT / "training" / script, "--data", data, "--no-pretrained", "--arch", "resnet18",
                "--epochs", "1", "--size", "32", "--bs", "8", "--workers", "0", "--out", out, *extra],
               timeout=timeout, cwd=cwd)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -277,10 +277,7 @@ def tiny_bears(tmp_path_factory):
         write_image(data / "removed" / "black" / "r.jpg", (0, 255, 0))
         (data / "download-summary.json").write_text("{}")
         out = tmp / "models" / "bears.pkl"
-        res = run(["training/train_bears.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--epochs",
-                   "1", "--size", "32", "--bs", "8", "--workers", "0", "--out", out], timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return out, data, res
+        return out, data, train_tiny(data, out, script="train_bears.py")
     return once_per_run(tmp_path_factory, "bears", build)
 
 
