@@ -1,7 +1,7 @@
 """What each ingredient of the `scratch` preset adds: the same data, split, seed and time budget, one ingredient at a time.
 
-    python benchmarks/ablation.py --data ../shared/data/catsdogs --time-budget 383 --only 1 4 5 6 7   # 35 minutes
-    python benchmarks/ablation.py --data ../shared/data/catsdogs --time-budget 200 --only 0 1 2 3      # 15 minutes
+    python benchmarks/ablation.py --data ../shared/data/catsdogs --time-budget 383 --only 1 4 5 6 7
+    python benchmarks/ablation.py --data ../shared/data/catsdogs --time-budget 200 --only 0 1 2 3
 
 Each variant trains `imagelab.train.train` of the classifier with the `scratch` preset for the same
 wall time, one after the other in this process; the held-out accuracy (with its standard error) is

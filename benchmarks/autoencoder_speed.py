@@ -1,6 +1,6 @@
 """The autoencoder's data paths side by side: batches cut from the images decoded in memory against the presized files.
 
-    python benchmarks/autoencoder_speed.py --data ../shared/data/catsdogs          # about 3 minutes on 2 cores
+    python benchmarks/autoencoder_speed.py --data ../shared/data/catsdogs
     python benchmarks/autoencoder_speed.py --data ../shared/data/catsdogs --device cuda --bs 64 --epochs 8
 
 Both runs are `imagelab.train.train` of the autoencoder with the same settings and seed: `memory` with its

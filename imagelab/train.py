@@ -206,7 +206,7 @@ def fit(task, cfg, learn, run, *, schedule, ckpt, writer, settings, extra_cbs):
         if task.start_competes and run.done == 0 and run.best is None:
             run.keep_start(learn, task.callbacks(cfg))  # in here: a validation gathers the processes' shares
         for n, fit_one in schedule:
-            if run.done < offset + n:  # this fit is not finished yet
+            if run.done < offset + n:
                 first = run.done - offset
                 if first == 0:
                     run.fit_started = run.seconds()
