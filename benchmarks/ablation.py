@@ -13,8 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli
-from train_speed import standard_error  # benchmarks/, the script's own folder
+from imagelab import HelpFormatter, run_cli, standard_error
 
 # The preset before this table changed it: resnet18 with 20 epochs at most.
 BEFORE = {"arch": "resnet18", "epochs": 20}

@@ -27,7 +27,6 @@ first failure is raised.
 """
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -40,7 +39,7 @@ from pathlib import Path
 import psutil
 from PIL import Image
 
-from imagelab import HelpFormatter, UserError, run_cli
+from imagelab import HelpFormatter, UserError, run_cli, standard_error
 from imagelab.config import ClassifierConfig
 
 # torch and fastai are imported where they are used: --help answers at once, and run_cli's setup() (OpenMP's
@@ -216,10 +215,6 @@ def course_recipe(split, args, device, cbs):
     learn.fit_one_cycle(args.epochs, args.lr, cbs=cbs)
     # in this process, no more forking once the turns are over (the other thread may be busy)
     return {"accuracy": float(learn.validate(dl=dls.valid.new(num_workers=0))[1]), "train_images": len(dls.train_ds)}
-
-
-def standard_error(accuracy, n):
-    return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
 def trainer_config(args, workdir, name, **settings):

@@ -30,6 +30,11 @@ def require(rules):
             raise UserError(f"{option} must be {must}, not {value}")
 
 
+def standard_error(p, n):
+    """One standard error of a share `p` (an accuracy) measured on `n` independent images."""
+    return (p * (1 - p) / n) ** 0.5
+
+
 def first_line(error):
     """An exception in one line of at most 200 characters: its type, and its message's first line if any."""
     message = str(error).strip()

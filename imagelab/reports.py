@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from fastai.interpret import ClassificationInterpretation
 
+from . import standard_error
+
 
 def save_fig(fig, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -37,11 +39,6 @@ def plot_lr_find(found, path):
     ax.set(xlabel="learning rate", ylabel="loss (smoothed)", title="lr_find")
     ax.legend()
     save_fig(fig, path)
-
-
-def standard_error(p, n):
-    """One standard error of a share `p` (an accuracy) measured on `n` independent images."""
-    return (p * (1 - p) / n) ** 0.5
 
 
 def confusion(targets, predicted, n):
