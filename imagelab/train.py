@@ -312,18 +312,20 @@ def train(task, cfg, cbs=()):
 def _train(task, cfg, cbs):
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
-    if main_process:
-        before_run(cfg, ckpt)
     task.check(cfg)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     options = {k: v for k, v in {"kind": task.kind, **cfg.settings()}.items() if k != "data"}
     root = Path(cfg.data) if cfg.data else task.default_data()
-    state = load_checkpoint(ckpt, {**options, "data": str(root)}) if cfg.resume else None  # before reading images
+    # the folder, however it is spelled (a relative --data from another working folder)
+    data = str(root.resolve())
+    state = load_checkpoint(ckpt, {**options, "data": data}) if cfg.resume else None  # before reading images
     set_seed(cfg.seed, reproducible=True)
     files, skipped, presized, dls, learn = prepare(task, cfg, root, device, precision)
+    if main_process:  # after the data and model were found: a mistyped one is an error, not a note about replacing
+        before_run(cfg, ckpt)
     learn.dls = batches_in_memory(dls, presized, cfg) or dls  # training and validation during the fits
-    settings = {**options, "data": str(root), "images": describe_split(split_files(dls, root))}
+    settings = {**options, "data": data, "images": describe_split(split_files(dls, root))}
     if state:
         check_settings(ckpt, state, {"images": settings["images"]})
     # lr_find's curve is absent from checkpoints written before it was kept
@@ -340,7 +342,7 @@ def _train(task, cfg, cbs):
     except KeyboardInterrupt:
         writer.wait()  # the checkpoint being written, if any, is the one to resume from
         if main_process:
-            say_how_to_resume(ckpt)
+            say_how_to_resume(ckpt, cfg.checkpoint_every)
         raise
     seconds_here = time.perf_counter() - run.started
     processes = world_size()
@@ -388,7 +390,7 @@ def export_run(task, cfg, learn, *, history, root, facts, writer, ckpt):
         return export(task, cfg, learn, history=history, root=root, facts=facts)
     except KeyboardInterrupt:
         writer.wait(check=False)
-        say_how_to_resume(ckpt)
+        say_how_to_resume(ckpt, cfg.checkpoint_every)
         raise
     except (OSError, RuntimeError) as e:
         if not (getattr(e, "errno", None) in WRITE_ERRORS or torch_write_failed(e)):
@@ -407,10 +409,15 @@ def made_on(model):
         return ""
 
 
-def say_how_to_resume(ckpt):
-    if ckpt.exists():  # on a line of its own, not after a progress bar's
+def say_how_to_resume(ckpt, every):
+    """Where an interrupted run can go on from (`every`: --checkpoint-every), on a line of its own, not after a
+    progress bar's."""
+    if ckpt.exists():
         print(f"\n{ckpt} holds the run after epoch {saved_epoch(ckpt)}: rerun with --resume to continue from there",
               file=sys.stderr)
+    else:
+        print(f"\nno checkpoint yet (one is saved after an epoch once {every:g} s have passed, --checkpoint-every): "
+              "a rerun starts afresh", file=sys.stderr)
 
 
 def export(task, cfg, learn, *, history, root, facts):

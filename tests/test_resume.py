@@ -195,14 +195,38 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
     res = run(command(data, out, "--resume"))
     assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
-    res = run(command(data, out, "--arch", "no_such_net"))  # a fresh run is told about the checkpoint
-    assert "holds an interrupted run" in res.stdout and res.returncode == 2
+    res = run(command(data, out, "--arch", "no_such_net"))  # a mistake is an error, not a note about the checkpoint
+    assert res.returncode == 2 and "no_such_net" in res.stderr and "note:" not in res.stdout
+    res = run(command(data, out, "--time-budget", "0.001"))  # a fresh run is told about the checkpoint
+    assert "holds an interrupted run" in res.stdout and res.returncode == 2 and "before the first batch" in res.stderr
+    # the same folder spelled from another working folder is the same data: only --epochs differs
+    relative = command(data.relative_to(tmp_path), out, "--resume", "--epochs", "1")
+    res = run([ROOT / "training" / "train_pets.py", *relative[1:]], cwd=tmp_path)
+    assert "other settings: epochs 4 (now 1); rerun" in res.stderr, res.stderr[-2000:]
     ckpt = out.with_name("pets.ckpt")  # one an earlier version wrote, which did not record the images: it resumes
     state = torch.load(ckpt, weights_only=False)
     del state["settings"]["images"]
     torch.save(state, ckpt)
     res = run(command(data, out, "--resume"))
     assert res.returncode == 0 and "does not record images (an earlier version wrote it)" in res.stdout, res.stderr
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_afresh(data, tmp_path):
+    out = tmp_path / "pets.pkl"
+    args = command(data, out, "--checkpoint-every", "3600", "--epochs", "40")
+    proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=interruptible)
+    deadline = time.monotonic() + 180
+    for line in proc.stdout:  # the epoch table's header: training has begun
+        if line.startswith("epoch") or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-2:] == [
+        "no checkpoint yet (one is saved after an epoch once 3600 s have passed, --checkpoint-every): a rerun starts "
+        "afresh", "interrupted: nothing was exported"]
+    assert not out.with_name("pets.ckpt").exists() and not out.exists()
 
 
 @pytest.mark.parametrize("every, saved", [(0, [1, 2, 3]), (3600, [0, 0, 3])])
