@@ -111,6 +111,7 @@ class Classifier(Task):
                 f"{', stopped early' if metrics['stopped_early'] else ''}"
                 f"{', training diverged after it' if metrics['diverged_at_epoch'] else ''}")
         return (f"accuracy {metrics['accuracy']:.4f} ± {metrics['accuracy_standard_error']:.4f} (averaged with "
-                f"mirror images, as predict --tta serves: {metrics['mirror_tta_accuracy']:.4f}; fastai's TTA {metrics['tta_accuracy']:.4f}) on "
+                f"mirror images, as predict --tta serves: {metrics['mirror_tta_accuracy']:.4f}; fastai's TTA "
+                f"{metrics['tta_accuracy']:.4f}) on "
                 f"{sum(metrics['counts']['valid'].values())} held-out images "
                 f"with {kept}; wrote {cfg.out} and its report")

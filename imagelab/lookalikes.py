@@ -51,9 +51,9 @@ class Fingerprints:
 
 
 def fingerprint(src):
-    """(bits of the picture and of its mirror image, mean colour) of the picture in `src` (a file, or an image decoded already); None for one that does not
-    decode or is one flat colour (whose bits would be rounding noise: two such files are the same only byte for
-    byte)."""
+    """(bits of the picture and of its mirror image, mean colour) of the picture in `src` (a file, or an image
+    decoded already); None for one that does not decode or is one flat colour (whose bits would be rounding noise:
+    two such files are the same only byte for byte)."""
     try:
         if isinstance(src, Image.Image):
             small = open_rgb(src).resize((SIDE, SIDE), Image.Resampling.BOX)
