@@ -233,7 +233,7 @@ class RatioToPCA(DeviceAvgMetric):
         return "ratio_to_pca"
 
 
-def autoencoder_dls(files, *, splitter, size, bs, seed, workers=None, get_x=None):
+def autoencoder_dls(files, *, splitter, size, bs, workers=None, get_x=None):
     """DataLoaders whose target is the input: the same random crop and flip on both.
 
     fastai draws a transform's random parameters once per (input, target) pair, so both stay identical.
@@ -241,12 +241,13 @@ def autoencoder_dls(files, *, splitter, size, bs, seed, workers=None, get_x=None
     (below) plus mirror images. Warps and lighting changes are left out: they make the task harder than
     what is scored, and three epochs have no steps to spare (benchmarks/README.md).
     Validation (and inference, and PCA) sees the centre square of each image, unaugmented.
-    `splitter`: `dataset_split`'s; `seed`: the loaders' shuffling; `get_x` maps a file to what is decoded
-    (`Presized`), the target decoded the same way; `workers`: loader processes (None: fastai's default).
+    `splitter`: `dataset_split`'s; `get_x` maps a file to what is decoded (`Presized`), the target decoded the same
+    way; `workers`: loader processes (None: fastai's default). The loaders shuffle by the global seed (fastai's take
+    none of their own).
     """
     block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x, splitter=splitter,
                       item_tfms=[Resize(size), FlipItem(0.5)])
-    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)
+    dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise UserError(f"need images for training and validation: {len(dls.train_ds)} and {len(dls.valid_ds)} of "
                         f"{len(files)} images; {'lower' if len(dls.valid_ds) else 'raise'} --valid-pct")
@@ -389,7 +390,7 @@ class AutoencoderTask(Task):
 
     def dataloaders(self, cfg, root, files, get_x, workers):
         splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
-        return autoencoder_dls(files, splitter=splitter, size=cfg.size, bs=cfg.bs, seed=cfg.seed, workers=workers,
+        return autoencoder_dls(files, splitter=splitter, size=cfg.size, bs=cfg.bs, workers=workers,
                                get_x=get_x)
 
     def learner(self, dls, cfg):

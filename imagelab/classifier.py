@@ -38,7 +38,7 @@ class Classifier(Task):
             files = [f for f in files if f not in left_out]
         splitter, self.split = dataset_split(root, files, valid_pct=cfg.valid_pct, seed=cfg.seed, cache=cfg.cache)
         dls = classifier_dls(files, self.get_y, splitter=splitter, size=cfg.size, min_scale=cfg.min_scale, bs=cfg.bs,
-                             seed=cfg.seed, workers=workers, get_x=get_x)
+                             workers=workers, get_x=get_x)
         self.note_contradicting_flags(root, dls.train_ds.items, cfg.cache)
         # What the model will tell apart, and why: a --task given for a folder of class folders has nothing to read
         how = "the folder names" if self.labels == "folder" else f"Oxford-style file names, --task {cfg.task}"

@@ -278,15 +278,16 @@ def dataset_split(root, files, valid_pct, seed, cache=None):
     return random_split(root, valid_pct, seed, cache), f"random {valid_pct:.0%}"
 
 
-def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, seed, workers=None, get_x=None):
+def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, workers=None, get_x=None):
     """fastai DataLoaders: `RandomResizedCrop` per item (a centre crop for validation), fastai's batch augmentation.
 
-    `splitter`: `dataset_split`'s; `seed`: the loaders' shuffling; `get_x` maps a file to what is decoded
-    (`Presized`); `workers`: loader processes (None: fastai's default).
+    `splitter`: `dataset_split`'s; `get_x` maps a file to what is decoded
+    (`Presized`); `workers`: loader processes (None: fastai's default). The loaders shuffle by the global
+    seed (fastai's take none of their own).
     """
     block = DataBlock(blocks=(RGBImageBlock(), CategoryBlock), get_x=get_x, get_y=get_y, splitter=splitter,
                       item_tfms=RandomResizedCrop(size, min_scale=min_scale), batch_tfms=aug_transforms())
-    dls = block.dataloaders(list(files), bs=bs, seed=seed, num_workers=workers)
+    dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
     if len(dls.valid_ds) == 0:
         raise UserError(f"no validation images among {len(files)} images: raise --valid-pct")
     if len(dls.vocab) < 2:

@@ -33,7 +33,7 @@ def ae_model(tiny_autoencoder):
 
 def tiny_learner(files, sparse=False):
     set_seed(0, reproducible=True)
-    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=16, bs=4, seed=42, workers=0)
+    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=16, bs=4, workers=0)
     return autoencoder_learner(dls, ConvAutoencoder(16, 8, depth=2, width=8, sparse=sparse))
 
 
@@ -121,7 +121,7 @@ def test_report_and_pca_on_the_same_images(ae_model):
     # Rebuild the same split independently and score both methods again: the exported model and its own PCA path,
     # which was fitted on the presized copies; numpy's SVD fitted on the original files comes within a few percent.
     files, _ = find_images(m["data"])
-    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=16, bs=8, seed=42, workers=0)
+    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=16, bs=8, workers=0)
     refit, valid = numpy_pca(*(preprocessed(dls, ds.items) for ds in (dls.train_ds, dls.valid_ds)), 8)
     model = load_learner(ae_model, cpu=True).model.eval()
     with torch.no_grad():

@@ -245,7 +245,7 @@ def test_the_reports_tta_draws_the_same_augmentation_every_time(tmp_path):
     data = make_folder_dataset(tmp_path / "data", n=8)
     files, _ = find_images(data)
     dls = classifier_dls(files, parent_label, splitter=RandomSplitter(0.5, seed=0), size=32, min_scale=0.35, bs=4,
-                         seed=0, workers=0)
+                         workers=0)
     learn = classifier_learner(dls, "resnet18", pretrained=False)
     runs = []
     for seeded in (True, True, False):

@@ -248,7 +248,7 @@ def test_open_rgb_handles_alpha_palette_and_exif():
 def test_dataloaders_from_oxford_names(oxford_dir):
     files, _ = find_images(oxford_dir)
     dls = classifier_dls(files, is_cat, splitter=RandomSplitter(0.25, seed=42), size=32, min_scale=0.35, bs=4,
-                         seed=42, workers=0)
+                         workers=0)
     assert list(dls.vocab) == ["cat", "dog"]
     x, y = dls.one_batch()
     assert tuple(x.shape[1:]) == (3, 32, 32)
@@ -296,7 +296,7 @@ def test_train_and_valid_folders_keep_their_split(tmp_path):
     files, _ = find_images(tmp_path)
     assert detect_labels(tmp_path, files) == "folder"
     dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
-                         bs=4, seed=42, workers=0)
+                         bs=4, workers=0)
     assert all(f.relative_to(tmp_path).parts[0] == "valid" for f in dls.valid_ds.items) and len(dls.valid_ds) == 4
     assert len(dls.train_ds) == 12 and list(dls.vocab) == ["cats", "dogs"]
     assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None
@@ -314,7 +314,7 @@ def test_oxford_names_in_train_and_valid_folders_are_labelled_by_name(oxford_dir
     assert detect_labels(oxford_dir, files) == "filename"
     check_oxford_names(oxford_dir, files)
     dls = classifier_dls(files, label_function("filename", "is_cat"), splitter=folder_split(oxford_dir, files),
-                         size=32, min_scale=0.35, bs=2, seed=42, workers=0)
+                         size=32, min_scale=0.35, bs=2, workers=0)
     assert list(dls.vocab) == ["cat", "dog"]
 
 
@@ -325,7 +325,7 @@ def test_a_test_folder_beside_train_and_valid_is_neither_trained_on_nor_measured
                 write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
     files, _ = find_images(tmp_path)
     dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
-                         bs=4, seed=42, workers=0)
+                         bs=4, workers=0)
     assert {f.relative_to(tmp_path).parts[0] for f in dls.train_ds.items} == {"train"} and len(dls.train_ds) == 12
     assert {f.relative_to(tmp_path).parts[0] for f in dls.valid_ds.items} == {"valid"} and len(dls.valid_ds) == 4
     assert "note: test left out: with train/ and valid/ folders" in capsys.readouterr().out
@@ -342,7 +342,7 @@ def test_a_class_with_no_training_images_stops_the_run_before_training(tmp_path)
     with pytest.raises(UserError, match=r"^no training images of birds: all 2 are held out, so the model could not "
                                         r"learn it; add photos of it \(to train/"):
         classifier_dls(files, parent_label, splitter=folder_split(tmp_path / "folders", files), size=32,
-                       min_scale=0.35, bs=4, seed=42, workers=0)
+                       min_scale=0.35, bs=4, workers=0)
     data = make_folder_dataset(tmp_path / "data", n=10)
     write_image(data / "bears" / "bear_0.jpg", (90, 60, 30))  # one photo: held out by some seeds
     files, _ = find_images(data)
@@ -350,7 +350,7 @@ def test_a_class_with_no_training_images_stops_the_run_before_training(tmp_path)
     for seed in range(8):
         try:
             classifier_dls(files, parent_label, splitter=RandomSplitter(0.2, seed=seed), size=32, min_scale=0.35,
-                           bs=4, seed=seed, workers=0)
+                           bs=4, workers=0)
         except UserError as e:
             stopped.append(str(e))
     assert stopped and len(stopped) < 8

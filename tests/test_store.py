@@ -61,7 +61,7 @@ def loaders(tmp_path_factory):
     files = sorted(root.rglob("*.jpg"))
     presized = Presized(presize(files, 32))
     dls = classifier_dls(files, parent_label, splitter=RandomSplitter(0.2, seed=42), size=32,
-                         min_scale=0.35, bs=4, seed=42, workers=0, get_x=presized)
+                         min_scale=0.35, bs=4, workers=0, get_x=presized)
     return dls, store_loaders(dls, presized.copies)
 
 
@@ -192,7 +192,7 @@ def autoencoder_loaders(tmp_path_factory):
         write_image(root / "dogs" / f"tall_{i}.jpg", (60, 60, 220), size=(44, 110), seed=i)
     files = sorted(root.rglob("*.jpg"))
     presized = Presized(presize(files, 32))
-    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=32, bs=4, seed=42, workers=0,
+    dls = autoencoder_dls(files, splitter=RandomSplitter(0.2, seed=42), size=32, bs=4, workers=0,
                           get_x=presized)
     return dls, store_loaders(dls, presized.copies)
 
