@@ -247,8 +247,9 @@ def pets_images():
 
 def folder_split(root, files, cache=None):
     """A splitter for folders already split into `train/` and `valid/` (as fastai's from_folder), else None.
-    Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on. `cache`: where
-    look-alike fingerprints are kept (--cache)."""
+    Flagged images (`--flagged`) train: the held-out set stays the one the metrics were measured on. Images of either
+    (`train/` or flagged) that look like a held-out one (imagelab.lookalikes) do not train. `cache`: where look-alike
+    fingerprints are kept (--cache)."""
     root = Path(root)
     if not split_by_folders(top_names(root, files)):
         return None
@@ -259,8 +260,17 @@ def folder_split(root, files, cache=None):
 
     def split(items):
         tops = [Path(f).relative_to(root).parts[0] for f in items]
-        train, valid = with_flagged(root, items, {i for i, top in enumerate(tops) if top == VALID}, cache=cache)
-        return [i for i in train if tops[i] in (TRAIN, FLAGGED)], valid
+        held = [i for i, top in enumerate(tops) if top == VALID]
+        held_prints = fingerprints([items[i] for i in held], cache=cache)
+        train, valid = with_flagged(root, items, set(held), held_prints=held_prints, cache=cache)
+        own = [i for i in train if tops[i] == TRAIN]
+        seen = pairs(fingerprints([items[i] for i in own], cache=cache), held_prints)
+        copies = {own[i] for i, _ in seen}
+        if copies:  # the folders' split is the user's: the held-out side stays as it is, its copies do not train
+            print(f"note: {len(copies)} files of {TRAIN}/ look like images of {VALID}/ (a copy, resized, recompressed "
+                  f"or mirrored) and are left out of training, which would be measured on itself (such as "
+                  f"{Path(items[own[seen[0][0]]]).relative_to(root)}, like {Path(items[held[seen[0][1]]]).relative_to(root)})")
+        return [i for i in train if tops[i] in (TRAIN, FLAGGED) and i not in copies], valid
     return split
 
 

@@ -69,10 +69,12 @@ def decodes(monkeypatch):
     return opened
 
 
-def make_folder_dataset(root, n=12, classes=(("cats", (220, 60, 60)), ("dogs", (60, 60, 220)))):
+def make_folder_dataset(root, n=12, classes=(("cats", (220, 60, 60)), ("dogs", (60, 60, 220))), seed=0):
+    """`n` images of each class; `seed`: the first image's noise (another for a valid/ folder: the same seeds would
+    make copies of train/'s images, which do not train)."""
     for label, color in classes:
         for i in range(n):
-            write_image(root / label / f"{label}_{i}.jpg", color, seed=i)
+            write_image(root / label / f"{label}_{i}.jpg", color, seed=seed + i)
     return root
 
 

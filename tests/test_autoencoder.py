@@ -238,8 +238,8 @@ def test_train_and_valid_folders_keep_their_split_and_a_task_trained_twice_repor
     from imagelab.config import AutoencoderConfig
     from imagelab.train import train
 
-    for part, n in (("train", 8), ("valid", 4)):
-        make_folder_dataset(tmp_path / "data" / part, n=n, classes=(("photos", (60, 60, 220)),))
+    for part, n, seed in (("train", 8, 0), ("valid", 4, 100)):
+        make_folder_dataset(tmp_path / "data" / part, n=n, classes=(("photos", (60, 60, 220)),), seed=seed)
     task = AutoencoderTask()
     for run_ in (1, 2):
         cfg = AutoencoderConfig(data=str(tmp_path / "data"), out=str(tmp_path / f"m{run_}.pkl"), size=16, depth=2,

@@ -288,11 +288,11 @@ def test_presized_copies_are_small_upright_and_follow_their_file(tmp_path, capsy
     assert get_x(im) is im  # uploads (PIL images) pass through untouched
 
 
-def test_train_and_valid_folders_keep_their_split(tmp_path):
-    for split, n in (("train", 6), ("valid", 2)):
+def test_train_and_valid_folders_keep_their_split_and_copies_of_valid_images_do_not_train(tmp_path, capsys):
+    for k, (split, n) in enumerate((("train", 6), ("valid", 2))):
         for label, color in (("cats", (220, 60, 60)), ("dogs", (60, 60, 220))):
             for i in range(n):
-                write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
+                write_image(tmp_path / split / label / f"{i}.jpg", color, seed=100 * k + i)
     files, _ = find_images(tmp_path)
     assert detect_labels(tmp_path, files) == "folder"
     dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
@@ -300,6 +300,19 @@ def test_train_and_valid_folders_keep_their_split(tmp_path):
     assert all(f.relative_to(tmp_path).parts[0] == "valid" for f in dls.valid_ds.items) and len(dls.valid_ds) == 4
     assert len(dls.train_ds) == 12 and list(dls.vocab) == ["cats", "dogs"]
     assert folder_split(tmp_path / "train", find_images(tmp_path / "train")[0]) is None
+    assert "look like images of valid/" not in capsys.readouterr().out
+    # a held-out picture also in train/, mirrored and smaller: it would be measured on itself
+    picture = shapes(tmp_path / "valid" / "cats" / "photo.jpg", seed=7)
+    with Image.open(picture) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((48, 36)).save(tmp_path / "train" / "cats" / "copy.jpg")
+    files, _ = find_images(tmp_path)
+    dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
+                         bs=4, workers=0)
+    assert len(dls.valid_ds) == 5 and len(dls.train_ds) == 12
+    assert tmp_path / "train" / "cats" / "copy.jpg" not in dls.train_ds.items
+    assert ("note: 1 files of train/ look like images of valid/ (a copy, resized, recompressed or mirrored) and are "
+            "left out of training, which would be measured on itself (such as train/cats/copy.jpg, like "
+            "valid/cats/photo.jpg)") in capsys.readouterr().out
 
 
 def test_oxford_names_in_train_and_valid_folders_are_labelled_by_name(oxford_dir):
@@ -319,10 +332,10 @@ def test_oxford_names_in_train_and_valid_folders_are_labelled_by_name(oxford_dir
 
 
 def test_a_test_folder_beside_train_and_valid_is_neither_trained_on_nor_measured(tmp_path, capsys):
-    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+    for k, (split, n) in enumerate((("train", 6), ("valid", 2), ("test", 3))):
         for label, color in (("cats", (220, 60, 60)), ("dogs", (60, 60, 220))):
             for i in range(n):
-                write_image(tmp_path / split / label / f"{i}.jpg", color, seed=i)
+                write_image(tmp_path / split / label / f"{i}.jpg", color, seed=100 * k + i)
     files, _ = find_images(tmp_path)
     dls = classifier_dls(files, parent_label, splitter=folder_split(tmp_path, files), size=32, min_scale=0.35,
                          bs=4, workers=0)

@@ -240,7 +240,7 @@ def test_a_flag_that_contradicts_a_training_images_label_is_named(tmp_path):
     """A visitor flags a training photo of a cat as a dog: the picture would train under both labels."""
     data = tmp_path / "data"
     make_folder_dataset(data / "train", n=8)
-    make_folder_dataset(data / "valid", n=2)
+    make_folder_dataset(data / "valid", n=2, seed=100)
     flagged = data / "flagged" / "dogs" / "x.jpg"
     flagged.parent.mkdir(parents=True)
     shutil.copy(data / "train" / "cats" / "cats_3.jpg", flagged)
