@@ -3,6 +3,8 @@ import copy
 import json
 import os
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,17 +30,65 @@ def staged_export(model_path):
     shutil.rmtree(stage, ignore_errors=True)
     tmp_model, tmp_report = stage / model_path.name, stage / report_dir(model_path).name
     tmp_report.mkdir(parents=True)
+    with noted_interrupts() as ctrl_c:
+        try:
+            yield tmp_model, tmp_report
+            ctrl_c.check()  # one that Python dropped (raised inside a finalizer) was noted all the same
+            ctrl_c.held = True
+            try:
+                install(stage, model_path, between_moves=ctrl_c.check)
+            finally:
+                ctrl_c.held = False
+            # Noted after install's last look: the new model is in place, whole; the run stops as it would after it
+            ctrl_c.check()
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+class Interrupts:
+    """What `noted_interrupts` saw: `seen`, a Ctrl-C came; `held`, it is only noted, for `check` to raise."""
+
+    def __init__(self):
+        self.seen = self.held = False
+
+    def check(self):
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def noted_interrupts():
+    """Note every Ctrl-C (SIGINT) during the block, and raise it as Python does unless the `Interrupts` yielded are
+    `held`; the previous handler again after the block.
+
+    Python raises a Ctrl-C wherever the main thread is, also inside a finalizer (`__del__`, a weakref callback)
+    that the garbage collector runs: there it is printed and dropped, and the block would go on as if it had not
+    come. Held, a Ctrl-C cannot cut a sequence of moves at an arbitrary point: it is acted on where `check` is
+    called. Only the main thread receives signals, and a Ctrl-C that is ignored (a job started in the background)
+    or left to the system stays so: then nothing is noted.
+    """
+    ctrl_c = Interrupts()
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield ctrl_c
+        return
+
+    def note(signum, frame):
+        ctrl_c.seen = True
+        if not ctrl_c.held:
+            previous(signum, frame)
+    signal.signal(signal.SIGINT, note)
     try:
-        yield tmp_model, tmp_report
-        install(stage, model_path)
+        yield ctrl_c
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        signal.signal(signal.SIGINT, previous)
 
 
-def install(stage, model_path):
+def install(stage, model_path, between_moves=lambda: None):
     """Move everything in `stage` beside `model_path`, the learner last (whoever sees the new .pkl also sees the
     artifacts and the report made with it). A file replaces its previous version in one step, so its name always
-    holds a whole file; if a move fails or is interrupted, every previous version is put back: all or nothing."""
+    holds a whole file; if a move fails or is interrupted, every previous version is put back: all or nothing.
+    `between_moves` is called before each move and after the last: what it raises stops the install, undone."""
     folder, new = model_path.parent, sorted(stage.iterdir(), key=lambda f: f.name == model_path.name)
     for f in new:
         if (folder / f.name).exists() and (folder / f.name).is_dir() != f.is_dir():
@@ -49,6 +99,7 @@ def install(stage, model_path):
     placed = []
     try:
         for f in new:
+            between_moves()
             dest = folder / f.name
             if dest.is_dir():  # a folder cannot replace another in one step: the old one steps aside first
                 os.replace(dest, previous / f.name)
@@ -56,6 +107,7 @@ def install(stage, model_path):
                 keep_version(dest, previous / f.name)
             os.replace(f, dest)
             placed.append(f.name)
+        between_moves()
     except BaseException as e:
         for f in new:
             dest, old = folder / f.name, previous / f.name
