@@ -13,7 +13,7 @@ import torch
 from . import UserError
 from .images import open_rgb, val_margin
 from .loading import CLASSIFIER, CLASSIFIER_FORMAT
-from .paths import artifact_paths, report_dir, staging_path
+from .paths import INSTALLING, PREVIOUS, artifact_paths, report_dir, staging_path, undo_install
 
 
 @contextmanager
@@ -88,16 +88,20 @@ def install(stage, model_path, between_moves=lambda: None):
     """Move everything in `stage` beside `model_path`, the learner last (whoever sees the new .pkl also sees the
     artifacts and the report made with it). A file replaces its previous version in one step, so its name always
     holds a whole file; if a move fails or is interrupted, every previous version is put back: all or nothing.
-    `between_moves` is called before each move and after the last: what it raises stops the install, undone."""
-    folder, new = model_path.parent, sorted(stage.iterdir(), key=lambda f: f.name == model_path.name)
+    A process killed meanwhile cannot put them back: its journal in `stage` lets the next run, or app, that finds
+    it do so (imagelab.paths.undo_install). `between_moves` is called before each move and after the last: what it
+    raises stops the install, undone."""
+    folder = model_path.parent
+    new = sorted(stage.iterdir(), key=lambda f: (f.name == model_path.name, f.name))
     for f in new:
         if (folder / f.name).exists() and (folder / f.name).is_dir() != f.is_dir():
             raise UserError(f"cannot export: {folder / f.name} is a {'folder' if f.is_file() else 'file'}; "
                             "move it away, or give another --out")
-    previous = stage / ".previous"
+    previous, journal = stage / PREVIOUS, stage / INSTALLING
     previous.mkdir()
-    placed = []
     try:
+        journal.write_text(json.dumps({"names": [f.name for f in new],
+                                       "had": [f.name for f in new if (folder / f.name).exists()]}))
         for f in new:
             between_moves()
             dest = folder / f.name
@@ -106,17 +110,10 @@ def install(stage, model_path, between_moves=lambda: None):
             elif dest.exists():
                 keep_version(dest, previous / f.name)
             os.replace(f, dest)
-            placed.append(f.name)
         between_moves()
+        journal.unlink()  # the end of the install: from here on the new model stands
     except BaseException as e:
-        for f in new:
-            dest, old = folder / f.name, previous / f.name
-            if f.name in placed and dest.is_dir():
-                shutil.rmtree(dest)
-            elif f.name in placed and not old.exists():
-                dest.unlink()
-            if old.exists():
-                os.replace(old, dest)
+        undo_install(stage)
         if isinstance(e, OSError):
             raise UserError(f"cannot export into {folder}: {e.strerror}; the previous model is as it was") from None
         raise

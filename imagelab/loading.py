@@ -8,7 +8,7 @@ import json
 import warnings
 
 from . import UserError, first_line
-from .paths import artifact_paths
+from .paths import artifact_paths, remove_abandoned_staging
 
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
 CLASSIFIER_FORMAT = "imagelab-classifier/1"  # a classifier's config.json (imagelab.export.learner_config)
@@ -64,6 +64,7 @@ def open_model(spec, kind, train=None, **options):
     """
     from .hub import resolve_model  # here: the apps read this module's names before their options, without the Hub
     path = resolve_model(spec, prefer=SERVED_FROM[kind][1:], needs=SERVED_WITH[kind])
+    remove_abandoned_staging(path.with_suffix(".pkl"))  # an export killed as it moved in: the previous model back
     if not path.is_file():
         raise no_model(path, train)
     if path.suffix not in SERVED_FROM[kind]:

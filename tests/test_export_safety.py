@@ -1,8 +1,11 @@
 """The export's promise under interruption: Ctrl-C or `kill -9` at any point leaves the previous model whole, never
 a mix of two; and what cannot be exported is refused before training, not after it."""
+import shutil
 import signal
 
-from conftest import ROOT, make_folder_dataset, run
+import pytest
+
+from conftest import ROOT, fails_with_one_line, make_folder_dataset, run
 
 TRAIN = ["--no-pretrained", "--arch", "resnet18", "--epochs", "1", "--size", "32", "--bs", "8", "--workers", "0"]
 
@@ -84,3 +87,82 @@ def test_ctrl_c_again_and_again_while_the_export_moves_in_keeps_every_previous_f
     assert model_files(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.ckpt", *sorted({n.split("/")[0] for n in before})]
     assert res.stderr.strip().splitlines()[-1] == "interrupted: nothing was exported"
+
+
+# `kill -9` as the export moves its report in: the graph and config before it have moved in, the learner after it not.
+KILLED_AS_THE_REPORT_MOVES_IN = """
+import os, signal
+replace = os.replace
+def replace_until_the_report(src, dst, *args, **kwargs):
+    if os.fspath(dst) == os.path.join(os.path.dirname(OUT), "m.report"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+os.replace = replace_until_the_report
+"""
+
+
+def test_kill_9_while_the_export_moves_in_is_undone_by_the_next_app_or_run(tmp_path):
+    work, copy = tmp_path / "work", tmp_path / "copy"
+    data, out = make_folder_dataset(work / "data"), work / "m.pkl"
+    three = make_folder_dataset(tmp_path / "three", classes=(("cats", (220, 60, 60)), ("dogs", (60, 60, 220)),
+                                                             ("frogs", (60, 220, 60))))
+    res = training_with("", data, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    before = model_files(work)
+    res = training_with(f"OUT = {str(out)!r}\n{KILLED_AS_THE_REPORT_MOVES_IN}", three, out)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    mixed = model_files(work)  # the premise: a config of three classes beside a graph of two
+    assert mixed["m.config.json"] != before["m.config.json"] and mixed["m.pkl"] == before["m.pkl"]
+    assert not (work / "m.report").exists()  # stepped aside for the new one
+    shutil.copytree(work, copy, symlinks=True)
+
+    # an app (here the batch CLI) opening the model puts the previous one back, whole, before it loads it
+    res = run(["-m", "imagelab.predict", out, data / "cats" / "cats_0.jpg"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert model_files(work) == before and not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+    assert "frogs" not in res.stdout
+
+    # so does the next run into --out, as it starts (this one then stops: a folder of one class trains nothing)
+    one = make_folder_dataset(tmp_path / "one", classes=(("cats", (220, 60, 60)),), n=6)
+    res = run([ROOT / "training" / "train_pets.py", "--data", one, "--out", copy / "m.pkl", *TRAIN])
+    fails_with_one_line(res, "only one class")
+    assert model_files(copy) == before and not [p for p in copy.iterdir() if p.name.endswith(".tmp")]
+
+
+# An export of new files over `previous_model`'s, by a process that kills itself as it makes its KILL_AT-th move
+# (counted over the install and its undoing), after a move that fails with a full disk at the FAIL_AT-th.
+KILLED_AT_A_MOVE = """
+import os, signal, sys
+from pathlib import Path
+from imagelab.export import staged_export
+out, kill_at, fail_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+replace, moves = os.replace, []
+def replace_or_die(src, dst):
+    moves.append(dst)
+    if len(moves) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if len(moves) == fail_at:
+        raise OSError(28, "No space left on device")
+    return replace(src, dst)
+os.replace = replace_or_die
+with staged_export(out) as (model, report):
+    for path in (model, model.with_suffix(".onnx"), model.with_suffix(".safetensors"),
+                 model.with_name("m.config.json"), report / "metrics.json", report / "examples" / "cats_0.jpg"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"new")
+"""
+
+
+# The install's moves: m.config.json, m.onnx, m.report stepping aside, m.report, m.safetensors, m.pkl; failing at the
+# fourth, its undoing puts back m.config.json, m.onnx and m.report: the fifth to seventh.
+@pytest.mark.parametrize("kill_at, fail_at", [*((k, 0) for k in range(1, 7)), *((k, 4) for k in range(5, 8))])
+def test_kill_9_at_any_move_of_an_export_or_of_its_undoing_leaves_what_the_next_run_makes_whole(tmp_path, kill_at,
+                                                                                                  fail_at):
+    from imagelab.paths import remove_abandoned_staging
+    out = tmp_path / "m.pkl"
+    before = previous_model(tmp_path)
+    res = run(["-c", KILLED_AT_A_MOVE, out, kill_at, fail_at])
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    remove_abandoned_staging(out)
+    assert model_files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({n.split("/")[0] for n in before})
