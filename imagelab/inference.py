@@ -131,7 +131,14 @@ class Predictor:
         self.vocab, self.tta, self.max_pixels = self.config["vocab"], tta, max_pixels
         self.has_heatmap = "heatmap" in output_names(self.session)
         w, h = self.config["crop"]
-        self.session.run(None, {"image": np.zeros((1, 3, h, w), np.float32)})  # warm up now, not on a request
+        blank = np.zeros((1, 3, h, w), np.float32)
+        outputs = dict(zip(output_names(self.session), self.session.run(None, {"image": blank})))  # warm up now
+        # A graph and a config of two different exports would serve another model's labels (or fail on the
+        # highest): the number of scores, run rather than read from the graph, where it may be left symbolic
+        if outputs["logits"].shape[-1] != len(self.vocab):
+            raise UserError(f"{graph if isinstance(graph, Path) else path} gives {outputs['logits'].shape[-1]} class "
+                            f"scores, but {paths['config']} names {len(self.vocab)} classes: files of two different "
+                            "exports? Export the model again")
 
     def _onnx(self, model):
         from .export import to_onnx

@@ -1,5 +1,6 @@
 """The export's promise under interruption: Ctrl-C or `kill -9` at any point leaves the previous model whole, never
 a mix of two; and what cannot be exported is refused before training, not after it."""
+import json
 import shutil
 import signal
 
@@ -166,3 +167,14 @@ def test_kill_9_at_any_move_of_an_export_or_of_its_undoing_leaves_what_the_next_
     remove_abandoned_staging(out)
     assert model_files(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({n.split("/")[0] for n in before})
+
+
+def test_a_graph_and_a_config_of_two_exports_are_refused_in_one_line(tiny_model, tmp_path):
+    graph, config = tmp_path / "m.onnx", tmp_path / "m.config.json"
+    shutil.copy(tiny_model.with_suffix(".onnx"), graph)  # two classes: cats, dogs
+    settings = json.loads(tiny_model.with_name("pets.config.json").read_text())
+    image = tiny_model.parent.parent / "data" / "cats" / "cats_0.jpg"
+    for vocab in (["cats", "dogs", "frogs"], ["cats"]):  # before: labels of another model, or an IndexError
+        config.write_text(json.dumps({**settings, "vocab": vocab}))
+        res = run(["-m", "imagelab.predict", graph, image])
+        fails_with_one_line(res, f"{graph} gives 2 class scores, but {config} names {len(vocab)} classes")
