@@ -13,7 +13,8 @@ import torch
 from . import UserError
 from .images import open_rgb, val_margin
 from .loading import CLASSIFIER, CLASSIFIER_FORMAT
-from .paths import INSTALLING, PREVIOUS, artifact_paths, report_dir, staging_path, undo_install
+from .paths import (INSTALLING, PREVIOUS, artifact_paths, check_replaceable, report_dir, staging_path,
+                    undo_install)
 
 
 @contextmanager
@@ -93,10 +94,8 @@ def install(stage, model_path, between_moves=lambda: None):
     raises stops the install, undone."""
     folder = model_path.parent
     new = sorted(stage.iterdir(), key=lambda f: (f.name == model_path.name, f.name))
-    for f in new:
-        if (folder / f.name).exists() and (folder / f.name).is_dir() != f.is_dir():
-            raise UserError(f"cannot export: {folder / f.name} is a {'folder' if f.is_file() else 'file'}; "
-                            "move it away, or give another --out")
+    for f in new:  # checked before the run trained, but the disk may have changed since
+        check_replaceable(model_path, folder / f.name, f.is_dir())
     previous, journal = stage / PREVIOUS, stage / INSTALLING
     previous.mkdir()
     try:

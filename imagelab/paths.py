@@ -78,7 +78,19 @@ def writable_model_path(path):
         probe.rmdir()
     except OSError as e:  # a name too long for the disk, a system folder (/proc, /sys), root's files on a network disk
         raise UserError(f"cannot write {path}: {e.strerror} ({existing})") from None
+    # The export's names (that fit, now known); a folder where the checkpoint goes fails its first write, in one line
+    for other in artifact_paths(path).values():
+        check_replaceable(path, other, folder=False)
+    check_replaceable(path, report_dir(path), folder=True)
     return path
+
+
+def check_replaceable(model, path, folder):
+    """One line if `path`, where a run into `model` writes a folder (`folder`) or a file, holds the other kind: an
+    export cannot replace one with the other."""
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"cannot export to {model}: {path} is a {'file' if folder else 'folder'}; move it away, or "
+                        "give another --out")
 
 
 def report_dir(model):

@@ -178,3 +178,15 @@ def test_a_graph_and_a_config_of_two_exports_are_refused_in_one_line(tiny_model,
         config.write_text(json.dumps({**settings, "vocab": vocab}))
         res = run(["-m", "imagelab.predict", graph, image])
         fails_with_one_line(res, f"{graph} gives 2 class scores, but {config} names {len(vocab)} classes")
+
+
+def test_a_file_or_folder_where_the_export_goes_is_refused_before_training(tmp_path):
+    data = make_folder_dataset(tmp_path / "data")  # enough to train on: the old code trained, then refused
+    for name, make in [("m.report", "touch"), ("m.onnx", "mkdir"), ("m.config.json", "mkdir")]:
+        out = tmp_path / name.replace(".", "_") / "m.pkl"  # a folder of its own each
+        out.parent.mkdir()
+        getattr(out.with_name(name), make)()
+        res = run([ROOT / "training" / "train_pets.py", "--data", data, "--out", out, *TRAIN])
+        kind = "file" if make == "touch" else "folder"
+        fails_with_one_line(res, f"cannot export to {out}: {out.with_name(name)} is a {kind}; move it away")
+        assert "epoch" not in res.stdout and sorted(p.name for p in out.parent.iterdir()) == [name]
