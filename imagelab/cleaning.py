@@ -23,7 +23,8 @@ from PIL import Image
 
 from . import UserError
 from .images import check_image, open_rgb
-from .paths import CLEANING_LOG, FLAGGED, REMOVED, check_class_name, existing_folder, hidden, plain_name, split_path
+from .paths import (CLEANING_LOG, FLAGGED, REMOVED, check_class, check_class_name, existing_folder, hidden, plain_name,
+                    split_path)
 
 ACTIONS = ("keep", "relabel", "remove")
 
@@ -150,8 +151,7 @@ class Cleaner:
 
     def _candidates(self, label, split):
         """The relative paths of every plain file of `label` in `split`, named as the disk names them."""
-        if label not in self.classes:
-            raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
+        check_class(label, self.classes)
         if split not in self.splits:
             raise UserError(f"split must be one of {', '.join(self.splits)}, not {split!r}")
         top = f"{FLAGGED}/" if split == FLAGGED else ""

@@ -22,8 +22,8 @@ from PIL import Image
 from . import UserError
 from .images import read_image
 from .lookalikes import collect, fingerprint, pairs
-from .paths import (BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, WRITE_ERRORS, check_class_name, hidden, staging_path,
-                    write_failure)
+from .paths import (BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, WRITE_ERRORS, check_class, check_class_name, hidden,
+                    staging_path, write_failure)
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
 MAX_SIDE = 1024
@@ -69,8 +69,7 @@ class Flagger:
     def flag(self, image, label):
         """Keep `image` (an uploaded file's path) as an example of class `label`; returns its path relative to
         the dataset folder. A UserError says why a flag is refused: not a class, too many flags, not an image."""
-        if label not in self.classes:
-            raise UserError(f"not a class of this model: {label!r} (classes: {', '.join(self.classes)})")
+        check_class(label, self.classes)
         self.take_turn()
         im = read_image(image)
         if pairs(collect([fingerprint(im)]), self.held_out):

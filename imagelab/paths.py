@@ -350,6 +350,13 @@ def plain_name(name):
     return name
 
 
+def check_class(label, classes):
+    """One line unless `label` is one of the model's `classes` (what a caller of the flag or cleaner API sent)."""
+    if label not in classes:
+        what = "choose a class" if label in (None, "") else f"not a class of this model: {label!r}"
+        raise UserError(f"{what} (classes: {', '.join(classes)})")
+
+
 def check_class_name(name):
     """A class name is a folder name: one plain path component, not hidden, not one of the tools' own."""
     if not isinstance(name, str) or not name.strip() or name in BOOKKEEPING:
