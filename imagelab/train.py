@@ -312,6 +312,9 @@ def train(task, cfg, cbs=()):
 def _train(task, cfg, cbs):
     main_process = rank_distrib() == 0
     ckpt = checkpoint_path(cfg.out)
+    if main_process:  # first, whatever happens next: a model cut short as it moved in is put back
+        remove_abandoned_staging(ckpt)
+        remove_abandoned_staging(cfg.out)
     task.check(cfg)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
@@ -323,7 +326,7 @@ def _train(task, cfg, cbs):
     set_seed(cfg.seed, reproducible=True)
     files, skipped, presized, dls, learn = prepare(task, cfg, root, device, precision)
     if main_process:  # after the data and model were found: a mistyped one is an error, not a note about replacing
-        before_run(cfg, ckpt)
+        say_what_the_run_replaces(cfg, ckpt)
     learn.dls = batches_in_memory(dls, presized, cfg) or dls  # training and validation during the fits
     settings = {**options, "data": data, "images": describe_split(split_files(dls, root))}
     if state:
@@ -373,11 +376,8 @@ def _train(task, cfg, cbs):
     return metrics
 
 
-def before_run(cfg, ckpt):
-    """The main process's start of a run: what runs killed while writing the checkpoint or the model left behind is
-    removed, and a note says what this run leaves or replaces."""
-    remove_abandoned_staging(ckpt)
-    remove_abandoned_staging(cfg.out)
+def say_what_the_run_replaces(cfg, ckpt):
+    """Notes on the interrupted run this one leaves, and on the model it replaces as it ends."""
     if not cfg.resume and ckpt.exists():
         print(f"note: {ckpt} holds an interrupted run; this run starts afresh (--resume continues it)")
     if Path(cfg.out).exists():  # the apps serve it: said while Ctrl-C still keeps it
