@@ -51,8 +51,9 @@ def safe_path(root, rel, classes, under=()):
     else a UserError."""
     if not isinstance(rel, str):
         raise UserError(f"not a path: {rel!r}")
-    if unsendable(rel):  # no page lists it: a request made it up
-        raise UserError(f"not a path the cleaner lists ({unsendable(rel)}): {rel!r}")
+    why = unsendable(rel)
+    if why:  # no page lists it: a request made it up
+        raise UserError(f"not a path the cleaner lists ({why}): {rel!r}")
     parts = rel.split("/")
     folder = root
     if parts[0] in under:

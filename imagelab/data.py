@@ -267,9 +267,10 @@ def folder_split(root, files, cache=None):
         seen = pairs(fingerprints([items[i] for i in own], cache=cache), held_prints)
         copies = {own[i] for i, _ in seen}
         if copies:  # the folders' split is the user's: the held-out side stays as it is, its copies do not train
+            copy, like = (Path(items[i]).relative_to(root) for i in (own[seen[0][0]], held[seen[0][1]]))
             print(f"note: {len(copies)} files of {TRAIN}/ look like images of {VALID}/ (a copy, resized, recompressed "
-                  f"or mirrored) and are left out of training, which would be measured on itself (such as "
-                  f"{Path(items[own[seen[0][0]]]).relative_to(root)}, like {Path(items[held[seen[0][1]]]).relative_to(root)})")
+                  f"or mirrored) and are left out of training, which would be measured on itself (such as {copy}, "
+                  f"like {like})")
         return [i for i in train if tops[i] in (TRAIN, FLAGGED) and i not in copies], valid
     return split
 

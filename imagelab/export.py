@@ -40,8 +40,8 @@ def staged_export(model_path):
                 install(stage, model_path, between_moves=ctrl_c.check)
             finally:
                 ctrl_c.held = False
-            # Noted after install's last look: the new model is in place, whole; the run stops as it would after it
-            ctrl_c.check()
+            # One noted after install's last look came once the new model stood, whole: the run has exported, and
+            # ends as it would have a moment later (stopping it now would say nothing was exported)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 

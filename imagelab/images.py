@@ -92,8 +92,9 @@ def val_margin(size, val_xtra):
 
 def check_image(path):
     """None if `path` decodes fully as an image, else the reason it does not."""
-    if not_regular(path):  # a named pipe: opened, it would wait for a writer forever
-        return not_regular(path)
+    odd = not_regular(path)
+    if odd:  # a named pipe: opened, it would wait for a writer forever
+        return odd
     try:
         with open_image(path) as im:
             im.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: a full read of every byte, much faster
