@@ -1,8 +1,11 @@
 """Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
 import atexit
+import codecs
+import io
 import os
 import pickle
 import re
+import select
 import shutil
 import signal
 import socket
@@ -82,6 +85,21 @@ def interruptible():
     """`preexec_fn` of a child the test stops with SIGINT: a job started in the background by a shell (nohup,
     `&`) inherits SIGINT ignored, and then Python never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def read_until(stream, pattern, timeout):
+    """What a child's pipe `stream` gives until the regular expression `pattern` matches (at a line's start with
+    `^`, after a newline or a progress bar's carriage return), the child closes it, or `timeout` seconds pass:
+    bounded, however little the child writes. A file read waits for its next character, or line, as long as it takes."""
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors="replace"), translate=True)
+    seen, deadline = "", time.monotonic() + timeout
+    while not re.search(pattern, seen, re.MULTILINE) and (left := deadline - time.monotonic()) > 0:
+        if select.select([stream], [], [], left)[0]:
+            chunk = os.read(stream.fileno(), 1 << 16)
+            if not chunk:
+                break
+            seen += decoder.decode(chunk)
+    return seen
 
 
 def run(args, timeout=300, **kwargs):
@@ -291,7 +309,7 @@ def missing_pictures(tmp_path):
     server = subprocess.Popen([PY, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
                                tmp_path / "empty"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        port = re.search(r"port (\d+)", server.stdout.readline())[1]
+        port = re.search(r"port (\d+)", read_until(server.stdout, r"port \d+", timeout=60))[1]
         yield f"http://127.0.0.1:{port}/cat.jpg"
     finally:
         server.terminate()

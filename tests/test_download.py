@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import PY, ROOT, interruptible, run
+from conftest import PY, ROOT, interruptible, read_until, run
 from imagelab import UserError
 from imagelab.data import check_image
 from imagelab.download import make_dataset, search_images
@@ -194,9 +194,8 @@ def test_ctrl_c_while_downloading_leaves_no_partial_file(web, tmp_path):
     proc = subprocess.Popen([PY, "training/train_bears.py", "--download-only", "--classes", "grizzly",
                              "--dest", dest], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ), preexec_fn=interruptible)
-    deadline, seen = time.monotonic() + 120, ""
-    while "downloading" not in seen and time.monotonic() < deadline and proc.poll() is None:
-        seen += proc.stderr.read(1)
+    deadline = time.monotonic() + 120
+    read_until(proc.stderr, "downloading", timeout=120)
     while not list(dest.glob("grizzly/.part-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert list(dest.glob("grizzly/.part-*")), "no download was under way"  # half-written files exist now

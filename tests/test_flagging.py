@@ -216,7 +216,8 @@ def test_a_flag_folder_that_cannot_be_written_is_one_line(tiny_model, tmp_path):
         client = Client(url, verbose=False)
         kept = SAVED.search(client.predict(handle_file(str(write_image(tmp_path / "a.jpg", (220, 60, 60)))), "cats",
                                            api_name="/flag"))[1]
-        subprocess.run(["nsenter", "-t", str(url.proc.pid), "-m", "mount", "-o", "remount,ro,bind", data], check=True)
+        subprocess.run(["nsenter", "-t", str(url.proc.pid), "-m", "mount", "-o", "remount,ro,bind", data], check=True,
+                       timeout=30)
         other = handle_file(str(write_image(tmp_path / "b.jpg", (60, 60, 220))))
         for _ in range(2):
             with pytest.raises(AppError, match="^could not keep the image: Read-only file system$"):

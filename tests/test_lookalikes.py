@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from conftest import PY, ROOT, shapes
+from conftest import PY, ROOT, read_until, shapes
 from imagelab.lookalikes import collect, fingerprint, fingerprints, store_path
 
 
@@ -119,8 +119,7 @@ def test_runs_at_once_or_killed_while_writing_leave_a_whole_cache(tmp_path, deco
 
     writer = subprocess.Popen([PY, "-c", WRITER, folder, cache, "forever"], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
-    for _ in range(20):  # some stores written, then killed at once, wherever it is
-        writer.stdout.readline()
+    read_until(writer.stdout, "(?:[0-9a-f]{64}\n){20}", timeout=120)  # some stores written, then killed at once
     time.sleep(0.05)
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=30)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from fastai.learner import load_learner
 
-from conftest import PY, ROOT, epoch_table, hub_cache_with_weights, interruptible, make_folder_dataset, run
+from conftest import (PY, ROOT, epoch_table, hub_cache_with_weights, interruptible, make_folder_dataset, read_until,
+                      run)
 
 EPOCHS = 4
 
@@ -216,10 +217,7 @@ def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_afresh(data, tmp
     args = command(data, out, "--checkpoint-every", "3600", "--epochs", "40")
     proc = subprocess.Popen([PY, *map(str, args)], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=interruptible)
-    deadline = time.monotonic() + 180
-    for line in proc.stdout:  # the epoch table's header: training has begun
-        if line.startswith("epoch") or time.monotonic() > deadline:
-            break
+    read_until(proc.stdout, "^epoch", timeout=180)  # the epoch table's header: training has begun
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]

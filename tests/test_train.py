@@ -8,8 +8,8 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import (PY, ROOT, fails_with_one_line, in_fresh_process, interruptible, make_folder_dataset, run,
-                      shapes, train_tiny, write_image)
+from conftest import (PY, ROOT, fails_with_one_line, in_fresh_process, interruptible, make_folder_dataset,
+                      read_until, run, shapes, train_tiny, write_image)
 from imagelab import UserError
 from imagelab.export import staged_export
 from imagelab.inference import Predictor
@@ -169,10 +169,7 @@ def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_
                              "--epochs", "50", "--size", "32", "--bs", "4", "--workers", "0", "--out", out],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=interruptible)
-    deadline = time.monotonic() + 120
-    seen = ""
-    while "epoch" not in seen and time.monotonic() < deadline:  # the table header: training has begun
-        seen += proc.stdout.read(1)
+    seen = read_until(proc.stdout, "^epoch", timeout=120)  # the table header: training has begun
     assert f"note: this run replaces {out} as it ends (--out elsewhere keeps it)" in seen  # said while Ctrl-C keeps it
     other = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--out", out])
     fails_with_one_line(other, f"another run (process {proc.pid}) is training into {out}: wait for it to end")
