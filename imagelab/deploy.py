@@ -504,6 +504,7 @@ def check_model(model, app):
     model = Path(model or default)
     if model.suffix not in SERVED_FROM[APPS[app].kind] or model.name.endswith(DECODER):
         raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
+    remove_abandoned_staging(model.with_suffix(".pkl"))  # an export killed as it moved in: the previous model back
     if not model.is_file():
         raise no_model(model, train_hint(app, model, default))
     return model

@@ -119,6 +119,7 @@ def test_kill_9_while_the_export_moves_in_is_undone_by_the_next_app_or_run(tmp_p
     assert mixed["m.config.json"] != before["m.config.json"] and mixed["m.pkl"] == before["m.pkl"]
     assert not (work / "m.report").exists()  # stepped aside for the new one
     shutil.copytree(work, copy, symlinks=True)
+    shutil.copytree(work, tmp_path / "to-deploy", symlinks=True)
 
     # an app (here the batch CLI) opening the model puts the previous one back, whole, before it loads it
     res = run(["-m", "imagelab.predict", out, data / "cats" / "cats_0.jpg"])
@@ -131,6 +132,13 @@ def test_kill_9_while_the_export_moves_in_is_undone_by_the_next_app_or_run(tmp_p
     res = run([ROOT / "training" / "train_pets.py", "--data", one, "--out", copy / "m.pkl", *TRAIN])
     fails_with_one_line(res, "only one class")
     assert model_files(copy) == before and not [p for p in copy.iterdir() if p.name.endswith(".tmp")]
+
+    # and so does deploy, before it builds a Space of that model (it had built one of a config of three classes)
+    space, deployed = tmp_path / "space", tmp_path / "to-deploy"
+    res = run(["-m", "imagelab.deploy", "pets", "--model", deployed / "m.pkl", "--out", space])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert model_files(deployed) == before and not [p for p in deployed.iterdir() if p.name.endswith(".tmp")]
+    assert json.loads(next(space.rglob("*.config.json")).read_text())["vocab"] == ["cats", "dogs"]
 
 
 # An export of new files over `previous_model`'s, by a process that kills itself as it makes its KILL_AT-th move
