@@ -5,9 +5,12 @@ never in a script's `__main__`, so a `.pkl` loads from any script, server or Spa
 """
 import argparse
 import os
+import signal
 import socket
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 
@@ -124,3 +127,42 @@ def run_cli(main, argv=None, interrupted="interrupted: nothing was exported"):
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+class Interrupts:
+    """What `noted_interrupts` saw: `seen`, a Ctrl-C came; `held`, it is only noted, for `check` to raise."""
+
+    def __init__(self):
+        self.seen = self.held = False
+
+    def check(self):
+        if self.seen:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def noted_interrupts():
+    """Note every Ctrl-C (SIGINT) during the block, and raise it as Python does unless the `Interrupts` yielded are
+    `held`; the previous handler again after the block.
+
+    Python raises a Ctrl-C wherever the main thread is, also inside a finalizer (`__del__`, a weakref callback)
+    that the garbage collector runs: there it is printed and dropped, and the block would go on as if it had not
+    come. Held, a Ctrl-C cannot cut a sequence of moves at an arbitrary point: it is acted on where `check` is
+    called. Only the main thread receives signals, and a Ctrl-C that is ignored (a job started in the background)
+    or left to the system stays so: then nothing is noted.
+    """
+    ctrl_c = Interrupts()
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield ctrl_c
+        return
+
+    def note(signum, frame):
+        ctrl_c.seen = True
+        if not ctrl_c.held:
+            previous(signum, frame)
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield ctrl_c
+    finally:
+        signal.signal(signal.SIGINT, previous)

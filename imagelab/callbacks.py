@@ -135,6 +135,17 @@ class ProgressiveResize(Callback):
         self.resize(self.size)
 
 
+class ActOnCtrlC(Callback):
+    """Stop the fit after the batch in which a Ctrl-C came that Python dropped: one raised inside a finalizer is
+    printed and lost, and training would go on (`imagelab.noted_interrupts` notes each one in `interrupts`)."""
+
+    def __init__(self, interrupts):
+        self.interrupts = interrupts
+
+    def after_batch(self):
+        self.interrupts.check()
+
+
 class LossHistory(Callback):
     """Losses across every fit of a run (fastai's Recorder restarts at each fit, e.g. both halves of fine_tune), and
     each epoch's held-out metrics ({name: value}, in `valid_metrics`)."""

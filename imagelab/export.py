@@ -3,14 +3,12 @@ import copy
 import json
 import os
 import shutil
-import signal
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from . import UserError
+from . import UserError, noted_interrupts
 from .images import open_rgb, val_margin
 from .loading import CLASSIFIER, CLASSIFIER_FORMAT
 from .paths import (INSTALLING, PREVIOUS, artifact_paths, check_replaceable, report_dir, staging_path,
@@ -44,45 +42,6 @@ def staged_export(model_path):
             # ends as it would have a moment later (stopping it now would say nothing was exported)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-
-
-class Interrupts:
-    """What `noted_interrupts` saw: `seen`, a Ctrl-C came; `held`, it is only noted, for `check` to raise."""
-
-    def __init__(self):
-        self.seen = self.held = False
-
-    def check(self):
-        if self.seen:
-            raise KeyboardInterrupt
-
-
-@contextmanager
-def noted_interrupts():
-    """Note every Ctrl-C (SIGINT) during the block, and raise it as Python does unless the `Interrupts` yielded are
-    `held`; the previous handler again after the block.
-
-    Python raises a Ctrl-C wherever the main thread is, also inside a finalizer (`__del__`, a weakref callback)
-    that the garbage collector runs: there it is printed and dropped, and the block would go on as if it had not
-    come. Held, a Ctrl-C cannot cut a sequence of moves at an arbitrary point: it is acted on where `check` is
-    called. Only the main thread receives signals, and a Ctrl-C that is ignored (a job started in the background)
-    or left to the system stays so: then nothing is noted.
-    """
-    ctrl_c = Interrupts()
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if not callable(previous):
-        yield ctrl_c
-        return
-
-    def note(signum, frame):
-        ctrl_c.seen = True
-        if not ctrl_c.held:
-            previous(signum, frame)
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield ctrl_c
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def install(stage, model_path, between_moves=lambda: None):

@@ -22,9 +22,9 @@ from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import get_model, rank_distrib
 from fastai.vision.all import RandomResizedCrop, Resize, set_seed
 
-from . import UserError
+from . import UserError, noted_interrupts
 from .augment import faster_augmentation
-from .callbacks import KeepBest, LossHistory, Progress, ProgressiveResize, TimeBudget, best_weights
+from .callbacks import ActOnCtrlC, KeepBest, LossHistory, Progress, ProgressiveResize, TimeBudget, best_weights
 from .checkpoint import Checkpoint, Writer, check_settings, load_checkpoint, restore, saved_epoch
 from .data import Presized, find_images, presize
 from .device import AnyDeviceMixedPrecision, loss_scaler, pick_device, pick_precision
@@ -341,7 +341,9 @@ def _train(task, cfg, cbs):
         print(f"resuming after epoch {state['epoch']} of {planned} from {ckpt}")
     writer = Writer()
     try:
-        fit(task, cfg, learn, run, schedule=schedule, ckpt=ckpt, writer=writer, settings=settings, extra_cbs=cbs)
+        with noted_interrupts() as ctrl_c:
+            fit(task, cfg, learn, run, schedule=schedule, ckpt=ckpt, writer=writer, settings=settings,
+                extra_cbs=[*cbs, ActOnCtrlC(ctrl_c)])
     except KeyboardInterrupt:
         writer.wait()  # the checkpoint being written, if any, is the one to resume from
         if main_process:

@@ -48,6 +48,34 @@ def test_a_ctrl_c_that_python_drops_during_the_export_still_keeps_the_previous_m
     assert interrupted == "interrupted: nothing was exported"
 
 
+# A Ctrl-C dropped so in the second batch of training, which would go on to its last epoch and export
+DROPPED_WHILE_TRAINING = """
+import signal
+from fastai.learner import Learner
+class Collected:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+one_batch, batches = Learner._do_one_batch, []
+def one_batch_then_a_dropped_ctrl_c(self):
+    batches.append(self.training)
+    if len(batches) == 2:
+        Collected()
+    return one_batch(self)
+Learner._do_one_batch = one_batch_then_a_dropped_ctrl_c
+"""
+
+
+def test_a_ctrl_c_that_python_drops_during_training_stops_it_after_that_batch(tmp_path):
+    data, out = make_folder_dataset(tmp_path / "data"), tmp_path / "m.pkl"
+    out.write_bytes(b"previous model")
+    res = training_with(DROPPED_WHILE_TRAINING, data, out, "--epochs", "3", "--lr", "1e-3")
+    assert "KeyboardInterrupt" in res.stderr, res.stderr[-3000:]  # the premise: Python reported it and went on
+    assert res.returncode == 128 + signal.SIGINT, res.stderr[-3000:]
+    assert "epoch" in res.stdout and "\n1 " not in res.stdout  # stopped in the first epoch: no row of the table
+    assert out.read_bytes() == b"previous model" and sorted(p.name for p in tmp_path.iterdir()) == ["data", "m.pkl"]
+    assert res.stderr.strip().splitlines()[-1] == "interrupted: nothing was exported"
+
+
 def previous_model(folder):
     """A previous model's files in `folder` (not a real model: only whether each is kept byte for byte matters), as
     `model_files` has them."""
