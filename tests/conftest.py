@@ -17,6 +17,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import gradio_client
 import numpy as np
 import pytest
 from filelock import FileLock
@@ -210,6 +211,18 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Client(gradio_client.Client):
+    """gradio_client's client, whose `predict` fails after `timeout` seconds: its own wait has no end (it reads the
+    server's event stream without a timeout), and an event the server never finishes would hold the test."""
+
+    def __init__(self, *args, timeout=120, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.call_timeout = timeout
+
+    def predict(self, *args, **kwargs):
+        return self.submit(*args, **kwargs).result(timeout=self.call_timeout)
 
 
 class AppURL(str):

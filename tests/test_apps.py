@@ -10,11 +10,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
 from checkouts import repo_app_without_models
-from conftest import fails_with_one_line, free_port, run, served, write_image
+from conftest import Client, fails_with_one_line, free_port, run, served, write_image
 from imagelab import UserError
 
 

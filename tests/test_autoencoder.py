@@ -12,13 +12,13 @@ import pytest
 import torch
 from fastai.learner import load_learner
 from fastai.vision.all import RandomSplitter, set_seed
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from checkouts import repo_app_without_models
 from uploads import invalid_uploads, valid_uploads
-from conftest import AE_TINY, PY, make_folder_dataset, run, served, write_image
+from conftest import AE_TINY, Client, PY, make_folder_dataset, run, served, write_image
 from imagelab import UserError
 from imagelab.autoencoder import CodeSparsity, ConvAutoencoder, autoencoder_dls, autoencoder_learner, preprocessed
 from imagelab.data import find_images

@@ -5,11 +5,11 @@ import shutil
 import urllib.request
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
 
 from checkouts import repo_app_without_models
-from conftest import BEARS, ROOT, served, write_image
+from conftest import BEARS, Client, ROOT, served, write_image
 from imagelab import run_cli
 
 CLASSES = [label for label, _ in BEARS]

@@ -2,8 +2,11 @@
 import io
 import re
 import shutil
+import threading
+from contextlib import contextmanager
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
@@ -17,6 +20,40 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+@contextmanager
+def chromium(*args):
+    """Chromium under Playwright (`args` after CHROMIUM_ARGS), closed after the block within a minute: Playwright's
+    close and its driver's exit have no timeout of their own (a Chromium it does not bundle is known to hang there);
+    after a minute the browser's and the driver's processes are killed, so the test ends instead of holding the run."""
+    watchdog = threading.Timer(60, kill_browser_processes)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *args])
+            try:
+                yield browser
+            finally:
+                watchdog.start()
+                browser.close()
+    finally:
+        watchdog.cancel()
+
+
+def kill_browser_processes():
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "chrom" in proc.name() or proc.name() == "node":  # Playwright's driver runs on Node.js
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def evaluate(page, script, arg=None, seconds=60):
+    """`page.evaluate` of the async function `script`, which fails after `seconds`: Playwright's has no timeout, and
+    a promise the page never settles would hold the test."""
+    return page.evaluate(f"""(arg) => Promise.race([({script})(arg), new Promise((_, fail) =>
+        setTimeout(() => fail(new Error("no answer within {seconds} s")), {seconds * 1000}))])""", arg)
+
+
 @pytest.fixture(scope="module")
 def site(tiny_model, tiny_bears, tiny_autoencoder, tmp_path_factory):
     """The root app with every tab's model, and a browser page on it; the cleaner works on a copy."""
@@ -25,12 +62,10 @@ def site(tiny_model, tiny_bears, tiny_autoencoder, tmp_path_factory):
     env = {"PETS_MODEL": str(tiny_model), "BEARS_MODEL": str(bears_model), "CLEANER_MODEL": str(bears_model),
            "CLEANER_DATA": str(data), "AUTOENCODER_MODEL": str(tiny_autoencoder)}
     ARTIFACTS.mkdir(exist_ok=True)
-    with served(["app.py"], env=env) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with served(["app.py"], env=env) as url, chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         yield page, data
-        browser.close()
 
 
 def open_tab(page, tab):

@@ -9,10 +9,9 @@ import subprocess
 import time
 
 import pytest
-from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from conftest import BEARS, PY, ROOT, run, served, write_image
+from conftest import BEARS, Client, PY, ROOT, run, served, write_image
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 

@@ -16,13 +16,13 @@ import gradio
 import numpy as np
 import pytest
 import yaml
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
 from checkouts import fill_hub_cache
-from conftest import PY, ROOT, fails_with_one_line, interruptible, run, served, write_image
+from conftest import Client, PY, ROOT, fails_with_one_line, interruptible, run, served, write_image
 from hub_server import Hub
 from imagelab.deploy import INTERRUPTED, MARKER, build_model_repo, model_card
 from imagelab.paths import artifact_paths

@@ -9,12 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
 
-from conftest import BEARS, fails_with_one_line, free_port, make_folder_dataset, run, served, train_tiny, write_image
+from conftest import (BEARS, Client, fails_with_one_line, free_port, make_folder_dataset, run, served, train_tiny,
+                      write_image)
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 from imagelab.flagging import FLAGGED_NAME, MAX_SIDE, Flagger
@@ -94,14 +95,12 @@ def test_an_apps_endpoints_take_turns_together(tiny_model, tmp_path):
         client = Client(url, verbose=False)
         jobs = [client.submit(handle_file(str(big)), api_name="/predict") for _ in range(2)]
         jobs += [client.submit(handle_file(str(big)), "cats", api_name="/flag") for _ in range(2)]
-        seen = set()
-        for _ in range(3000):  # at most a minute
-            if all(job.done() for job in jobs):
-                break
+        seen, deadline = set(), time.monotonic() + 120
+        while not all(job.done() for job in jobs) and time.monotonic() < deadline:
             seen.add(tuple(job.status().code for job in jobs))
             time.sleep(0.02)
-        assert [job.result()["label"] in ("cats", "dogs") for job in jobs[:2]] == [True, True]
-        assert all(SAVED.search(job.result()) for job in jobs[2:])
+        assert [job.result(timeout=1)["label"] in ("cats", "dogs") for job in jobs[:2]] == [True, True]
+        assert all(SAVED.search(job.result(timeout=1)) for job in jobs[2:])
     assert any(Status.IN_QUEUE in codes for codes in seen), seen  # 4 requests, 2 turns: some waited
 
 

@@ -1,9 +1,9 @@
 """The exported `.pkl` works the way every fastai user calls it: `load_learner`, then `learn.predict(...)`."""
 import textwrap
 
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 
-from conftest import ROOT, run, served, write_image
+from conftest import Client, ROOT, run, served, write_image
 
 # The fastai course's Hugging Face Space app (lesson 2), as students write it.
 COURSE_APP = """

@@ -3,6 +3,7 @@ import ast
 import asyncio
 import base64
 import io
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -19,20 +20,30 @@ def data_url(image):
     return f"data:image/{kind};base64,{base64.b64encode(image.read_bytes()).decode()}"
 
 
-async def session_calls(url, tool, images):
-    """The tools listed, and the tool's answer for each image, over one MCP session as a client makes them."""
-    async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
-            tools = {t.name: t for t in (await session.list_tools()).tools}
-            return tools, [await session.call_tool(tool, {"image": data_url(im)}) for im in images]
+def over_mcp(url, work, timeout=120):
+    """What `work(session)` returns, done over one MCP session with the app at `url` as an assistant's client does
+    it; within `timeout` seconds, as the client alone is not: it waits for an answer as long as it takes, and drops
+    a broken stream without a word."""
+    async def session_work():
+        async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write, read_timeout_seconds=timedelta(seconds=timeout)) as session:
+                await session.initialize()
+                return await work(session)
+    return asyncio.run(asyncio.wait_for(session_work(), timeout))
+
+
+async def calls(session, tool_calls):
+    """The tools listed, and the answer to each (tool, arguments) of `tool_calls` in turn."""
+    tools = {t.name: t for t in (await session.list_tools()).tools}
+    return tools, [await session.call_tool(tool, arguments) for tool, arguments in tool_calls]
 
 
 def test_mcp_client_lists_predict_and_gets_the_models_label(tiny_model, tmp_path):
     images = [write_image(tmp_path / "red.jpg", (220, 60, 60), size=(120, 90)),
               write_image(tmp_path / "blue.png", (60, 60, 220), size=(120, 90))]
     with served(["apps/pets/app.py", "--model", tiny_model, "--mcp"]) as url:
-        tools, results = asyncio.run(session_calls(url, "predict", images))
+        tools, results = over_mcp(url, lambda session: calls(session, [("predict", {"image": data_url(im)})
+                                                                       for im in images]))
     # What an assistant reads to pick the tool: what the model tells apart.
     assert "cats" in tools["predict"].description and "dogs" in tools["predict"].description
     assert "top 3" not in tools["predict"].description  # a 2-class model answers with both classes
@@ -54,16 +65,10 @@ def test_mcp_client_rebuilds_and_blends_images_through_the_autoencoder(tiny_auto
     a = write_image(tmp_path / "a.jpg", (220, 60, 60), size=(120, 90))
     b = write_image(tmp_path / "b.png", (60, 60, 220), size=(90, 120))
 
-    async def calls(url):
-        async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
-            async with ClientSession(read, write) as session:
-                await session.initialize()
-                tools = {t.name: t for t in (await session.list_tools()).tools}
-                return tools, [await session.call_tool("reconstruct", {"image": data_url(a)}),
-                               await session.call_tool("interpolate", {"a": data_url(a), "b": data_url(b), "steps": 4})]
-
     with served(["apps/autoencoder/app.py", "--model", tiny_autoencoder, "--mcp"]) as url:
-        tools, results = asyncio.run(calls(url))
+        tools, results = over_mcp(url, lambda session: calls(session, [
+            ("reconstruct", {"image": data_url(a)}),
+            ("interpolate", {"a": data_url(a), "b": data_url(b), "steps": 4})]))
     assert "a code of 8 numbers" in tools["reconstruct"].description and "16x16" in tools["reconstruct"].description
     assert "evenly spaced" in tools["interpolate"].description
     ae = open_model(tiny_autoencoder, "autoencoder")
@@ -76,13 +81,7 @@ def test_mcp_client_rebuilds_and_blends_images_through_the_autoencoder(tiny_auto
 
 
 def test_an_image_url_the_app_cannot_fetch_is_one_line_for_the_assistant(tiny_model, missing_pictures):
-    async def call(url):
-        async with streamable_http_client(url + "gradio_api/mcp/") as (read, write, _):
-            async with ClientSession(read, write) as session:
-                await session.initialize()
-                return await session.call_tool("predict", {"image": missing_pictures})
-
     with served(["apps/pets/app.py", "--model", tiny_model, "--mcp"]) as url:
-        result = asyncio.run(call(url))
+        result = over_mcp(url, lambda session: session.call_tool("predict", {"image": missing_pictures}))
         assert result.isError and f"cannot download the image at {missing_pictures}" in result.content[0].text
         assert "Traceback" not in url.log.read_text()

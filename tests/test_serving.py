@@ -3,10 +3,10 @@ import json
 import time
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 
-from conftest import run, write_image
+from conftest import Client, run, write_image
 from uploads import invalid_uploads, valid_uploads
 
 

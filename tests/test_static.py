@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from playwright.sync_api import sync_playwright
 
 from conftest import PY, ROOT, fails_with_one_line, free_port, run
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from test_browser import chromium, evaluate
 from uploads import invalid_uploads, valid_uploads
 from imagelab import onnxruntime_web
 from imagelab.loading import open_model
@@ -82,12 +81,9 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     """Chromium, one for the module's pages (Playwright's sync API runs one instance at a time)."""
-    with sync_playwright() as p:
-        # Chromium's own test camera (a moving pattern), allowed without asking: the webcam path runs for real.
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            *CHROMIUM_ARGS, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+    # Chromium's own test camera (a moving pattern), allowed without asking: the webcam path runs for real.
+    with chromium("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream") as browser:
         yield browser
-        browser.close()
 
 
 @contextmanager
@@ -157,7 +153,7 @@ def test_folder_holds_what_the_page_needs_and_only_that(page):
 
 def test_classify_agrees_with_the_python_predictor(page, photos, tiny_model):
     images = [base64.b64encode(p.read_bytes()).decode() for p in photos]
-    got = page.evaluate("""async (images) => {
+    got = evaluate(page, """async (images) => {
         const out = [];
         for (const b64 of images) {
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -267,7 +263,7 @@ def test_a_push_without_a_token_says_only_that(tiny_model, tmp_path):
 
 
 def test_paste_and_webcam_are_classified(page, photos):
-    page.evaluate("""async (b64) => {
+    evaluate(page, """async (b64) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const data = new DataTransfer();
         data.items.add(new File([bytes], "clip.jpg", {type: "image/jpeg"}));
@@ -294,7 +290,7 @@ def test_autoencoder_page_rebuilds_as_python_does(autoencoder_page, photos, tiny
     assert yaml.safe_load(readme.split("---\n")[1])["sdk"] == "static" and "$" not in readme
     assert "window.imagelab.reconstruct" in readme
     some = photos[::3]  # sizes from 24x18 to 1600x1200, EXIF rotation, transparency
-    got = page.evaluate("""async (images) => {
+    got = evaluate(page, """async (images) => {
         const out = [];
         for (const b64 of images) {
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
@@ -321,7 +317,7 @@ def test_autoencoder_page_walks_between_two_codes_as_python_does(autoencoder_pag
     """The decoder graph on codes evenly spaced between two images' codes: Python's strip, pixel for pixel (within
     one grey level), through the script API and the page's two inputs."""
     page, (a, b) = autoencoder_page, (photos[0], photos[5])
-    frames = page.evaluate("""async ([a, b]) => {
+    frames = evaluate(page, """async ([a, b]) => {
         const blob = (b64) => new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))]);
         const r = await window.imagelab.interpolate(blob(a), blob(b), 5);
         return r.frames.map((f) => Array.from(f));

@@ -7,10 +7,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 
 from checkouts import hub_cache, repo_app_without_models, with_env
-from conftest import ROOT, fails_with_one_line, free_port, in_fresh_process, run, served, write_image
+from conftest import Client, ROOT, fails_with_one_line, free_port, in_fresh_process, run, served, write_image
 from imagelab.loading import SERVED_FROM, open_model
 
 APPS = ["app.py", "apps/pets/app.py", "apps/bears/app.py", "apps/autoencoder/app.py", "apps/cleaner/app.py"]

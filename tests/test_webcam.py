@@ -1,11 +1,11 @@
 """The other ways in, in a real Chromium: a photo from the (fake) webcam, flagged as wrong; one pasted from the clipboard."""
 import pytest
 from PIL import Image, ImageStat
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from conftest import served
 from imagelab.inference import Predictor
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from test_browser import ARTIFACTS, chromium, evaluate
 
 # Chromium's stand-in camera (a moving test pattern on green), allowed without asking.
 CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
@@ -17,8 +17,8 @@ def app(tiny_model, tmp_path_factory):
     """The pets app with flagging on (into a folder of its own) and a Chromium on it: (open a fresh page, folder)."""
     folder = tmp_path_factory.mktemp("flagged-data")
     ARTIFACTS.mkdir(exist_ok=True)
-    with served(["apps/pets/app.py", "--model", tiny_model, "--flag-data", folder]) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + CAMERA)
+    app = ["apps/pets/app.py", "--model", tiny_model, "--flag-data", folder]
+    with served(app) as url, chromium(*CAMERA) as browser:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url.rstrip("/"))
 
@@ -27,7 +27,6 @@ def app(tiny_model, tmp_path_factory):
             page.goto(url)
             return page
         yield fresh_page, folder
-        browser.close()
 
 
 def shown_label(page):
@@ -58,7 +57,7 @@ def test_webcam_photo_is_classified_and_flagged(app):
 
 def test_clipboard_image_is_classified(app, tiny_model, tmp_path):
     page = app[0]()
-    page.evaluate("""async ([r, g, b]) => {
+    evaluate(page, """async ([r, g, b]) => {
         const canvas = Object.assign(document.createElement('canvas'), {width: 120, height: 90});
         const ctx = canvas.getContext('2d');
         ctx.fillStyle = `rgb(${r},${g},${b})`;
