@@ -280,8 +280,9 @@ def test_light_modules_import_no_training_stack(module):
 def test_importing_imagelab_changes_nothing():
     code = "import os, imagelab, warnings; print(os.environ.get('OMP_WAIT_POLICY'), len(warnings.filters))"
     plain = subprocess.run([PY, "-c", "import os, warnings; print(os.environ.get('OMP_WAIT_POLICY'), "
-                            "len(warnings.filters))"], cwd=ROOT, capture_output=True, text=True, env={"PATH": ""})
-    res = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PATH": ""})
+                            "len(warnings.filters))"], cwd=ROOT, capture_output=True, text=True, env={"PATH": ""},
+                           timeout=60)
+    res = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, env={"PATH": ""}, timeout=60)
     assert res.stdout == plain.stdout
 
 
