@@ -202,7 +202,8 @@ def fit(task, cfg, learn, run, *, schedule, ckpt, writer, settings, extra_cbs):
     epochs = sum(n for n, _ in schedule)
     resize = progressive_resize(learn.dls, cfg, cfg.first_size())
     offset = 0
-    with distributed(learn):
+    # a Ctrl-C that Python drops (raised inside a finalizer) stops the fit after its batch all the same
+    with distributed(learn), noted_interrupts() as ctrl_c:
         if task.start_competes and run.done == 0 and run.best is None:
             run.keep_start(learn, task.callbacks(cfg))  # in here: a validation gathers the processes' shares
         for n, fit_one in schedule:
@@ -217,7 +218,8 @@ def fit(task, cfg, learn, run, *, schedule, ckpt, writer, settings, extra_cbs):
                     learn.progress.offset = offset
                 own = [OwnRandomness(cfg.seed, offset)] if world_size() > 1 else []
                 fit_one(learn, start_epoch=first, cbs=[run.history, KeepBest(run, cfg.patience), checkpoint, resize,
-                                                       *budget, *own, *task.callbacks(cfg), *extra_cbs])
+                                                       *budget, *own, *task.callbacks(cfg), ActOnCtrlC(ctrl_c),
+                                                       *extra_cbs])
                 run.done = offset + n
             offset += n
 
@@ -341,9 +343,7 @@ def _train(task, cfg, cbs):
         print(f"resuming after epoch {state['epoch']} of {planned} from {ckpt}")
     writer = Writer()
     try:
-        with noted_interrupts() as ctrl_c:
-            fit(task, cfg, learn, run, schedule=schedule, ckpt=ckpt, writer=writer, settings=settings,
-                extra_cbs=[*cbs, ActOnCtrlC(ctrl_c)])
+        fit(task, cfg, learn, run, schedule=schedule, ckpt=ckpt, writer=writer, settings=settings, extra_cbs=cbs)
     except KeyboardInterrupt:
         writer.wait()  # the checkpoint being written, if any, is the one to resume from
         if main_process:
