@@ -1,5 +1,6 @@
 """Training on any torch device, in any precision: what can be checked on a CPU (device_check.py runs on a GPU too)."""
 import json
+import random
 import re
 import sys
 import threading
@@ -119,6 +120,7 @@ def small_learner(*cbs):
     from fastai.vision.all import CrossEntropyLossFlat, DataLoaders, Learner, nn
     from imagelab.models import adamw
 
+    random.seed(0)  # fastai's loaders draw their shuffling from it
     torch.manual_seed(0)
     x = torch.randn(256, 3, 8, 8)
     y = (x[:, 0].mean((1, 2)) > 0).long()
@@ -174,10 +176,10 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows_wi
             self.batch += 1
 
     fp32 = small_learner()
-    fp32.fit_one_cycle(4, 1e-2)
+    fp32.fit_one_cycle(4, 5e-2)  # a rate at which it learns clearly in 24 steps, one of them skipped
     watch = Watch()
     fp16 = small_learner(AnyDeviceMixedPrecision("fp16", "cpu"), watch)
-    fp16.fit_one_cycle(4, 1e-2)
+    fp16.fit_one_cycle(4, 5e-2)
     assert len(watch.seen) == 4 * 6
     # every step reaches the callbacks after this one, with the gradients unscaled (scaled, they are 65536 times
     # larger), and none is reported cancelled, not even the one that overflowed and was skipped
@@ -190,7 +192,7 @@ def test_fp16_loss_scaling_steps_fastais_adam_and_skips_a_step_that_overflows_wi
     assert all(torch.isfinite(p).all() for p in fp16.model.parameters())
     assert {p.dtype for p in fp16.model.parameters()} == {torch.float32}
     losses = [learn.validate()[0] for learn in (fp32, fp16)]
-    assert abs(losses[0] - losses[1]) < 0.05 and max(losses) < 0.65, losses  # chance: ln 2 = 0.69
+    assert abs(losses[0] - losses[1]) < 0.05 and max(losses) < 0.6, losses  # chance: ln 2 = 0.69
 
     reads, learn = HostReads(), small_learner(AnyDeviceMixedPrecision("fp16", "cpu"))
     with learn.no_bar(), reads:

@@ -205,7 +205,7 @@ class Draws(Callback):
 rank = torch.distributed.get_rank()
 time.sleep(2 * rank)  # the second process starts late, as one that decoded its images slower would
 rates, draws = Rates(), Draws()
-tiny_learner(rates, draws).fit_one_cycle(100_000, 1e-2, cbs=[TimeBudget(4), OwnRandomness(seed=1)])
+tiny_learner(rates, draws).fit_one_cycle(100_000, 1e-2, cbs=[TimeBudget(10), OwnRandomness(seed=1)])
 print(json.dumps({"rank": rank, "rates": rates.seen, "draws": draws.seen}))
 """
 
