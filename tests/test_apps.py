@@ -129,7 +129,7 @@ def test_an_image_sent_as_a_data_url_goes_through_the_apps_decoder_and_limits(pe
         start = time.monotonic()
         with pytest.raises(AppError, match=message):
             client.predict(payload, api_name="/predict")
-        assert time.monotonic() - start < 3, message
+        assert time.monotonic() - start < 10, message
         if i == 1:
             assert peak_rss_mb(pets_app.proc) - before < 50  # the pictures were not decoded
     assert "Traceback" not in pets_app.log.read_text()

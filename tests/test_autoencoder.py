@@ -60,17 +60,17 @@ def test_at_init_the_model_is_pca_through_a_code_of_code_size_numbers(tmp_path):
 
 
 def test_sparsity_gives_exact_zeros_in_the_code(tmp_path):
-    files, _ = find_images(make_folder_dataset(tmp_path, n=8))
+    files, _ = find_images(make_folder_dataset(tmp_path, n=16))
 
     def codes(lam):
         learn = tiny_learner(files, sparse=True)
         with learn.no_bar(), learn.no_logging():
-            learn.fit_one_cycle(3, 1e-2, cbs=[CodeSparsity(lam)])
+            learn.fit_one_cycle(6, 1e-2, cbs=[CodeSparsity(lam)])
         x = preprocessed(learn.dls, learn.dls.valid_ds.items)
         with torch.no_grad():
             return learn.model.eval().encode(x)
     plain, sparse = codes(0.0), codes(1.0)
-    assert (sparse == 0).sum() > (plain == 0).sum()  # nine steps: the threshold has only begun to rise
+    assert (sparse == 0).sum() > (plain == 0).sum() + sparse.numel() / 4
     assert sparse.abs().mean() < plain.abs().mean()
 
 
@@ -89,8 +89,8 @@ def test_a_sparse_models_loss_is_its_objective_and_its_threshold_is_not_decayed(
 
 
 def test_a_sparse_run_under_keep_best_exports_its_sparsest_best_epoch_not_pca(tmp_path):
-    data, out = make_folder_dataset(tmp_path / "data", n=8), tmp_path / "sparse.pkl"
-    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "4", "--lr", "1e-2", *AE_TINY,
+    data, out = make_folder_dataset(tmp_path / "data", n=16), tmp_path / "sparse.pkl"
+    res = run(["training/train_autoencoder.py", "--data", data, "--epochs", "8", "--lr", "1e-2", *AE_TINY,
                "--sparsity", "1", "--out", out])
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "sparse.report" / "metrics.json").read_text())
@@ -183,7 +183,7 @@ def test_app_reconstructs_over_http(ae_model, tmp_path):
                 client.predict(handle_file(str(path)), api_name="/reconstruct")
             with pytest.raises(AppError, match=message):
                 client.predict(handle_file(str(photo)), handle_file(str(path)), 4, api_name="/interpolate")
-            assert time.monotonic() - start < 6, name
+            assert time.monotonic() - start < 15, name
         assert client.predict(handle_file(str(other)), api_name="/reconstruct")  # still serving
 
 

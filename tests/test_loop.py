@@ -62,7 +62,7 @@ def test_a_budget_that_ends_before_the_first_batch_exports_nothing(data, tmp_pat
 def tiny_learner(*cbs):
     from fastai.vision.all import DataLoaders, Learner  # with fastai's schedules (fit_one_cycle)
     x, y = torch.randn(64, 4), torch.randn(64, 1)
-    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=16)
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=16, num_workers=0)
     return Learner(dls, torch.nn.Linear(4, 1), loss_func=torch.nn.functional.mse_loss, cbs=list(cbs))
 
 

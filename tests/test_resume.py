@@ -22,7 +22,7 @@ def command(data, out, *extra):
 
 def saved_epoch(ckpt):
     try:
-        return torch.load(ckpt, weights_only=False)["epoch"]
+        return torch.load(ckpt, weights_only=False, mmap=True)["epoch"]  # mmap: the epoch without reading the weights
     except (FileNotFoundError, EOFError, RuntimeError):
         return 0
 

@@ -198,7 +198,7 @@ def test_an_unreadable_upload_says_so(page, tmp_path):
             page.set_input_files("#upload", str(path))
             page.wait_for_function("document.querySelector('#status').textContent.includes('image too large')",
                                    timeout=30_000)
-            assert time.monotonic() - start < 5, name
+            assert time.monotonic() - start < 15, name
 
 
 def test_only_the_latest_upload_is_answered(page, photos, tmp_path):

@@ -40,7 +40,8 @@ def test_webcam_photo_is_classified_and_flagged(app):
     page = fresh_page()
     page.get_by_role("button", name="Capture from camera").click()
     page.get_by_role("button", name="Click to Access Webcam").click()
-    page.wait_for_timeout(2000)  # the fake camera's first frames
+    page.wait_for_function("[...document.querySelectorAll('video')].some(v => v.videoWidth > 0 && v.currentTime > 0)",
+                           timeout=30_000)  # the fake camera's frames are playing
     page.get_by_role("button", name="capture photo").click()
     assert shown_label(page) in ("cats", "dogs")
     page.get_by_label("Wrong answer? The right class is").click()
