@@ -70,7 +70,7 @@ def test_sparsity_gives_exact_zeros_in_the_code(tmp_path):
         with torch.no_grad():
             return learn.model.eval().encode(x)
     plain, sparse = codes(0.0), codes(1.0)
-    assert (sparse == 0).sum() > (plain == 0).sum() + sparse.numel() / 4
+    assert (sparse == 0).sum() > (plain == 0).sum() + sparse.numel() / 4  # a margin no one number decides
     assert sparse.abs().mean() < plain.abs().mean()
 
 
