@@ -18,6 +18,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 # Chromium's own background traffic would only hit the closed network; keep it to the page under test.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
+# Chromium's stand-in camera (a moving test pattern on green), allowed without asking: the webcam path runs for real.
+CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from conftest import PY, ROOT, fails_with_one_line, free_port, run
-from test_browser import chromium, evaluate
+from test_browser import CAMERA, chromium, evaluate
 from uploads import invalid_uploads, valid_uploads
 from imagelab import onnxruntime_web
 from imagelab.loading import open_model
@@ -81,8 +81,7 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     """Chromium, one for the module's pages (Playwright's sync API runs one instance at a time)."""
-    # Chromium's own test camera (a moving pattern), allowed without asking: the webcam path runs for real.
-    with chromium("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream") as browser:
+    with chromium(*CAMERA) as browser:
         yield browser
 
 

@@ -5,10 +5,8 @@ from playwright.sync_api import expect
 
 from conftest import served
 from imagelab.inference import Predictor
-from test_browser import ARTIFACTS, chromium, evaluate
+from test_browser import ARTIFACTS, CAMERA, chromium, evaluate
 
-# Chromium's stand-in camera (a moving test pattern on green), allowed without asking.
-CAMERA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 BLUE = (60, 60, 220)
 
 
