@@ -209,7 +209,7 @@ def test_only_the_latest_upload_is_answered(page, photos, tmp_path):
     page.set_input_files("#upload", str(big))
     page.set_input_files("#upload", str(small))
     page.wait_for_selector(f'#results[data-source="{small.name}"]', state="attached", timeout=60_000)
-    page.wait_for_timeout(3000)  # the large image's run has ended by now
+    page.wait_for_selector('#output[aria-busy="false"]', state="attached", timeout=60_000)  # both runs ended
     assert page.get_attribute("#results", "data-source") == small.name and page.inner_text("#status") == ""
 
 

@@ -126,19 +126,27 @@ export async function pixels(image) {
 // it); `status(text)` says what went wrong.
 export function imageSources(show, status) {
   const $ = (id) => document.getElementById(id);
-  let latest = 0;
+  let latest = 0, running = 0;
+  // while any image is still being worked on (an earlier one's result, to be dropped, included): for screen
+  // readers, and for whoever must know that no earlier result can still arrive
+  const working = (n) => $("output").setAttribute("aria-busy", (running += n) > 0);
   // a file the browser cannot show: no broken-image icon beside the page's reason
   $("preview").addEventListener("error", () => $("preview").removeAttribute("src"));
   const preview = async (blob, name) => {
     const turn = ++latest, current = () => turn === latest;
+    working(1);
     try {
-      await checkSize(blob); // before the preview decodes it: a tiny file may claim a huge picture
-    } catch (e) {
-      $("preview").removeAttribute("src");
-      return show(blob, name, current); // the page says why, as for any unreadable image
+      try {
+        await checkSize(blob); // before the preview decodes it: a tiny file may claim a huge picture
+      } catch (e) {
+        $("preview").removeAttribute("src");
+        return await show(blob, name, current); // the page says why, as for any unreadable image
+      }
+      $("preview").src = URL.createObjectURL(blob);
+      return await show(blob, name, current);
+    } finally {
+      working(-1);
     }
-    $("preview").src = URL.createObjectURL(blob);
-    return show(blob, name, current);
   };
   $("upload").addEventListener("change", (e) => { const f = e.target.files[0]; if (f) preview(f, f.name); });
   const drop = $("drop");
