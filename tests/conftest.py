@@ -225,6 +225,22 @@ class Client(gradio_client.Client):
         return self.submit(*args, **kwargs).result(timeout=self.call_timeout)
 
 
+def answers_as_the_model(out, model, image):
+    """`out`, an app's Label answer for `image` (over HTTP), names the classes and confidences the model's
+    `Predictor` gives it: the app ran this model on this image, not only that it answered something."""
+    from imagelab.inference import Predictor
+    want = Predictor(model).predict(image, k=len(out["confidences"]))
+    assert out["label"] == max(want, key=want.get), (out, want)
+    assert {c["label"]: c["confidence"] for c in out["confidences"]} == pytest.approx(want, abs=1e-5)
+
+
+def same_picture(path, want):
+    """The picture an app sent (a file `path`) has exactly the pixels of the PIL image `want`."""
+    with Image.open(path) as im:
+        got = np.asarray(im.convert("RGB"), int)
+    assert got.shape == np.asarray(want).shape and np.abs(got - np.asarray(want, int)).max() == 0
+
+
 class AppURL(str):
     """The URL of a served app; `.proc` is its server process, `.log` the file of what it printed."""
 
