@@ -12,7 +12,9 @@ fastai runs a learner's callbacks, event by event, in the order of their `order`
   channels-last, mixed precision).
 """
 import math
+import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from fastai.callback.core import Callback, CancelFitException, TrainEvalCallback
@@ -68,12 +70,25 @@ class TimeBudget(Callback):
         self.learn.pct_train = min(1.0, max(self.spent_now, epochs_done))
 
 
+class NoBar:
+    """A progress bar that draws nothing."""
+    comment = ""
+
+    def update(self, value):
+        pass
+
+    def on_iter_end(self):
+        pass
+
+
 class Progress(ProgressCallback):
     """fastai's progress bars, with the smoothed loss beside them read at most once a second and at the end
     of each bar (fastai reads it after every batch, which makes the CPU wait for a GPU).
 
     The epoch table's rows are numbered as the run's last line and metrics.json number epochs: from 1, over
     every fit of the run (fastai numbers each fit's epochs from 0), so "the weights of epoch 7" is row 7.
+    Printed to a file or a pipe (`| tee train.log`, a notebook's background run), only the table: fastprogress
+    would redraw its bars there too, a line per update.
     """
     every = 1.0  # seconds
     offset = 0  # epochs of the run's earlier fits (fine_tune's frozen one); `fit` sets it
@@ -83,11 +98,24 @@ class Progress(ProgressCallback):
             if len(log) < len(self.learn.recorder.metric_names):
                 return  # an epoch skipped to resume: its number and its time, no losses to show
             log = [self.offset + log[0] + 1, *log[1:]]
-        super()._write_stats(log)
+        if getattr(self, "mbar", None):
+            return super()._write_stats(log)
+        cells = [f"{v:.6f}" if isinstance(v, float) else str(v) for v in log]
+        if not (log and isinstance(log[0], int)):
+            self.widths = [max(8, len(c)) for c in cells]  # as fastprogress lays out its table
+        print("  ".join(c.ljust(w) for c, w in zip(cells, self.widths)).rstrip(), flush=True)
 
     def before_fit(self):
-        super().before_fit()
+        self.drawn = sys.stdout.isatty()
+        with nullcontext() if self.drawn else self.learn.no_mbar():  # the table, without fastprogress's
+            super().before_fit()
         self.shown = -self.every
+
+    def _launch_pbar(self):
+        if self.drawn:
+            super()._launch_pbar()
+        else:
+            self.pbar = NoBar()
 
     def after_batch(self):
         self.pbar.update(self.iter + 1)
@@ -176,9 +204,12 @@ class LossHistory(Callback):
         self.read_pending()
         if self.trained:  # epochs skipped by a resumed run log nothing
             _, loss, *metrics = self.recorder.values[-1]
-            self.valid.append((self.step, float(loss)))
-            self.valid_metrics.append({name: None if v is None else float(v)
-                                       for name, v in zip(self.recorder.metric_names[3:], metrics)})
+            self.add_validation(loss, self.recorder.metric_names[3:], metrics)
+
+    def add_validation(self, loss, names, values):
+        """An epoch's held-out loss, and its metrics (`values`, by `names`)."""
+        self.valid.append((self.step, float(loss)))
+        self.valid_metrics.append({name: None if v is None else float(v) for name, v in zip(names, values)})
 
     def after_fit(self):
         self.read_pending()  # an epoch cut short (the time budget) ends the fit without its after_epoch

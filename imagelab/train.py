@@ -170,8 +170,10 @@ class Run:
         cut_short = not valid or self.history.step > valid[-1][0]  # the time budget ended an epoch part way
         last = len(valid) + cut_short
         if cut_short:  # the unfinished epoch's weights were never validated: the table has no row for them
-            loss = learn.validate(cbs=cbs)[0]
+            loss, *values = learn.validate(cbs=cbs)
             print(f"epoch {last}, cut short by the time budget: valid_loss {loss:.6f}")
+            # the report's per-epoch losses and metrics go on to the epoch exported
+            self.history.add_validation(loss, [m.name for m in learn.metrics], values)
             if not math.isfinite(loss):
                 self.diverged = last
         kept = {"kept": which, "kept_epoch": last, "epochs_trained": last, "stopped_early": self.stopped_early,

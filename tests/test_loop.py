@@ -1,5 +1,6 @@
 """The one training loop, for every kind of model: time budget, resume, distributed launch, light imports."""
 import json
+import re
 import signal
 import subprocess
 import time
@@ -42,10 +43,16 @@ def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
     assert 6 <= m["train_seconds"] < 9, m["train_seconds"]
     assert m["time_budget"] == 6
     assert len(m["valid_loss_per_epoch"]) < 1000
+    assert "\r" not in res.stdout and "█" not in res.stdout  # to a pipe: the epoch table, no bars redrawn line by line
     # an epoch the clock ended part way has no row in the table: its one validation, which decides whether it is
-    # kept, gets a line of its own
-    cut_short = m["epochs_trained"] > len(m["valid_loss_per_epoch"])
-    assert (f"epoch {m['epochs_trained']}, cut short by the time budget: valid_loss " in res.stdout) == cut_short
+    # kept, gets a line of its own, and the report counts it as every other epoch
+    epochs = m["epochs_trained"]
+    rows = [int(line.split()[0]) for line in res.stdout.splitlines() if re.match(r"\s*\d+\s+\d", line)]
+    cut_short = f"epoch {epochs}, cut short by the time budget: valid_loss " in res.stdout
+    assert rows[-1] == epochs - cut_short, res.stdout
+    assert len(m["valid_loss_per_epoch"]) == epochs
+    if kind == "autoencoder":
+        assert [e for e, _ in m["mse_ratio_per_epoch"]] == list(range(1, epochs + 1))
     decoder = ["m.decoder.onnx"] if kind == "autoencoder" else []  # its static page decodes codes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.config.json", *decoder, "m.onnx", "m.pkl", "m.report",
                                                           "m.safetensors"]
