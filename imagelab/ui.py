@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import gradio as gr
+from pydantic import model_validator
+from gradio.data_classes import ImageData
 from gradio.processing_utils import save_bytes_to_cache
 from gradio_client.utils import is_http_url_like
 
@@ -42,6 +44,17 @@ CSS = """
 """
 
 
+class ImagePayload(ImageData):
+    """Gradio's image payload, where what is not one (a bare path or URL string, which gradio_client sends as it is
+    without `handle_file`) is an empty one, which `ImageUpload` answers in one line: Gradio's own check fails with
+    a generic message and a traceback on the server."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def empty_unless_a_file(cls, value):
+        return value if isinstance(value, dict) else {"path": None, "url": None}
+
+
 class ImageUpload(gr.Image):
     """`gr.Image` that passes the uploaded file's path on undecoded.
 
@@ -51,6 +64,7 @@ class ImageUpload(gr.Image):
     as it came, for the same decoder.
     """
     is_template = True  # rendered by the frontend as a plain Image
+    data_model = ImagePayload
 
     def preprocess(self, payload):
         if payload is None:
@@ -59,8 +73,8 @@ class ImageUpload(gr.Image):
             return payload.path
         if (payload.url or "").startswith("data:"):
             return data_url_file(payload.url, self.GRADIO_CACHE)
-        raise gr.Error("no image in the request: send a file, an http(s) URL or a data:image/...;base64,... URL",
-                       print_exception=False)
+        raise gr.Error("no image in the request: send a file (gradio_client: handle_file(path or URL)), an http(s) URL "
+                       "or a data:image/...;base64,... URL", print_exception=False)
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         """Gradio fetches an image an API or MCP caller gives as a URL here, before any app code runs, and answers a
