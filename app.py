@@ -6,6 +6,7 @@ on flagging in their tab (the dataset folder that keeps the flagged images). A d
 gets a tab that says how to train it; any other model that cannot be served stops the app with one line.
 """
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from imagelab import UserError, run_cli
@@ -19,10 +20,12 @@ ROOT = Path(__file__).resolve().parent  # this file's checkout: not always the i
 def tab_model(app):
     """The opened model of `app`'s tab (`<APP>_MODEL`, else models/<app>.pkl), or that default's path when it is
     not trained yet."""
-    given, default = os.environ.get(f"{app.upper()}_MODEL"), default_model(app, ROOT)
+    variable = f"{app.upper()}_MODEL"
+    given, default = os.environ.get(variable), default_model(app, ROOT)
     if given is None and not default.exists():
         return default
-    return open_model(given or default, APPS[app].kind)
+    with named(variable if given else None):
+        return open_model(given or default, APPS[app].kind)
 
 
 def cleaner():
@@ -31,7 +34,20 @@ def cleaner():
     if bool(model) != bool(data):
         raise UserError("the cleaner tab needs both CLEANER_MODEL and CLEANER_DATA")
     from imagelab.cleaning import Cleaner
-    return Cleaner(model, data) if model else None
+    with named("CLEANER_MODEL, CLEANER_DATA"):
+        return Cleaner(model, data) if model else None
+
+
+@contextmanager
+def named(variables):
+    """A `UserError` inside names the environment `variables` it came from (a user who set them long ago, or in a
+    Space's settings, would not know which path the line means)."""
+    try:
+        yield
+    except UserError as e:
+        if not variables:
+            raise
+        raise UserError(f"{variables}: {e}") from None
 
 
 def build():

@@ -135,17 +135,19 @@ def test_models_that_cannot_be_served_stop_every_entry_point_with_one_line(tiny_
         fails_with_one_line(run(args, timeout=120), *fragments)
 
 
-@pytest.mark.parametrize("variable, value, fragments", [
-    ("PETS_MODEL", "{tmp}/pest.pkl", ["no model at", "pest.pkl"]),
-    ("BEARS_MODEL", "{autoencoder}", ["is an autoencoder model, not a classifier"]),
-    ("AUTOENCODER_MODEL", "{classifier}", ["is a classifier model, not an autoencoder"]),
-    ("CLEANER_MODEL", "{classifier}", ["needs both CLEANER_MODEL and CLEANER_DATA"]),
+@pytest.mark.parametrize("given, fragments", [
+    ({"PETS_MODEL": "{tmp}/pest.pkl"}, ["PETS_MODEL: no model at", "pest.pkl"]),
+    ({"BEARS_MODEL": "{autoencoder}"}, ["BEARS_MODEL: ", "is an autoencoder model, not a classifier"]),
+    ({"AUTOENCODER_MODEL": "{classifier}"}, ["AUTOENCODER_MODEL: ", "is a classifier model, not an autoencoder"]),
+    ({"CLEANER_MODEL": "{classifier}"}, ["needs both CLEANER_MODEL and CLEANER_DATA"]),
+    ({"CLEANER_MODEL": "{classifier}", "CLEANER_DATA": "{tmp}/bears"}, ["CLEANER_MODEL, CLEANER_DATA: no such folder"]),
 ])
 def test_root_app_stops_on_a_model_it_was_given_but_cannot_serve(tiny_model, tiny_autoencoder, tmp_path,
-                                                                  variable, value, fragments):
-    value = value.format(tmp=tmp_path, autoencoder=tiny_autoencoder, classifier=tiny_model)
+                                                                  given, fragments):
+    """In one line that names the environment variable it came from."""
+    given = {k: v.format(tmp=tmp_path, autoencoder=tiny_autoencoder, classifier=tiny_model) for k, v in given.items()}
     app, env = repo_app_without_models("app.py", tmp_path)  # no default model: only the one given can stop it
-    res = run([app, "--port", "1"], timeout=120, env=with_env({**env, variable: value}))
+    res = run([app, "--port", "1"], timeout=120, env=with_env({**env, **given}))
     fails_with_one_line(res, *fragments)
 
 
