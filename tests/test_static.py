@@ -177,8 +177,10 @@ def test_upload_control_shows_the_predictors_top_labels(page, photos, tiny_model
                                              "confidence: Number(li.dataset.confidence)}))"))
         assert page.inner_text("#results li .pct").endswith("%")
     assert_agree(got, expected(tiny_model, photos), photos)
+    assert page.eval_on_selector("#upload", "input => input.files.length") == 1
     page.click("#examples button")  # the examples are served from the folder and classified too
     page.wait_for_selector('#results[data-source="cats_0.jpg"] li', timeout=30_000)
+    assert page.eval_on_selector("#upload", "input => input.files.length") == 0  # no longer names the last file
     assert not page.errors
 
 

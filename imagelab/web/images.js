@@ -149,6 +149,8 @@ export function imageSources(show, status) {
     }
   };
   $("upload").addEventListener("change", (e) => { const f = e.target.files[0]; if (f) preview(f, f.name); });
+  // a picture that came another way: the file field must not go on naming the last file chosen
+  const other = (blob, name) => { $("upload").value = ""; return preview(blob, name); };
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
@@ -156,16 +158,16 @@ export function imageSources(show, status) {
     e.preventDefault();
     drop.classList.remove("over");
     const f = e.dataTransfer.files[0];
-    if (f) preview(f, f.name);
+    if (f) other(f, f.name);
   });
   document.addEventListener("paste", (e) => {
     const item = [...e.clipboardData.items].find((i) => i.type.startsWith("image/"));
-    if (item) preview(item.getAsFile(), "pasted image");
+    if (item) other(item.getAsFile(), "pasted image");
   });
   for (const button of document.querySelectorAll("#examples button")) {
     button.addEventListener("click", async () => {
       const src = button.querySelector("img").getAttribute("src");
-      preview(await (await fetch(src)).blob(), src.split("/").pop());
+      other(await (await fetch(src)).blob(), src.split("/").pop());
     });
   }
 
@@ -176,7 +178,7 @@ export function imageSources(show, status) {
       const canvas = document.createElement("canvas");
       [canvas.width, canvas.height] = [video.videoWidth, video.videoHeight];
       canvas.getContext("2d").drawImage(video, 0, 0);
-      canvas.toBlob((blob) => preview(blob, "webcam photo"), "image/png");
+      canvas.toBlob((blob) => other(blob, "webcam photo"), "image/png");
       return;
     }
     try {
