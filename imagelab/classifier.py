@@ -5,7 +5,7 @@ from .data import (check_oxford_names, classifier_dls, contradicting_flags, data
                    label_function, pets_images, split_counts, unknown_flagged)
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
-from .models import check_arch, classifier_learner
+from .models import check_arch, classifier_learner, pretrained_weights
 from .paths import FOLDER_SPLIT, artifact_paths
 from .reports import classifier_report
 from .train import Task
@@ -20,6 +20,8 @@ class Classifier(Task):
 
     def check(self, cfg):
         check_arch(cfg.arch)
+        if cfg.pretrained:  # fetched (or found in the Hub's cache) before the images are read: offline, one line at once
+            pretrained_weights(cfg.arch)
 
     def default_data(self):
         return pets_images()

@@ -199,6 +199,7 @@ def test_pretrained_offline_fails_fast_with_a_hint(tmp_path):
               env=env, timeout=120)
     assert time.monotonic() - start < 60
     fails_with_one_line(res, "pretrained weights", "--no-pretrained")
+    assert "checking images" not in res.stderr and " images (" not in res.stdout  # said before any image was read
     assert not (tmp_path / "m.pkl").exists()
 
 
