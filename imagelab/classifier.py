@@ -8,7 +8,7 @@ from .inference import CLASSIFIER_OUTPUTS
 from .models import check_arch, classifier_learner, pretrained_weights
 from .paths import FOLDER_SPLIT, artifact_paths
 from .reports import classifier_report
-from .train import Task
+from .train import Task, kept_weights
 
 # fine_tune's base_lr (fastai's), and a one-cycle peak from scratch that the ablation kept over 1e-2 (within noise;
 # benchmarks/README.md); fastai's own one-cycle default is 1e-3.
@@ -108,12 +108,8 @@ class Classifier(Task):
         to_onnx(learn.model, config, artifact_paths(model_path)["onnx"], outputs=CLASSIFIER_OUTPUTS)
 
     def summary(self, metrics, cfg):
-        kept = (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
-                f"{' (lowest validation loss)' if metrics['kept'] == 'best' else ''}"
-                f"{', stopped early' if metrics['stopped_early'] else ''}"
-                f"{', training diverged after it' if metrics['diverged_at_epoch'] else ''}")
         return (f"accuracy {metrics['accuracy']:.4f} ± {metrics['accuracy_standard_error']:.4f} (averaged with "
                 f"mirror images, as predict --tta serves: {metrics['mirror_tta_accuracy']:.4f}; fastai's TTA "
                 f"{metrics['tta_accuracy']:.4f}) on "
                 f"{sum(metrics['counts']['valid'].values())} held-out images "
-                f"with {kept}; wrote {cfg.out} and its report")
+                f"with {kept_weights(metrics)}; wrote {cfg.out} and its report")

@@ -87,8 +87,16 @@ class Task:
         raise NotImplementedError
 
     def summary(self, metrics, cfg):
-        """The last line a run prints."""
+        """The last line a run prints (with `kept_weights`)."""
         raise NotImplementedError
+
+
+def kept_weights(metrics):
+    """Which weights a run exported, as its last line says it."""
+    return (f"the weights of epoch {metrics['kept_epoch']} of {metrics['epochs_trained']}"
+            f"{' (lowest validation loss)' if metrics['kept'] == 'best' else ''}"
+            f"{', stopped early' if metrics['stopped_early'] else ''}"
+            f"{', training diverged after it' if metrics['diverged_at_epoch'] else ''}")
 
 
 def progressive_resize(dls, cfg, start):

@@ -51,6 +51,7 @@ def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
     cut_short = f"epoch {epochs}, cut short by the time budget: valid_loss " in res.stdout
     assert rows[-1] == epochs - cut_short, res.stdout
     assert len(m["valid_loss_per_epoch"]) == epochs
+    assert f"with the weights of epoch {m['kept_epoch']} of {epochs}" in res.stdout.splitlines()[-1]  # either kind
     if kind == "autoencoder":
         assert [e for e, _ in m["mse_ratio_per_epoch"]] == list(range(1, epochs + 1))
     decoder = ["m.decoder.onnx"] if kind == "autoencoder" else []  # its static page decodes codes
