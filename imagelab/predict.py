@@ -115,7 +115,8 @@ def main(argv=None):
         raise UserError(f"could not write {args.csv or 'standard output'}: {e.strerror or e}") from None
     if len(errors) == len(items):
         raise UserError(f"nothing classified: {errors[0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
-    print(f"{len(items) - len(errors)} classified, {len(errors)} unreadable", file=sys.stderr)
+    failed = f", {len(errors)} not (the error column says why)" if errors else ""
+    print(f"{len(items) - len(errors)} classified{failed}", file=sys.stderr)
 
 
 if __name__ == "__main__":

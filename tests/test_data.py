@@ -219,7 +219,7 @@ def test_named_pipes_are_skipped_never_opened(tiny_model, tmp_path):
                                        "zero.jpg: not a regular file"]
     out = tmp_path / "out.csv"
     res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "pipe", data, "--csv", out], timeout=120)
-    assert res.returncode == 0 and "6 classified, 4 unreadable" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 0 and "6 classified, 4 not (the error column says why)" in res.stderr, res.stderr[-2000:]
     errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader(out.open()) if r["error"]}
     assert errors == dict.fromkeys(["pipe", "pipe.jpg", "fifo.jpg", "zero.jpg"], "not a regular file")
 

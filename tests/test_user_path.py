@@ -315,7 +315,7 @@ def test_batch_cli_gives_each_bad_path_a_row_with_its_reason(tiny_model, tmp_pat
                        "truncated.jpg": "not a readable image: truncated image (the file ends before the picture does)",
                        "missing.jpg": "no such file or folder"}
     assert rows["cats_0.jpg"]["label1"] in ("cats", "dogs") and not rows["cats_0.jpg"]["error"]
-    assert "2 classified, 4 unreadable" in res.stderr
+    assert "2 classified, 4 not (the error column says why)" in res.stderr
     res = run(["-m", "imagelab.predict", tiny_model, tmp_path / "nope.jpg", folder / "empty.jpg"])
     fails_with_one_line(res, "nothing classified", "nope.jpg: no such file or folder", "(and 1 more)")
     assert "no such file or folder" in res.stdout  # the rows are written all the same
