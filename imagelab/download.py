@@ -179,7 +179,7 @@ def make_dataset(classes, dest, per_class=150, query="{}", workers=16, timeout=1
     if not search_reachable():
         proxy = search_proxy()
         raise UserError(f"cannot reach the image search ({SEARCH_HOST}{' via proxy ' + proxy if proxy else ''}): "
-                        "offline? Train on a local folder instead: --data DIR")
+                        "offline? (a folder of images you have trains with --data DIR)")
     # Search everything before writing anything: a failed search leaves no half-made dataset behind.
     found = {c: search_images(query.replace("{}", c), per_class, backend=backend)
              for c in tqdm(classes, desc="searching")}
