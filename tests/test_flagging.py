@@ -82,6 +82,7 @@ def test_flag_in_the_app_then_clean_then_retrain_with_flagged(tiny_bears, tmp_pa
     split = json.loads(out.with_name("bears.report").joinpath("split.json").read_text())
     used = set(split["train"]) | set(split["valid"])
     assert set(flagged) <= used and len(used) == 24 + len(flagged)
+    assert f"({len(flagged)} flagged in the apps)" in res.stdout  # flagged images train, never held out
     metrics = json.loads(out.with_name("bears.report").joinpath("metrics.json").read_text())
     assert metrics["flagged"] is True
 
