@@ -273,7 +273,7 @@ def flag_panel(clf, image, root, api_name):
     with gr.Row(equal_height=True):
         right = gr.Dropdown(clf.vocab, value=clf.vocab[0], label="Wrong answer? The right class is", scale=2)
         button = gr.Button("Flag as wrong", scale=1)
-    status = gr.Markdown()
+    status = gr.Markdown(label="where the image was kept")  # the name view_api gives what /flag returns
     button.click(user_errors(flag, api_name, doc), [image, right], status, api_name=api_name, **TURNS)
     gr.Markdown(f"Flagged images are kept, as a re-encoded JPEG only, in the owner's dataset folder "
                 f"(`{FLAGGED}/<class>/`) for the next training run.")

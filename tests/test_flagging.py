@@ -36,6 +36,9 @@ def test_flag_in_the_app_then_clean_then_retrain_with_flagged(tiny_bears, tmp_pa
     photo = write_image(tmp_path / "up.png", (230, 200, 120), size=(1600, 1200))
     with served(["apps/bears/app.py", "--model", model, "--flag-data", data]) as url:
         client = Client(url, verbose=False)
+        api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/flag"]
+        assert [p["parameter_name"] for p in api["parameters"]] == ["image", "label"]
+        assert [r["label"] for r in api["returns"]] == ["where the image was kept"]  # not Gradio's "value_10"
         assert client.predict(handle_file(str(photo)), api_name="/predict")["label"] in CLASSES
         before = all_files(data)
         kept, label = SAVED.search(client.predict(handle_file(str(photo)), "teddy", api_name="/flag")).groups()
