@@ -426,7 +426,8 @@ class AutoencoderTask(Task):
         zeros = f"; {m['code_zero_fraction']:.0%} of the code's numbers are 0" if cfg.sparsity else ""
         return (f"held-out MSE {m['ae_mse']:.5f} (PSNR {m['ae_psnr']:.2f} dB) vs PCA with {m['pca_components']} "
                 f"components {m['pca_mse']:.5f} ({m['pca_psnr']:.2f} dB): ratio {m['mse_ratio_ae_to_pca']:.3f}{worse}"
-                f"{zeros}, with {kept_weights(m)}; trained in {m['train_seconds']:.0f} s; wrote {cfg.out} and its report")
+                f"{zeros}, with {kept_weights(m)}; trained in {m['train_seconds']:.0f} s; wrote {cfg.out} and its "
+                "report")
 
 
 def autoencoder_config(model):

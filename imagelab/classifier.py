@@ -20,7 +20,7 @@ class Classifier(Task):
 
     def check(self, cfg):
         check_arch(cfg.arch)
-        if cfg.pretrained:  # fetched (or found in the Hub's cache) before the images are read: offline, one line at once
+        if cfg.pretrained:  # fetched (or found in the Hub's cache) before the images are read: offline, one line
             pretrained_weights(cfg.arch)
 
     def default_data(self):

@@ -43,7 +43,7 @@ def test_time_budget_stops_near_it_with_a_complete_model(kind, data, tmp_path):
     assert 6 <= m["train_seconds"] < 9, m["train_seconds"]
     assert m["time_budget"] == 6
     assert len(m["valid_loss_per_epoch"]) < 1000
-    assert "\r" not in res.stdout and "█" not in res.stdout  # to a pipe: the epoch table, no bars redrawn line by line
+    assert "\r" not in res.stdout and "█" not in res.stdout  # to a pipe: the epoch table, no bars redrawn
     # an epoch the clock ended part way has no row in the table: its one validation, which decides whether it is
     # kept, gets a line of its own, and the report counts it as every other epoch
     epochs = m["epochs_trained"]
