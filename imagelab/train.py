@@ -272,10 +272,9 @@ def prepare(task, cfg, root, device, precision):
     presized = Presized(presize(files, cfg.size, cfg.cache) if cfg.presize else None)
     dls = task.dataloaders(cfg, root, files, presized, loader_workers(cfg, device))
     left_out = len(files) - len(dls.train_ds) - len(dls.valid_ds)  # each for a reason a note above gave
-    flagged = sum(is_flagged(f, root) for f in dls.train_ds.items)
-    print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train"
-          + (f" ({flagged} flagged in the apps)" if cfg.flagged else "") + f", {len(dls.valid_ds)} held out"
-          + (f", {left_out} left out" if left_out else ""))
+    flagged = f" ({sum(is_flagged(f, root) for f in dls.train_ds.items)} flagged in the apps)" if cfg.flagged else ""
+    print(f"{len(files)} images ({len(skipped)} skipped): {len(dls.train_ds)} to train{flagged}, "
+          f"{len(dls.valid_ds)} held out" + (f", {left_out} left out" if left_out else ""))
     learn = task.learner(dls, cfg)
     dls.to(device)  # after the learner: fastai puts the Normalize it adds on its default device, not --device
     learn.model.to(device)  # now, not at the first fit: a resumed run's optimizer state goes where the weights are

@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 import gradio as gr
-from pydantic import model_validator
 from gradio.data_classes import ImageData
 from gradio.processing_utils import save_bytes_to_cache
 from gradio_client.utils import is_http_url_like
+from pydantic import model_validator
 
 from . import UserError, first_line
 from .app_options import cannot_listen, check_listen
