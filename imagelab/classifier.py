@@ -20,7 +20,9 @@ class Classifier(Task):
 
     def check(self, cfg):
         check_arch(cfg.arch)
-        if cfg.pretrained:  # fetched (or found in the Hub's cache) before the images are read: offline, one line
+        # With a folder (--data), the weights come before its images are read: offline, one line at once. The default
+        # dataset's download comes first and says its own; the learner fetches the weights after it.
+        if cfg.pretrained and cfg.data:
             pretrained_weights(cfg.arch)
 
     def default_data(self):

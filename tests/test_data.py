@@ -400,7 +400,7 @@ def test_the_line_before_training_counts_the_images_left_out(tmp_path, capsys):
                            pretrained=False, arch="resnet18", cache=str(tmp_path / "cache"))
     prepare(Classifier(), cfg, data, torch.device("cpu"), "fp32")
     out = capsys.readouterr().out
-    assert "are left out" in out and "11 images (1 skipped): 8 to train, 2 held out, 1 left out\n" in out
+    assert "are left out" in out and "11 images (1 skipped): 8 to train (0 flagged in the apps), 2 held out, 1 left out\n" in out
 
 
 def test_the_run_says_which_classes_it_learns_and_where_their_names_come_from(oxford_dir, tmp_path_factory, capsys):
