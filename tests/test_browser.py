@@ -89,24 +89,22 @@ def queue_drained(page, seconds=60):
     """A block in which the page asks for runs, left once the server has run them all. After each run it asks for
     (/queue/join), Gradio's page opens the session's event stream (/queue/data), which the server ends once none of
     the session's runs is pending (Chromium reports it ended or, the page closing it, failed). Only a stream opened
-    after the last run asked for counts: one that ends then may have been another run's."""
+    after the last run asked for counts: one that ends then may have been another run's. (The page asks for a run
+    and waits for the answer before it opens the stream: the two requests come in that order.)"""
     asked, streams, ended = [], [], set()
 
     def on_request(request):
-        if "/queue/data" in request.url and asked:
-            streams.append(request)
-
-    def on_finished(request):
         if "/queue/join" in request.url:
             asked.append(request)
             streams.clear()
-        on_ended(request)
+        elif "/queue/data" in request.url and asked:
+            streams.append(request)
 
     def on_ended(request):
         if "/queue/data" in request.url:
             ended.add(request)
 
-    listeners = {"request": on_request, "requestfinished": on_finished, "requestfailed": on_ended}
+    listeners = {"request": on_request, "requestfinished": on_ended, "requestfailed": on_ended}
     for event, listener in listeners.items():
         page.on(event, listener)
     try:
