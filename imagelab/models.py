@@ -1,7 +1,7 @@
 """Learner construction: any timm architecture, pretrained from the Hub or from scratch, and what every learner
 of this project keeps (its optimizer, two callbacks). An exported learner refers to this module, which loads
 without the training loop and its distributed stack (accelerate)."""
-from functools import partial
+from functools import cache, partial
 
 import timm
 import torch
@@ -15,6 +15,7 @@ from . import UserError
 from .hub import hub_file
 
 
+@cache  # asked for before the images are read (Classifier.check) and again by the learner: one Hub request
 def pretrained_weights(arch):
     """Path of the timm checkpoint for `arch`, via the Hub cache, or a clear error offline."""
     cfg = timm.models.get_pretrained_cfg(arch)

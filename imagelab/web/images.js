@@ -136,13 +136,12 @@ export function imageSources(show, status) {
     const turn = ++latest, current = () => turn === latest;
     working(1);
     try {
-      try {
-        await checkSize(blob); // before the preview decodes it: a tiny file may claim a huge picture
-      } catch (e) {
-        $("preview").removeAttribute("src");
-        return await show(blob, name, current); // the page says why, as for any unreadable image
-      }
+      await checkSize(blob); // before the preview decodes it: a tiny file may claim a huge picture
       $("preview").src = URL.createObjectURL(blob);
+    } catch (e) {
+      $("preview").removeAttribute("src"); // `show` says why, as for any unreadable image
+    }
+    try {
       return await show(blob, name, current);
     } finally {
       working(-1);
