@@ -21,7 +21,7 @@ import numpy as np
 
 from imagelab import HelpFormatter, run_cli
 from imagelab.inference import Predictor, overlay
-from imagelab.paths import examples_dir
+from imagelab.paths import example_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def cold_start(model, timeout=180):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    example = next(examples_dir(model).glob("*.jpg"))
+    example = example_images(model)[0]
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT,
                             env={**os.environ, "PETS_MODEL": str(Path(model).resolve())},

@@ -111,6 +111,14 @@ def stdout_reader_gone():
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def say(text):
+    """Print a line now; a reader that stopped reading (`| head`) stops no work."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        stdout_reader_gone()
+
+
 def run_cli(main, argv=None, interrupted="interrupted: nothing was exported"):
     """Run a command-line entry point after `setup()`; a `UserError` or Ctrl-C (`interrupted`) ends it with one line
     on stderr.

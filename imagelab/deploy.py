@@ -24,7 +24,6 @@ import argparse
 import html
 import importlib
 import json
-import logging
 import re
 import shlex
 import shutil
@@ -35,15 +34,15 @@ from pathlib import Path
 from string import Template
 from urllib.parse import quote
 
-from . import ArgumentParser, UserError, first_line, run_cli, stdout_reader_gone
+from . import ArgumentParser, UserError, run_cli, say
 from .app_options import APPS, train_hint
 from .cards import PACKAGES, trained
-from .hub import require_hub_login
-from .loading import SERVED_FROM, no_model, read_config
+from .hub import hub_login, push
+from .loading import model_file, read_config
 from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
-from .paths import (DECODER, REPO, artifact_paths, default_model, examples_dir, metrics_path,
+from .paths import (REPO, artifact_paths, default_model, example_images, metrics_path,
                     remove_abandoned_staging, report_dir, split_path, staging_path)
 
 CARDS = Path(__file__).with_name("cards")
@@ -170,10 +169,10 @@ def model_files(model, required, optional=()):
     return {k: src[k] for k in [*required, *(k for k in optional if src[k].is_file())]}
 
 
-def copy_model(app, model, dest, required, optional=()):
-    """The model files named (renamed after the app) and its report; returns which were copied."""
+def copy_model(model, to, required, optional=()):
+    """The model files named, and its report, as those of the model at `to`; returns which were copied."""
     files = model_files(model, required, optional)
-    dst = {"pkl": dest / f"{app}.pkl", **artifact_paths(dest / f"{app}.pkl")}
+    dst = {"pkl": to, **artifact_paths(to)}
     for kind, path in files.items():
         shutil.copy2(path, dst[kind])
     # The names of the user's files (which trained, which were held out or skipped) stay on their machine.
@@ -305,9 +304,10 @@ def build_space(app, model, out, *, space_id=None, repo_id=None):
     with staged(out) as stage:
         shutil.copytree(REPO / "apps" / app, stage, ignore=ignore_generated)
         copy_library(stage)
-        (stage / "models").mkdir()
-        copy_model(app, model, stage / "models", space_files(metrics, kind))
-        check_outputs(stage / "models" / f"{app}.onnx", kind.GRAPH_OUTPUTS, "a Space")
+        bundled = default_model(app, stage)  # where the app looks (app_options.app_default_model)
+        bundled.parent.mkdir()
+        copy_model(model, bundled, space_files(metrics, kind))
+        check_outputs(bundled.with_suffix(".onnx"), kind.GRAPH_OUTPUTS, "a Space")
         write_lfs_rules(stage)
         (stage / "README.md").write_text(space_readme(app, metrics, space_id=space_id, repo_id=repo_id))
     return Path(out)
@@ -333,17 +333,18 @@ def build_static_space(app, model, out, *, space_id=None, repo_id=None):
     tarball()  # fetched and verified before anything is written: offline without a cached copy is one line
     with staged(out) as stage:
         stage.mkdir(parents=True)
-        copy_model(app, model, stage, files)
-        check_outputs(stage / f"{app}.onnx", kind.GRAPH_OUTPUTS)
+        beside = stage / f"{app}.pkl"  # the page fetches `<model>.onnx` from its own folder
+        copy_model(model, beside, files)
+        check_outputs(beside.with_suffix(".onnx"), kind.GRAPH_OUTPUTS)
         write_runtime(stage / "onnxruntime-web")
         for name in (script, "images.js"):
             shutil.copy2(WEB / name, stage)
-        config = read_config(stage / f"{app}.pkl")
+        config = read_config(beside)
         template = app_readme(app)[0]
         fields = {**context(app, metrics, space_id=space_id, repo_id=repo_id), "runtime": RUNTIME_VERSION,
                   "emoji": front_matter_value(template, "emoji"), "color_from": front_matter_value(template, "colorFrom"),
                   "color_to": front_matter_value(template, "colorTo"), **kind.static_fields(config)}
-        examples = sorted(p.relative_to(stage).as_posix() for p in examples_dir(stage / f"{app}.pkl").glob("*"))
+        examples = [p.relative_to(stage).as_posix() for p in example_images(beside)]
         page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
                 "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
                 "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
@@ -352,7 +353,7 @@ def build_static_space(app, model, out, *, space_id=None, repo_id=None):
         page["main"] = fill((WEB / part).read_text(), page)
         (stage / "index.html").write_text(fill((WEB / "page.html").read_text(), page), encoding="utf-8")
         write_lfs_rules(stage, extra=["*.wasm"])
-        summary = model_summary(metrics, report_dir(f"{app}.pkl").as_posix(), repo_id=repo_id)
+        summary = model_summary(metrics, report_dir(beside.relative_to(stage)).as_posix(), repo_id=repo_id)
         (stage / "README.md").write_text(fill((CARDS / readme).read_text(), {**fields, "model_summary": summary}),
                                          encoding="utf-8")
     return Path(out)
@@ -364,86 +365,11 @@ def build_model_repo(app, model, out, *, repo_id=None):
     metrics, kind = load_metrics(model, app)
     with staged(out) as stage:
         stage.mkdir(parents=True)
-        files = copy_model(app, model, stage, kind.REPO_FILES, kind.OPTIONAL_FILES)
+        files = copy_model(model, stage / f"{app}.pkl", kind.REPO_FILES, kind.OPTIONAL_FILES)
         copy_library(stage)
         write_lfs_rules(stage)
         (stage / "README.md").write_text(model_card(app, metrics, repo_id=repo_id, files=files))
     return Path(out)
-
-
-def say(text):
-    """Print what was done; a reader that stopped reading (`| head`) stops no build or upload."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        stdout_reader_gone()
-
-
-def hub_login(repo_ids):
-    """Before building anything: a token the Hub takes, that may write, of an account that may write to each of
-    `repo_ids`; else one line that says what is wrong."""
-    require_hub_login()
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        me = HfApi().whoami()
-    except HfHubHTTPError as e:
-        if e.response.status_code == 401:
-            raise UserError("the Hugging Face Hub refused the token (wrong or expired?): make one at "
-                            "https://huggingface.co/settings/tokens; nothing was built or uploaded") from None
-        raise UserError(f"the Hugging Face Hub did not check the token ({hub_error(e)}); nothing was built or "
-                        "uploaded") from None
-    except Exception as e:  # the network's many failures, as the Hub's HTTP client raises them
-        raise UserError(f"cannot reach the Hugging Face Hub ({first_line(e)}); nothing was built or uploaded") from None
-    if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
-        raise UserError("the Hugging Face token is read-only: uploading needs a write token "
-                        "(https://huggingface.co/settings/tokens); nothing was built or uploaded")
-    accounts = {str(a).lower() for a in (me.get("name"), *(org.get("name") for org in me.get("orgs", [])))}
-    for repo_id in repo_ids:
-        if repo_id.split("/")[0].lower() not in accounts:  # without case: a refusal must be sure
-            raise UserError(f"the Hugging Face token is {me.get('name')}'s, who cannot write to {repo_id} (not their "
-                            "name, nor one of their organisations'); nothing was built or uploaded")
-
-
-def hub_error(e):
-    """An exception of the Hub's client in one line: an HTTP error as its status and the Hub's own words."""
-    response = getattr(e, "response", None)
-    if response is None:
-        return first_line(e)
-    words = " ".join((getattr(e, "server_message", None) or "").split())
-    return f"{response.status_code} {response.reason_phrase}" + (f": {words}" if words else "")
-
-
-def hub_url(repo_id, repo_type):
-    from huggingface_hub import constants
-    return f"{constants.ENDPOINT}/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
-
-
-def push(uploads):
-    """Upload each (folder, repo_id, repo_type, sdk) in turn, the Hub repo made to match the folder: files it no longer
-    has are deleted there. A failure is one line that says what was uploaded and what was not."""
-    from huggingface_hub import HfApi
-    # The client retries a refused commit in smaller parts, saying so in a warning each time, before the error that
-    # ends them: the one line below says it.
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    api, done = HfApi(), []
-    for i, (folder, repo_id, repo_type, sdk) in enumerate(uploads):
-        url = hub_url(repo_id, repo_type)
-        step, left = f"cannot create {url}", [str(f) for f, *_ in uploads[i:]]
-        try:
-            api.create_repo(repo_id, repo_type=repo_type, space_sdk=sdk if repo_type == "space" else None,
-                            exist_ok=True)
-            step, left = f"the upload of {folder} to {url} stopped (it may be there in part: push again)", left[1:]
-            say(f"uploading {folder} to {url} (the Hub's client retries a failing upload for some minutes)")
-            # delete_patterns: a file of an earlier push that the folder no longer has (an old example, a Gradio
-            # Space's app.py in a Space now static) is deleted; the Hub's client keeps .gitattributes
-            api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type, ignore_patterns=[MARKER],
-                              delete_patterns="*", commit_message="Upload from imagelab.deploy")
-        except Exception as e:  # HTTP refusals, network failures, the uploader's own: the Hub's client raises many
-            raise UserError(f"{step}: {hub_error(e)}; uploaded: {', '.join(done) or 'nothing'}"
-                            + (f"; not uploaded: {', '.join(left)}" if left else "")) from None
-        done.append(f"{folder} to {url}")
-        say(f"pushed {folder} to {url}")
 
 
 def run_alone_hint(space):
@@ -501,13 +427,8 @@ def check_args(args):
 def check_model(model, app):
     """`model` (--model; None: the app's default) as a Path, or one line if there is none."""
     default = default_model(app)
-    model = Path(model or default)
-    if model.suffix not in SERVED_FROM[APPS[app].kind] or model.name.endswith(DECODER):
-        raise UserError(f"--model {model}: name the learner (.pkl) or its .onnx or .safetensors export")
-    remove_abandoned_staging(model.with_suffix(".pkl"))  # an export killed as it moved in: the previous model back
-    if not model.is_file():
-        raise no_model(model, train_hint(app, model, default))
-    return model
+    model = model or default
+    return model_file(model, APPS[app].kind, train_hint(app, model, default))
 
 
 def main(argv=None):
@@ -539,7 +460,7 @@ def main(argv=None):
         say(f"wrote {repo} (model repo{' ' + args.model_repo if args.model_repo else ''})")
     if args.push:
         push([*([(space, args.space, "space", "static" if args.static else "gradio")] if args.space else []),
-              *([(repo, args.model_repo, "model", None)] if args.model_repo else [])])
+              *([(repo, args.model_repo, "model", None)] if args.model_repo else [])], ignore=[MARKER])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from . import UserError, noted_interrupts
 from .images import open_rgb, val_margin
 from .loading import CLASSIFIER, CLASSIFIER_FORMAT
-from .paths import (INSTALLING, PREVIOUS, artifact_paths, check_replaceable, report_dir, staging_path,
+from .paths import (EXAMPLE_SUFFIX, INSTALLING, PREVIOUS, artifact_paths, check_replaceable, report_dir, staging_path,
                     undo_install)
 
 
@@ -167,7 +167,10 @@ def export_weights_only(model, config, model_path):
     paths["config"].write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_examples(files, get_y, dest, per_class=2, max_side=512):
+EXAMPLE_SIDE = 512  # pixels: plenty for an example's thumbnail and for the model, small in a Space's repo
+
+
+def save_examples(files, get_y, dest, per_class=2):
     """Copy a few held-out images per class as small JPEGs: the app's examples, valid in any Space."""
     dest.mkdir(parents=True, exist_ok=True)
     taken = {}
@@ -176,8 +179,7 @@ def save_examples(files, get_y, dest, per_class=2, max_side=512):
         if taken.get(label, 0) >= per_class:
             continue
         im = open_rgb(f)
-        im.thumbnail((max_side, max_side))
+        im.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-        im.save(dest / f"{safe}_{taken.get(label, 0)}.jpg", quality=90)
+        im.save(dest / f"{safe}_{taken.get(label, 0)}{EXAMPLE_SUFFIX}", quality=90)
         taken[label] = taken.get(label, 0) + 1
-    return sorted(dest.glob("*.jpg"))

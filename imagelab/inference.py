@@ -14,9 +14,8 @@ import numpy as np
 from PIL import Image
 
 from . import UserError, first_line
-from .hub import resolve_model
 from .images import MAX_PIXELS, read_image, resize_box
-from .loading import load_trusted_learner, no_model, read_config
+from .loading import AUTOENCODER, CLASSIFIER, load_trusted_learner, local_path, no_model, read_config
 from .paths import artifact_paths
 
 # What the apps read from each exported graph: a classifier's (its heatmap: models exported before it lack it),
@@ -114,7 +113,7 @@ class Predictor:
     """
 
     def __init__(self, path, learn=None, tta=False, max_pixels=MAX_PIXELS):
-        self.path = path = resolve_model(path)
+        self.path = path = local_path(path, CLASSIFIER)
         paths, self.config = artifact_paths(path), read_config(path)
         if self.config and paths["onnx"].is_file():
             graph = paths["onnx"]
@@ -218,7 +217,7 @@ class Reconstructor:
     """
 
     def __init__(self, path, learn=None):
-        self.path = path = resolve_model(path)
+        self.path = path = local_path(path, AUTOENCODER)
         paths, config = artifact_paths(path), read_config(path)
         graphs = paths["onnx"], paths["decoder"]
         sessions = None

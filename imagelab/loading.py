@@ -6,9 +6,10 @@ an app that cannot answer.
 """
 import json
 import warnings
+from pathlib import Path
 
 from . import UserError, first_line
-from .paths import artifact_paths, remove_abandoned_staging
+from .paths import DECODER, artifact_paths, remove_abandoned_staging
 
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
 CLASSIFIER_FORMAT = "imagelab-classifier/1"  # a classifier's config.json (imagelab.export.learner_config)
@@ -55,6 +56,27 @@ def no_model(path, train=None):
     return UserError(f"no model at {path}" + (f": train one first with `{train}`" if train else ""))
 
 
+def local_path(spec, kind):
+    """A path as given, or an `hf://` model's forms that `kind` is served from, fetched into the Hub cache."""
+    from .hub import resolve_model  # here: the apps read this module's names before their options, without the Hub
+    return resolve_model(spec, prefer=SERVED_FROM[kind][1:], needs=SERVED_WITH[kind])
+
+
+def model_file(path, kind, train=None):
+    """`path` if it is a file that `kind` is served from, else one line why not (with `train`, the command that makes
+    it). An export killed as it moved its files in is undone first: the previous model is back."""
+    path = Path(path)
+    if path.name.endswith(DECODER):
+        raise UserError(f"cannot serve {path}: it turns codes into images; serve the autoencoder beside it, "
+                        f"{path.name.removesuffix(DECODER)}.onnx")
+    if path.suffix not in SERVED_FROM[kind]:
+        raise UserError(f"cannot serve {path}: {article(kind)} is served from {FORMS[kind]}")
+    remove_abandoned_staging(path.with_suffix(".pkl"))
+    if not path.is_file():
+        raise no_model(path, train)
+    return path
+
+
 def open_model(spec, kind, train=None, **options):
     """The served object for model `spec` (a path or hf://...): a `Predictor` or a `Reconstructor`, made with
     `options` (a Predictor's `tta`, `max_pixels`).
@@ -62,13 +84,7 @@ def open_model(spec, kind, train=None, **options):
     A UserError says in one line what is wrong: no such file (with `train`, the command that makes
     it), a form this kind cannot be served from, a file that does not load, a model of another kind.
     """
-    from .hub import resolve_model  # here: the apps read this module's names before their options, without the Hub
-    path = resolve_model(spec, prefer=SERVED_FROM[kind][1:], needs=SERVED_WITH[kind])
-    remove_abandoned_staging(path.with_suffix(".pkl"))  # an export killed as it moved in: the previous model back
-    if not path.is_file():
-        raise no_model(path, train)
-    if path.suffix not in SERVED_FROM[kind]:
-        raise UserError(f"cannot serve {path}: {article(kind)} is served from {FORMS[kind]}")
+    path = model_file(local_path(spec, kind), kind, train)
     try:
         config, learn = read_config(path), None
         if config is None and path.suffix != ".pkl":

@@ -103,6 +103,14 @@ def examples_dir(model):
     return report_dir(model) / "examples"
 
 
+EXAMPLE_SUFFIX = ".jpg"  # the examples are small JPEGs whatever the photos were: any browser and Space shows them
+
+
+def example_images(model):
+    """The example images saved beside a model (the app's examples), in name order; nothing else in their folder."""
+    return sorted(examples_dir(model).glob("*" + EXAMPLE_SUFFIX))
+
+
 def metrics_path(model):
     return report_dir(model) / "metrics.json"
 
@@ -185,7 +193,7 @@ def one_run_writes(model):
 
 def cache_folder(cache=None):
     """Where presized copies, look-alike fingerprints and downloaded runtimes live: `cache` (--cache) when given, else
-    $IMAGELAB_CACHE, else ~/.cache/imagelab (safe to delete at any time)."""
+    $IMAGELAB_CACHE, else imagelab in $XDG_CACHE_HOME or ~/.cache (safe to delete at any time)."""
     if cache:
         return Path(cache)
     if os.environ.get("IMAGELAB_CACHE"):

@@ -20,7 +20,7 @@ from .app_options import cannot_listen, check_listen
 from .hub import HF_PREFIX
 from .inference import overlay
 from .loading import AUTOENCODER, CLASSIFIER, open_model
-from .paths import FLAGGED, examples_dir
+from .paths import FLAGGED, example_images
 
 # A 24-megapixel photo is ~10 MB as JPEG; anything much bigger is not a photo worth classifying. In bytes: of an
 # uploaded file (Gradio refuses a bigger upload), and of one an API caller sends inside the request as a data: URL.
@@ -250,7 +250,7 @@ def classifier_panel(model, *, train_command=None, api_name="predict", flag_data
                         visible=clf.has_heatmap)
     if flag_data:
         flag_panel(clf, image, flag_data, api_name.removesuffix("predict") + "flag")
-    examples = sorted(map(str, examples_dir(clf.path).glob("*.jpg")))
+    examples = list(map(str, example_images(clf.path)))
     examples = gr.Examples(examples, inputs=image) if examples else None
     listen(on_new_picture(image, examples), user_errors(classify, api_name, doc), image, label, api_name,
            clear=[heat], then=(user_errors(heatmap), heat))
@@ -261,7 +261,7 @@ def classifier_panel(model, *, train_command=None, api_name="predict", flag_data
 def flag_panel(clf, image, root, api_name):
     """A wrong answer's right class and a button that keeps the image shown for the next training run."""
     from .flagging import Flagger
-    flagger = Flagger(root, clf.vocab, held_out=examples_dir(clf.path).glob("*.jpg"))
+    flagger = Flagger(root, clf.vocab, held_out=example_images(clf.path))
 
     def flag(image, label):
         given(image)
@@ -330,7 +330,7 @@ def autoencoder_panel(model, *, train_command=None, api_prefix=""):
     # PNG: the exact pixels, no webp loss; at the model's size, which `pixels` (CSS) scales up to the frame
     shown = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])
     upload = dict(type="filepath", image_mode=None, sources=SOURCES)
-    examples = sorted(map(str, examples_dir(ae.path).glob("*.jpg")))
+    examples = list(map(str, example_images(ae.path)))
     gr.Markdown(f"A code of {ae.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
     with gr.Row():
         image = ImageUpload(label="Image", **upload)

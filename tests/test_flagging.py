@@ -19,7 +19,7 @@ from conftest import (BEARS, Client, fails_with_one_line, free_port, make_folder
 from imagelab import UserError
 from imagelab.cleaning import Cleaner
 from imagelab.flagging import FLAGGED_NAME, MAX_SIDE, Flagger
-from imagelab.paths import examples_dir
+from imagelab.paths import example_images
 from uploads import invalid_uploads, valid_uploads
 
 CLASSES = [label for label, _ in BEARS]
@@ -52,7 +52,7 @@ def test_flag_in_the_app_then_clean_then_retrain_with_flagged(tiny_bears, tmp_pa
         for bad_label in ["../black", "panda", "flagged", ""]:
             with pytest.raises(AppError, match="not in the list of choices"):  # Gradio checks the dropdown's value
                 client.predict(handle_file(str(photo)), bad_label, api_name="/flag")
-        example = sorted(examples_dir(model).glob("*.jpg"))[0]  # held out: flagged, the next model would train on it
+        example = example_images(model)[0]  # held out: flagged, the next model would train on it
         with pytest.raises(AppError, match="one of the app's examples, a held-out image"):
             client.predict(handle_file(str(example)), "teddy", api_name="/flag")
         assert all_files(data) == sorted(before + [kept])  # nothing refused was written

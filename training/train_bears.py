@@ -9,7 +9,7 @@ from pathlib import Path
 
 from imagelab import UserError, run_cli
 from imagelab.config import ClassifierConfig, ConfigParser
-from imagelab.paths import default_model
+from imagelab.paths import REPO, default_model
 from imagelab.download import make_dataset
 
 
@@ -22,7 +22,8 @@ def main(argv=None):
     g.add_argument("--classes", nargs="+", default=["grizzly", "black", "teddy"], help="one folder per class")
     g.add_argument("--per-class", type=int, default=150, help="search results to download per class")
     g.add_argument("--query", default="{} bear", help="search query; {} is replaced by the class name")
-    g.add_argument("--dest", default="data/bears", help="dataset folder the images are downloaded into")
+    g.add_argument("--dest", default=str(REPO / "data" / "bears"), help="dataset folder the images are downloaded "
+                   "into (default: data/bears in this checkout, from whatever folder you run, beside its models/)")
     g.add_argument("--download-workers", type=int, default=16, help="parallel downloads")
     g.add_argument("--timeout", type=float, default=10, help="seconds allowed for one image")
     args = parser.parse_args(argv)
