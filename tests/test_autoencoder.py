@@ -38,8 +38,9 @@ def tiny_learner(files, sparse=False):
 
 
 def numpy_pca(train, valid, k):
-    """PCA's reconstruction of `valid` from the top `k` axes of `train` (N x pixels), by numpy's SVD, clamped."""
-    train, valid = train.flatten(1).double().numpy(), valid.flatten(1).double().numpy()
+    """PCA's reconstruction of `valid` from the top `k` axes of `train` (N x 3 x H x W) and its mirror images (the
+    model trains on both), by numpy's SVD, clamped."""
+    train, valid = torch.cat([train, train.flip(-1)]).flatten(1).double().numpy(), valid.flatten(1).double().numpy()
     mean = train.mean(0)
     axes = np.linalg.svd(train - mean, full_matrices=False)[2][:k]
     return np.clip((valid - mean) @ axes.T @ axes + mean, 0, 1), valid
