@@ -31,6 +31,11 @@ from .train import Task, kept_weights
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
 # /2: the model holds its PCA path (pca_mean, pca_axes, code_scale); /1 weights do not fit it.
 CONFIG_FORMAT = "imagelab-autoencoder/2"
+# The one-cycle peak: at the default batch of 8, as low an error as batch 4 at 1e-3, in less time
+# (benchmarks/README.md, "Autoencoder against PCA").
+LR = 2e-3
+EVAL_BS = 64  # images a batch outside training: preprocessing them for PCA and the report, running the model over them
+SHOWN = 8  # held-out images in the report's reconstruction grid (all of them, if fewer)
 
 
 def channels(depth, width):
@@ -268,18 +273,18 @@ def autoencoder_learner(dls, model, loss="mse", wd=None):
                    opt_func=adamw, wd=wd)
 
 
-def preprocessed(dls, items, bs=64):
+def preprocessed(dls, items):
     """`items` resized and centre-cropped exactly as the model sees held-out images: a float tensor in [0, 1]."""
-    dl = dls.test_dl(items, bs=bs, num_workers=0)
+    dl = dls.test_dl(items, bs=EVAL_BS, num_workers=0)
     return torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in dl])
 
 
 @torch.no_grad()
-def batched(fn, model, x, bs=64):
+def batched(fn, model, x):
     """`fn(model, batch)` over `x` in batches on the model's device (a GPU after training there), back on the CPU."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([fn(model, x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
+    return torch.cat([fn(model, x[i:i + EVAL_BS].to(device)).float().cpu() for i in range(0, len(x), EVAL_BS)])
 
 
 def reconstruct(model, x):
@@ -319,9 +324,9 @@ def pca_reconstruct(x, mean, axes):
     return (((x - mean) @ axes.T) @ axes + mean).clamp(0, 1)
 
 
-def plot_reconstructions(rows, path, n=8):
+def plot_reconstructions(rows, path):
     """A grid: held-out originals on top, each method's reconstruction below, per-image PSNR in the titles."""
-    n = min(n, len(rows["original"]))
+    n = min(SHOWN, len(rows["original"]))
     fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
     for r, (name, images) in enumerate(rows.items()):
         for c in range(n):
@@ -400,7 +405,7 @@ class AutoencoderTask(Task):
         return autoencoder_learner(dls, model, loss=cfg.loss, wd=cfg.wd)
 
     def default_lr(self, cfg):
-        return 2e-3
+        return LR
 
     def callbacks(self, cfg):
         return [CodeSparsity(cfg.sparsity)] if cfg.sparsity else []

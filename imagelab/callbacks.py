@@ -1,14 +1,15 @@
 """The training loop's own fastai callbacks: the clock, the progress bar, progressive resizing, the losses, the best
 epoch.
 
-fastai runs a learner's callbacks, event by event, in the order of their `order`; these depend on it:
+fastai runs a learner's callbacks, event by event, in the order of their `order` (each class's attribute, with
+why it is that number); these depend on it:
 - fastai's TrainEvalCallback sets `pct_train` (the fit's progress) from the epochs alone at each epoch's start;
   `TimeBudget` comes right after it and makes it the clock's, when the clock is ahead; `ProgressiveResize` comes
-  next and picks the epoch's input size from it; fastai's ParamScheduler (60) reads it at every batch.
-- `LossHistory` logs the epoch's losses (60), then `KeepBest` reads them, then
-  imagelab.checkpoint.Checkpoint (65) saves what both hold, then imagelab.distributed.OwnRandomness replaces the
+  next and picks the epoch's input size from it; fastai's ParamScheduler, later, reads it at every batch.
+- `LossHistory` logs the epoch's losses after fastai's Recorder has smoothed them, then `KeepBest` reads them,
+  then imagelab.checkpoint.Checkpoint saves what both hold, then imagelab.distributed.OwnRandomness replaces the
   random streams a resumed run restored.
-- imagelab.models.PlainTensors (100) comes after everything that changes the batch (MixUp, CutMix,
+- imagelab.models.PlainTensors comes after everything that changes the batch (MixUp, CutMix,
   channels-last, mixed precision).
 """
 import math

@@ -192,7 +192,7 @@ class ClassifierConfig(TrainConfig):
 class AutoencoderConfig(TrainConfig):
     """An autoencoder that starts as PCA and learns what PCA misses, scored against PCA with as many components."""
     PRESETS: ClassVar[dict] = {
-        # four times the default training, on a CPU in minutes
+        # longer training than the default (only --epochs changes): still minutes on a CPU
         "long": {"epochs": 12},
     }
     PROGRESSIVE: ClassVar[bool] = False  # the code's linear layers are sized for --size

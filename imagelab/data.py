@@ -59,6 +59,8 @@ def RGBImageBlock():
 # crops (a third of the image or more) then come from about as many pixels as they end up with.
 PRESIZE = 1.5
 PRESIZE_VERSION = 2  # part of every cache key: bump it when the way copies are made changes
+# Threads that decode images (PIL releases the GIL while decoding): presizing also resizes and writes a JPEG.
+PRESIZE_THREADS, CHECK_THREADS = 4, 8
 
 
 def presized_path(src, side, cache):
@@ -82,7 +84,7 @@ def presize_one(src, dest, side):
     os.replace(tmp, dest)  # atomic: a concurrent or interrupted run never sees half a file
 
 
-def presize(files, size, cache=None, workers=4):
+def presize(files, size, cache=None):
     """{file: presized copy} for every file, making the missing copies (decoded in parallel threads).
 
     Decoding and cropping a full-size photo costs a CPU a fair share of what the model's step costs;
@@ -102,7 +104,7 @@ def presize(files, size, cache=None, workers=4):
             failed.append(e)
 
     if todo:
-        with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding and resizing
+        with ThreadPoolExecutor(PRESIZE_THREADS) as pool:  # PIL releases the GIL while decoding and resizing
             list(tqdm(pool.map(make, todo), total=len(todo), desc=f"presizing to {side}px", unit="img", leave=False))
     if failed:
         print(f"note: {len(failed)} of {len(files)} presized copies could not be made in {cache} "
@@ -157,7 +159,7 @@ class FlaggedOr:
         return path.parent.name if flagged else self.get_y(path)
 
 
-def find_images(root, workers=8, flagged=False):
+def find_images(root, flagged=False):
     """Every decodable image under `root` and the files skipped with why (recursive; hidden files and the
     tools' BOOKKEEPING, such as quarantined or removed images, are left out; flagged ones too unless `flagged`).
 
@@ -168,7 +170,7 @@ def find_images(root, workers=8, flagged=False):
     files = dataset_files(root, flagged)
     if not files:
         raise UserError(f"no files in {root}")
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
         reasons = list(tqdm(pool.map(check_image, files), total=len(files), desc="checking images",
                             unit="img", leave=False))
     good = [f for f, r in zip(files, reasons) if r is None]

@@ -30,6 +30,8 @@ from .paths import DOWNLOAD_SUMMARY, QUARANTINE, check_class_name, hidden, visib
 
 SEARCH_HOST = "duckduckgo.com"  # ddgs's image search asks duckduckgo.com (and www.bing.com)
 REASONS = "reasons.tsv"
+# Seconds the search gets at least; ddgs bounds each request and each engine's whole search by it.
+SEARCH_TIMEOUT = 10
 MAX_BYTES = 20_000_000  # a bigger "image" is not a photo worth training on
 SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "TIFF": ".tif"}  # else the format's name: .png, .webp, .gif ...
 # Some image hosts refuse Python's default User-Agent.
@@ -46,7 +48,7 @@ def search_reachable():
     return reachable(f"https://{SEARCH_HOST}", search_proxy())
 
 
-def search_images(query, n, backend="auto", timeout=10):
+def search_images(query, n, backend="auto", timeout=SEARCH_TIMEOUT):
     """Up to `n` distinct image URLs for `query`, page after page of results."""
     from ddgs import DDGS  # imported here: it loads every search engine module
     from ddgs.exceptions import DDGSException
@@ -181,7 +183,9 @@ def make_dataset(classes, dest, per_class=150, query="{}", workers=16, timeout=1
         raise UserError(f"cannot reach the image search ({SEARCH_HOST}{' via proxy ' + proxy if proxy else ''}): "
                         "offline? (a folder of images you have trains with --data DIR)")
     # Search everything before writing anything: a failed search leaves no half-made dataset behind.
-    found = {c: search_images(query.replace("{}", c), per_class, backend=backend)
+    # A slow network's longer --timeout is the search's too; a shorter one, to skip slow image hosts, is not: a
+    # search engine that ddgs stops waiting for fails as "No results found".
+    found = {c: search_images(query.replace("{}", c), per_class, backend=backend, timeout=max(timeout, SEARCH_TIMEOUT))
              for c in tqdm(classes, desc="searching")}
     dest = Path(dest)
     try:

@@ -23,6 +23,8 @@ from .paths import artifact_paths
 CLASSIFIER_OUTPUTS = ("logits", "heatmap")
 AUTOENCODER_OUTPUTS = ("reconstruction", "pca", "code")
 DECODER_OUTPUTS = ("image",)
+# The heatmap over the model's view: half transparent, on a view enlarged to at least this short side to be read.
+OVERLAY_ALPHA, OVERLAY_MIN_SIDE = 0.5, 224
 
 
 def onnx_session(graph):
@@ -79,13 +81,13 @@ def colormap(heat):
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def overlay(view, heat, alpha=0.5, min_side=224):
+def overlay(view, heat):
     """The heatmap (h×w in [0, 1]) stretched over the model's view of the image (a PIL image), half transparent;
-    a small view is enlarged to `min_side` so the picture can be read."""
-    scale = max(1, min_side / min(view.size))
+    a small view is enlarged to OVERLAY_MIN_SIDE so the picture can be read."""
+    scale = max(1, OVERLAY_MIN_SIDE / min(view.size))
     view = view.resize((round(view.width * scale), round(view.height * scale)), Image.BILINEAR)
     heat = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(view.size, Image.BILINEAR))
-    blended = (1 - alpha) * np.asarray(view, np.float32) + alpha * colormap(np.clip(heat, 0, 1))
+    blended = (1 - OVERLAY_ALPHA) * np.asarray(view, np.float32) + OVERLAY_ALPHA * colormap(np.clip(heat, 0, 1))
     return Image.fromarray(blended.astype(np.uint8))
 
 

@@ -30,6 +30,7 @@ MAX_BITS, MAX_COLOUR = 26, 32  # of 255 bits; of 255 levels, in any channel (a r
 _n = np.arange(SIDE)
 _DCT = np.cos(np.pi * (2 * _n[None, :] + 1) * _n[:, None] / (2 * SIDE))  # DCT-II, unscaled: medians ignore scale
 VERSION = 2  # part of every cache key: bump it when the way fingerprints are made changes
+THREADS = 8  # images decoded and fingerprinted at once
 
 
 class Fingerprints:
@@ -88,7 +89,7 @@ def bit_distances(a, b):
     return np.minimum(differ(0), differ(1))
 
 
-def fingerprints(paths, workers=8, cache=None):
+def fingerprints(paths, cache=None):
     """The fingerprints of `paths`, files or open files (one that does not decode looks like nothing). Those of files
     are kept in `cache` (imagelab.paths.cache_folder) and read back while the file is unchanged."""
     paths = list(paths)
@@ -96,7 +97,7 @@ def fingerprints(paths, workers=8, cache=None):
     stores = {folder: store_path(cache, folder) for folder in {Path(p).parent for p, k in zip(paths, keys) if k}}
     kept = {k: f for store in stores.values() for k, f in load(store).items()}
     todo = [i for i, k in enumerate(keys) if k not in kept]  # never an open file's: its key is None
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+    with ThreadPoolExecutor(THREADS) as pool:  # PIL releases the GIL while decoding
         made = dict(zip(todo, tqdm(pool.map(fingerprint, [paths[i] for i in todo]), total=len(todo),
                                    desc="looking for look-alikes", unit="img", leave=False, disable=not todo)))
     found = [made[i] if i in made else kept[k] for i, k in enumerate(keys)]

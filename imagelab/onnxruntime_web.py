@@ -60,9 +60,9 @@ def download():
                         f"own folder: run this once online (python -m imagelab.onnxruntime_web), then it works offline")
 
 
-def tarball(cache=None):
+def tarball():
     """The verified tarball's bytes: from the cache, else downloaded, verified, then cached."""
-    path = cached_tarball(cache)
+    path = cached_tarball()
     if path.is_file():
         data = path.read_bytes()
         if integrity(data) == INTEGRITY:
@@ -79,14 +79,13 @@ def tarball(cache=None):
     return data
 
 
-def write_runtime(dest, cache=None):
-    """Write the files a page needs into `dest`; returns their names."""
+def write_runtime(dest):
+    """Write the files a page needs into `dest`."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(tarball(cache)), mode="r:gz") as tf:
+    with tarfile.open(fileobj=io.BytesIO(tarball()), mode="r:gz") as tf:
         for member, name in FILES.items():
             (dest / name).write_bytes(tf.extractfile(member).read())
-    return sorted(FILES.values())
 
 
 def main(argv=None):

@@ -13,6 +13,8 @@ from fastai.interpret import ClassificationInterpretation
 
 from . import standard_error
 
+SHOWN = 9  # held-out images in the report's top-losses and heatmap grids (all of them, if fewer)
+
 
 def save_fig(fig, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -121,7 +123,7 @@ def mirror_averaged(learn, dl, probs):
     return (probs + mirrored) / 2
 
 
-def classifier_report(learn, history, report_dir, top_k=9):
+def classifier_report(learn, history, report_dir):
     """Write the plots into `report_dir` and return the held-out metrics."""
     dl = learn.dls.valid.new(shuffle=False, drop_last=False)
     probs, targets, losses = learn.get_preds(dl=dl, with_loss=True)
@@ -129,9 +131,10 @@ def classifier_report(learn, history, report_dir, top_k=9):
     cm = confusion(targets.numpy(), probs.argmax(1).numpy(), len(vocab))
     plot_confusion(cm, vocab, report_dir / "confusion_matrix.png")
     plot_loss_curve(history, report_dir / "loss_curve.png")
-    ClassificationInterpretation(learn, dl, losses).plot_top_losses(min(top_k, len(losses)), figsize=(9, 9))
+    shown = min(SHOWN, len(losses))
+    ClassificationInterpretation(learn, dl, losses).plot_top_losses(shown, figsize=(9, 9))
     save_fig(plt.gcf(), report_dir / "top_losses.png")
-    plot_heatmaps(learn, dl, probs, targets, losses, report_dir / "heatmaps.png", min(top_k, len(losses)))
+    plot_heatmaps(learn, dl, probs, targets, losses, report_dir / "heatmaps.png", shown)
     accuracy = float(np.trace(cm) / cm.sum())
     start = time.perf_counter()
     # the same augmentation every time: a report of the same model says the same

@@ -381,7 +381,7 @@ def _train(task, cfg, cbs):
              "train_seconds": round(run.seconds(), 2), "images_trained": images,
              "images_per_second": round(images / seconds_here, 2) if images else None,
              "skipped_files": [Path(f).relative_to(root).as_posix() for f, _ in skipped]}  # as split.json
-    # as the last checkpoint is written
+    # the export overlaps the last checkpoint's write (`writer`'s background thread), waited for only after it
     metrics = export_run(task, cfg, learn, history=run.history, root=root, facts=facts, writer=writer, ckpt=ckpt)
     writer.wait(check=False)  # the run is complete: a failed last write loses nothing
     ckpt.unlink(missing_ok=True)  # the run is complete: nothing left to resume

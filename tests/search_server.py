@@ -25,10 +25,11 @@ class Server(ThreadingHTTPServer):
 
 class Web:
     """`images[path] = (content_type, bytes)` served at http://127.0.0.1:port/path, `delay[path]` seconds of
-    stall half-way; `results[query] = [paths or URLs]` answered by the search hosts."""
+    stall half-way; `results[query] = [paths or URLs]` answered by the search hosts, `search_delay` seconds late."""
 
     def __init__(self, tmp_path):
         self.images, self.results, self.delay = {}, {}, {}
+        self.search_delay = 0
         self.searches = []  # (host, path, query) of every search request seen through the proxy
         ca = trustme.CA()
         self.ca_file = tmp_path / "test-ca.pem"
@@ -53,6 +54,7 @@ class Web:
         q = query.get("q", [""])[0]
         hits = [self.image_url(p) for p in self.results.get(q, [])]
         self.searches.append((host, path, q))
+        time.sleep(self.search_delay)
         if host == "duckduckgo.com" and path == "/":  # the page a DuckDuckGo search token (vqd) comes from
             return 200, "text/html", b'<html><script>vqd="4-1234567890";</script></html>'
         if host == "duckduckgo.com" and path == "/i.js":

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import PY, ROOT, interruptible, read_until, run
-from imagelab import UserError
+from imagelab import UserError, download
 from imagelab.data import check_image
 from imagelab.download import make_dataset, search_images
 from search_server import Web
@@ -138,6 +138,19 @@ def test_download_verifies_dedupes_and_quarantines(web, tmp_path):
     assert again["total"]["saved"] == again["total"]["quarantined"] == 0
     assert again["total"]["duplicate"] == 17 - 3  # all but the three that fail
     assert tree(dest) == before
+
+
+def test_a_longer_timeout_is_the_searchs_too(web, tmp_path, monkeypatch):
+    """--timeout waits for a slow search engine as for a slow image host; a shorter one leaves the search its
+    SEARCH_TIMEOUT (here made shorter than the search's delay, for a quick test)."""
+    bear_web(web)
+    web.search_delay = 1.5
+    monkeypatch.setattr(download, "SEARCH_TIMEOUT", 0.5)
+    with pytest.raises(UserError, match="image search for 'grizzly bear' failed"):
+        make_dataset(["grizzly"], tmp_path / "short", per_class=2, query="{} bear", timeout=0.2, backend="bing")
+    assert not (tmp_path / "short").exists()
+    summary = make_dataset(["grizzly"], tmp_path / "long", per_class=2, query="{} bear", timeout=6, backend="bing")
+    assert summary["classes"]["grizzly"]["saved"] == 2
 
 
 def test_a_failed_search_writes_nothing(web, tmp_path):

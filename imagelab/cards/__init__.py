@@ -65,5 +65,5 @@ def trained(metrics):
     return text + f". {metrics['train_seconds']} s{speed} with {versions}."
 
 
-def pct(x, digits=1):
-    return "n/a" if x is None else f"{x:.{digits}%}"
+def pct(x):
+    return "n/a" if x is None else f"{x:.1%}"
