@@ -252,5 +252,5 @@ class KeepBest(Callback):
             self.run.diverged = len(valid)
             print(f"\nnote: validation loss {valid[-1][1]} after epoch {len(valid)}: training diverged and stops here")
             raise CancelFitException
-        if self.run.best is None or valid[-1][1] < self.run.best_loss():
+        if self.run.best is None or valid[-1][1] < self.run.best["loss"]:
             self.run.best = best_weights(self.learn, len(valid), valid[-1][1])

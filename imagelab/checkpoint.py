@@ -53,6 +53,11 @@ def smoothing_state(learn):
     return {"count": smooth.count, "val": smooth.val}
 
 
+# Changed whenever what a checkpoint holds changes: one of another version is refused in one line, not half read
+# (a checkpoint lives only until its run ends, so a refusal costs at most the epochs it held).
+FORMAT = "imagelab-checkpoint/2"
+
+
 def load_checkpoint(path, settings):
     """The saved state, or a `UserError` if there is none or it was made with other `settings`."""
     path = Path(path)
@@ -62,6 +67,9 @@ def load_checkpoint(path, settings):
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a checkpoint is replaced atomically, so this is a foreign or damaged file
         raise UserError(f"cannot read the checkpoint {path} ({type(e).__name__}); delete it to start afresh") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"the checkpoint {path} was written by another version of imagelab: run without --resume to "
+                        "start afresh")
     check_settings(path, state, settings)
     return state
 
@@ -71,11 +79,7 @@ def check_settings(path, state, settings):
     def shown(value):
         return "the default" if value is None else repr(value)
     saved = state["settings"]
-    unrecorded = [k for k in settings if k not in saved]
-    if unrecorded:  # a checkpoint from an earlier version: what it does not record, it cannot contradict
-        print(f"note: {path} does not record {', '.join(unrecorded)} (an earlier version wrote it): resuming as if "
-              "unchanged")
-    changed = [f"{k} {shown(saved[k])} (now {shown(v)})" for k, v in settings.items() if k in saved and saved[k] != v]
+    changed = [f"{k} {shown(saved.get(k))} (now {shown(v)})" for k, v in settings.items() if saved.get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "
                         "rerun with the same options and images, or without --resume to start afresh")
@@ -93,7 +97,7 @@ def restore(learn, state):
         learn.create_opt()
     learn.opt.load_state_dict(state["opt"])
     scaler = loss_scaler(learn)
-    if scaler is not None and state.get("scaler"):  # fp16's loss scale, else found again in a few skipped steps
+    if scaler is not None and state["scaler"]:  # fp16's loss scale, else found again in a few skipped steps
         scaler.load_state_dict(state["scaler"])
 
 
@@ -190,9 +194,8 @@ class Checkpoint(Callback):
         # the first epoch that trains, exactly as they were when the checkpoint was written.
         if self.epoch == self.start_epoch and self.resumed is not None:
             set_rng_states(self.learn, self.resumed["rng"])
-            smoothed = self.resumed.get("smooth_loss")  # absent from checkpoints written before it was kept
-            if self.start_epoch and smoothed:  # not at a fit's start, where fastai's Recorder starts it afresh
-                smooth = self.learn.recorder.smooth_loss
+            if self.start_epoch:  # not at a fit's start, where fastai's Recorder starts it afresh
+                smooth, smoothed = self.learn.recorder.smooth_loss, self.resumed["smooth_loss"]
                 smooth.count, smooth.val = smoothed["count"], smoothed["val"]
             self.resumed = None
 
@@ -202,7 +205,7 @@ class Checkpoint(Callback):
         if self.epoch + 1 < self.n_epoch and time.perf_counter() - self.saved < self.every:
             return
         model = get_model(self.model)
-        state = snapshot({"epoch": self.offset + self.epoch + 1, "settings": self.settings,
+        state = snapshot({"format": FORMAT, "epoch": self.offset + self.epoch + 1, "settings": self.settings,
                           "model": model.state_dict(), "opt": self.opt.state_dict(), "scaler": scaler_state(self.learn),
                           "rng": rng_states(self.learn), "smooth_loss": smoothing_state(self.learn), **self.extra()})
         device = next(model.parameters()).device

@@ -141,11 +141,9 @@ class Run:
         self.diverged = None  # the epoch (from 1) whose validation loss was not a number
         self.fit_started = 0.0  # the run's seconds when the fit under way began
         if state:
-            self.history.train, self.history.valid, self.history.step, *metrics = state["history"]
-            self.history.valid_metrics = metrics[0] if metrics else [{} for _ in self.history.valid]  # absent before
+            self.history.train, self.history.valid, self.history.step, self.history.valid_metrics = state["history"]
             self.done, self.seconds_before, self.resumed = state["epoch"], state["seconds"], state
-            self.best = state.get("best")  # absent from checkpoints written before keep-best
-            self.fit_started = state.get("fit_started", 0.0)  # absent before fits had budgets of their own
+            self.best, self.fit_started = state["best"], state["fit_started"]
         self.first_step = self.history.step
 
     def seconds(self):
@@ -160,11 +158,6 @@ class Run:
 
     def epochs_since_best(self):
         return len(self.history.valid) - self.best["epoch"] if self.best else 0
-
-    def best_loss(self):
-        if "loss" not in self.best:  # a checkpoint written before the loss was kept with the weights
-            return self.history.valid[self.best["epoch"] - 1][1]
-        return self.best["loss"]
 
     def keep_start(self, learn, cbs):
         """The model as it is, before training, as the best so far: epoch 0 (its loss with the task's
@@ -194,7 +187,7 @@ class Run:
             which = kept["kept"] = "best"
         if which == "last" or self.best is None:
             return kept
-        if cut_short and not self.diverged and loss < self.best_loss():
+        if cut_short and not self.diverged and loss < self.best["loss"]:
             return kept
         get_model(learn.model).load_state_dict(self.best["model"])
         return {**kept, "kept_epoch": self.best["epoch"]}
@@ -344,8 +337,7 @@ def _train(task, cfg, cbs):
     settings = {**options, "data": data, "images": describe_split(split_files(dls, root))}
     if state:
         check_settings(ckpt, state, {"images": settings["images"]})
-    # lr_find's curve is absent from checkpoints written before it was kept
-    lr, found = (state["lr"], state.get("lr_find")) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
+    lr, found = (state["lr"], state["lr_find"]) if state else resolve_lr(learn, cfg.lr, task.default_lr(cfg))
     run = Run(lr, found, state)
     schedule = task.fits(cfg, run.lr)
     planned = sum(n for n, _ in schedule)  # fine_tune's frozen epoch too

@@ -204,12 +204,13 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     relative = command(data.relative_to(tmp_path), out, "--resume", "--epochs", "1")
     res = run([ROOT / "training" / "train_pets.py", *relative[1:]], cwd=tmp_path)
     assert "other settings: epochs 4 (now 1); rerun" in res.stderr, res.stderr[-2000:]
-    ckpt = out.with_name("pets.ckpt")  # one an earlier version wrote, which did not record the images: it resumes
+    ckpt = out.with_name("pets.ckpt")  # one another version wrote: refused in one line, not half read
     state = torch.load(ckpt, weights_only=False)
-    del state["settings"]["images"]
-    torch.save(state, ckpt)
+    torch.save({**state, "format": "imagelab-checkpoint/1"}, ckpt)
     res = run(command(data, out, "--resume"))
-    assert res.returncode == 0 and "does not record images (an earlier version wrote it)" in res.stdout, res.stderr
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
+        f"error: the checkpoint {ckpt} was written by another version of imagelab: run without --resume to start "
+        "afresh"), res.stderr
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_afresh(data, tmp_path):

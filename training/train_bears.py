@@ -25,7 +25,8 @@ def main(argv=None):
     g.add_argument("--dest", default=str(REPO / "data" / "bears"), help="dataset folder the images are downloaded "
                    "into (default: data/bears in this checkout, from whatever folder you run, beside its models/)")
     g.add_argument("--download-workers", type=int, default=16, help="parallel downloads")
-    g.add_argument("--timeout", type=float, default=10, help="seconds allowed for one image")
+    g.add_argument("--timeout", type=float, default=10, help="seconds allowed for one image (and, when longer "
+                   "than 10, for each search request)")
     args = parser.parse_args(argv)
 
     if args.data and (args.download or args.download_only):
