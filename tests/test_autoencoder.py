@@ -66,7 +66,7 @@ def test_sparsity_gives_exact_zeros_in_the_code(tmp_path):
     def codes(lam):
         learn = tiny_learner(files, sparse=True)
         with learn.no_bar(), learn.no_logging():
-            learn.fit_one_cycle(6, 1e-2, cbs=[CodeSparsity(lam)])
+            learn.fit_one_cycle(16, 1e-2, cbs=[CodeSparsity(lam)])
         x = preprocessed(learn.dls, learn.dls.valid_ds.items)
         with torch.no_grad():
             return learn.model.eval().encode(x)
