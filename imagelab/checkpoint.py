@@ -19,7 +19,8 @@ from fastai.torch_core import get_model, rank_distrib
 
 from . import UserError
 from .device import loss_scaler, mps_available
-from .paths import nothing_to_resume, staging_path, write_failure
+from .paths import nothing_to_resume
+from .writes import staging_path, write_failure
 
 
 def train_loader(learn):

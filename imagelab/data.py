@@ -16,8 +16,9 @@ from . import UserError, first_line
 from .images import check_image, open_image, open_rgb
 from .lookalikes import fingerprints, groups, pairs
 from .flagging import FLAGGED_NAME
-from .paths import (FLAGGED, FOLDER_SPLIT, LABELLED_FOLDERS, SPLIT_FOLDERS, TRAIN, VALID, cache_folder,
-                    dataset_files, existing_folder, file_key, is_flagged, split_by_folders, staging_path)
+from .paths import (FLAGGED, FOLDER_SPLIT, LABELLED_FOLDERS, SPLIT_FOLDERS, TRAIN, VALID, cache_folder, dataset_files,
+                    existing_folder, file_key, is_flagged, split_by_folders)
+from .writes import staging_path
 
 # Oxford-IIIT Pet names files `<breed>_<n>.jpg`; cat breeds are capitalised, dog breeds are not.
 OXFORD_NAME = re.compile(r"^(.+)_\d+$")

@@ -42,8 +42,8 @@ from .loading import model_file, read_config
 from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
 from .onnxruntime_web import tarball, write_runtime
-from .paths import (REPO, artifact_paths, default_model, example_images, metrics_path,
-                    remove_abandoned_staging, report_dir, split_path, staging_path)
+from .paths import REPO, artifact_paths, default_model, example_images, metrics_path, report_dir, split_path
+from .writes import remove_abandoned_staging, staging_path
 
 CARDS = Path(__file__).with_name("cards")
 WEB = Path(__file__).with_name("web")

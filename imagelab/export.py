@@ -11,8 +11,8 @@ import torch
 from . import UserError, noted_interrupts
 from .images import open_rgb, val_margin
 from .loading import CLASSIFIER, CLASSIFIER_FORMAT
-from .paths import (EXAMPLE_SUFFIX, INSTALLING, PREVIOUS, artifact_paths, check_replaceable, report_dir, staging_path,
-                    undo_install)
+from .paths import EXAMPLE_SUFFIX, artifact_paths, check_replaceable, report_dir
+from .writes import INSTALLING, PREVIOUS, staging_path, undo_install
 
 
 @contextmanager
@@ -49,7 +49,7 @@ def install(stage, model_path, between_moves=lambda: None):
     artifacts and the report made with it). A file replaces its previous version in one step, so its name always
     holds a whole file; if a move fails or is interrupted, every previous version is put back: all or nothing.
     A process killed meanwhile cannot put them back: its journal in `stage` lets the next run, or app, that finds
-    it do so (imagelab.paths.undo_install). `between_moves` is called before each move and after the last: what it
+    it do so (imagelab.writes.undo_install). `between_moves` is called before each move and after the last: what it
     raises stops the install, undone."""
     folder = model_path.parent
     new = sorted(stage.iterdir(), key=lambda f: (f.name == model_path.name, f.name))

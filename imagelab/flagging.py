@@ -22,8 +22,8 @@ from PIL import Image
 from . import UserError
 from .images import read_image
 from .lookalikes import collect, fingerprint, pairs
-from .paths import (BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, WRITE_ERRORS, check_class, check_class_name, hidden,
-                    staging_path, write_failure)
+from .paths import BOOKKEEPING, FLAGGED, SPLIT_FOLDERS, check_class, check_class_name, hidden
+from .writes import WRITE_ERRORS, staging_path, write_failure
 
 # Training reads images at a few hundred pixels; a bigger copy would only cost the owner's disk.
 MAX_SIDE = 1024

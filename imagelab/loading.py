@@ -9,7 +9,8 @@ import warnings
 from pathlib import Path
 
 from . import UserError, first_line
-from .paths import DECODER, artifact_paths, remove_abandoned_staging
+from .paths import DECODER, artifact_paths
+from .writes import remove_abandoned_staging
 
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
 CLASSIFIER_FORMAT = "imagelab-classifier/1"  # a classifier's config.json (imagelab.export.learner_config)

@@ -22,7 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import open_image, open_rgb
-from .paths import cache_folder, digest, file_key, remove_abandoned_staging, staging_path
+from .paths import cache_folder, digest, file_key
+from .writes import remove_abandoned_staging, staging_path
 
 SIDE, FREQUENCIES = 64, 16
 WORDS = 4  # the 255 bits, in four 64-bit words: compared a word at a time

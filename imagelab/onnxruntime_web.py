@@ -17,7 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from . import ArgumentParser, UserError, run_cli
-from .paths import cache_folder, staging_path
+from .paths import cache_folder
+from .writes import staging_path
 
 PACKAGE = "onnxruntime-web"
 VERSION = "1.30.0"

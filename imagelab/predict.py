@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from . import ArgumentParser, UserError, require, run_cli, stdout_reader_gone
 from .loading import CLASSIFIER, FORMS, open_model
-from .paths import not_regular, staging_path, visible_files
+from .paths import not_regular, visible_files
+from .writes import staging_path
 
 
 def expand(paths):

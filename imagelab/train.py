@@ -32,8 +32,8 @@ from .distributed import OwnRandomness, distributed, leave_distributed, world_si
 from .export import staged_export
 from .metadata import versions, write_json
 from .models import DeviceAvgLoss, PlainTensors, SmoothLoss
-from .paths import (WRITE_ERRORS, checkpoint_path, examples_dir, is_flagged, metrics_path, one_run_writes,
-                    remove_abandoned_staging, split_path, torch_write_failed, write_failure)
+from .paths import checkpoint_path, examples_dir, is_flagged, metrics_path, split_path
+from .writes import WRITE_ERRORS, one_run_writes, remove_abandoned_staging, torch_write_failed, write_failure
 from .reports import plot_lr_find
 from .store import StoreDL, store_loaders
 

@@ -198,7 +198,7 @@ with staged_export(out) as (model, report):
 @pytest.mark.parametrize("kill_at, fail_at", [*((k, 0) for k in range(1, 7)), *((k, 4) for k in range(5, 8))])
 def test_kill_9_at_any_move_of_an_export_or_of_its_undoing_leaves_what_the_next_run_makes_whole(tmp_path, kill_at,
                                                                                                   fail_at):
-    from imagelab.paths import remove_abandoned_staging
+    from imagelab.writes import remove_abandoned_staging
     out = tmp_path / "m.pkl"
     before = previous_model(tmp_path)
     res = run(["-c", KILLED_AT_A_MOVE, out, kill_at, fail_at])

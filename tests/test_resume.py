@@ -49,7 +49,7 @@ def ended_pid():
 
 
 def test_only_staging_paths_of_ended_processes_are_removed(tmp_path):
-    from imagelab.paths import remove_abandoned_staging, staging_path
+    from imagelab.writes import remove_abandoned_staging, staging_path
 
     model = tmp_path / "m[1].pkl"  # a name with glob characters matches itself only
     mine, ended = staging_path(model), model.with_name(f".m[1].pkl.{ended_pid()}.7.tmp")

@@ -141,7 +141,7 @@ def test_a_write_that_fails_says_why_and_the_free_space_only_where_the_disk_may_
     the message says the file was not written whole, with the disk's free space; a name too long says just that."""
     code = f"""
 import resource, signal, sys, torch
-from imagelab.paths import torch_write_failed, write_failure
+from imagelab.writes import torch_write_failed, write_failure
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 for write in (lambda: torch.save(torch.zeros(1 << 20), {str(tmp_path / "big.pt")!r}),
