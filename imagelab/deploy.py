@@ -38,6 +38,7 @@ from . import ArgumentParser, UserError, run_cli, say
 from .app_options import APPS, train_hint
 from .cards import PACKAGES, trained
 from .hub import hub_login, push
+from .images import MAX_PIXELS
 from .loading import model_file, read_config
 from .metadata import write_json
 from .onnxruntime_web import VERSION as RUNTIME_VERSION
@@ -346,6 +347,7 @@ def build_static_space(app, model, out, *, space_id=None, repo_id=None):
                   "color_to": front_matter_value(template, "colorTo"), **kind.static_fields(config)}
         examples = [p.relative_to(stage).as_posix() for p in example_images(beside)]
         page = {**{k: html.escape(str(v)) for k, v in fields.items()}, "model": html.escape(app),
+                "max_pixels": MAX_PIXELS,
                 "summary": html.escape(f"Model: {metrics.get('arch', metrics['kind'])}, {kind.summary(metrics)}."),
                 "examples": "\n".join(f'<button type="button"><img src="{html.escape(quote(e))}" alt="example {i + 1}"></button>'
                                       for i, e in enumerate(examples)),  # scraped names hold ? and #

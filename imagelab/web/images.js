@@ -1,7 +1,8 @@
 // What the static Spaces' pages share: decoding and resizing as the Python side does them
 // (imagelab.images.open_rgb, Pillow's bilinear resize), so that the browser feeds a model what Python would,
 // and the page's sources of images.
-const MAX_PIXELS = 40_000_000; // as imagelab.images: a tiny file may claim a huge picture
+// imagelab.images.MAX_PIXELS, which the build writes into the page: a tiny file may claim a huge picture
+const MAX_PIXELS = Number(document.querySelector('meta[name="imagelab-max-pixels"]').content);
 const PRECISION_BITS = 22; // Pillow's fixed point for 8-bit resampling
 
 // Bilinear weights exactly as Pillow computes them (Resample.c, precompute_coeffs and
