@@ -287,6 +287,11 @@ def classifier_demo(title, description, model, flag_data=None):
     return demo
 
 
+# PNG: the exact pixels, no webp loss; at the model's size, which `pixels` (CSS) scales up to the frame
+SHOWN = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])
+UPLOAD = dict(type="filepath", image_mode=None, sources=SOURCES)
+
+
 def autoencoder_panel(model, *, train_command=None, api_prefix=""):
     """Upload → the autoencoder's reconstruction beside PCA's, with both PSNRs; two uploads → the images between
     their codes; `train_command`'s instructions if the model (a path) is missing.
@@ -296,7 +301,14 @@ def autoencoder_panel(model, *, train_command=None, api_prefix=""):
     ae = opened(model, AUTOENCODER, train_command)
     if ae is None:
         return
+    examples = list(map(str, example_images(ae.path)))
+    gr.Markdown(f"A code of {ae.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
+    reconstruct_panel(ae, examples, api_prefix)
+    gr.Markdown("### Between two images\nDecode codes evenly spaced from the first image's code to the second's.")
+    interpolate_panel(ae, examples[:2], examples[-2:], api_prefix)
 
+
+def reconstruct_panel(ae, examples, api_prefix):
     reconstructions = Handoff()  # an upload's Reconstruction, for the comparison step
 
     def reconstruct(image):
@@ -309,6 +321,24 @@ def autoencoder_panel(model, *, train_command=None, api_prefix=""):
         return r.original, r.pca, (f"**Autoencoder: PSNR {r.psnr:.2f} dB** · PCA with as many components: PSNR "
                                    f"{r.pca_psnr:.2f} dB ({r.psnr - r.pca_psnr:+.2f} dB; all at {ae.size}x{ae.size})")
 
+    # What an AI assistant reads to decide when to call the tool (--mcp), and what it gets back.
+    doc = (f"Rebuild an image through an autoencoder: squeeze its centre square into a code of {ae.code_size} numbers "
+           f"and decode that code back into an image.\n\nArgs:\n    image: the image to rebuild (JPEG, PNG, WEBP, ...)"
+           f"\n\nReturns:\n    the reconstruction, a {ae.size}x{ae.size} PNG")
+    with gr.Row():
+        image = ImageUpload(label="Image", **UPLOAD)
+        original = gr.Image(label="Original (as the model sees it)", **SHOWN)
+        rebuilt = gr.Image(label="Autoencoder", **SHOWN)
+        pca = gr.Image(label="PCA, same code size", **SHOWN)
+    psnr = gr.Markdown()
+    listen(on_new_picture(image, gr.Examples(examples, inputs=image) if examples else None),
+           user_errors(reconstruct, doc=doc), image, rebuilt, f"{api_prefix}reconstruct", clear=[original, pca, psnr],
+           then=(compare, [original, pca, psnr]))
+    image.clear(None, None, [rebuilt, original, pca, psnr], js=emptied([rebuilt, original, pca, psnr]))
+
+
+def interpolate_panel(ae, first, last, api_prefix):
+    """Two uploads and a number of steps → the strip between their codes; `first` and `last`: an example pair."""
     def interpolate(a, b, steps):
         given(a, b)
         return ae.interpolate(a, b, steps)
@@ -316,43 +346,19 @@ def autoencoder_panel(model, *, train_command=None, api_prefix=""):
     def interpolate_shown(a, b, steps):  # the page runs it as each image comes: until both are there, no strip
         return None if a is None or b is None else interpolate(a, b, steps)
 
-    # What an AI assistant reads to decide when to call each tool (--mcp), and what it gets back.
-    square = f"{ae.size}x{ae.size}"
-    reconstruct_doc = (f"Rebuild an image through an autoencoder: squeeze its centre square into a code of "
-                       f"{ae.code_size} numbers and decode that code back into an image.\n\nArgs:\n    image: the "
-                       f"image to rebuild (JPEG, PNG, WEBP, ...)\n\nReturns:\n    the reconstruction, a {square} PNG")
-    interpolate_doc = (f"Blend two images through an autoencoder: decode codes evenly spaced from the first image's "
-                       f"code to the second's.\n\nArgs:\n    a: the first image\n    b: the second image\n    "
-                       f"steps: how many images, from 3 to 12\n\nReturns:\n    one PNG: the {square} decodings "
-                       f"side by side, from the first image to the second")
-    reconstruct = user_errors(reconstruct, doc=reconstruct_doc)
-
-    # PNG: the exact pixels, no webp loss; at the model's size, which `pixels` (CSS) scales up to the frame
-    shown = dict(type="pil", format="png", height=256, interactive=False, elem_classes=["pixels"])
-    upload = dict(type="filepath", image_mode=None, sources=SOURCES)
-    examples = list(map(str, example_images(ae.path)))
-    gr.Markdown(f"A code of {ae.code_size} numbers per image; the model works at {ae.size}x{ae.size} pixels.")
+    doc = (f"Blend two images through an autoencoder: decode codes evenly spaced from the first image's code to the "
+           f"second's.\n\nArgs:\n    a: the first image\n    b: the second image\n    steps: how many images, from 3 "
+           f"to 12\n\nReturns:\n    one PNG: the {ae.size}x{ae.size} decodings side by side, from the first image to "
+           f"the second")
     with gr.Row():
-        image = ImageUpload(label="Image", **upload)
-        original = gr.Image(label="Original (as the model sees it)", **shown)
-        rebuilt = gr.Image(label="Autoencoder", **shown)
-        pca = gr.Image(label="PCA, same code size", **shown)
-    psnr = gr.Markdown()
-    listen(on_new_picture(image, gr.Examples(examples, inputs=image) if examples else None), reconstruct, image,
-           rebuilt, f"{api_prefix}reconstruct", clear=[original, pca, psnr], then=(compare, [original, pca, psnr]))
-    image.clear(None, None, [rebuilt, original, pca, psnr], js=emptied([rebuilt, original, pca, psnr]))
-
-    gr.Markdown("### Between two images\nDecode codes evenly spaced from the first image's code to the second's.")
-    with gr.Row():
-        a, b = ImageUpload(label="From", **upload), ImageUpload(label="To", **upload)
+        a, b = ImageUpload(label="From", **UPLOAD), ImageUpload(label="To", **UPLOAD)
         steps = WholeNumber(3, 12, value=8, step=1, label="Steps")
-    strip = gr.Image(label="Interpolation", **{**shown, "height": 160})
-    pairs = gr.Examples([examples[:2], examples[-2:]], inputs=[a, b]) if len(examples) >= 2 else None
+    strip = gr.Image(label="Interpolation", **{**SHOWN, "height": 160})
+    pairs = gr.Examples([first, last], inputs=[a, b]) if len(first) == len(last) == 2 else None
     listen([*on_new_picture(a, pairs), b.upload, steps.input], user_errors(interpolate_shown), [a, b, steps], strip,
            api_name=None)
     # The API's endpoint on no event of the page's: the page waits for a pair, and the caller is told what it lacks.
-    gr.on([], user_errors(interpolate, doc=interpolate_doc), [a, b, steps], strip, api_name=f"{api_prefix}interpolate",
-          **TURNS)
+    gr.on([], user_errors(interpolate, doc=doc), [a, b, steps], strip, api_name=f"{api_prefix}interpolate", **TURNS)
     gr.on([a.clear, b.clear], None, None, strip, js=emptied([strip]))
 
 
