@@ -8,12 +8,11 @@ wall time, one after the other in this process; the held-out accuracy (with its 
 measured by the report on the original files, with fastai's TTA beside it. The last line printed is
 one JSON object.
 """
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli, standard_error
+from imagelab import ArgumentParser, run_cli, standard_error
 
 # The preset before this table changed it: resnet18 with 20 epochs at most.
 BEFORE = {"arch": "resnet18", "epochs": 20}
@@ -29,8 +28,7 @@ VARIANTS = [("resnet18, last epoch", {**BEFORE, "keep": "last"}),
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", required=True, help="image folder, one sub-folder per class")
     p.add_argument("--time-budget", type=float, default=200, metavar="SECONDS", help="training time of every variant")
     p.add_argument("--only", nargs="*", metavar="N", type=int, help="run only these rows of the table (from 0)")

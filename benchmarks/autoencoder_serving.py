@@ -8,7 +8,6 @@ both PSNRs, and the walk from it to the next image (8 steps), decoding included.
 fresh process (imports and loading the model), and how far apart their outputs are. Prints a table, then one
 JSON object as the last line.
 """
-import argparse
 import json
 import statistics
 import subprocess
@@ -17,7 +16,7 @@ import time
 
 import numpy as np
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 from imagelab.inference import psnr, square_input, to_image
 from imagelab.loading import open_model
 
@@ -72,8 +71,7 @@ def start_seconds(model, side, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported autoencoder (.pkl with its graphs beside it)")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--limit", type=int, default=60, help="images to time")

@@ -10,22 +10,20 @@ threads that take turns (train_speed.py's `Turns`: batch by batch on a CPU, epoc
 timed only while it holds its turn. The held-out MSE ratio to PCA of each says whether the paths train
 alike. The last line printed is one JSON object.
 """
-import argparse
 import json
 import os
 import tempfile
 from functools import partial
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 from imagelab.config import AutoencoderConfig
 from train_speed import Turns, side_by_side  # benchmarks/, the script's own folder
 
 
 def parse(argv=None):
     defaults_ = AutoencoderConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
     p.add_argument("--size", type=int, default=defaults_.size, help="input size in pixels")
     p.add_argument("--epochs", type=int, default=2, help="epochs each data path trains")

@@ -12,7 +12,6 @@ or in one batched cut (as on a GPU), and fastai's `aug_transforms` pipeline as f
 imagelab/augment.py runs it (the same draws). Each row: milliseconds per batch (the best of the turns)
 and the PyTorch operations dispatched per batch. The last line printed is one JSON object.
 """
-import argparse
 import json
 import random
 import tempfile
@@ -20,7 +19,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 
 from device_check import make_images
 
@@ -29,8 +28,7 @@ from device_check import make_images
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", help="image folder (default: generated images)")
     p.add_argument("--size", type=int, default=16, help="batch image size; tiny leaves the CPU's per-operation work")
     p.add_argument("--bs", type=int, default=64, help="batch size")

@@ -12,7 +12,6 @@ in fp16 with loss scaling, and the classifier under `torchrun --nproc_per_node 1
 side by side. The last line printed is one JSON object:
 the device, the precision the trainer chose, and "pass" or the failure for each step.
 """
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 from imagelab.paths import checkpoint_path, metrics_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +62,7 @@ print("pass")
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", help="the trainers' --precision")
     p.add_argument("--size", type=int, default=32, help="training size of both models")

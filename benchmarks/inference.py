@@ -8,7 +8,6 @@ run of the graph, drawn over the image) and flip TTA (`Predictor(tta=True)`), ea
 plain prediction. Prints a table, then one JSON object as the last line. `--cold-start` also times `python app.py`
 from launch to its first answered request.
 """
-import argparse
 import json
 import os
 import statistics
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 from imagelab.inference import Predictor, overlay
 from imagelab.paths import example_images
 
@@ -57,8 +56,7 @@ def cold_start(model, timeout=180):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="exported learner (.pkl)")
     p.add_argument("--images", required=True, help="folder of images (recursive)")
     p.add_argument("--limit", type=int, default=100, help="images to time")

@@ -4,7 +4,6 @@
 
 Only for apps you run yourself on this machine. Prints a summary line, then one JSON object last.
 """
-import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ import httpx
 import numpy as np
 from gradio_client import Client, handle_file
 
-from imagelab import HelpFormatter, UserError, first_line, run_cli
+from imagelab import ArgumentParser, UserError, first_line, run_cli
 
 
 def client_session(url, image, api_name, n, timeout):
@@ -32,8 +31,7 @@ def client_session(url, image, api_name, n, timeout):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", required=True, help="the running app, e.g. http://127.0.0.1:7860")
     p.add_argument("--image", required=True, help="image file every request sends")
     p.add_argument("--api-name", default="/predict", help="the endpoint to call")

@@ -9,7 +9,6 @@ largest colour difference of 255); then, over the first `--copies` photos, the l
 each kind of copy, and how many copies were missed; then the pairs found among photos of one layout (small on
 white), none a copy; then the time to compare every pair of bigger folders (`--scale`).
 """
-import argparse
 import io
 import json
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 from imagelab.images import open_rgb
 from imagelab.lookalikes import (MAX_BITS, MAX_COLOUR, WORDS, Fingerprints, bit_distances, collect, fingerprint,
                                  fingerprints, pairs)
@@ -118,7 +117,7 @@ def scale(n):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", nargs="+", required=True, help="image folders")
     p.add_argument("--copies", type=int, default=60, help="photos of each folder copied in every way")
     p.add_argument("--scale", type=int, nargs="*", default=[10_000, 50_000],

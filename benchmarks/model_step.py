@@ -12,16 +12,14 @@ algorithms (`cudnn.benchmark`, not deterministic); the others run as the trainer
 `set_seed(..., reproducible=True)`). The last line is one JSON object; whether a CPU computes bf16 natively
 (AVX512-BF16 or AMX) is in it: elsewhere PyTorch emulates bf16.
 """
-import argparse
 import json
 import time
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18", help="timm architecture")
     p.add_argument("--size", type=int, default=128, help="input size in pixels")
     p.add_argument("--bs", type=int, default=16, help="batch size")

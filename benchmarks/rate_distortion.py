@@ -7,17 +7,15 @@ One autoencoder per code size, each trained by `training/train_autoencoder.py`'s
 and the options given here; each run's report scores PCA with as many components on the same held-out
 images. Prints a Markdown table, writes `rate_distortion.png` into --workdir; the last line is one JSON object.
 """
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", required=True, help="image folder (labels ignored)")
     p.add_argument("--code-sizes", type=int, nargs="+", default=[16, 32, 64, 128],
                    help="one autoencoder (and PCA) per code size")

@@ -23,6 +23,8 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from imagelab import ArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 
@@ -63,8 +65,8 @@ class Autoencoder:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--app", default="pets", help="which app's static Space (pets, bears, autoencoder)")
     p.add_argument("--model", required=True, help="an exported model of that app (.pkl with its graphs and report)")
     p.add_argument("--images", required=True, help="folder of photos (recursive)")

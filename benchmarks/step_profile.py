@@ -11,14 +11,13 @@ is left out (warm-up). On a CUDA GPU it also counts the training phases' implici
 (PyTorch's sync debug mode) and names the lines that caused them. The last line printed is one JSON
 object, milliseconds per step or per epoch.
 """
-import argparse
 import json
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from imagelab import HelpFormatter, run_cli
+from imagelab import ArgumentParser, run_cli
 from imagelab.config import ClassifierConfig
 
 from device_check import make_images
@@ -32,8 +31,7 @@ STEP = [("forward", "after_pred"), ("loss", "after_loss"), ("backward", "after_b
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: generated images)")
     p.add_argument("--images", type=int, default=320, help="generated images per class, without --data")
     p.add_argument("--arch", default="resnet18", help="timm architecture")

@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 from PIL import Image
 
-from imagelab import HelpFormatter, UserError, run_cli, standard_error
+from imagelab import ArgumentParser, UserError, run_cli, standard_error
 from imagelab.config import ClassifierConfig
 
 # torch and fastai are imported where they are used: --help answers at once, and run_cli's setup() (OpenMP's
@@ -49,8 +49,7 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BM
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="DIR", required=True, help="image folder, one sub-folder per class")
     p.add_argument("--arch", default="resnet18", help="timm architecture for both runs")
     p.add_argument("--size", type=int, default=128, help="input size in pixels")
