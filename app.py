@@ -21,7 +21,7 @@ def tab_model(app):
     """The opened model of `app`'s tab (`<APP>_MODEL`, else models/<app>.pkl), or that default's path when it is
     not trained yet."""
     variable = f"{app.upper()}_MODEL"
-    given, default = os.environ.get(variable), default_model(app, ROOT)
+    given, default = os.environ.get(variable) or None, default_model(app, ROOT)  # set but empty: unset
     if given is None and not default.exists():
         return default
     with named(variable if given else None):
@@ -30,7 +30,7 @@ def tab_model(app):
 
 def cleaner():
     """The cleaner tab's `Cleaner`, or None when CLEANER_MODEL and CLEANER_DATA are not both set."""
-    model, data = os.environ.get("CLEANER_MODEL"), os.environ.get("CLEANER_DATA")
+    model, data = os.environ.get("CLEANER_MODEL") or None, os.environ.get("CLEANER_DATA") or None
     if bool(model) != bool(data):
         raise UserError("the cleaner tab needs both CLEANER_MODEL and CLEANER_DATA")
     from imagelab.cleaning import Cleaner

@@ -20,11 +20,16 @@ for arg in "$@"; do  # the options are parsed with the standard library alone: n
   previous=$arg
 done
 port=${GRADIO_SERVER_PORT:-7860}  # checked now, not after the training (the library's check: standard library only)
-PYTHONPATH=. python3 -c 'import sys
-from imagelab import run_cli
-from imagelab.app_options import check_listen
-run_cli(lambda argv: check_listen(sys.argv[1], int(sys.argv[2]), how=sys.argv[3]))' \
-  "${GRADIO_SERVER_NAME:-127.0.0.1}" "$port" "GRADIO_SERVER_PORT=$((port + 1)) bash quickstart.sh ..." || exit 2
+PYTHONPATH=. python3 -c 'import argparse, sys
+from imagelab import UserError, run_cli
+from imagelab.app_options import check_listen, port
+def check(argv):
+    try:
+        number = port(sys.argv[2])
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"GRADIO_SERVER_PORT: {e}") from None
+    check_listen(sys.argv[1], number, how=f"GRADIO_SERVER_PORT={number % 65535 + 1} bash quickstart.sh ...")
+run_cli(check)' "${GRADIO_SERVER_NAME:-127.0.0.1}" "$port" || exit 2
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt

@@ -40,12 +40,12 @@ def app_parser(description, app=None, model=None, flagging=False):
     serves one; `--flag-data` where visitors may flag wrong answers (a classifier app)."""
     p = ArgumentParser(description=description)
     if model is not None:
-        p.add_argument("--model", default=os.environ.get("MODEL_PATH", str(model)),
+        p.add_argument("--model", default=os.environ.get("MODEL_PATH") or str(model),
                        help=f"exported {APPS[app].kind} ({FORMS[APPS[app].kind]}); also the MODEL_PATH environment "
                             "variable")
-    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
                    help="port to listen on; also GRADIO_SERVER_PORT")
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                    help="address to listen on (0.0.0.0 to share on your network); also GRADIO_SERVER_NAME")
     p.add_argument("--mcp", action="store_true", default=os.environ.get("GRADIO_MCP_SERVER", "").lower() == "true",
                    help="also serve the app's endpoints as MCP tools at /gradio_api/mcp/, for AI assistants; "

@@ -45,6 +45,9 @@ def parse_lr(text):
 
 
 MAX_WIDTH = 512  # the autoencoder's channels stop doubling here, so deep models stay a sensible size
+# Pixels a side: photos are presized to 1.5 times this, and a batch of larger inputs fills any machine's memory.
+MAX_SIZE = 2048
+MAX_BLOCKS = 16  # the autoencoder's residual blocks a level: far past where more stopped helping (benchmarks)
 
 
 def knob(default, group, help, resume=True, **option):
@@ -106,7 +109,8 @@ class TrainConfig:
         """One line for the first setting that cannot work (cheap checks: scripts call it before torch loads)."""
         require([
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
-            ("--size", self.size, self.size >= 8, "at least 8"),
+            ("--size", self.size, 8 <= self.size <= MAX_SIZE, f"between 8 and {MAX_SIZE}"),
+            ("--seed", self.seed, 0 <= self.seed < 2**32, "between 0 and 2**32 - 1 (NumPy's range)"),
             ("--valid-pct", self.valid_pct, 0 < self.valid_pct < 1, "between 0 and 1"),
             ("--bs", self.bs, self.bs >= 2, "at least 2 (batch norm learns from a batch's own statistics)"),
             ("--start-size", self.start_size, self.start_size is None or 8 <= self.start_size <= self.size,
@@ -226,7 +230,7 @@ def check_autoencoder_shape(size, code_size, depth, width, blocks):
                                                             f"numbers (3 x --size {size} squared)"),
         ("--depth", depth, depth >= 1, "at least 1"),
         ("--width", width, width >= 1, "at least 1"),
-        ("--blocks", blocks, blocks >= 0, "0 or more"),
+        ("--blocks", blocks, 0 <= blocks <= MAX_BLOCKS, f"between 0 and {MAX_BLOCKS}"),
     ])
     if size % 2 ** depth:
         raise UserError(f"--size {size} must be divisible by 2**depth = {2 ** depth} (each of the --depth {depth} "

@@ -24,10 +24,12 @@ import argparse
 import html
 import importlib
 import json
+import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -248,6 +250,10 @@ def check_out(out, model, app, what="the Space"):
     above = next(p for p in where.parents if p.exists())
     if not above.is_dir():
         raise UserError(f"{refuse} {above} is a file")
+    try:  # where it cannot be written (read-only, another user's, /proc): found now, not half way through the build
+        os.rmdir(tempfile.mkdtemp(prefix=".imagelab-deploy-", dir=above))
+    except OSError as e:
+        raise UserError(f"{refuse} {above} cannot be written ({e.strerror})") from None
     foreign = not_built(out) if out.is_dir() else []
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""

@@ -42,6 +42,8 @@ def default_model(name, root=REPO, suffix=".pkl"):
 
 def existing_folder(root):
     """`root` as a Path, or one line if it is not a folder (a mistyped --data)."""
+    if not str(root).strip():  # Path("") is the working folder: not what an empty --data or variable meant
+        raise UserError("no folder given (an empty name): name the dataset folder")
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"not a folder: {root}" if root.exists() else f"no such folder: {root}")

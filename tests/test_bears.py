@@ -64,7 +64,7 @@ def test_help_and_conflicting_options(capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("error: --data trains on a folder you have")
     # the training settings are checked before the search and the downloads, not after them
     for args, says in [(["--classes", "onlyone"], "a classifier needs at least two"),
-                       (["--size", "0"], "--size must be at least 8"),
+                       (["--size", "0"], "--size must be between 8 and 2048"),
                        (["--download-workers", "0"], "--download-workers must be at least 1")]:
         with pytest.raises(SystemExit) as exit_:
             run_cli(main, ["--download", "--dest", str(tmp_path / "new"), *args])

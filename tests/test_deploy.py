@@ -630,6 +630,7 @@ def test_trying_the_space_before_the_push_does_not_block_the_next_build(project)
     (["--out", "x", "--model-out", "x"], "need two folders, neither inside the other"),
     (["--out", "x/space", "--model-out", "x"], "need two folders, neither inside the other"),
     (["--out", "../build/new", "--model-out", "../build/mine"], "will not build the model repo in ../build/mine"),
+    (["--out", "/proc/space"], "will not build the Space in /proc/space: /proc cannot be written"),  # not a folder's
 ])
 def test_a_folder_of_the_users_is_refused_before_anything_is_built(project, args, message):
     before = tree(project)

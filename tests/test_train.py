@@ -209,6 +209,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert fails_with_one_line(res) == f"error: no such folder: {tmp_path / 'missing'}"
     res = run(["training/train_pets.py", "--data", data / "cats" / "cats_0.jpg"])  # a photo given for its folder
     assert fails_with_one_line(res) == f"error: not a folder: {data / 'cats' / 'cats_0.jpg'}"
+    # an empty name is not the working folder
+    res = run(["training/train_pets.py", "--data", ""])
+    assert fails_with_one_line(res) == "error: no folder given (an empty name): name the dataset folder"
     res = run(["training/train_pets.py", "--data", data, "--arch", "no_such_net", "--no-pretrained"])
     fails_with_one_line(res, "unknown timm architecture 'no_such_net'")
     res = run(["training/train_pets.py", "--data", data, "--size", "64", "--start-size", "96"])
@@ -220,6 +223,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                                ("train_pets", ["--label-smoothing", "1.5"], "--label-smoothing must be at least 0"),
                                ("train_pets", ["--workers", "-2"], "--workers must be 0 or more, not -2"),
                                ("train_pets", ["--bs", "1"], "--bs must be at least 2 (batch norm"),
+                               # numbers no machine's memory or NumPy's seeding takes
+                               ("train_pets", ["--size", "100000"], "--size must be between 8 and 2048, not 100000"),
+                               ("train_pets", ["--seed", str(2**64)], "--seed must be between 0 and 2**32 - 1"),
+                               ("train_autoencoder", ["--blocks", "100000"], "--blocks must be between 0 and 16"),
                                # a code longer than the image would be gigabytes of layers, and compress nothing
                                ("train_autoencoder", ["--code-size", "100000"], "less than the image's 12,288 numbers"),
                                ("train_autoencoder", ["--width", "0"], "--width must be at least 1, not 0"),

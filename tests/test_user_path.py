@@ -84,17 +84,22 @@ def test_the_load_benchmark_says_in_one_line_that_nothing_answers_at_its_url(tmp
     fails_with_one_line(res, url, "no Gradio app answers there")
 
 
-def test_the_quick_start_finds_its_port_taken_before_it_sets_up_or_trains(tmp_path):
+def test_the_quick_start_finds_its_port_taken_or_no_port_before_it_sets_up_or_trains(tmp_path):
+    copy = tmp_path / "checkout"  # a checkout without .venv: the check comes before the set-up
+    shutil.copytree(ROOT / "imagelab", copy / "imagelab", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "quickstart.sh", copy)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME")}
+
+    def quickstart(port):
+        return subprocess.run(["bash", "quickstart.sh", "--data", "photos"], cwd=copy, capture_output=True, text=True,
+                              timeout=60, env={**env, "GRADIO_SERVER_PORT": port})
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        copy = tmp_path / "checkout"  # a checkout without .venv: the check comes before the set-up
-        shutil.copytree(ROOT / "imagelab", copy / "imagelab", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(ROOT / "quickstart.sh", copy)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME")}
-        res = subprocess.run(["bash", "quickstart.sh", "--data", "photos"], cwd=copy, capture_output=True, text=True,
-                             timeout=60, env={**env, "GRADIO_SERVER_PORT": str(port)})
+        res = quickstart(str(port))
     fails_with_one_line(res, f"error: cannot listen on 127.0.0.1:{port}: the port is in use (choose another with "
                              f"GRADIO_SERVER_PORT={port + 1} bash quickstart.sh ...)")
+    for port in ("0", "65536", "-1", "abc", "1e3"):  # 0 would listen on any free port, not the one announced
+        fails_with_one_line(quickstart(port), f"error: GRADIO_SERVER_PORT: not a port number (1 to 65535): {port!r}")
     assert sorted(p.name for p in copy.iterdir()) == ["imagelab", "quickstart.sh"]
 
 

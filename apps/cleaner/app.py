@@ -10,7 +10,8 @@ MODEL = app_default_model(__file__, "bears")
 
 def main(argv=None):
     parser = app_parser(__doc__, "bears", MODEL)
-    parser.add_argument("--data", default=os.environ.get("CLEANER_DATA"), required="CLEANER_DATA" not in os.environ,
+    data = os.environ.get("CLEANER_DATA") or None  # set but empty: unset, as every variable of the apps
+    parser.add_argument("--data", default=data, required=data is None,
                         help="the dataset folder (one sub-folder per class) to clean; also CLEANER_DATA")
     args = parser.parse_args(argv)
     from imagelab.cleaning import Cleaner
