@@ -127,6 +127,10 @@ def run_cli(main, argv=None, interrupted="interrupted: nothing was exported"):
     comes before torch loads.
     """
     setup()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # `kill`, `timeout`, `docker stop`, a notebook's stop button: the orderly end of a Ctrl-C (nothing half
+        # written, the checkpoint named), not Python's silent exit
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main(argv)
     except UserError as e:
@@ -150,8 +154,8 @@ class Interrupts:
 
 @contextmanager
 def noted_interrupts():
-    """Note every Ctrl-C (SIGINT) during the block, and raise it as Python does unless the `Interrupts` yielded are
-    `held`; the previous handler again after the block.
+    """Note every Ctrl-C (SIGINT, and SIGTERM where run_cli made it one) during the block, and raise it as Python does
+    unless the `Interrupts` yielded are `held`; the previous handlers again after the block.
 
     Python raises a Ctrl-C wherever the main thread is, also inside a finalizer (`__del__`, a weakref callback)
     that the garbage collector runs: there it is printed and dropped, and the block would go on as if it had not
@@ -160,17 +164,18 @@ def noted_interrupts():
     or left to the system stays so: then nothing is noted.
     """
     ctrl_c = Interrupts()
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if not callable(previous):
-        yield ctrl_c
-        return
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    previous = {sig: handler for sig, handler in previous.items() if callable(handler)}
 
     def note(signum, frame):
         ctrl_c.seen = True
         if not ctrl_c.held:
-            previous(signum, frame)
-    signal.signal(signal.SIGINT, note)
+            previous[signum](signum, frame)
+    for sig in previous:
+        signal.signal(sig, note)
     try:
         yield ctrl_c
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -161,7 +161,9 @@ for write in (lambda: torch.save(torch.zeros(1 << 20), {str(tmp_path / "big.pt")
     assert unpicklable.startswith("False AttributeError: Can't ") and "MB free" not in unpicklable
 
 
-def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_write_meanwhile(tmp_path):
+# SIGTERM: `kill`, `timeout`, `docker stop`, a notebook's stop button: the same orderly end as a Ctrl-C
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_write_meanwhile(tmp_path, sig):
     data = make_folder_dataset(tmp_path / "data", n=40)
     out = tmp_path / "pets.pkl"
     out.write_bytes(b"previous model")
@@ -174,7 +176,7 @@ def test_ctrl_c_during_training_keeps_the_previous_model_which_no_other_run_may_
     other = run(["training/train_pets.py", "--data", data, "--no-pretrained", "--arch", "resnet18", "--out", out])
     fails_with_one_line(other, f"another run (process {proc.pid}) is training into {out}: wait for it to end")
     assert proc.poll() is None  # the other run was refused, and this one goes on
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "interrupted" in err
