@@ -79,8 +79,11 @@ def check_settings(path, state, settings):
     """A `UserError` unless the checkpoint `state` (read from `path`) was made with `settings`."""
     def shown(value):
         return "the default" if value is None else repr(value)
+
+    def named(key):  # a setting as the user gives it: an option, or what the images are
+        return key if key in ("images", "kind") else "--" + key.replace("_", "-")
     saved = state["settings"]
-    changed = [f"{k} {shown(saved.get(k))} (now {shown(v)})" for k, v in settings.items() if saved.get(k) != v]
+    changed = [f"{named(k)} {shown(saved.get(k))} (now {shown(v)})" for k, v in settings.items() if saved.get(k) != v]
     if changed:
         raise UserError(f"{path} was made with other settings: {'; '.join(changed)}; "
                         "rerun with the same options and images, or without --resume to start afresh")

@@ -253,7 +253,13 @@ class Reconstructor:
         """One image: the decodings of `steps` codes evenly spaced from `a`'s code to `b`'s, left to right."""
         if not isinstance(steps, int) or steps < 1:
             raise UserError(f"steps must be a whole number, at least 1: not {steps!r}")
-        code_a, code_b = (self.run(square_input(im, self.size))["code"] for im in (a, b))
+        codes = []
+        for which, im in (("first", a), ("second", b)):
+            try:
+                codes.append(self.run(square_input(im, self.size))["code"])
+            except UserError as e:  # which of the two
+                raise UserError(f"the {which} image: {e}") from None
+        code_a, code_b = codes
         frames = []
         for t in np.linspace(0, 1, steps, dtype=np.float32):
             code = (1 - t) * code_a + t * code_b

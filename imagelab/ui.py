@@ -73,8 +73,9 @@ class ImageUpload(gr.Image):
             return payload.path
         if (payload.url or "").startswith("data:"):
             return data_url_file(payload.url, self.GRADIO_CACHE)
-        raise gr.Error("no image in the request: send a file (gradio_client: handle_file(path or URL)), an http(s) URL "
-                       "or a data:image/...;base64,... URL", print_exception=False)
+        # a bare URL string is refused too: Gradio fetches a URL only from a file object, before this runs
+        raise gr.Error("no image in the request: send a file or URL through gradio_client's handle_file(path or URL), "
+                       'or {"url": ...} holding an http(s) or data:image/...;base64,... URL', print_exception=False)
 
     async def async_move_resource_to_block_cache(self, url_or_file_path):
         """Gradio fetches an image an API or MCP caller gives as a URL here, before any app code runs, and answers a

@@ -187,11 +187,11 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     code, _, _ = interrupt_after_an_epoch(command(data, out), out.with_name("pets.ckpt"), signal.SIGKILL)
     assert code == -signal.SIGKILL
     res = run(command(data, out, "--resume", "--size", "48"))
-    assert res.returncode == 2 and "other settings" in res.stderr and "size 32 (now 48)" in res.stderr
+    assert res.returncode == 2 and "other settings" in res.stderr and "--size 32 (now 48)" in res.stderr
     assert " images (" not in res.stdout  # refused before the images were read (a large folder takes minutes)
     elsewhere = shutil.copytree(data, tmp_path / "elsewhere")  # the same images in another folder: other data
     res = run(command(elsewhere, out, "--resume"))
-    assert res.returncode == 2 and f"data {str(data)!r} (now {str(elsewhere)!r})" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and f"--data {str(data)!r} (now {str(elsewhere)!r})" in res.stderr, res.stderr[-2000:]
     assert "checking images" not in res.stderr and " images (" not in res.stdout
     next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
     res = run(command(data, out, "--resume"))
@@ -203,7 +203,7 @@ def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data
     # the same folder spelled from another working folder is the same data: only --epochs differs
     relative = command(data.relative_to(tmp_path), out, "--resume", "--epochs", "1")
     res = run([ROOT / "training" / "train_pets.py", *relative[1:]], cwd=tmp_path)
-    assert "other settings: epochs 4 (now 1); rerun" in res.stderr, res.stderr[-2000:]
+    assert "other settings: --epochs 4 (now 1); rerun" in res.stderr, res.stderr[-2000:]
     ckpt = out.with_name("pets.ckpt")  # one another version wrote: refused in one line, not half read
     state = torch.load(ckpt, weights_only=False)
     torch.save({**state, "format": "imagelab-checkpoint/1"}, ckpt)
