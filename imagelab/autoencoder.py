@@ -253,6 +253,9 @@ def autoencoder_dls(files, *, splitter, size, bs, workers=None, get_x=None):
     block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x, splitter=splitter,
                       item_tfms=[Resize(size), FlipItem(0.5)])
     dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
+    if len(files) < 2:  # no --valid-pct helps: one image cannot both train and be held out
+        raise UserError(f"only {len(files)} image: the autoencoder needs at least 2, one to train on and one to hold "
+                        "out; add images")
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise UserError(f"need images for training and validation: {len(dls.train_ds)} and {len(dls.valid_ds)} of "
                         f"{len(files)} images; {'lower' if len(dls.valid_ds) else 'raise'} --valid-pct")

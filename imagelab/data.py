@@ -191,14 +191,31 @@ def detect_labels(root, files):
     if not parents & bases and len(parents) >= 2:
         return "folder"
     if not parents & bases:
-        raise UserError(f"only one class in {root} ({next(iter(parents)).name}/): a classifier needs one "
-                        "sub-folder per class, at least two")
+        (only,) = parents
+        unreadable = unreadable_folders(root, parents, bases)
+        if unreadable:  # the other classes are there: their files could not be read
+            one, n = len(unreadable) == 1, sum(unreadable.values())
+            raise UserError(f"{', '.join(f'{d.relative_to(root).as_posix()}/' for d in sorted(unreadable))} in {root} "
+                            f"{'has' if one else 'have'} no readable image ({'its' if one else 'their'} "
+                            f"{'file was' if n == 1 else f'{n} files were'} skipped as unreadable), so "
+                            f"{only.relative_to(root).as_posix()}/ is the only class: a classifier needs at least two; "
+                            f"add photos to {'it' if one else 'them'}")
+        raise UserError(f"only one class in {root} ({only.name}/): a classifier needs one sub-folder per class, "
+                        "at least two")
     wrong = misnamed(files)
     if not wrong:
         return "filename"
     raise UserError(f"cannot tell the labels of {root}: some images are outside class sub-folders, and {len(wrong)} of "
                     f"{len(files)} are not named like Abyssinian_12.jpg (such as {Path(wrong[0]).relative_to(root)}): "
                     "use one sub-folder per class, or Oxford-style file names")
+
+
+def unreadable_folders(root, parents, bases):
+    """Of the dataset's folders other than `parents` (those with readable images) and `bases`, those holding files,
+    none readable (skipped by find_images), with how many: {folder: files}."""
+    split = bases != {root}
+    return Counter(f.parent for f in dataset_files(root)
+                   if f.parent not in parents | bases and (not split or f.relative_to(root).parts[0] in SPLIT_FOLDERS))
 
 
 def misnamed(files):
@@ -303,17 +320,24 @@ def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, workers=None,
                       item_tfms=RandomResizedCrop(size, min_scale=min_scale), batch_tfms=aug_transforms())
     dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
     if len(dls.valid_ds) == 0:
+        if len(dls.train_ds) <= len(dls.vocab):  # one photo per class: any held out would leave its class unlearnt
+            raise UserError(f"{len(dls.train_ds)} images for {len(dls.vocab)} classes ({', '.join(map(str, dls.vocab))}), "
+                            "one each: a class needs a photo to train on and one to hold out; add photos, "
+                            "at least two of each class")
         raise UserError(f"no validation images among {len(files)} images: raise --valid-pct")
-    if len(dls.vocab) < 2:
-        raise UserError(f"only one class ({dls.vocab[0]}) among {len(files)} images: a classifier needs at least two")
+    # Before the class count: a class whose only photos are held out is missing from fastai's vocab, and "only one
+    # class" would hide that it is there.
     held = Counter(str(get_y(f)) for f in dls.valid_ds.items)
     untrained = sorted(set(held) - set(map(str, dls.vocab)))  # fastai's vocab is the training images' labels
     if untrained:
         it, n = "it" if len(untrained) == 1 else "them", sum(held[c] for c in untrained)
         held_out = "the only one is held out" if n == 1 else f"all {n} are held out"
+        # moving its folder out would leave one class: then the photos are the only way
+        move = f", or move {'its folder' if it == 'it' else 'their folders'} out" if len(dls.vocab) >= 2 else ""
         raise UserError(f"no training images of {', '.join(untrained)}: {held_out}, so the model could not learn "
-                        f"{it}; add photos of {it} (to train/ where folders hold the split), or move "
-                        f"{'its folder' if it == 'it' else 'their folders'} out")
+                        f"{it}; add photos of {it} (to train/ where folders hold the split){move}")
+    if len(dls.vocab) < 2:
+        raise UserError(f"only one class ({dls.vocab[0]}) among {len(files)} images: a classifier needs at least two")
     return dls
 
 
@@ -334,6 +358,10 @@ def random_split(root, valid_pct, seed, cache=None):
         if together:
             print(f"note: {together} of {len(own)} files repeat a picture another file holds (a copy, resized or "
                   "recompressed): each picture is held out whole or trains whole")
+        if together and len(heads) < 2:  # no --valid-pct helps: one picture cannot both train and be held out
+            raise UserError(f"only 1 distinct picture among {len(own)} images (the others are copies of it, resized "
+                            "or recompressed): a model needs at least 2, one to train on and one to hold out; add "
+                            "images")
         if together and int(valid_pct * len(heads)) == 0:
             raise UserError(f"only {len(heads)} distinct pictures among {len(own)} images: --valid-pct {valid_pct} "
                             "holds none of them out")

@@ -52,8 +52,20 @@ def classify(predictor, items, top_k, writer, progress):
     return errors
 
 
+def check_paths(paths):
+    """One line, before the model loads, for an empty PATH: Path("") is ".", and the current folder would be
+    classified, every file below it."""
+    empty = [i for i, p in enumerate(paths, 1) if not p]
+    if empty:
+        which = f" (PATH {', '.join(map(str, empty))} of {len(paths)})" if len(paths) > 1 else ""
+        raise UserError(f"an empty PATH argument ''{which}: name an image file or folder (. for the current folder)")
+
+
 def check_output(path):
     """One line, before the model loads, for a --csv that cannot be written there."""
+    if not path:  # Path("") is ".", the current folder: found only once every image was classified
+        raise UserError("--csv is empty: name the CSV file to write (e.g. --csv predictions.csv), or leave --csv out "
+                        "for standard output")
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--csv {path}: that is a folder; name a file")
@@ -95,7 +107,8 @@ def main(argv=None):
                    "(test-time augmentation): twice the time per image")
     args = p.parse_args(argv)
     require([("--top-k", args.top_k, args.top_k >= 1, "at least 1")])
-    if args.csv:
+    check_paths(args.paths)
+    if args.csv is not None:
         check_output(args.csv)
     # max_pixels: your own files, as big as training reads
     predictor = open_model(args.model, CLASSIFIER, tta=args.tta, max_pixels=None)

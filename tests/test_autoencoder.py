@@ -46,6 +46,24 @@ def numpy_pca(train, valid, k):
     return np.clip((valid - mean) @ axes.T @ axes + mean, 0, 1), valid
 
 
+def test_too_few_images_say_how_many_are_needed_not_to_raise_valid_pct(tmp_path):
+    """One image (or one picture in several files) cannot both train and be held out: no --valid-pct helps."""
+    from imagelab.data import dataset_split
+    one = write_image(tmp_path / "one" / "1.jpg", (220, 60, 60))
+    with pytest.raises(UserError, match=r"^only 1 image: the autoencoder needs at least 2, one to train on and one "
+                                        r"to hold out; add images$"):
+        autoencoder_dls([one], splitter=RandomSplitter(0.2, seed=42), size=16, bs=4, workers=0)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        shutil.copy(one, copies / name)
+    files = find_images(copies)[0]
+    splitter, _ = dataset_split(copies, files, valid_pct=0.5, seed=42, cache=tmp_path / "cache")
+    with pytest.raises(UserError, match=r"^only 1 distinct picture among 3 images \(the others are copies of it, "
+                                        r"resized or recompressed\): a model needs at least 2"):
+        autoencoder_dls(files, splitter=splitter, size=16, bs=4, workers=0)
+
+
 def test_at_init_the_model_is_pca_through_a_code_of_code_size_numbers(tmp_path):
     files, _ = find_images(make_folder_dataset(tmp_path, n=8))
     learn = tiny_learner(files)

@@ -2,6 +2,7 @@
 import csv
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -368,6 +369,58 @@ def test_a_class_with_no_training_images_stops_the_run_before_training(tmp_path)
             stopped.append(str(e))
     assert stopped and len(stopped) < 8
     assert all(s.startswith("no training images of bears: the only one is held out") for s in stopped)
+
+
+def test_a_class_whose_only_photo_is_held_out_is_named_not_taken_for_a_missing_class(tmp_path):
+    """Two classes of one photo each: held out, a's photo leaves fastai's vocab one class, yet a is there; at the
+    default split none is held out, and no --valid-pct helps (the tester's "raise --valid-pct", then "only one
+    class (b)")."""
+    for label, color in (("a", (220, 60, 60)), ("b", (60, 60, 220))):
+        write_image(tmp_path / label / "1.jpg", color)
+    files, _ = find_images(tmp_path)
+
+    def dls(valid_pct, seed=0):
+        return classifier_dls(files, parent_label, splitter=RandomSplitter(valid_pct, seed=seed), size=32,
+                              min_scale=0.35, bs=2, workers=0)
+    stopped = set()
+    for seed in range(4):  # a or b held out, by the seed
+        with pytest.raises(UserError) as e:
+            dls(0.5, seed)
+        stopped.add(str(e.value))
+    assert stopped == {f"no training images of {c}: the only one is held out, so the model could not learn it; add "
+                       "photos of it (to train/ where folders hold the split)" for c in "ab"}  # moved out: one class
+    with pytest.raises(UserError, match=r"^2 images for 2 classes \(a, b\), one each: a class needs a photo to train "
+                                        r"on and one to hold out; add photos, at least two of each class$"):
+        dls(0.2)
+    write_image(tmp_path / "b" / "2.jpg", (60, 60, 220), seed=1)
+    write_image(tmp_path / "b" / "3.jpg", (60, 60, 220), seed=2)
+    files, _ = find_images(tmp_path)
+    with pytest.raises(UserError, match=r"^no validation images among 4 images: raise --valid-pct$"):
+        dls(0.2)  # more photos than classes: a larger share holds one out
+
+
+def test_a_class_folder_of_unreadable_files_is_named_not_missing(tmp_path):
+    """b/ holds only files that are not images: it is there, and the line says why it does not count."""
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.jpg", (220, 60, 60), seed=i)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jpg").write_text("not an image")
+    files, skipped = find_images(tmp_path)
+    assert [f for f, _ in skipped] == [tmp_path / "b" / "x.jpg"]
+    with pytest.raises(UserError, match=rf"^b/ in {re.escape(str(tmp_path))} has no readable image \(its file was skipped as "
+                                        r"unreadable\), so a/ is the only class: a classifier needs at least two; "
+                                        r"add photos to it$"):
+        detect_labels(tmp_path, files)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "y.png").write_text("nor this")
+    (tmp_path / "c" / "z.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"^b/, c/ in .* have no readable image \(their 3 files were skipped as "
+                                        r"unreadable\), so a/ is the only class"):
+        detect_labels(tmp_path, find_images(tmp_path)[0])
+    shutil.rmtree(tmp_path / "b")
+    shutil.rmtree(tmp_path / "c")
+    with pytest.raises(UserError, match=r"^only one class in .* \(a/\): a classifier needs one sub-folder per class"):
+        detect_labels(tmp_path, find_images(tmp_path)[0])
 
 
 def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):

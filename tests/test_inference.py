@@ -142,6 +142,20 @@ def test_batch_cli_names_any_file_and_refuses_bad_options_before_loading(tiny_mo
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr[-2000:]
 
 
+def test_batch_cli_refuses_an_empty_csv_or_path_before_loading(tmp_path):
+    """`--csv ""` and a PATH of "" are Path("") (the current folder): refused at once, before the model loads (here
+    there is none), not after classifying every file below the current folder."""
+    image = write_image(tmp_path / "a.jpg", (220, 60, 60))
+    (tmp_path / "rows.csv").mkdir()  # an existing folder as --csv: refused up front too
+    for args, says in [([image, "--csv", ""], "error: --csv is empty: name the CSV file to write"),
+                       ([image, "--csv", tmp_path / "rows.csv"], "that is a folder; name a file"),
+                       ([""], "error: an empty PATH argument '': name an image file or folder (. for the current "
+                              "folder)"),
+                       (["", image, ""], "error: an empty PATH argument '' (PATH 1, 3 of 3)")]:
+        res = run(["-m", "imagelab.predict", tmp_path / "no-model.pkl", *args], cwd=tmp_path)
+        fails_with_one_line(res, says)
+
+
 def test_the_batch_cli_and_the_cleaner_read_photos_as_big_as_training_does(tiny_model, tmp_path):
     """The apps refuse an upload over 40 megapixels; your own files are read as training reads them."""
     from PIL import Image
