@@ -250,12 +250,12 @@ def autoencoder_dls(files, *, splitter, size, bs, workers=None, get_x=None):
     way; `workers`: loader processes (None: fastai's default). The loaders shuffle by the global seed (fastai's take
     none of their own).
     """
-    block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x, splitter=splitter,
-                      item_tfms=[Resize(size), FlipItem(0.5)])
-    dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
     if len(files) < 2:  # no --valid-pct helps: one image cannot both train and be held out
         raise UserError(f"only {len(files)} image: the autoencoder needs at least 2, one to train on and one to hold "
                         "out; add images")
+    block = DataBlock(blocks=(RGBImageBlock(), RGBImageBlock()), get_x=get_x, get_y=get_x, splitter=splitter,
+                      item_tfms=[Resize(size), FlipItem(0.5)])
+    dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
     if len(dls.train_ds) == 0 or len(dls.valid_ds) == 0:
         raise UserError(f"need images for training and validation: {len(dls.train_ds)} and {len(dls.valid_ds)} of "
                         f"{len(files)} images; {'lower' if len(dls.valid_ds) else 'raise'} --valid-pct")
@@ -363,8 +363,9 @@ def autoencoder_report(learn, history, report_dir):
     """Score the autoencoder and PCA with as many components on the same held-out images; write the plots.
 
     PCA is the model's own linear path, fitted before training on the training images as it saw them at validation
-    (resized, centre crop) and their mirror images (`autoencoder_learner`): the PCA its app shows, and exactly the model before its first step,
-    so a model no epoch improved scores a ratio of 1. Both are scored on the same held-out tensors.
+    (resized, centre crop) and their mirror images (`autoencoder_learner`): the PCA its app shows, and exactly the
+    model before its first step, so a model no epoch improved scores a ratio of 1. Both are scored on the same
+    held-out tensors.
     """
     dls, model = learn.dls, learn.model
     valid_x = preprocessed(dls, dls.valid_ds.items)

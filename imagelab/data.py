@@ -321,7 +321,8 @@ def classifier_dls(files, get_y, *, splitter, size, min_scale, bs, workers=None,
     dls = block.dataloaders(list(files), bs=bs, num_workers=workers)
     if len(dls.valid_ds) == 0:
         if len(dls.train_ds) <= len(dls.vocab):  # one photo per class: any held out would leave its class unlearnt
-            raise UserError(f"{len(dls.train_ds)} images for {len(dls.vocab)} classes ({', '.join(map(str, dls.vocab))}), "
+            classes = ", ".join(map(str, dls.vocab))
+            raise UserError(f"{len(dls.train_ds)} images for {len(dls.vocab)} classes ({classes}), "
                             "one each: a class needs a photo to train on and one to hold out; add photos, "
                             "at least two of each class")
         raise UserError(f"no validation images among {len(files)} images: raise --valid-pct")

@@ -407,8 +407,9 @@ def test_a_class_folder_of_unreadable_files_is_named_not_missing(tmp_path):
     (tmp_path / "b" / "x.jpg").write_text("not an image")
     files, skipped = find_images(tmp_path)
     assert [f for f, _ in skipped] == [tmp_path / "b" / "x.jpg"]
-    with pytest.raises(UserError, match=rf"^b/ in {re.escape(str(tmp_path))} has no readable image \(its file was skipped as "
-                                        r"unreadable\), so a/ is the only class: a classifier needs at least two; "
+    with pytest.raises(UserError, match=rf"^b/ in {re.escape(str(tmp_path))} has no readable image \(its file was "
+                                        r"skipped as unreadable\), so a/ is the only class: a classifier needs at "
+                                        r"least two; "
                                         r"add photos to it$"):
         detect_labels(tmp_path, files)
     (tmp_path / "c").mkdir()
