@@ -5,12 +5,11 @@ tab needs CLEANER_MODEL and CLEANER_DATA) or its default in models/; PETS_FLAG_D
 on flagging in their tab (the dataset folder that keeps the flagged images). A default model not trained yet
 gets a tab that says how to train it; any other model that cannot be served stops the app with one line.
 """
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from imagelab import UserError, run_cli
-from imagelab.app_options import APPS, app_parser
+from imagelab.app_options import APPS, app_parser, from_env
 from imagelab.loading import CLASSIFIER, open_model
 from imagelab.paths import default_model
 
@@ -21,7 +20,7 @@ def tab_model(app):
     """The opened model of `app`'s tab (`<APP>_MODEL`, else models/<app>.pkl), or that default's path when it is
     not trained yet."""
     variable = f"{app.upper()}_MODEL"
-    given, default = os.environ.get(variable) or None, default_model(app, ROOT)  # set but empty: unset
+    given, default = from_env(variable), default_model(app, ROOT)
     if given is None and not default.exists():
         return default
     with named(variable if given else None):
@@ -30,7 +29,7 @@ def tab_model(app):
 
 def cleaner():
     """The cleaner tab's `Cleaner`, or None when CLEANER_MODEL and CLEANER_DATA are not both set."""
-    model, data = os.environ.get("CLEANER_MODEL") or None, os.environ.get("CLEANER_DATA") or None
+    model, data = from_env("CLEANER_MODEL"), from_env("CLEANER_DATA")
     if bool(model) != bool(data):
         raise UserError("the cleaner tab needs both CLEANER_MODEL and CLEANER_DATA")
     from imagelab.cleaning import Cleaner
@@ -62,7 +61,7 @@ def build():
         for app in [app for app, served in APPS.items() if served.kind == CLASSIFIER]:
             with gr.Tab(app.title()):
                 classifier_panel(models[app], train_command=APPS[app].train, api_name=f"{app}_predict",
-                                 flag_data=os.environ.get(f"{app.upper()}_FLAG_DATA") or None)
+                                 flag_data=from_env(f"{app.upper()}_FLAG_DATA"))
         with gr.Tab("Autoencoder"):
             autoencoder_panel(models["autoencoder"], train_command=APPS["autoencoder"].train, api_prefix="autoencoder_")
         with gr.Tab("Cleaner"):

@@ -28,6 +28,12 @@ APPS = {  # the model each app serves (named after it: models/<app>.pkl)
 }
 
 
+def from_env(name):
+    """The environment variable `name`, None where it is unset or empty (`MODEL_PATH=` is no path: not the current
+    folder)."""
+    return os.environ.get(name) or None
+
+
 def port(text):
     """A TCP port number, for argparse."""
     if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
@@ -40,18 +46,18 @@ def app_parser(description, app=None, model=None, flagging=False):
     serves one; `--flag-data` where visitors may flag wrong answers (a classifier app)."""
     p = ArgumentParser(description=description)
     if model is not None:
-        p.add_argument("--model", default=os.environ.get("MODEL_PATH") or str(model),
+        p.add_argument("--model", default=from_env("MODEL_PATH") or str(model),
                        help=f"exported {APPS[app].kind} ({FORMS[APPS[app].kind]}); also the MODEL_PATH environment "
                             "variable")
-    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
+    p.add_argument("--port", type=port, default=from_env("GRADIO_SERVER_PORT") or "7860",
                    help="port to listen on; also GRADIO_SERVER_PORT")
-    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+    p.add_argument("--host", default=from_env("GRADIO_SERVER_NAME") or "127.0.0.1",
                    help="address to listen on (0.0.0.0 to share on your network); also GRADIO_SERVER_NAME")
     p.add_argument("--mcp", action="store_true", default=os.environ.get("GRADIO_MCP_SERVER", "").lower() == "true",
                    help="also serve the app's endpoints as MCP tools at /gradio_api/mcp/, for AI assistants; "
                         "also GRADIO_MCP_SERVER=true")
     if flagging:
-        p.add_argument("--flag-data", metavar="DIR", default=os.environ.get("FLAG_DATA") or None,
+        p.add_argument("--flag-data", metavar="DIR", default=from_env("FLAG_DATA"),
                        help="let visitors flag a wrong answer with its right class: the image is kept in "
                             "DIR/flagged/<class>/ (DIR: the dataset folder; train with --flagged to add them); "
                             "off unless given; also FLAG_DATA")

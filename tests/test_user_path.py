@@ -84,6 +84,15 @@ def test_the_load_benchmark_says_in_one_line_that_nothing_answers_at_its_url(tmp
     fails_with_one_line(res, url, "no Gradio app answers there")
 
 
+def test_an_empty_variable_of_the_apps_is_unset_not_the_working_folder():
+    env = {**os.environ, "MODEL_PATH": "", "GRADIO_SERVER_PORT": "", "GRADIO_SERVER_NAME": "", "CLEANER_DATA": ""}
+    res = run(["apps/pets/app.py", "--help"], env=env)
+    shown = " ".join(res.stdout.split())  # argparse wraps the help
+    assert res.returncode == 0 and f"(default: {ROOT / 'models' / 'pets.pkl'})" in shown, res.stderr[-2000:]
+    assert "GRADIO_SERVER_PORT (default: 7860)" in shown and "GRADIO_SERVER_NAME (default: 127.0.0.1)" in shown
+    fails_with_one_line(run(["apps/cleaner/app.py"], env=env), "the following arguments are required: --data")
+
+
 def test_the_quick_start_finds_its_port_taken_or_no_port_before_it_sets_up_or_trains(tmp_path):
     copy = tmp_path / "checkout"  # a checkout without .venv: the check comes before the set-up
     shutil.copytree(ROOT / "imagelab", copy / "imagelab", ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,8 +1,7 @@
 """Data cleaner: a class's images ordered by the model's loss; keep, relabel or remove each one."""
-import os
 
 from imagelab import run_cli
-from imagelab.app_options import app_default_model, app_model, app_parser
+from imagelab.app_options import app_default_model, app_model, app_parser, from_env
 
 # The bear classifier's: its dataset, from a web image search, is the one that needs cleaning.
 MODEL = app_default_model(__file__, "bears")
@@ -10,7 +9,7 @@ MODEL = app_default_model(__file__, "bears")
 
 def main(argv=None):
     parser = app_parser(__doc__, "bears", MODEL)
-    data = os.environ.get("CLEANER_DATA") or None  # set but empty: unset, as every variable of the apps
+    data = from_env("CLEANER_DATA")
     parser.add_argument("--data", default=data, required=data is None,
                         help="the dataset folder (one sub-folder per class) to clean; also CLEANER_DATA")
     args = parser.parse_args(argv)
