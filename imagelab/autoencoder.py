@@ -23,14 +23,13 @@ from .config import MAX_WIDTH, check_autoencoder_shape
 from .data import RGBImageBlock, dataset_split, pets_images
 from .export import export_weights_only, save_examples, to_onnx
 from .inference import AUTOENCODER_OUTPUTS, DECODER_OUTPUTS, psnr
+from .loading import AUTOENCODER, FORMAT
 from .models import DeviceAvgMetric, adamw
 from .paths import artifact_paths
 from .reports import plot_loss_curve, save_fig
 from .train import Task, kept_weights
 
 LOSSES = {"mse": MSELossFlat, "l1": L1LossFlat}
-# /2: the model holds its PCA path (pca_mean, pca_axes, code_scale); /1 weights do not fit it.
-CONFIG_FORMAT = "imagelab-autoencoder/2"
 # The one-cycle peak: at the default batch of 8, as low an error as batch 4 at 1e-3, in less time
 # (benchmarks/README.md, "Autoencoder against PCA").
 LR = 2e-3
@@ -392,7 +391,7 @@ def autoencoder_report(learn, history, report_dir):
 class AutoencoderTask(Task):
     """The autoencoder as a task of the training loop: any folder of images in (labels ignored), a model that
     rebuilds them from a short code out, scored against PCA."""
-    kind = "autoencoder"
+    kind = AUTOENCODER
     start_competes = True  # it starts as PCA: never export worse than that under --keep best
 
     def default_data(self):
@@ -442,7 +441,7 @@ class AutoencoderTask(Task):
 
 def autoencoder_config(model):
     """What rebuilds the model from its weights (`ae.config.json`), and what the apps read: size and code size."""
-    return {"format": CONFIG_FORMAT, "kind": AutoencoderTask.kind, "size": model.size, "code_size": model.code_size,
+    return {"format": FORMAT[AUTOENCODER], "kind": AUTOENCODER, "size": model.size, "code_size": model.code_size,
             "depth": model.depth, "width": model.width, "blocks": model.blocks, "sparse": model.sparse}
 
 
@@ -477,9 +476,6 @@ def from_weights(weights):
     from safetensors.torch import load_file
     from .loading import read_config
     c = read_config(weights)
-    if c.get("format") != CONFIG_FORMAT:
-        raise UserError(f"{weights} is an autoencoder of format {c.get('format')}, not {CONFIG_FORMAT}: "
-                        "retrain it with training/train_autoencoder.py")
     model = ConvAutoencoder(c["size"], c["code_size"], c["depth"], c["width"], sparse=c["sparse"], blocks=c["blocks"])
     model.load_state_dict(load_file(weights))
     return model

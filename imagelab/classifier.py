@@ -5,6 +5,7 @@ from .data import (check_oxford_names, classifier_dls, contradicting_flags, data
                    label_function, pets_images, split_counts, unknown_flagged)
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
+from .loading import CLASSIFIER
 from .models import check_arch, classifier_learner, pretrained_weights
 from .paths import FOLDER_SPLIT, artifact_paths
 from .reports import classifier_report
@@ -16,7 +17,7 @@ FINE_TUNE_LR, SCRATCH_LR = 2e-3, 3e-3
 
 
 class Classifier(Task):
-    kind = "classifier"
+    kind = CLASSIFIER
 
     def check(self, cfg):
         check_arch(cfg.arch)

@@ -10,7 +10,7 @@ import torch
 
 from . import UserError, noted_interrupts
 from .images import open_rgb, val_margin
-from .loading import CLASSIFIER, CLASSIFIER_FORMAT
+from .loading import CLASSIFIER, FORMAT
 from .paths import EXAMPLE_SUFFIX, artifact_paths, check_replaceable, report_dir
 from .writes import INSTALLING, PREVIOUS, staging_path, undo_install
 
@@ -97,7 +97,7 @@ def learner_config(learn):
     w, h = crop.size
     xtra = val_margin(crop.size, crop.val_xtra)
     arch = learn.model[0].model.pretrained_cfg["architecture"]  # fastai's TimmBody wraps the timm model
-    return {"format": CLASSIFIER_FORMAT, "kind": CLASSIFIER, "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
+    return {"format": FORMAT[CLASSIFIER], "kind": CLASSIFIER, "arch": arch, "vocab": [str(v) for v in learn.dls.vocab],
             "resize": [w + xtra, h + xtra], "crop": [w, h],
             "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
 

@@ -13,7 +13,9 @@ from .paths import DECODER, artifact_paths
 from .writes import remove_abandoned_staging
 
 CLASSIFIER, AUTOENCODER = "classifier", "autoencoder"
-CLASSIFIER_FORMAT = "imagelab-classifier/1"  # a classifier's config.json (imagelab.export.learner_config)
+# The version of each kind's config.json this code reads (imagelab.export.learner_config,
+# imagelab.autoencoder.autoencoder_config). Autoencoder /2 holds its PCA path: /1 weights do not fit it.
+FORMAT = {CLASSIFIER: "imagelab-classifier/1", AUTOENCODER: "imagelab-autoencoder/2"}
 # What each kind is served from: its learner, its ONNX graph, or its weights (from which the graph is made).
 SERVED_FROM = {CLASSIFIER: (".pkl", ".onnx", ".safetensors"), AUTOENCODER: (".pkl", ".onnx", ".safetensors")}
 # The artifacts (imagelab.paths.artifact_paths' names) a form is served with, its config apart: an autoencoder's
@@ -35,14 +37,22 @@ def load_trusted_learner(path):
 
 
 def read_config(path):
-    """The JSON config beside a model file, or None when there is none."""
-    config = artifact_paths(path)["config"]
-    return json.loads(config.read_text()) if config.is_file() else None
+    """The JSON config beside a model file, or None when there is none; one line if it is of a kind this code
+    knows, in a format it does not read (written by another version)."""
+    file = artifact_paths(path)["config"]
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text())
+    kind = config_kind(config)
+    if kind in FORMAT and config.get("format") != FORMAT[kind]:
+        raise UserError(f"{file} is {article(kind)} of format {config.get('format')}, not {FORMAT[kind]}: retrain it "
+                        "with this version's training/ scripts")
+    return config
 
 
 def config_kind(config):
     # Classifier configs written before "kind" existed say only their format.
-    return config.get("kind") or (CLASSIFIER if config.get("format") == CLASSIFIER_FORMAT else None)
+    return config.get("kind") or (CLASSIFIER if config.get("format") == FORMAT[CLASSIFIER] else None)
 
 
 def learner_kind(learn):

@@ -1,5 +1,6 @@
 """What a user meets first: a model checked once at start, every offered form served, instant --help, clear reasons."""
 import csv
+import json
 import os
 import shutil
 import socket
@@ -131,7 +132,12 @@ def test_models_that_cannot_be_served_stop_every_entry_point_with_one_line(tiny_
     damaged = tmp_path / "damaged" / "pets.safetensors"  # its weights are whole, the graph served with them is not
     shutil.copytree(tiny_model.parent, damaged.parent)
     damaged.with_suffix(".onnx").write_bytes(tiny_model.with_suffix(".onnx").read_bytes()[:1000])
+    newer = tmp_path / "newer" / "pets.onnx"  # a config a later version wrote: its fields may mean something else
+    shutil.copytree(tiny_model.parent, newer.parent)
+    config = json.loads(newer.with_suffix(".config.json").read_text())
+    newer.with_suffix(".config.json").write_text(json.dumps({**config, "format": "imagelab-classifier/2"}))
     cases = [
+        (["-m", "imagelab.predict", newer, data], ["of format imagelab-classifier/2, not imagelab-classifier/1"]),
         (["-m", "imagelab.predict", damaged, data], ["cannot load the ONNX graph", str(damaged.with_suffix(".onnx"))]),
         (["apps/pets/app.py", "--model", typo], ["no model at", str(typo)]),
         (["apps/bears/app.py", "--model", corrupt], ["cannot load the model", str(corrupt)]),
