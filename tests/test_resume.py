@@ -1,5 +1,6 @@
 """Interrupted training: checkpoints after epochs, --resume to the same result, the model replaced only at the end."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,17 +28,20 @@ def saved_epoch(ckpt):
         return 0
 
 
-def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None, epoch=None):
+def interrupt_after_an_epoch(args, ckpt, sig, timeout=180, env=None, epoch=None, log=None):
     """Start a real run that saves every epoch and send `sig` once it has saved one of its own (or `epoch`), but is
-    not done."""
+    not done. `log`: a file for its standard output, unbuffered (the epoch table's row is printed before the
+    checkpoint is saved)."""
     before = saved_epoch(ckpt) if epoch is None else epoch - 1
-    proc = subprocess.Popen([PY, *map(str, args), "--checkpoint-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
-    deadline = time.monotonic() + timeout
-    while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    with open(log or "/dev/null", "w") as stdout:
+        proc = subprocess.Popen([PY, *map(str, args), "--checkpoint-every", "0"], cwd=ROOT, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=interruptible)
+        deadline = time.monotonic() + timeout
+        while saved_epoch(ckpt) <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
     return proc.returncode, err, saved_epoch(ckpt)
 
 
@@ -128,41 +132,35 @@ def fine_tuning(data, tmp_path, epochs):
     return hub_cache_with_weights(tmp_path / "hf"), args
 
 
-def test_fine_tuning_resumes_between_its_frozen_and_unfrozen_fits(data, tmp_path):
-    """fine_tune is two fits; a run killed after the frozen epoch resumes straight into the second one."""
-    env, args = fine_tuning(data, tmp_path, epochs=1)
-    whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
-    res = run(args(whole), env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    whole_table = epoch_table(res.stdout)
-    assert list(whole_table) == [1, 2]  # numbered over both fits, as the run's last line counts them
-    code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env)
-    assert code == -signal.SIGKILL and killed_at == 1  # the frozen epoch, of 1 + 1
+def test_fine_tuning_resumes_between_its_fits_and_inside_its_unfrozen_fit(data, tmp_path):
+    """fine_tune is two fits. Killed after the frozen epoch, the resumed run goes straight into the second; killed
+    again after the unfrozen fit's first epoch, the next goes on with that fit's optimizer moments (fastai's unfreeze,
+    at the fit's start, clears them: the resumed fit must not start them afresh). It ends as the whole run."""
+    env, args = fine_tuning(data, tmp_path, epochs=2)
+    whole, out, log = tmp_path / "whole.pkl", tmp_path / "resumed.pkl", tmp_path / "between.log"
+    ckpt = out.with_name("resumed.ckpt")
+    uninterrupted = run(args(whole), env=env)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    whole_table = epoch_table(uninterrupted.stdout)
+    assert list(whole_table) == [1, 2, 3]  # numbered over both fits, as the run's last line counts them
+    code, _, killed_at = interrupt_after_an_epoch(args(out), ckpt, signal.SIGKILL, env=env)
+    assert code == -signal.SIGKILL and killed_at == 1  # the frozen epoch, of 1 + 2
+
+    code, err, killed_at = interrupt_after_an_epoch(args(out, "--resume"), ckpt, signal.SIGKILL, env=env, epoch=2,
+                                                    log=log)
+    assert code == -signal.SIGKILL and killed_at == 2, err[-3000:]  # the unfrozen fit's first epoch
+    assert "resuming after epoch 1 of 3" in log.read_text()
+    # the unfrozen fit smooths its train_loss afresh, as fastai's Recorder does at each fit, resumed or not
+    assert epoch_table(log.read_text())[2] == pytest.approx(whole_table[2], rel=1e-3)
+
     res = run(args(out, "--resume"), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming after epoch 1 of 2" in res.stdout
-    assert list(epoch_table(res.stdout)) == [2]
-    # the unfrozen fit smooths its train_loss afresh, as fastai's Recorder does at each fit, resumed or not
-    assert epoch_table(res.stdout)[2] == pytest.approx(whole_table[2], rel=1e-3)
+    assert "resuming after epoch 2 of 3" in res.stdout and list(epoch_table(res.stdout)) == [3]
+    assert epoch_table(res.stdout)[3] == pytest.approx(whole_table[3], rel=1e-3)
     a = json.loads((tmp_path / "whole.report" / "metrics.json").read_text())
     b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
     assert a["pretrained"] and b["accuracy"] == a["accuracy"]
     assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
-
-
-def test_fine_tuning_resumes_inside_its_unfrozen_fit(data, tmp_path):
-    """Killed after the unfrozen fit's first epoch: the resumed run goes on with that fit's optimizer moments (fastai's
-    unfreeze, at the fit's start, clears them: the resumed fit must not start them afresh) and ends as the whole run."""
-    env, args = fine_tuning(data, tmp_path, epochs=2)
-    whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
-    uninterrupted = run(args(whole), env=env)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, env=env,
-                                                  epoch=2)
-    assert code == -signal.SIGKILL and killed_at == 2  # frozen, unfrozen 1 of 2
-    res = run(args(out, "--resume"), env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert epoch_table(res.stdout)[3] == pytest.approx(epoch_table(uninterrupted.stdout)[3], rel=1e-3)
     wa, wb = weights(whole), weights(out)
     for name, t in wa.items():
         if t.is_floating_point():
