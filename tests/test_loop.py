@@ -235,6 +235,8 @@ def test_processes_under_a_time_budget_agree_on_the_clock_and_draw_their_own_aug
 
 
 def test_autoencoder_killed_then_resumed_ends_like_an_uninterrupted_run(data, tmp_path):
+    """Its report too: the ratio to PCA per epoch (metrics.json, ratio_curve.png) covers the epochs before the
+    resume."""
     whole, out = tmp_path / "whole" / "ae.pkl", tmp_path / "resumed" / "ae.pkl"
     res = run(command("autoencoder", data, whole, "--epochs", EPOCHS))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -249,11 +251,15 @@ def test_autoencoder_killed_then_resumed_ends_like_an_uninterrupted_run(data, tm
     assert b["resumed_after_epoch"] == killed_at
     assert b["ae_mse"] == pytest.approx(a["ae_mse"], rel=1e-3)
     assert b["valid_loss_per_epoch"] == pytest.approx(a["valid_loss_per_epoch"], rel=1e-3)
+    assert [e for e, _ in b["mse_ratio_per_epoch"]] == [e for e, _ in a["mse_ratio_per_epoch"]] \
+        == list(range(1, EPOCHS + 1))
+    assert [r for _, r in b["mse_ratio_per_epoch"]] == pytest.approx([r for _, r in a["mse_ratio_per_epoch"]],
+                                                                     rel=1e-3)
     wa, wb = (load_learner(m).model.state_dict() for m in (whole, out))
     for name, t in wa.items():
         if t.is_floating_point():
             assert torch.allclose(t, wb[name], rtol=1e-3, atol=1e-4), name
-    assert not out.with_name("ae.ckpt").exists()
+    assert not out.with_name("ae.ckpt").exists() and out.with_name("ae.report").joinpath("ratio_curve.png").is_file()
 
 
 def test_autoencoder_refuses_progressive_resizing_in_one_line(data, tmp_path):

@@ -284,24 +284,3 @@ def test_a_checkpoint_written_while_training_goes_on_holds_its_epochs_state(tmp_
     writer.write({"epoch": 1}, tmp_path / "m.ckpt" / "inside_a_file")
     with pytest.raises(UserError, match="cannot write the checkpoint"):
         writer.wait()
-
-
-def test_a_resumed_autoencoder_reports_every_epochs_ratio_to_pca(data, tmp_path):
-    """metrics.json's ratio per epoch (and ratio_curve.png) cover the whole run, the epochs before the resume too."""
-    from conftest import AE_TINY
-
-    def args(out, *extra):
-        return ["training/train_autoencoder.py", "--data", data, "--epochs", 6, "--lr", "1e-2", *AE_TINY,
-                "--keep", "last", "--out", out, *extra]
-    whole, out = tmp_path / "whole.pkl", tmp_path / "resumed.pkl"
-    res = run(args(whole))
-    assert res.returncode == 0, res.stderr[-3000:]
-    code, _, killed_at = interrupt_after_an_epoch(args(out), out.with_name("resumed.ckpt"), signal.SIGKILL, epoch=2)
-    assert code == -signal.SIGKILL and 2 <= killed_at < 6  # tiny epochs: the kill may come an epoch or two later
-    res = run(args(out, "--resume"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    a = json.loads((tmp_path / "whole.report" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "resumed.report" / "metrics.json").read_text())
-    assert [e for e, _ in b["mse_ratio_per_epoch"]] == [e for e, _ in a["mse_ratio_per_epoch"]] == [1, 2, 3, 4, 5, 6]
-    assert [r for _, r in b["mse_ratio_per_epoch"]] == pytest.approx([r for _, r in a["mse_ratio_per_epoch"]],
-                                                                     rel=1e-3)
