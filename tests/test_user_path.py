@@ -97,6 +97,8 @@ def test_an_empty_variable_of_the_apps_is_unset_not_the_working_folder():
 def test_the_quick_start_finds_its_port_taken_or_no_port_before_it_sets_up_or_trains(tmp_path):
     copy = tmp_path / "checkout"  # a checkout without .venv: the check comes before the set-up
     shutil.copytree(ROOT / "imagelab", copy / "imagelab", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "training").mkdir()
+    shutil.copy(ROOT / "training" / "train_pets.py", copy / "training")
     shutil.copy(ROOT / "quickstart.sh", copy)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADIO_SERVER_NAME")}
 
@@ -110,7 +112,22 @@ def test_the_quick_start_finds_its_port_taken_or_no_port_before_it_sets_up_or_tr
                              f"GRADIO_SERVER_PORT={port + 1} bash quickstart.sh ...)")
     for port in ("0", "65536", "-1", "abc", "1e3"):  # 0 would listen on any free port, not the one announced
         fails_with_one_line(quickstart(port), f"error: GRADIO_SERVER_PORT: not a port number (1 to 65535): {port!r}")
-    assert sorted(p.name for p in copy.iterdir()) == ["imagelab", "quickstart.sh"]
+
+    # the options too, with paths read from where it is run (which need not be the checkout)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "photos").mkdir(parents=True)
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        port = str(free.getsockname()[1])  # closed again: free for the check
+
+    def options(*args):
+        return subprocess.run(["bash", copy / "quickstart.sh", *args], cwd=elsewhere, capture_output=True, text=True,
+                              timeout=60, env={**env, "GRADIO_SERVER_PORT": port})
+    fails_with_one_line(options("--data", "photos", "--out", "photos/m.pkl"), "error: --out photos/m.pkl is inside "
+                                                                               "--data photos")
+    fails_with_one_line(options("--data", "typo"), "error: no such folder: typo")
+    fails_with_one_line(options("--epochs", "0"), "error: --epochs must be at least 1, not 0")
+    assert sorted(p.name for p in copy.iterdir()) == ["imagelab", "quickstart.sh", "training"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["photos"] and not any((elsewhere / "photos").iterdir())
 
 
 # --- one check at start ------------------------------------------------------------------------------------

@@ -9,9 +9,15 @@ from imagelab.config import ClassifierConfig, ConfigParser
 from imagelab.paths import default_model
 
 
-def main(argv=None):
+def options(argv=None):
+    """The checked settings: a mistake is one line before the training stack loads (quickstart.sh checks them
+    before it installs anything)."""
     parser = ConfigParser(ClassifierConfig, __doc__.splitlines()[0], out=str(default_model("pets")), task="is_cat")
-    cfg = parser.config_from(parser.parse_args(argv))
+    return parser.config_from(parser.parse_args(argv))
+
+
+def main(argv=None):
+    cfg = options(argv)
     from imagelab.classifier import Classifier
     from imagelab.train import train
     return train(Classifier(), cfg)
