@@ -192,7 +192,7 @@ def detect_labels(root, files):
         return "folder"
     if not parents & bases:
         (only,) = parents
-        unreadable = unreadable_folders(root, parents, bases)
+        unreadable = unreadable_classes(root, files)
         if unreadable:  # the other classes are there: their files could not be read
             one, n = len(unreadable) == 1, sum(unreadable.values())
             raise UserError(f"{', '.join(f'{d.relative_to(root).as_posix()}/' for d in sorted(unreadable))} in {root} "
@@ -210,12 +210,16 @@ def detect_labels(root, files):
                     "use one sub-folder per class, or Oxford-style file names")
 
 
-def unreadable_folders(root, parents, bases):
-    """Of the dataset's folders other than `parents` (those with readable images) and `bases`, those holding files,
-    none readable (skipped by find_images), with how many: {folder: files}."""
-    split = bases != {root}
-    return Counter(f.parent for f in dataset_files(root)
-                   if f.parent not in parents | bases and (not split or f.relative_to(root).parts[0] in SPLIT_FOLDERS))
+def unreadable_classes(root, files):
+    """The class folders of a dataset whose images `files` are (those find_images could read) that hold files, none
+    readable, with how many: {folder: files}. Their classes are missing from the model."""
+    root = Path(root)
+    files = [Path(f) for f in labelled(root, files) if not is_flagged(f, root)] or files
+    split = split_by_folders(top_names(root, files))
+    bases = {root / f for f in SPLIT_FOLDERS} if split else {root}
+    classes = {f.parent.name for f in files}
+    return Counter(f.parent for f in dataset_files(root) if f.parent not in bases and f.parent.name not in classes
+                   and (not split or f.relative_to(root).parts[0] in SPLIT_FOLDERS))
 
 
 def misnamed(files):

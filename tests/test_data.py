@@ -424,6 +424,21 @@ def test_a_class_folder_of_unreadable_files_is_named_not_missing(tmp_path):
         detect_labels(tmp_path, find_images(tmp_path)[0])
 
 
+def test_a_class_folder_of_unreadable_files_beside_other_classes_is_said_to_be_no_class(tmp_path, capsys):
+    """With two classes left the run goes on: its files were each said to be skipped, and so is the class."""
+    from imagelab.classifier import Classifier
+    from imagelab.config import ClassifierConfig
+
+    data = make_folder_dataset(tmp_path / "data", n=5)
+    (data / "panda").mkdir()
+    (data / "panda" / "bad.jpg").write_text("not an image")
+    cfg = ClassifierConfig(data=str(data), size=16, bs=2, pretrained=False, arch="resnet18")
+    dls = Classifier().dataloaders(cfg, data, find_images(data)[0], None, 0)
+    assert list(dls.vocab) == ["cats", "dogs"]
+    assert capsys.readouterr().out.splitlines()[0] == ("note: panda/ has no readable image (1 file skipped as "
+                                                       "unreadable): not a class of this model")
+
+
 def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):
     from imagelab.classifier import Classifier
     from imagelab.config import ClassifierConfig
