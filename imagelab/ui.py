@@ -272,7 +272,10 @@ def flag_panel(clf, image, root, api_name):
            f"the image is kept for retraining.\n\nArgs:\n    image: the image that was classified wrongly\n"
            f"    label: its right class\n\nReturns:\n    where the image was kept")
     with gr.Row(equal_height=True):
-        right = gr.Dropdown(clf.vocab, value=clf.vocab[0], label="Wrong answer? The right class is", scale=2)
+        # any value reaches `flag`, whose check says in one line what is wrong (Gradio's own refusal of a value not
+        # in the list logs a traceback)
+        right = gr.Dropdown(clf.vocab, value=clf.vocab[0], label="Wrong answer? The right class is", scale=2,
+                            allow_custom_value=True)
         button = gr.Button("Flag as wrong", scale=1)
     status = gr.Markdown(label="where the image was kept")  # the name view_api gives what /flag returns
     button.click(user_errors(flag, api_name, doc), [image, right], status, api_name=api_name, **TURNS)
