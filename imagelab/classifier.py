@@ -68,7 +68,9 @@ class Classifier(Task):
         both = contradicting_flags(root, training, self.get_y, cache)
         if both:  # one picture under two labels: the model learns neither well
             (flag, own), rel = both[0], lambda f: Path(f).relative_to(root).as_posix()
-            print(f"note: {len(both)} flagged files look like a training image with another label, and both train "
+            n = len(both)
+            print(f"note: {n} flagged {'file looks' if n == 1 else 'files look'} like a training image with another "
+                  f"label, and both train "
                   f"(such as {rel(flag)}, {self.get_y(flag)}, like {rel(own)}, {self.get_y(own)}): the cleaner's "
                   "flagged list moves or removes it")
 

@@ -111,7 +111,7 @@ class TrainConfig:
             ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
             ("--size", self.size, 8 <= self.size <= MAX_SIZE, f"between 8 and {MAX_SIZE}"),
             ("--seed", self.seed, 0 <= self.seed < 2**32, "between 0 and 2**32 - 1 (NumPy's range)"),
-            ("--valid-pct", self.valid_pct, 0 < self.valid_pct < 1, "between 0 and 1"),
+            ("--valid-pct", self.valid_pct, 0 < self.valid_pct < 1, "more than 0 and less than 1"),
             ("--bs", self.bs, self.bs >= 2, "at least 2 (batch norm learns from a batch's own statistics)"),
             ("--start-size", self.start_size, self.start_size is None or 8 <= self.start_size <= self.size,
              f"between 8 and --size ({self.size})"),

@@ -396,7 +396,9 @@ def with_flagged(root, items, held_out, held_prints=None, cache=None):
         seen = pairs(fingerprints([items[i] for i in flagged], cache=cache), held_prints)
         left_out = {flagged[i] for i, _ in seen}
         if left_out:
-            print(f"note: {len(left_out)} flagged files look like held-out images and are left out "
+            n = len(left_out)
+            print(f"note: {n} flagged {'file looks' if n == 1 else 'files look'} like held-out images and "
+                  f"{'is' if n == 1 else 'are'} left out "
                   f"(such as {Path(items[flagged[seen[0][0]]]).relative_to(root)}, like "
                   f"{Path(items[valid[seen[0][1]]]).relative_to(root)})")
     else:

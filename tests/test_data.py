@@ -125,7 +125,7 @@ def test_lookalikes_are_held_out_together_and_flagged_copies_of_held_out_images_
     files = find_images(tmp_path, flagged=True)[0]
     train, valid = random_split(tmp_path, 0.2, seed)(files)
     assert files.index(flagged) not in train + valid and len(train + valid) == len(files) - 1
-    assert "note: 1 flagged files look like held-out images and are left out" in capsys.readouterr().out
+    assert "note: 1 flagged file looks like held-out images and is left out" in capsys.readouterr().out
 
 
 def test_a_chain_of_lookalikes_does_not_cross_the_split(tmp_path, capsys):

@@ -255,7 +255,7 @@ def test_a_flag_that_contradicts_a_training_images_label_is_named(tmp_path):
     shutil.copy(data / "train" / "dogs" / "dogs_5.jpg", flagged.with_name("y.jpg"))  # agrees: nothing to say
     res = train_tiny(data, tmp_path / "m.pkl", "--flagged")
     notes = [line for line in res.stdout.splitlines() if "another label" in line]
-    assert notes == ["note: 1 flagged files look like a training image with another label, and both train (such as "
+    assert notes == ["note: 1 flagged file looks like a training image with another label, and both train (such as "
                      "flagged/dogs/x.jpg, dogs, like train/cats/cats_3.jpg, cats): the cleaner's flagged list moves or "
                      "removes it"]
     assert not [line for line in train_tiny(data, tmp_path / "n.pkl").stdout.splitlines() if "another label" in line]
