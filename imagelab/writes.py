@@ -36,6 +36,7 @@ def one_run_writes(model):
         return
     model = Path(model)
     lock = model.with_name(f".{model.name}.lock")
+    made = [p for p in lock.parents if not p.exists()]  # nearest first: removed again if the run leaves them empty
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         f = open(lock, "a+")
@@ -62,6 +63,11 @@ def one_run_writes(model):
     finally:
         lock.unlink(missing_ok=True)  # while holding it: whoever opened it meanwhile sees it gone, and opens anew
         f.close()
+        for folder in made:  # a run refused before it wrote anything leaves no folders behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run's files, or another's
+                break
 
 
 def remove_abandoned_staging(path):

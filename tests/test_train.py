@@ -214,8 +214,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     # an empty name is not the working folder
     res = run(["training/train_pets.py", "--data", ""])
     assert fails_with_one_line(res) == "error: no folder given (an empty name): name the dataset folder"
-    res = run(["training/train_pets.py", "--data", data, "--arch", "no_such_net", "--no-pretrained"])
+    out = tmp_path / "new" / "models" / "m.pkl"  # a run refused after it took --out leaves no folders it made
+    res = run(["training/train_pets.py", "--data", data, "--arch", "no_such_net", "--no-pretrained", "--out", out])
     fails_with_one_line(res, "unknown timm architecture 'no_such_net'")
+    assert not (tmp_path / "new").exists()
     res = run(["training/train_pets.py", "--data", data, "--size", "64", "--start-size", "96"])
     assert fails_with_one_line(res) == "error: --start-size must be between 8 and --size (64), not 96"
     res = run(["training/train_pets.py", "--data", data, "--checkpoint-every", "-1"])
