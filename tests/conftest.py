@@ -1,6 +1,7 @@
 """Shared test helpers: generated image folders, a tiny trained model, apps run as real servers."""
 import atexit
 import codecs
+import importlib.util
 import io
 import os
 import pickle
@@ -132,6 +133,15 @@ def in_fresh_process(code, *args, cwd, env=None, timeout=180):
                          timeout=timeout, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout.strip().splitlines()[-1]
+
+
+def script_main(name):
+    """`main` of training/<name>.py, to call in this process: for what a run decides before it trains (a refusal is
+    the UserError whose line run_cli prints), without a process start and a training stack's import each."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def train_tiny(data, out, *extra, timeout=300, cwd=ROOT, script="train_pets.py"):

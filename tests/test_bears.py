@@ -1,5 +1,4 @@
 """The bears preset: training on a messy scraped-style folder, the bears app and the root app's new tabs."""
-import importlib.util
 import json
 import shutil
 import urllib.request
@@ -9,17 +8,10 @@ from gradio_client import handle_file
 from PIL import Image
 
 from checkouts import repo_app_without_models
-from conftest import BEARS, Client, ROOT, answers_as_the_model, served, write_image
+from conftest import BEARS, Client, answers_as_the_model, script_main, served, write_image
 from imagelab import run_cli
 
 CLASSES = [label for label, _ in BEARS]
-
-
-def train_bears_main():
-    spec = importlib.util.spec_from_file_location("train_bears", ROOT / "training" / "train_bears.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_trains_on_a_messy_folder_and_skips_bad_files(tiny_bears):
@@ -48,7 +40,7 @@ def test_trains_on_a_messy_folder_and_skips_bad_files(tiny_bears):
 
 
 def test_help_and_conflicting_options(capsys, tmp_path):
-    main = train_bears_main()
+    main = script_main("train_bears")
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0

@@ -11,7 +11,8 @@ import torch
 from fastai.learner import load_learner
 
 from conftest import (PY, ROOT, epoch_table, hub_cache_with_weights, interruptible, make_folder_dataset, read_until,
-                      run)
+                      run, script_main)
+from imagelab import UserError
 
 EPOCHS = 4
 
@@ -178,37 +179,46 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data, tmp
     assert not out.exists()
 
 
-def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data, tmp_path):
+def test_resume_refuses_other_settings_other_images_and_missing_checkpoints(data, tmp_path, capsys, monkeypatch):
+    """The refusals that come before any training are train_pets.py's main in this process (the line is the
+    UserError's); those that need the images read, or a run, are real runs."""
+    main = script_main("train_pets")
+
+    def refused(args, says):
+        with pytest.raises(UserError) as e:
+            main(list(map(str, args[1:])))
+        assert says in str(e.value), str(e.value)
+        return capsys.readouterr()
+
     data, out = shutil.copytree(data, tmp_path / "data"), tmp_path / "pets.pkl"
     res = run(command(data, out, "--resume"))
     assert res.returncode == 2 and res.stderr.strip() == f"error: nothing to resume: no checkpoint at {out.with_name('pets.ckpt')}"
     code, _, _ = interrupt_after_an_epoch(command(data, out), out.with_name("pets.ckpt"), signal.SIGKILL)
     assert code == -signal.SIGKILL
-    res = run(command(data, out, "--resume", "--size", "48"))
-    assert res.returncode == 2 and "other settings" in res.stderr and "--size 32 (now 48)" in res.stderr
-    assert " images (" not in res.stdout  # refused before the images were read (a large folder takes minutes)
+    said = refused(command(data, out, "--resume", "--size", "48"), "other settings: --size 32 (now 48)")
+    assert " images (" not in said.out  # refused before the images were read (a large folder takes minutes)
     elsewhere = shutil.copytree(data, tmp_path / "elsewhere")  # the same images in another folder: other data
-    res = run(command(elsewhere, out, "--resume"))
-    assert res.returncode == 2 and f"--data {str(data)!r} (now {str(elsewhere)!r})" in res.stderr, res.stderr[-2000:]
-    assert "checking images" not in res.stderr and " images (" not in res.stdout
-    next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
-    res = run(command(data, out, "--resume"))
-    assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
-    res = run(command(data, out, "--arch", "no_such_net"))  # a mistake is an error, not a note about the checkpoint
-    assert res.returncode == 2 and "no_such_net" in res.stderr and "note:" not in res.stdout
-    res = run(command(data, out, "--time-budget", "0.001"))  # a fresh run is told about the checkpoint
-    assert "holds an interrupted run" in res.stdout and res.returncode == 2 and "before the first batch" in res.stderr
+    said = refused(command(elsewhere, out, "--resume"), f"--data {str(data)!r} (now {str(elsewhere)!r})")
+    assert "checking images" not in said.err and " images (" not in said.out
+    said = refused(command(data, out, "--arch", "no_such_net"), "no_such_net")  # an error, not a note about it
+    assert "note:" not in said.out
     # the same folder spelled from another working folder is the same data: only --epochs differs
-    relative = command(data.relative_to(tmp_path), out, "--resume", "--epochs", "1")
-    res = run([ROOT / "training" / "train_pets.py", *relative[1:]], cwd=tmp_path)
-    assert "other settings: --epochs 4 (now 1); rerun" in res.stderr, res.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+    refused(command(data.relative_to(tmp_path), out, "--resume", "--epochs", "1"),
+            "other settings: --epochs 4 (now 1); rerun")
+    monkeypatch.chdir(ROOT)
     ckpt = out.with_name("pets.ckpt")  # one another version wrote: refused in one line, not half read
     state = torch.load(ckpt, weights_only=False)
     torch.save({**state, "format": "imagelab-checkpoint/1"}, ckpt)
+    refused(command(data, out, "--resume"), f"the checkpoint {ckpt} was written by another version of imagelab: run "
+                                            "without --resume to start afresh")
+    torch.save(state, ckpt)
+
+    next(data.glob("*/*.jpg")).unlink()  # one image fewer reshuffles the seeded split: the run cannot go on
     res = run(command(data, out, "--resume"))
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == (
-        f"error: the checkpoint {ckpt} was written by another version of imagelab: run without --resume to start "
-        "afresh"), res.stderr
+    assert res.returncode == 2 and "other settings: images " in res.stderr and "same options and images" in res.stderr
+    res = run(command(data, out, "--time-budget", "0.001"))  # a fresh run is told about the checkpoint
+    assert "holds an interrupted run" in res.stdout and res.returncode == 2 and "before the first batch" in res.stderr
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_a_rerun_starts_afresh(data, tmp_path):
