@@ -214,7 +214,7 @@ def unreadable_classes(root, files):
     """The class folders of a dataset whose images `files` are (those find_images could read) that hold files, none
     readable, with how many: {folder: files}. Their classes are missing from the model."""
     root = Path(root)
-    files = [Path(f) for f in labelled(root, files) if not is_flagged(f, root)] or files
+    files = [Path(f) for f in [f for f in labelled(root, files) if not is_flagged(f, root)] or files]
     split = split_by_folders(top_names(root, files))
     bases = {root / f for f in SPLIT_FOLDERS} if split else {root}
     classes = {f.parent.name for f in files}
