@@ -2,7 +2,8 @@
 from pathlib import Path
 
 from .data import (check_oxford_names, classifier_dls, contradicting_flags, dataset_split, detect_labels,
-                   label_function, pets_images, split_counts, unknown_flagged, unreadable_classes)
+                   label_function, no_readable_image, pets_images, split_counts, unknown_flagged,
+                   unreadable_classes)
 from .export import export_weights_only, learner_config, save_examples, to_onnx
 from .inference import CLASSIFIER_OUTPUTS
 from .loading import CLASSIFIER
@@ -36,10 +37,8 @@ class Classifier(Task):
         self.get_y = label_function(self.labels, cfg.task)
         missing = unreadable_classes(root, files) if self.labels == "folder" else {}
         if missing:  # its files were each said to be skipped; that the class went with them was not
-            n = sum(missing.values())
-            print(f"note: {', '.join(f'{d.relative_to(root).as_posix()}/' for d in sorted(missing))} "
-                  f"{'has' if len(missing) == 1 else 'have'} no readable image ({n} file{'s' * (n != 1)} skipped as "
-                  f"unreadable): not {'a class' if len(missing) == 1 else 'classes'} of this model")
+            print(f"note: {no_readable_image(root, missing)}: not {'a class' if len(missing) == 1 else 'classes'} "
+                  "of this model")
         strays = unknown_flagged(root, files, self.get_y)
         if strays:
             classes = sorted({self.get_y(f) for f in strays})

@@ -194,12 +194,9 @@ def detect_labels(root, files):
         (only,) = parents
         unreadable = unreadable_classes(root, files)
         if unreadable:  # the other classes are there: their files could not be read
-            one, n = len(unreadable) == 1, sum(unreadable.values())
-            raise UserError(f"{', '.join(f'{d.relative_to(root).as_posix()}/' for d in sorted(unreadable))} in {root} "
-                            f"{'has' if one else 'have'} no readable image ({'its' if one else 'their'} "
-                            f"{'file was' if n == 1 else f'{n} files were'} skipped as unreadable), so "
+            raise UserError(f"{no_readable_image(root, unreadable, where=f' in {root}')}, so "
                             f"{only.relative_to(root).as_posix()}/ is the only class: a classifier needs at least two; "
-                            f"add photos to {'it' if one else 'them'}")
+                            f"add photos to {'it' if len(unreadable) == 1 else 'them'}")
         raise UserError(f"only one class in {root} ({only.name}/): a classifier needs one sub-folder per class, "
                         "at least two")
     wrong = misnamed(files)
@@ -220,6 +217,15 @@ def unreadable_classes(root, files):
     classes = {f.parent.name for f in files}
     return Counter(f.parent for f in dataset_files(root) if f.parent not in bases and f.parent.name not in classes
                    and (not split or f.relative_to(root).parts[0] in SPLIT_FOLDERS))
+
+
+def no_readable_image(root, unreadable, where=""):
+    """What `unreadable_classes` found, in words: 'b/, c/<where> have no readable image (their 3 files were skipped as
+    unreadable)'."""
+    one, n = len(unreadable) == 1, sum(unreadable.values())
+    return (f"{', '.join(f'{d.relative_to(root).as_posix()}/' for d in sorted(unreadable))}{where} "
+            f"{'has' if one else 'have'} no readable image ({'its' if one else 'their'} "
+            f"{'file was' if n == 1 else f'{n} files were'} skipped as unreadable)")
 
 
 def misnamed(files):

@@ -435,8 +435,8 @@ def test_a_class_folder_of_unreadable_files_beside_other_classes_is_said_to_be_n
     cfg = ClassifierConfig(data=str(data), size=16, bs=2, pretrained=False, arch="resnet18")
     dls = Classifier().dataloaders(cfg, data, find_images(data)[0], None, 0)
     assert list(dls.vocab) == ["cats", "dogs"]
-    assert capsys.readouterr().out.splitlines()[0] == ("note: panda/ has no readable image (1 file skipped as "
-                                                       "unreadable): not a class of this model")
+    assert capsys.readouterr().out.splitlines()[0] == ("note: panda/ has no readable image (its file was skipped "
+                                                       "as unreadable): not a class of this model")
 
 
 def test_a_class_with_no_held_out_images_is_named_before_training(tmp_path, capsys):
